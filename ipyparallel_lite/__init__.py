@@ -1,0 +1,53 @@
+"""ipyparallel_lite: interactive parallel computing for Python and Jupyter.
+
+Code written for IPython parallel's public API runs unchanged::
+
+    import ipyparallel_lite as ipp
+    with ipp.Cluster(n=4) as rc:
+        print(rc[:].apply_sync(lambda: 42))
+"""
+
+from ipyparallel_lite._version import __version__
+from ipyparallel_lite.client import (
+    AsyncMapResult,
+    AsyncResult,
+    Client,
+    DirectView,
+    LoadBalancedView,
+)
+from ipyparallel_lite.cluster import Cluster, ClusterError
+from ipyparallel_lite.error import (
+    CompositeError,
+    EngineError,
+    ImpossibleDependency,
+    InvalidDependency,
+    NoEnginesRegistered,
+    RemoteError,
+    TaskAborted,
+    TaskTimeout,
+    TimeoutError,
+    UnmetDependency,
+)
+from ipyparallel_lite.serialization import Reference
+
+__all__ = [
+    "AsyncMapResult",
+    "AsyncResult",
+    "Client",
+    "Cluster",
+    "ClusterError",
+    "CompositeError",
+    "DirectView",
+    "EngineError",
+    "ImpossibleDependency",
+    "InvalidDependency",
+    "LoadBalancedView",
+    "NoEnginesRegistered",
+    "Reference",
+    "RemoteError",
+    "TaskAborted",
+    "TaskTimeout",
+    "TimeoutError",
+    "UnmetDependency",
+    "__version__",
+]

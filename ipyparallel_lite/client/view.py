@@ -1,0 +1,431 @@
+"""Views: DirectView (named engines) and LoadBalancedView (the task farm).
+
+A view holds flags (``block``, ``targets`` and, for load balancing, ``after``,
+``follow``, ``timeout``, ``retries``) and turns calls into messages. The function of a
+call is pickled once and its frame reused for every engine or chunk.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ipyparallel_lite.client import remote
+from ipyparallel_lite.client.asyncresult import AsyncMapResult, AsyncResult
+from ipyparallel_lite.serialization import MapTask, pack_apply_message, serialize_function
+
+if TYPE_CHECKING:
+    from ipyparallel_lite.client.client import Client
+
+
+def _fname(f: Any) -> str:
+    return getattr(f, "__name__", None) or type(f).__name__
+
+
+class View:
+    """What DirectView and LoadBalancedView share: flags, apply variants, waiting."""
+
+    _flag_names: tuple[str, ...] = ("block", "targets")
+    _channel = "mux"
+
+    def __init__(self, client: Client, targets: Any = None, block: bool = False, **flags: Any):
+        self.client = client
+        self.targets = targets
+        self.block = block
+        self.set_flags(**flags)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.targets!r}>"
+
+    def set_flags(self, **kwargs: Any) -> None:
+        """Set flags (``block``, ``targets``...) for later calls."""
+        for name, value in kwargs.items():
+            if name not in self._flag_names:
+                raise KeyError(f"Invalid flag {name!r}; valid flags are {', '.join(self._flag_names)}")
+            self._check_flag(name, value)
+            setattr(self, name, value)
+
+    def _check_flag(self, name: str, value: Any) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def temp_flags(self, **kwargs: Any) -> Iterator[None]:
+        """Flags that hold only inside a ``with`` block."""
+        saved = {name: getattr(self, name) for name in kwargs}
+        self.set_flags(**kwargs)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
+    # ---- apply ------------------------------------------------------------------
+
+    def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
+                      block: bool | None = None, **options: Any) -> Any:
+        raise NotImplementedError
+
+    def apply(self, __f: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Call ``f(*args, **kwargs)`` remotely; the result, or an AsyncResult if not blocking."""
+        return self._really_apply(__f, args, kwargs)
+
+    def apply_async(self, __f: Callable, *args: Any, **kwargs: Any) -> AsyncResult:
+        return self._really_apply(__f, args, kwargs, block=False)
+
+    def apply_sync(self, __f: Callable, *args: Any, **kwargs: Any) -> Any:
+        return self._really_apply(__f, args, kwargs, block=True)
+
+    def map(self, f: Callable, *sequences: Sequence, block: bool | None = None, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def map_async(self, f: Callable, *sequences: Sequence, **kwargs: Any) -> AsyncMapResult:
+        return self.map(f, *sequences, block=False, **kwargs)
+
+    def map_sync(self, f: Callable, *sequences: Sequence, **kwargs: Any) -> list:
+        return self.map(f, *sequences, block=True, **kwargs)
+
+    def _finish(self, ar: AsyncResult, block: bool | None) -> Any:
+        block = self.block if block is None else block
+        return ar.get() if block else ar
+
+    # ---- decorators -------------------------------------------------------------------
+
+    def remote(self, block: bool | None = None, **flags: Any) -> Callable:
+        """Decorator: calling the function runs it on this view's engines."""
+        from ipyparallel_lite.client.remotefunction import RemoteFunction
+
+        def decorator(f: Callable) -> RemoteFunction:
+            return RemoteFunction(self, f, block=block, **flags)
+
+        return decorator
+
+    def parallel(self, dist: str = "b", block: bool | None = None, **flags: Any) -> Callable:
+        """Decorator: calling the function on sequences maps it over the engines."""
+        from ipyparallel_lite.client.remotefunction import ParallelFunction
+
+        def decorator(f: Callable) -> ParallelFunction:
+            return ParallelFunction(self, f, dist=dist, block=block, **flags)
+
+        return decorator
+
+    # ---- waiting and control ------------------------------------------------------------
+
+    def wait(self, jobs: Any = None, timeout: float = -1) -> bool:
+        return self.client.wait(jobs, timeout)
+
+    def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> None:
+        self.client.abort(jobs, targets=targets, block=block)
+
+    def queue_status(self, targets: Any = None, verbose: bool = False) -> dict:
+        return self.client.queue_status(targets if targets is not None else self.targets, verbose)
+
+    def shutdown(self, targets: Any = None, hub: bool = False, block: bool | None = None) -> None:
+        self.client.shutdown(targets if targets is not None else self.targets, hub=hub, block=block)
+
+    def __len__(self) -> int:
+        return len(self.client._build_targets(self.targets))
+
+
+class DirectView(View):
+    """Requests to named engines: ``rc[0]``, ``rc[:]``, ``rc[[0, 2]]``."""
+
+    _channel = "mux"
+
+    def __init__(self, client: Client, targets: Any = "all", block: bool = False, **flags: Any):
+        super().__init__(client, targets, block, **flags)
+
+    @property
+    def _single(self) -> bool:
+        return isinstance(self.targets, int)
+
+    def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
+                   fname: str, single: bool) -> AsyncResult:
+        client = self.client
+        messages = [
+            client._build(msg_type, content, ident=[client._engine_uuid(t).encode()], buffers=buffers)
+            for t in targets
+        ]
+        ar = AsyncResult(client, [m for m, _ in messages], fname, targets, single=single)
+        for md, eid in zip(ar._metadata_list(), targets):
+            md["engine_id"] = eid
+        client._submit("mux", messages, ar)
+        return ar
+
+    def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
+                      block: bool | None = None, targets: Any = None, **options: Any) -> Any:
+        if targets is None:
+            targets, single = self.targets, self._single
+        else:
+            single = isinstance(targets, int)
+        ids = self.client._build_targets(targets)
+        buffers = pack_apply_message(f, args, kwargs)
+        ar = self._send_each("apply_request", {}, ids, buffers, _fname(f), single)
+        return self._finish(ar, block)
+
+    def map(self, f: Callable, *sequences: Sequence, block: bool | None = None, **kwargs: Any) -> Any:
+        """Split the sequences over the engines (one contiguous chunk each) and map ``f``."""
+        if not sequences:
+            raise ValueError("map needs at least one sequence")
+        ids = self.client._build_targets(self.targets)
+        length = _common_length(sequences)
+        parts = [p for p in (_partition_bounds(length, len(ids), i) for i in range(len(ids)))]
+        frame = serialize_function(MapTask(f))
+        client = self.client
+        messages, used = [], []
+        for eid, (lo, hi) in zip(ids, parts):
+            if hi <= lo:
+                continue
+            chunks = [_slice(seq, lo, hi) for seq in sequences]
+            buffers = pack_apply_message(None, chunks, None, function_frame=frame)
+            messages.append(client._build("apply_request", {}, ident=[client._engine_uuid(eid).encode()],
+                                          buffers=buffers))
+            used.append(eid)
+        ar = AsyncMapResult(client, [m for m, _ in messages], _fname(f), nitems=length,
+                            return_exceptions=kwargs.get("return_exceptions", False))
+        for md, eid in zip(ar._metadata_list(), used):
+            md["engine_id"] = eid
+        client._submit("mux", messages, ar)
+        return self._finish(ar, block)
+
+    def execute(self, code: str, silent: bool = True, targets: Any = None, block: bool | None = None) -> Any:
+        """Run code in the engines' namespaces, as a notebook cell would."""
+        if targets is None:
+            targets, single = self.targets, self._single
+        else:
+            single = isinstance(targets, int)
+        ids = self.client._build_targets(targets)
+        content = {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                   "allow_stdin": False, "stop_on_error": False}
+        ar = self._send_each("execute_request", content, ids, None, "execute", single)
+        ar._await_idle = True
+        return self._finish(ar, block)
+
+    def run(self, filename: str, targets: Any = None, block: bool | None = None) -> Any:
+        """Execute a local file's code on the engines."""
+        with open(filename) as f:
+            code = f.read()
+        return self.execute(code, targets=targets, block=block)
+
+    def push(self, ns: dict, targets: Any = None, block: bool | None = None, track: bool = False) -> Any:
+        """Update the engines' namespaces with the dict ``ns``."""
+        if not isinstance(ns, dict):
+            raise TypeError(f"push needs a dict of names to values, not {type(ns).__name__}")
+        return self._really_apply(remote.push, (ns,), None, block=block, targets=targets)
+
+    def pull(self, names: str | Sequence[str], targets: Any = None, block: bool | None = None) -> Any:
+        """Values of ``names`` (a name or a list of names) on the engines."""
+        if not isinstance(names, str) and not all(isinstance(n, str) for n in names):
+            raise TypeError("pull needs a variable name or a list of names")
+        return self._really_apply(remote.pull, (names,), None, block=block, targets=targets)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.pull(key, block=True)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.push({key: value}, block=True)
+
+    def get(self, key_s: str | Sequence[str]) -> Any:
+        return self.pull(key_s, block=True)
+
+    def update(self, ns: dict) -> Any:
+        return self.push(ns)
+
+    def scatter(self, key: str, seq: Sequence, dist: str = "b", flatten: bool = False,
+                targets: Any = None, block: bool | None = None, track: bool = False) -> Any:
+        """Split ``seq`` into one contiguous part per engine, pushed as ``key``."""
+        if dist != "b":
+            raise ValueError(f"only block distribution ('b') is supported, not {dist!r}")
+        ids = self.client._build_targets(self.targets if targets is None else targets)
+        length = len(seq)
+        client = self.client
+        frame = serialize_function(remote.push)
+        messages = []
+        for i, eid in enumerate(ids):
+            lo, hi = _partition_bounds(length, len(ids), i)
+            part = _slice(seq, lo, hi)
+            if flatten and len(part) == 1:
+                part = part[0]
+            buffers = pack_apply_message(None, ({key: part},), None, function_frame=frame)
+            messages.append(client._build("apply_request", {}, ident=[client._engine_uuid(eid).encode()],
+                                          buffers=buffers))
+        ar = AsyncResult(client, [m for m, _ in messages], "scatter", ids)
+        for md, eid in zip(ar._metadata_list(), ids):
+            md["engine_id"] = eid
+        client._submit("mux", messages, ar)
+        return self._finish(ar, block)
+
+    def gather(self, key: str, dist: str = "b", targets: Any = None, block: bool | None = None) -> Any:
+        """Pull ``key`` from every engine and join the parts (lists or numpy arrays)."""
+        if dist != "b":
+            raise ValueError(f"only block distribution ('b') is supported, not {dist!r}")
+        ids = self.client._build_targets(self.targets if targets is None else targets)
+        client = self.client
+        buffers = pack_apply_message(remote.pull, (key,), None)
+        messages = [
+            client._build("apply_request", {}, ident=[client._engine_uuid(eid).encode()], buffers=buffers)
+            for eid in ids
+        ]
+        ar = AsyncMapResult(client, [m for m, _ in messages], "gather", joiner=_join_parts)
+        for md, eid in zip(ar._metadata_list(), ids):
+            md["engine_id"] = eid
+        client._submit("mux", messages, ar)
+        return self._finish(ar, block)
+
+    @contextlib.contextmanager
+    def sync_imports(self, local: bool = True, quiet: bool = False) -> Iterator[None]:
+        """Imports inside the block happen here (if ``local``) and on the engines.
+
+        ``import a.b`` and ``from a import b`` work; ``import a as b`` binds ``a`` remotely.
+        """
+        real_import = builtins.__import__
+        imports: list[tuple] = []
+
+        def recording_import(name: str, globals: Any = None, locals: Any = None,
+                             fromlist: Any = (), level: int = 0) -> Any:
+            if level == 0 and (globals is None or globals.get("__name__") != __name__):
+                imports.append((name, tuple(fromlist or ())))
+                if not quiet:
+                    print(f"importing {', '.join(fromlist) + ' from ' if fromlist else ''}{name} on engine(s)")
+            if local:
+                return real_import(name, globals, locals, fromlist, level)
+            return None
+
+        builtins.__import__ = recording_import
+        try:
+            yield
+        finally:
+            builtins.__import__ = real_import
+        code = "\n".join(
+            f"from {name} import {', '.join(fromlist)}" if fromlist else f"import {name}"
+            for name, fromlist in imports
+        )
+        if code:
+            self.execute(code, block=True)
+
+
+class LoadBalancedView(View):
+    """The task farm: each request runs on whichever engine the scheduler picks."""
+
+    _flag_names = ("block", "targets", "after", "follow", "timeout", "retries", "chunksize", "ordered")
+    _channel = "task"
+
+    def __init__(self, client: Client, targets: Any = None, block: bool = False, **flags: Any):
+        self.after: Any = None
+        self.follow: Any = None
+        self.timeout: float | None = None
+        self.retries = 0
+        self.chunksize = 1
+        self.ordered = True
+        super().__init__(client, targets, block, **flags)
+
+    def _check_flag(self, name: str, value: Any) -> None:
+        if name == "timeout" and value is not None and (not isinstance(value, int | float) or value < 0):
+            raise ValueError(f"timeout must be a non-negative number of seconds or None, not {value!r}")
+        if name == "retries" and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"retries must be a non-negative int, not {value!r}")
+        if name == "chunksize" and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"chunksize must be a positive int, not {value!r}")
+
+    def _metadata(self, **overrides: Any) -> dict:
+        flags = {name: getattr(self, name) for name in ("after", "follow", "timeout", "retries", "targets")}
+        flags.update({k: v for k, v in overrides.items() if k in flags})
+        for name in ("timeout", "retries"):
+            self._check_flag(name, flags[name] if name != "retries" else (flags[name] or 0))
+        targets = flags["targets"]
+        if targets is not None:
+            targets = self.client._build_targets(targets)
+        return {
+            "after": _dependency(flags["after"]),
+            "follow": _dependency(flags["follow"]),
+            "timeout": flags["timeout"],
+            "retries": flags["retries"] or 0,
+            "targets": targets,
+        }
+
+    def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
+                      block: bool | None = None, **options: Any) -> Any:
+        metadata = self._metadata(**options)
+        buffers = pack_apply_message(f, args, kwargs)
+        message = self.client._build("apply_request", {}, buffers=buffers, metadata=metadata)
+        ar = AsyncResult(self.client, [message[0]], _fname(f), single=True)
+        self.client._submit("task", [message], ar)
+        return self._finish(ar, block)
+
+    def map(self, f: Callable, *sequences: Sequence, block: bool | None = None,
+            chunksize: int | None = None, ordered: bool | None = None,
+            return_exceptions: bool = False, **options: Any) -> Any:
+        """Map ``f`` over the sequences in load-balanced chunks of ``chunksize`` items."""
+        if not sequences:
+            raise ValueError("map needs at least one sequence")
+        chunksize = self.chunksize if chunksize is None else chunksize
+        self._check_flag("chunksize", chunksize)
+        ordered = self.ordered if ordered is None else ordered
+        metadata = self._metadata(**options)
+        length = _common_length(sequences)
+        frame = serialize_function(MapTask(f))
+        client = self.client
+        messages = []
+        for lo in range(0, length, chunksize):
+            chunks = [_slice(seq, lo, min(lo + chunksize, length)) for seq in sequences]
+            buffers = pack_apply_message(None, chunks, None, function_frame=frame)
+            messages.append(client._build("apply_request", {}, buffers=buffers, metadata=metadata))
+        ar = AsyncMapResult(client, [m for m, _ in messages], _fname(f), ordered=ordered,
+                            return_exceptions=return_exceptions, nitems=length)
+        client._submit("task", messages, ar)
+        return self._finish(ar, block)
+
+
+def _dependency(dep: Any) -> Any:
+    """Msg_ids (or a Dependency dict) from AsyncResults, ids, or Dependency objects."""
+    if dep is None:
+        return None
+    if hasattr(dep, "as_dict"):
+        return dep.as_dict()
+    if isinstance(dep, AsyncResult):
+        return list(dep.msg_ids)
+    if isinstance(dep, str):
+        return [dep]
+    ids: list[str] = []
+    for item in dep:
+        if isinstance(item, AsyncResult):
+            ids.extend(item.msg_ids)
+        elif isinstance(item, str):
+            ids.append(item)
+        else:
+            raise TypeError(f"dependencies are AsyncResults or msg_ids, not {item!r}")
+    return ids
+
+
+def _common_length(sequences: Sequence[Sequence]) -> int:
+    lengths = {len(s) for s in sequences}
+    if len(lengths) != 1:
+        raise ValueError(f"map needs sequences of equal length, got lengths {sorted(lengths)}")
+    return lengths.pop()
+
+
+def _partition_bounds(length: int, parts: int, index: int) -> tuple[int, int]:
+    """Bounds of part ``index`` of ``parts`` near-equal contiguous parts."""
+    base, extra = divmod(length, parts)
+    lo = index * base + min(index, extra)
+    return lo, lo + base + (1 if index < extra else 0)
+
+
+def _slice(seq: Any, lo: int, hi: int) -> Any:
+    """A contiguous part: a view for arrays and sequences that slice, else a list."""
+    try:
+        return seq[lo:hi]
+    except TypeError:
+        return list(seq)[lo:hi]
+
+
+def _join_parts(parts: list) -> Any:
+    if parts and all(type(p).__module__ == "numpy" and hasattr(p, "ndim") for p in parts):
+        import numpy
+
+        return numpy.concatenate(parts)
+    out: list = []
+    for part in parts:
+        out.extend(part)
+    return out

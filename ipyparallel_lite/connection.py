@@ -1,0 +1,109 @@
+"""Connection files, profiles and the signed session every component shares.
+
+Contract: the controller writes two JSON files into the profile's ``security/``
+folder, ``ipcontroller[-<cluster_id>]-client.json`` for clients and
+``ipcontroller[-<cluster_id>]-engine.json`` for engines, each readable by the owner
+only (mode 0600). They hold the interface, every channel's port, the HMAC key, the
+signature scheme and the task scheme. The same engine information can travel in the
+``IPP_LITE_CONNECTION_INFO`` environment variable as JSON, for machines that share no
+file system.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.session import Session
+
+CONNECTION_INFO_ENV = "IPP_LITE_CONNECTION_INFO"
+
+#: channels a client connects to, and the engine-facing ones
+CLIENT_CHANNELS = ("registration", "notification", "mux", "task", "broadcast", "control", "iopub")
+ENGINE_CHANNELS = ("registration", "shell", "control", "iopub", "hb_ping", "hb_pong")
+
+
+def new_key() -> str:
+    """A fresh HMAC key for a cluster."""
+    return secrets.token_hex(32)
+
+
+def make_session(key: str | bytes, *, username: str = "ipp-lite", **kwargs: Any) -> Session:
+    """The signing session: HMAC-SHA256 over header, parent, metadata and content."""
+    if isinstance(key, str):
+        key = key.encode("ascii")
+    if not key:
+        raise ValueError("refusing to create an unsigned session: the connection key is empty")
+    return Session(key=key, signature_scheme="hmac-sha256", username=username, **kwargs)
+
+
+def ipython_dir() -> Path:
+    from IPython.paths import get_ipython_dir
+
+    return Path(get_ipython_dir())
+
+
+def profile_dir(profile: str = "default", ipython_dir_path: str | Path | None = None) -> Path:
+    """The profile folder, created with a private ``security/`` sub folder."""
+    base = Path(ipython_dir_path) if ipython_dir_path else ipython_dir()
+    path = base / f"profile_{profile}"
+    security = path / "security"
+    security.mkdir(parents=True, exist_ok=True)
+    security.chmod(0o700)
+    (path / "log").mkdir(exist_ok=True)
+    return path
+
+
+def connection_file_path(
+    kind: str,
+    profile: str = "default",
+    cluster_id: str = "",
+    ipython_dir_path: str | Path | None = None,
+) -> Path:
+    """Where the ``client`` or ``engine`` connection file of a cluster lives."""
+    if kind not in ("client", "engine"):
+        raise ValueError(f"connection file kind must be 'client' or 'engine', not {kind!r}")
+    name = f"ipcontroller-{cluster_id}-{kind}.json" if cluster_id else f"ipcontroller-{kind}.json"
+    return profile_dir(profile, ipython_dir_path) / "security" / name
+
+
+def write_private_file(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` with mode 0600 from the first byte on."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # readers never see a half-written file
+    return path
+
+
+def write_connection_file(path: str | Path, info: dict) -> Path:
+    return write_private_file(path, json.dumps(info, indent=2))
+
+
+def load_connection_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"No connection file at {path}. Is a cluster running? "
+            "Start one with `ipcluster-lite start` or `ipp.Cluster().start_cluster_sync()`."
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Connection file {path} is not valid JSON ({e}).") from None
+    missing = [k for k in ("interface", "key", "ports") if k not in info]
+    if missing:
+        raise ValueError(f"Connection file {path} lacks {', '.join(missing)}.")
+    return info
+
+
+def url(info: dict, channel: str) -> str:
+    """The zmq URL of a channel named in a connection file."""
+    return f"{info['interface']}:{info['ports'][channel]}"

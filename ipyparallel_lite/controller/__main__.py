@@ -1,0 +1,3 @@
+from ipyparallel_lite.controller.app import main
+
+main()

@@ -1,0 +1,206 @@
+"""The Hub's bookkeeping: engines, their liveness, and task records.
+
+A plain object with no I/O: the controller's server feeds it events (a registration
+request, a channel confirming it is connected, a heartbeat, a request or a reply seen
+on the wire) and acts on what it returns. Time is passed in, never read.
+
+Engine life cycle::
+
+    registration_request -> "registering" -- shell and control both say engine_ready --> "ready"
+    "ready" -- heartbeats missed / disconnected / unregistration_request --> removed
+
+An engine counts as ready only when its shell and control connections have both
+reached the controller, so the first request routed to it cannot be lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ipyparallel_lite.controller.store import BaseStore, MemoryStore
+
+#: the channels an engine must confirm before it is ready
+ENGINE_READY_CHANNELS = frozenset({"shell", "control"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Engine:
+    id: int
+    uuid: str
+    info: dict
+    registered: float
+    state: str = "registering"
+    confirmed: set = field(default_factory=set)
+    last_beat: float = 0.0
+
+    @property
+    def ident(self) -> bytes:
+        """The zmq routing identity of the engine's shell and control sockets."""
+        return self.uuid.encode()
+
+
+class RegistrationError(ValueError):
+    """A registration request the Hub refuses, with a reason for the engine's log."""
+
+
+class Hub:
+    """Engines and task records of one controller.
+
+    ``hb_period`` is the heartbeat period in seconds; an engine that has not answered
+    for ``hb_period * max_misses`` is declared dead by :meth:`dead_engines`.
+    """
+
+    def __init__(
+        self,
+        store: BaseStore | None = None,
+        hb_period: float = 1.0,
+        max_misses: int = 5,
+        registration_timeout: float = 30.0,
+    ):
+        self.store: BaseStore = store if store is not None else MemoryStore()
+        self.hb_period = hb_period
+        self.max_misses = max_misses
+        self.registration_timeout = registration_timeout
+        self.engines: dict[int, Engine] = {}
+        self._by_uuid: dict[str, Engine] = {}
+        self._next_id = 0
+
+    # ---- engines ---------------------------------------------------------------
+
+    def register(self, uuid: str, requested_id: int | None, info: dict, now: float) -> Engine:
+        """Admit an engine in the ``registering`` state; raises RegistrationError."""
+        if not isinstance(uuid, str) or not uuid:
+            raise RegistrationError("registration_request needs a non-empty 'uuid'")
+        if uuid in self._by_uuid:
+            raise RegistrationError(f"an engine with uuid {uuid} is already registered")
+        if requested_id is not None:
+            if not isinstance(requested_id, int) or requested_id < 0:
+                raise RegistrationError(f"engine id must be a non-negative int, not {requested_id!r}")
+            if requested_id in self.engines:
+                raise RegistrationError(f"engine id {requested_id} is taken")
+            eid = requested_id
+        else:
+            while self._next_id in self.engines:
+                self._next_id += 1
+            eid = self._next_id
+        self._next_id = max(self._next_id, eid + 1)
+        engine = Engine(id=eid, uuid=uuid, info=dict(info or {}), registered=now, last_beat=now)
+        self.engines[eid] = engine
+        self._by_uuid[uuid] = engine
+        return engine
+
+    def confirm(self, uuid: str, channel: str, now: float) -> Engine | None:
+        """Note that ``channel`` of an engine is connected; the engine when it just became ready."""
+        engine = self._by_uuid.get(uuid)
+        if engine is None or engine.state != "registering":
+            return None
+        engine.confirmed.add(channel)
+        engine.last_beat = now
+        if ENGINE_READY_CHANNELS <= engine.confirmed:
+            engine.state = "ready"
+            return engine
+        return None
+
+    def beat(self, uuid: str, now: float) -> None:
+        engine = self._by_uuid.get(uuid)
+        if engine is not None:
+            engine.last_beat = now
+
+    def dead_engines(self, now: float, grace: float | None = None) -> list[Engine]:
+        """Engines silent for longer than ``grace`` (default: the missed-heartbeat limit),
+        and registrations that never completed."""
+        limit = self.hb_period * self.max_misses if grace is None else grace
+        dead = []
+        for engine in self.engines.values():
+            if engine.state == "ready" and now - engine.last_beat > limit:
+                dead.append(engine)
+            elif engine.state == "registering" and now - engine.registered > self.registration_timeout:
+                dead.append(engine)
+        return dead
+
+    def remove(self, eid: int) -> Engine | None:
+        engine = self.engines.pop(eid, None)
+        if engine is not None:
+            del self._by_uuid[engine.uuid]
+        return engine
+
+    def by_uuid(self, uuid: str) -> Engine | None:
+        return self._by_uuid.get(uuid)
+
+    def ready_engines(self) -> dict[int, str]:
+        """``{id: uuid}`` of ready engines, the ``engines`` of a ``connection_reply``."""
+        return {e.id: e.uuid for e in self.engines.values() if e.state == "ready"}
+
+    def engine_infos(self) -> dict[int, dict]:
+        return {e.id: e.info for e in self.engines.values() if e.state == "ready"}
+
+    # ---- task records ----------------------------------------------------------
+
+    def submitted(
+        self,
+        msg_id: str,
+        header: dict,
+        metadata: dict,
+        client_uuid: str,
+        queue: str,
+        engine_uuid: str | None = None,
+    ) -> None:
+        self.store.add_record(
+            msg_id,
+            {
+                "msg_id": msg_id,
+                "header": header,
+                "metadata": metadata,
+                "client_uuid": client_uuid,
+                "engine_uuid": engine_uuid,
+                "queue": queue,
+                "submitted": _as_datetime(header.get("date")),
+                "started": None,
+                "completed": None,
+                "received": None,
+                "resubmitted": None,
+                "result_header": None,
+                "result_metadata": None,
+                "result_content": None,
+                "result_buffers": None,
+            },
+        )
+
+    def assigned(self, msg_id: str, engine_uuid: str) -> None:
+        if msg_id in self.store:
+            self.store.update_record(msg_id, {"engine_uuid": engine_uuid})
+
+    def finished(
+        self, msg_id: str, header: dict, metadata: dict, content: Any, buffers: list
+    ) -> None:
+        """Record a reply; ``content`` may stay packed bytes, it is unpacked on query."""
+        if msg_id not in self.store:
+            return
+        self.store.update_record(
+            msg_id,
+            {
+                "result_header": header,
+                "result_metadata": metadata,
+                "result_content": content,
+                "result_buffers": buffers,
+                "engine_uuid": metadata.get("engine"),
+                "started": _as_datetime(metadata.get("started")),
+                "completed": _as_datetime(metadata.get("completed")) or utcnow(),
+                "received": utcnow(),
+            },
+        )
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None

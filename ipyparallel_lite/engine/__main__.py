@@ -1,0 +1,3 @@
+from ipyparallel_lite.engine.app import main
+
+main()

@@ -1,0 +1,209 @@
+"""``ipengine-lite``: an engine process, an IPython kernel connected to a controller.
+
+Start-up: read the connection info (a file, or ``$IPP_LITE_CONNECTION_INFO``), send
+``registration_request`` and wait for the id, connect the shell, control, iopub and
+heartbeat channels, then say ``engine_ready`` on shell and control. The controller
+counts the engine as ready when both arrive, so no heartbeat period is waited for.
+
+The heartbeat is echoed by libzmq in its own thread (no GIL), so an engine busy in a
+long computation still counts as alive.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import platform
+import socket
+import sys
+import time
+import uuid
+from typing import Any
+
+import zmq
+from ipykernel.kernelapp import IPKernelApp, kernel_aliases
+from traitlets import Float, Integer, Type, Unicode
+from zmq.devices import ThreadDevice
+
+from ipyparallel_lite._version import __version__
+from ipyparallel_lite.cluster.launcher import watch_parent
+from ipyparallel_lite.connection import (
+    CONNECTION_INFO_ENV,
+    connection_file_path,
+    load_connection_file,
+    make_session,
+    url,
+)
+from ipyparallel_lite.engine.kernel import EngineKernel
+
+
+def engine_info() -> dict:
+    """What an engine says of itself at registration, to catch version skew early."""
+    import cloudpickle
+
+    return {
+        "python": platform.python_version(),
+        "ipyparallel_lite": __version__,
+        "cloudpickle": cloudpickle.__version__,
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+class RegistrationFailed(RuntimeError):
+    pass
+
+
+class EngineApp(IPKernelApp):
+    name = "ipengine-lite"
+    description = "Start an ipyparallel_lite engine connected to a running controller."
+
+    kernel_class = Type(EngineKernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)
+    url_file = Unicode("", help="Engine connection file of the controller.").tag(config=True)
+    profile_name = Unicode("default", help="Profile to find the connection file in.").tag(config=True)
+    cluster_id = Unicode("", help="Cluster whose connection file to use.").tag(config=True)
+    engine_id = Integer(-1, help="Engine id to ask for (-1: the controller picks).").tag(config=True)
+    registration_timeout = Float(30.0, help="Seconds to wait for the controller.").tag(config=True)
+
+    aliases = {
+        **kernel_aliases,
+        "file": "EngineApp.url_file",
+        "profile": "EngineApp.profile_name",
+        "cluster-id": "EngineApp.cluster_id",
+        "id": "EngineApp.engine_id",
+        "log-level": "Application.log_level",
+    }
+
+    def load_info(self) -> dict:
+        env = os.environ.get(CONNECTION_INFO_ENV)
+        if env and not self.url_file:
+            return json.loads(env)
+        path = self.url_file or connection_file_path(
+            "engine", self.profile_name, self.cluster_id, self.ipython_dir or None
+        )
+        # a cluster starts engines and controller together: wait for the controller's file
+        deadline = time.monotonic() + self.registration_timeout
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return load_connection_file(path)
+
+    # IPKernelApp writes and binds its own connection: an engine connects instead
+    def init_connection_file(self) -> None:
+        self.info = self.load_info()
+        self.session = make_session(self.info["key"])
+        self.session.session = self.ident = str(uuid.uuid4())
+
+    def write_connection_file(self, **kwargs: Any) -> None:
+        pass
+
+    def log_connection_info(self) -> None:
+        pass
+
+    def init_poller(self) -> None:
+        self.poller = None
+
+    def register(self) -> dict:
+        sock = self.context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(url(self.info, "registration"))
+        requested = self.engine_id if self.engine_id >= 0 else None
+        content = {"uuid": self.ident, "id": requested, "info": engine_info()}
+        self.session.send(sock, "registration_request", content)
+        if not sock.poll(int(self.registration_timeout * 1000)):
+            raise RegistrationFailed(
+                f"No answer from the controller at {url(self.info, 'registration')} within "
+                f"{self.registration_timeout:g}s. Is it running? Is the connection file current?"
+            )
+        _, reply = self.session.recv(sock, mode=0)
+        sock.close()
+        content = reply["content"]
+        if content.get("status") != "ok":
+            raise RegistrationFailed(f"registration refused: {content.get('evalue')}")
+        return content
+
+    def init_sockets(self) -> None:
+        self.context = ctx = zmq.Context()
+        reply = self.register()
+        self.eid = reply["id"]
+        info = reply.get("connection_info") or self.info
+        ident = self.ident.encode()
+
+        self.shell_socket = ctx.socket(zmq.DEALER)
+        self.control_socket = ctx.socket(zmq.DEALER)
+        for sock, channel in ((self.shell_socket, "shell"), (self.control_socket, "control")):
+            sock.identity = ident
+            sock.linger = 1000
+            sock.connect(url(info, channel))
+            self.session.send(sock, "engine_ready", {"id": self.eid})
+        self.stdin_socket = None
+        self.debugpy_socket = ctx.socket(zmq.STREAM)
+        self.debug_shell_socket = ctx.socket(zmq.DEALER)
+        from ipykernel.control import ControlThread
+        from ipykernel.iostream import IOPubThread
+
+        self.control_thread = ControlThread(daemon=True)
+        self.shell_channel_thread = None  # one shell, no subshell thread hop per request
+        iopub = ctx.socket(zmq.PUB)
+        iopub.linger = 1000
+        iopub.connect(url(info, "iopub"))
+        self.iopub_thread = IOPubThread(iopub, pipe=True, session=self.session)
+        self.iopub_thread.start()
+        self.iopub_socket = self.iopub_thread.background_socket
+        self._ports = {}
+        self.controller_info = info
+        atexit.register(self.unregister)
+
+    def init_heartbeat(self) -> None:
+        info = self.controller_info
+        self.heart = ThreadDevice(zmq.FORWARDER, zmq.SUB, zmq.DEALER)
+        self.heart.daemon = True
+        self.heart.setsockopt_in(zmq.SUBSCRIBE, b"")
+        self.heart.setsockopt_in(zmq.LINGER, 0)
+        self.heart.setsockopt_out(zmq.IDENTITY, self.ident.encode())
+        self.heart.setsockopt_out(zmq.LINGER, 0)
+        self.heart.connect_in(url(info, "hb_ping"))
+        self.heart.connect_out(url(info, "hb_pong"))
+        self.heart.start()
+
+    def init_kernel(self) -> None:
+        super().init_kernel()
+        kernel = self.kernel
+        kernel.ident = self.ident
+        kernel.engine_id = self.eid
+        kernel.engine_info = {"engine_id": self.eid, "engine_uuid": self.ident, **engine_info()}
+        topic = f"engine.{self.eid}."
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "topic"):
+                stream.topic = (topic + stream.name).encode()
+        if hasattr(self, "displayhook") and hasattr(self.displayhook, "topic"):
+            self.displayhook.topic = (topic + "execute_result").encode()
+        if kernel.shell is not None and hasattr(kernel.shell, "display_pub"):
+            kernel.shell.display_pub.topic = (topic + "displaypub").encode()
+        self.log.info("engine %d connected (uuid %s)", self.eid, self.ident)
+
+    def unregister(self) -> None:
+        """Tell the controller this engine leaves, so its tasks fail over at once."""
+        try:
+            sock = self.context.socket(zmq.DEALER)
+            sock.linger = 200
+            sock.connect(url(self.controller_info, "registration"))
+            self.session.send(sock, "unregistration_request", {"id": self.eid})
+            sock.close()
+        except Exception:
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    watch_parent()
+    app = EngineApp.instance()
+    try:
+        app.initialize(argv)
+    except RegistrationFailed as e:
+        print(f"ipengine-lite: {e}", file=sys.__stderr__)
+        sys.exit(1)
+    app.start()
+
+
+if __name__ == "__main__":
+    main()

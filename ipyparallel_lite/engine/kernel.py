@@ -1,0 +1,221 @@
+"""The engine's kernel: an IPython kernel that also runs ``apply_request``.
+
+Everything a notebook kernel does (``execute_request``, rich display, widgets) works
+unchanged. ``apply_request`` takes a lean path: the function and arguments arrive as
+buffers, the result leaves as buffers, and no busy/idle status is published, because
+a load-balanced farm sends thousands of them and nobody renders apply status.
+
+Control messages (``abort_request``, ``clear_request``, ``signal_request``) run on
+ipykernel's control thread, so they are served while a task runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from datetime import datetime, timezone
+from typing import Any
+
+from ipykernel.ipkernel import IPythonKernel
+from traitlets import Dict, Integer
+
+from ipyparallel_lite.error import UnmetDependency, wrap_exception
+from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpack_apply_message
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class EngineKernel(IPythonKernel):
+    """IPython kernel serving ipyparallel_lite's apply and control requests."""
+
+    engine_id = Integer(-1)
+    engine_info = Dict()
+
+    msg_types = [*IPythonKernel.msg_types, "apply_request"]
+    control_msg_types = [
+        *IPythonKernel.control_msg_types,
+        "abort_request",
+        "clear_request",
+        "signal_request",
+    ]
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._functions = FunctionCache()
+        self._aborted: set[str] = set()
+        self._abort_before: datetime | None = None
+        self._running: str | None = None
+        self._interrupt_reason: dict[str, str] = {}
+        self._state_lock = threading.Lock()
+
+    def _topic(self, topic: str) -> bytes:
+        return f"engine.{self.engine_id}.{topic}".encode()
+
+    # ---- metadata --------------------------------------------------------------
+
+    def init_metadata(self, parent: dict) -> dict:
+        return {
+            "started": utcnow(),
+            "dependencies_met": True,
+            "engine": self.ident,
+            "engine_id": self.engine_id,
+        }
+
+    def finish_metadata(self, parent: dict, metadata: dict, reply_content: dict) -> dict:
+        metadata["status"] = reply_content["status"]
+        metadata["completed"] = utcnow()
+        if reply_content["status"] == "error":
+            metadata["engine_info"] = self.engine_info
+            if reply_content.get("ename") == "UnmetDependency":
+                metadata["dependencies_met"] = False
+        return metadata
+
+    # ---- dispatch --------------------------------------------------------------
+
+    async def dispatch_shell(self, msg: list, /, subshell_id: str | None = None, **kwargs: Any) -> None:
+        """Route ``apply_request`` to the lean path, everything else to ipykernel."""
+        if self.session is None:
+            return
+        idents, frames = self.session.feed_identities(msg, copy=False)
+        try:
+            # only the header's JSON is read here; the signature is checked just below
+            msg_type = self.session.unpack(frames[1].bytes).get("msg_type")
+        except Exception:
+            msg_type = None
+        if msg_type != "apply_request":
+            await super().dispatch_shell(msg, subshell_id, **kwargs)
+            return
+        try:
+            parsed = self.session.deserialize(frames, content=True, copy=False)
+        except Exception:
+            self.log.error("Invalid apply_request", exc_info=True)
+            return
+        self.set_parent(idents, parsed, channel="shell")
+        if not self.should_handle(self.shell_stream, parsed, idents):
+            return
+        self.pre_handler_hook()
+        try:
+            self.apply_request(self.shell_stream, idents, parsed)
+        finally:
+            self.post_handler_hook()
+
+    def should_handle(self, stream: Any, msg: dict, idents: list) -> bool:
+        msg_id = msg["header"]["msg_id"]
+        aborted = msg_id in self._aborted
+        if not aborted and self._abort_before is not None:
+            date = msg["header"].get("date")
+            aborted = isinstance(date, datetime) and date <= self._abort_before
+        if aborted:
+            self._aborted.discard(msg_id)
+            self._reply_aborted(stream, msg, idents)
+            return False
+        return True
+
+    def _reply_aborted(self, stream: Any, msg: dict, idents: list) -> None:
+        content = {"status": "aborted"}
+        md = self.finish_metadata(msg, self.init_metadata(msg), content)
+        reply_type = msg["header"]["msg_type"].replace("_request", "_reply")
+        self.session.send(stream, reply_type, content, parent=msg, ident=idents, metadata=md)
+
+    # ---- apply -----------------------------------------------------------------
+
+    def apply_request(self, stream: Any, ident: list, parent: dict) -> None:
+        msg_id = parent["header"]["msg_id"]
+        md = self.init_metadata(parent)
+        result_frames: list = []
+        with self._state_lock:
+            self._running = msg_id
+        try:
+            namespace = self.shell.user_ns
+            f, args, kwargs = unpack_apply_message(parent["buffers"], namespace, self._functions)
+            result = f(*args, **kwargs)
+            try:
+                result_frames = serialize_object(result)
+            except Exception as e:
+                raise TypeError(
+                    f"the result of {getattr(f, '__name__', f)!r} ({type(result).__name__}) "
+                    f"could not be pickled to send back: {e}"
+                ) from e
+            content: dict = {"status": "ok"}
+        except KeyboardInterrupt:
+            reason = self._interrupt_reason.pop(msg_id, None)
+            content = self._interrupted_content(reason)
+        except BaseException as e:
+            content = self._error_content(e)
+        finally:
+            with self._state_lock:
+                self._running = None
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        md = self.finish_metadata(parent, md, content)
+        self.session.send(
+            stream, "apply_reply", content, parent=parent, ident=ident, buffers=result_frames, metadata=md
+        )
+
+    def _error_content(self, e: BaseException) -> dict:
+        content = wrap_exception(self.engine_info, exc=e)
+        if isinstance(e, UnmetDependency):
+            content["ename"] = "UnmetDependency"
+        return content
+
+    def _interrupted_content(self, reason: str | None) -> dict:
+        ename = reason or "KeyboardInterrupt"
+        evalue = {
+            "TaskAborted": "the task was aborted while running; the engine stays usable",
+            "TaskTimeout": "the task ran past its timeout and was interrupted",
+        }.get(ename, "interrupted")
+        return {"status": "error", "ename": ename, "evalue": evalue, "traceback": [],
+                "engine_info": self.engine_info}
+
+    # ---- control ---------------------------------------------------------------
+
+    def abort_request(self, stream: Any, ident: list, parent: dict) -> None:
+        """Abort queued requests by id (or all sent before this one), interrupting a running one."""
+        msg_ids = parent["content"].get("msg_ids")
+        if msg_ids:
+            if isinstance(msg_ids, str):
+                msg_ids = [msg_ids]
+            self._aborted.update(msg_ids)
+            self._interrupt_if_running(set(msg_ids), "TaskAborted")
+        else:
+            self._abort_before = parent["header"].get("date")
+            with self._state_lock:
+                running = self._running
+            if running is not None:
+                self._interrupt_if_running({running}, "TaskAborted")
+        self.session.send(stream, "abort_reply", {"status": "ok"}, parent=parent, ident=ident)
+
+    def signal_request(self, stream: Any, ident: list, parent: dict) -> None:
+        """Send a signal to this engine; with ``msg_id``, only if that task is running."""
+        content = parent["content"]
+        sig = content.get("sig", "SIGINT")
+        signum = getattr(signal, sig, None) if isinstance(sig, str) else sig
+        if not isinstance(signum, int):
+            reply = {"status": "error", "ename": "ValueError", "evalue": f"unknown signal {sig!r}",
+                     "traceback": []}
+        else:
+            msg_id = content.get("msg_id")
+            if msg_id is not None:
+                self._interrupt_if_running({msg_id}, content.get("reason") or "KeyboardInterrupt", signum)
+            else:
+                os.kill(os.getpid(), signum)
+            reply = {"status": "ok"}
+        self.session.send(stream, "signal_reply", reply, parent=parent, ident=ident)
+
+    def _interrupt_if_running(self, msg_ids: set, reason: str, signum: int = signal.SIGINT) -> None:
+        with self._state_lock:
+            if self._running in msg_ids:
+                self._interrupt_reason[self._running] = reason
+                os.kill(os.getpid(), signum)
+
+    def clear_request(self, stream: Any, idents: list, parent: dict) -> None:
+        """Clear the engine's namespace."""
+        self.shell.reset(False)
+        self._functions.clear()
+        self.session.send(stream, "clear_reply", {"status": "ok"}, parent=parent, ident=idents)

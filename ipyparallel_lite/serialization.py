@@ -1,0 +1,196 @@
+"""Turning Python objects into message buffers and back.
+
+Contract: ``serialize_object(obj)`` returns a list of frames ``[pickle, *out_of_band]``
+where the first frame is a cloudpickle (protocol 5) and every large numpy array,
+``bytes`` or contiguous ``memoryview`` inside ``obj`` travels as its own frame,
+without being copied on the sending side. ``deserialize_object(frames)`` is the
+inverse. Received arrays are writable: out-of-band frames are copied once into a
+``bytearray`` so that engines and clients may mutate what they receive.
+
+``pack_apply_message(f, args, kwargs)`` puts the function in its own frame so a map
+can pickle its function once and reuse the frame for every chunk.
+
+Nothing here looks at signatures: callers only pass frames whose message signature
+``jupyter_client.session.Session`` has already verified.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import cloudpickle
+
+#: objects smaller than this are pickled in-band: a frame of its own costs more than a copy
+OOB_THRESHOLD = 64 * 1024
+
+Frame = Any  # bytes, memoryview, PickleBuffer or zmq.Frame
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle with large ``bytes`` and ``memoryview`` objects sent out-of-band."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is bytes and len(obj) >= OOB_THRESHOLD:
+            return bytes, (pickle.PickleBuffer(obj),)
+        if kind is memoryview and obj.nbytes >= OOB_THRESHOLD and obj.contiguous:
+            return memoryview, (pickle.PickleBuffer(obj),)
+        if kind is memoryview:
+            return memoryview, (obj.tobytes(),)
+        return super().reducer_override(obj)
+
+
+def _dumps(obj: Any, out_of_band: list) -> bytes:
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < OOB_THRESHOLD:
+            return True  # in-band
+        out_of_band.append(raw)
+        return False
+
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=keep_large).dump(obj)
+    return stream.getvalue()
+
+
+def _as_buffer(frame: Frame) -> memoryview:
+    """A memoryview over a frame's bytes, without copying."""
+    buffer = getattr(frame, "buffer", None)  # zmq.Frame
+    return buffer if buffer is not None else memoryview(frame)
+
+
+def serialize_object(obj: Any) -> list[Frame]:
+    """Frames for ``obj``: one pickle frame followed by its out-of-band buffers."""
+    out_of_band: list = []
+    data = _dumps(obj, out_of_band)
+    return [data, *out_of_band]
+
+
+def deserialize_object(frames: Sequence[Frame]) -> Any:
+    """Rebuild the object of :func:`serialize_object` from its frames."""
+    if not frames:
+        raise ValueError("cannot deserialize: no frames")
+    writable = [bytearray(_as_buffer(f)) for f in frames[1:]]
+    return pickle.loads(_as_buffer(frames[0]), buffers=writable)
+
+
+def serialize_function(f: Any) -> bytes:
+    """The frame of a function, reusable across many apply messages."""
+    if not callable(f):
+        raise TypeError(f"{f!r} is not callable")
+    return cloudpickle.dumps(f, protocol=5)
+
+
+def pack_apply_message(
+    f: Any, args: Sequence = (), kwargs: dict | None = None, *, function_frame: bytes | None = None
+) -> list[Frame]:
+    """Frames of an ``apply_request``: ``[function, args_and_kwargs, *out_of_band]``.
+
+    Raises ``TypeError`` or ``pickle.PicklingError`` *before* anything is sent when an
+    argument cannot be pickled.
+    """
+    if function_frame is None:
+        function_frame = serialize_function(f)
+    out_of_band: list = []
+    payload = _dumps((tuple(args), dict(kwargs or {})), out_of_band)
+    return [function_frame, payload, *out_of_band]
+
+
+class Reference:
+    """A name resolved in the engine's namespace when an apply call runs there.
+
+    ``view.apply(f, ipp.Reference("a"))`` passes the engine's ``a`` to ``f``.
+    """
+
+    def __init__(self, name: str):
+        if not isinstance(name, str):
+            raise TypeError(f"Reference needs a variable name, got {name!r}")
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Reference: {self.name!r}>"
+
+    def resolve(self, namespace: dict) -> Any:
+        try:
+            return eval(self.name, namespace)  # dotted names like "a.b" resolve too
+        except NameError as e:
+            raise NameError(f"name {self.name!r} is not defined on this engine") from e
+
+
+def bind_to_namespace(f: Any, namespace: dict) -> Any:
+    """Make an interactively defined function see the engine's namespace as its globals.
+
+    Functions from ``__main__`` (a notebook or script) read and write the engine's
+    variables, as in IPython parallel; globals that cloudpickle captured on the client
+    fill in names the engine does not have yet.
+    """
+    if isinstance(f, MapTask):
+        return MapTask(bind_to_namespace(f.f, namespace))
+    if not isinstance(f, types.FunctionType) or f.__module__ != "__main__":
+        return f
+    if f.__globals__ is namespace:
+        return f
+    for name, value in f.__globals__.items():
+        if not name.startswith("__"):
+            namespace.setdefault(name, value)
+    bound = types.FunctionType(f.__code__, namespace, f.__name__, f.__defaults__, f.__closure__)
+    bound.__kwdefaults__ = f.__kwdefaults__
+    bound.__dict__.update(f.__dict__)
+    bound.__qualname__ = f.__qualname__
+    return bound
+
+
+class MapTask:
+    """Calls ``f`` on every item of a chunk: what a map sends as its function."""
+
+    def __init__(self, f: Any):
+        self.f = f
+
+    def __call__(self, *chunks: Sequence) -> list:
+        return list(map(self.f, *chunks))
+
+
+class FunctionCache:
+    """Unpickled functions keyed by their frame, so a map's function unpickles once."""
+
+    def __init__(self, size: int = 64):
+        self._size = size
+        self._cache: dict[bytes, Any] = {}
+
+    def load(self, frame: Frame, namespace: dict) -> Any:
+        key = bytes(_as_buffer(frame))
+        f = self._cache.get(key)
+        if f is None:
+            f = bind_to_namespace(pickle.loads(key), namespace)
+            if len(self._cache) >= self._size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = f
+        return f
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def unpack_apply_message(
+    frames: Sequence[Frame], namespace: dict, functions: FunctionCache | None = None
+) -> tuple[Any, tuple, dict]:
+    """``(f, args, kwargs)`` from the frames of :func:`pack_apply_message`.
+
+    :class:`Reference` arguments are resolved in ``namespace``.
+    """
+    if len(frames) < 2:
+        raise ValueError(f"apply_request needs at least 2 buffers, got {len(frames)}")
+    if functions is None:
+        f = bind_to_namespace(pickle.loads(_as_buffer(frames[0])), namespace)
+    else:
+        f = functions.load(frames[0], namespace)
+    args, kwargs = deserialize_object(frames[1:])
+    args = tuple(a.resolve(namespace) if isinstance(a, Reference) else a for a in args)
+    for key, value in kwargs.items():
+        if isinstance(value, Reference):
+            kwargs[key] = value.resolve(namespace)
+    return f, args, kwargs

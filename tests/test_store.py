@@ -1,0 +1,474 @@
+"""Tests of the Hub's record store: queries, bookkeeping, eviction."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from ipyparallel_lite.controller.store import (
+    BaseStore,
+    MemoryStore,
+    QueryError,
+    RecordNotFound,
+    compile_query,
+    match,
+)
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _rec(msg_id: str, seconds: int = 0, completed: bool = False, **extra) -> dict:
+    rec = {
+        "msg_id": msg_id,
+        "submitted": T0 + timedelta(seconds=seconds),
+        "completed": T0 + timedelta(seconds=seconds + 1) if completed else None,
+        "engine_uuid": None,
+        "buffers": [],
+        "result_buffers": None,
+    }
+    rec.update(extra)
+    return rec
+
+
+RECORD = {
+    "msg_id": "m1",
+    "n": 5,
+    "x": 2.5,
+    "name": "apply_request",
+    "flag": False,
+    "none": None,
+    "tags": ["a", "b", "c"],
+    "header": {"msg_type": "apply_request"},
+    "when": T0,
+}
+
+
+# ---- match: equality -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        ({}, True),
+        ({"n": 5}, True),
+        ({"n": 6}, False),
+        ({"n": 5, "name": "apply_request"}, True),
+        ({"n": 5, "name": "other"}, False),
+        ({"none": None}, True),
+        ({"missing": None}, True),  # a missing key reads as None
+        ({"missing": 1}, False),
+        ({"flag": False}, True),
+        ({"header": {"msg_type": "apply_request"}}, True),  # plain dict: equality
+        ({"header": {"msg_type": "x"}}, False),
+        ({"tags": ["a", "b", "c"]}, True),
+        ({"when": T0}, True),
+        ({"when": T0 + timedelta(seconds=1)}, False),
+    ],
+)
+def test_equality(query, expected):
+    assert match(query, RECORD) is expected
+
+
+# ---- match: operators ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "condition, expected",
+    [
+        ({"$eq": 5}, True),
+        ({"$eq": 4}, False),
+        ({"$ne": 4}, True),
+        ({"$ne": 5}, False),
+        ({"$lt": 6}, True),
+        ({"$lt": 5}, False),
+        ({"$lte": 5}, True),
+        ({"$lte": 4}, False),
+        ({"$gt": 4}, True),
+        ({"$gt": 5}, False),
+        ({"$gte": 5}, True),
+        ({"$gte": 6}, False),
+        ({"$gt": 4.5}, True),
+        ({"$gt": 1, "$lt": 10}, True),  # several operators: all must hold
+        ({"$gt": 1, "$lt": 3}, False),
+        ({"$in": [1, 5, 9]}, True),
+        ({"$in": (1, 9)}, False),
+        ({"$in": {5}}, True),
+        ({"$in": []}, False),
+        ({"$nin": [1, 9]}, True),
+        ({"$nin": [5]}, False),
+        ({"$exists": True}, True),
+        ({"$exists": False}, False),
+        ({"$mod": [2, 1]}, True),
+        ({"$mod": [5, 1]}, False),
+    ],
+)
+def test_operators_on_int(condition, expected):
+    assert match({"n": condition}, RECORD) is expected
+
+
+@pytest.mark.parametrize(
+    "key, condition, expected",
+    [
+        ("name", {"$glob": "apply_*"}, True),
+        ("name", {"$glob": "*_request"}, True),
+        ("name", {"$glob": "apply_?equest"}, True),
+        ("name", {"$glob": "execute*"}, False),
+        ("name", {"$glob": "APPLY_*"}, False),  # case-sensitive everywhere
+        ("n", {"$glob": "5"}, False),  # non-str values never match a glob
+        ("missing", {"$glob": "*"}, False),
+        ("name", {"$lt": "b"}, True),
+        ("tags", {"$all": ["a", "c"]}, True),
+        ("tags", {"$all": ["a", "z"]}, False),
+        ("tags", {"$all": []}, False),  # like MongoDB
+        ("name", {"$all": ["a"]}, False),  # a str is not a list of items
+        ("missing", {"$all": ["a"]}, False),
+        ("header", {"$eq": {"msg_type": "apply_request"}}, True),
+        ("header", {"$in": [{"msg_type": "apply_request"}]}, True),
+        ("tags", {"$in": [["a", "b", "c"]]}, True),
+        ("tags", {"$in": ["a", "b"]}, False),  # unhashable value against a set
+        ("flag", {"$exists": True}, True),  # False exists
+    ],
+)
+def test_operators_on_other_types(key, condition, expected):
+    assert match({key: condition}, RECORD) is expected
+
+
+@pytest.mark.parametrize(
+    "condition, expected",
+    [
+        ({"$lt": 1}, False),
+        ({"$lte": 1}, False),
+        ({"$gt": 1}, False),
+        ({"$gte": 1}, False),
+        ({"$gt": T0}, False),
+        ({"$eq": None}, True),
+        ({"$ne": None}, False),
+        ({"$ne": 1}, True),
+        ({"$in": [None]}, True),
+        ({"$in": [1]}, False),
+        ({"$nin": [1]}, True),
+        ({"$nin": [None, 1]}, False),
+        ({"$exists": True}, False),
+        ({"$exists": False}, True),
+        ({"$mod": [2, 0]}, False),
+    ],
+)
+@pytest.mark.parametrize("key", ["none", "missing"])
+def test_operators_on_none_and_missing(key, condition, expected):
+    assert match({key: condition}, RECORD) is expected
+
+
+def test_comparison_of_unorderable_types_is_false():
+    assert match({"name": {"$gt": 3}}, RECORD) is False
+    assert match({"n": {"$lt": "z"}}, RECORD) is False
+    assert match({"when": {"$lt": 3}}, RECORD) is False
+    assert match({"header": {"$lt": 3}}, RECORD) is False
+
+
+def test_mod_ignores_bools_and_strings():
+    assert match({"flag": {"$mod": [2, 0]}}, RECORD) is False
+    assert match({"name": {"$mod": [2, 0]}}, RECORD) is False
+    assert match({"x": {"$mod": [2, 0.5]}}, RECORD) is True
+
+
+def test_datetime_comparisons():
+    later = T0 + timedelta(minutes=1)
+    assert match({"when": {"$lt": later}}, RECORD)
+    assert match({"when": {"$gte": T0}}, RECORD)
+    assert not match({"when": {"$gt": T0}}, RECORD)
+    assert match({"when": {"$in": [later, T0]}}, RECORD)
+    assert match({"when": {"$nin": [later]}}, RECORD)
+
+
+def test_naive_datetimes_are_local_time():
+    naive = T0.astimezone().replace(tzinfo=None)  # T0 as local wall-clock time
+    assert match({"when": naive}, RECORD)
+    assert match({"when": {"$lte": naive}}, RECORD)
+    assert match({"when": {"$in": [naive]}}, RECORD)
+    record = {"when": naive}
+    assert match({"when": T0}, record)
+    assert match({"when": {"$lt": T0 + timedelta(seconds=1)}}, record)
+    assert match({"when": {"$gt": naive - timedelta(seconds=1)}}, record)
+
+
+def test_compiled_query_is_reusable():
+    matcher = compile_query({"n": {"$gte": 3}})
+    records = [{"n": i} for i in range(6)] + [{}]
+    assert [r.get("n") for r in records if matcher(r)] == [3, 4, 5]
+
+
+# ---- bad queries ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ({"n": {"$in": 3}}, "$in needs a list, got 3"),
+        ({"n": {"$nin": "abc"}}, "$nin needs a list, got 'abc'"),
+        ({"n": {"$all": 1}}, "$all needs a list, got 1"),
+        ({"n": {"$exists": 1}}, "$exists needs True or False, got 1"),
+        ({"n": {"$glob": 5}}, "$glob needs a str pattern, got 5"),
+        ({"n": {"$lt": None}}, "$lt needs a value that can be ordered, got None"),
+        ({"n": {"$gte": {"a": 1}}}, "$gte needs a value that can be ordered"),
+        ({"n": {"$mod": [0, 1]}}, "$mod needs [divisor, remainder]"),
+        ({"n": {"$mod": [2]}}, "$mod needs [divisor, remainder]"),
+        ({"n": {"$regex": "x"}}, "unknown operator '$regex' on 'n'; known: $all"),
+        ({"n": {"$lt": 3, "x": 1}}, "mixes operators and plain keys"),
+        ({1: 2}, "query keys are str, got 1"),
+        (["n"], "a query is a dict, got ['n']"),
+    ],
+)
+def test_bad_queries(query, message):
+    with pytest.raises(QueryError) as info:
+        compile_query(query)
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_query_fails_even_without_records():
+    with pytest.raises(QueryError):
+        MemoryStore().find_records({"n": {"$in": 3}})
+    with pytest.raises(QueryError):
+        MemoryStore().drop_matching_records({"n": {"$bogus": 3}})
+
+
+# ---- MemoryStore basics --------------------------------------------------------------
+
+
+def test_is_a_base_store():
+    assert isinstance(MemoryStore(), BaseStore)
+    with pytest.raises(TypeError):
+        BaseStore()  # abstract
+
+
+def test_add_get_update():
+    store = MemoryStore()
+    store.add_record("a", _rec("a", header={"msg_type": "apply_request"}))
+    assert "a" in store and "b" not in store and len(store) == 1
+    store.update_record("a", {"engine_uuid": "e1", "completed": T0})
+    rec = store.get_record("a")
+    assert rec["engine_uuid"] == "e1"
+    assert rec["completed"] == T0
+    assert rec["header"] == {"msg_type": "apply_request"}
+
+
+def test_add_sets_msg_id():
+    store = MemoryStore()
+    store.add_record("a", {"submitted": T0})
+    assert store.get_record("a")["msg_id"] == "a"
+    with pytest.raises(ValueError):
+        store.add_record("b", {"msg_id": "c"})
+    with pytest.raises(ValueError):
+        store.update_record("a", {"msg_id": "c"})
+
+
+def test_duplicate_add_raises():
+    store = MemoryStore()
+    store.add_record("a", _rec("a"))
+    with pytest.raises(KeyError, match="already stored"):
+        store.add_record("a", _rec("a"))
+
+
+def test_missing_records_raise_readable_key_errors():
+    store = MemoryStore()
+    for call in (store.get_record, store.drop_record, lambda m: store.update_record(m, {})):
+        with pytest.raises(KeyError) as info:
+            call("nope")
+        assert isinstance(info.value, RecordNotFound)
+        assert str(info.value) == "no record with msg_id 'nope'"
+
+
+def test_records_are_copies():
+    store = MemoryStore()
+    original = _rec("a", header={"msg_type": "apply_request"}, tags=["x"])
+    store.add_record("a", original)
+    original["header"]["msg_type"] = "changed"
+    original["tags"].append("y")
+    fetched = store.get_record("a")
+    assert fetched["header"]["msg_type"] == "apply_request"
+    assert fetched["tags"] == ["x"]
+    fetched["header"]["msg_type"] = "changed again"
+    store.find_records({})[0]["tags"].append("z")
+    assert store.get_record("a")["header"]["msg_type"] == "apply_request"
+    assert store.get_record("a")["tags"] == ["x"]
+
+
+def test_buffers_are_shared_not_copied():
+    buf = memoryview(bytearray(b"abc"))
+    store = MemoryStore()
+    store.add_record("a", _rec("a", buffers=[buf]))
+    assert store.get_record("a")["buffers"][0] is buf
+
+
+def test_find_records_and_keys_projection():
+    store = MemoryStore()
+    for i in range(5):
+        store.add_record(f"m{i}", _rec(f"m{i}", seconds=i, completed=i % 2 == 0, n=i))
+    done = store.find_records({"completed": {"$ne": None}})
+    assert [r["msg_id"] for r in done] == ["m0", "m2", "m4"]
+    assert set(done[0]) >= {"submitted", "buffers", "n"}
+    slim = store.find_records({"n": {"$gte": 3}}, keys=["n", "nonexistent"])
+    assert slim == [
+        {"msg_id": "m3", "n": 3, "nonexistent": None},
+        {"msg_id": "m4", "n": 4, "nonexistent": None},
+    ]
+    assert store.find_records({"n": 1}, keys=("msg_id",)) == [{"msg_id": "m1"}]
+    # None or empty keys: whole records, as in ipyparallel
+    assert store.find_records({"n": 1}, keys=[]) == store.find_records({"n": 1})
+
+
+def test_history_sorted_by_submitted():
+    store = MemoryStore()
+    store.add_record("late", _rec("late", seconds=30))
+    store.add_record("unsubmitted", _rec("unsubmitted", submitted=None))
+    store.add_record("early", _rec("early", seconds=-30))
+    store.add_record("tie1", _rec("tie1", seconds=0))
+    store.add_record("tie2", _rec("tie2", seconds=0))
+    naive = (T0 + timedelta(seconds=10)).astimezone().replace(tzinfo=None)
+    store.add_record("naive", _rec("naive", submitted=naive))
+    assert store.get_history() == ["early", "tie1", "tie2", "naive", "late"]
+
+
+def test_drop_record():
+    store = MemoryStore()
+    store.add_record("a", _rec("a", buffers=[b"12345"]))
+    store.drop_record("a")
+    assert "a" not in store and len(store) == 0 and store.nbytes == 0
+    with pytest.raises(RecordNotFound):
+        store.get_record("a")
+
+
+def test_drop_matching_records():
+    store = MemoryStore()
+    for i in range(6):
+        store.add_record(f"m{i}", _rec(f"m{i}", seconds=i, completed=i < 4, buffers=[b"x" * i]))
+    dropped = store.drop_matching_records(
+        {"completed": {"$exists": True}, "msg_id": {"$glob": "m[0-2]"}}
+    )
+    assert dropped == 3
+    assert sorted(r["msg_id"] for r in store.find_records({})) == ["m3", "m4", "m5"]
+    assert store.nbytes == 3 + 4 + 5
+    assert store.drop_matching_records({"msg_id": "none"}) == 0
+
+
+def test_base_store_default_drop_matching():
+    class Minimal(MemoryStore):
+        drop_matching_records = BaseStore.drop_matching_records
+
+    store = Minimal()
+    store.add_record("a", _rec("a", n=1))
+    store.add_record("b", _rec("b", n=2))
+    assert store.drop_matching_records({"n": 1}) == 1
+    assert list(store.get_history()) == ["b"]
+
+
+# ---- eviction ------------------------------------------------------------------------
+
+
+def test_evicts_oldest_completed_by_count():
+    store = MemoryStore(record_limit=3)
+    store.add_record("p0", _rec("p0", 0))  # pending
+    store.add_record("c1", _rec("c1", 1, completed=True))
+    store.add_record("c2", _rec("c2", 2, completed=True))
+    store.add_record("c3", _rec("c3", 3, completed=True))
+    assert len(store) == 3
+    assert "p0" in store and "c1" not in store
+    store.add_record("p4", _rec("p4", 4))
+    assert sorted(store.get_history()) == ["c3", "p0", "p4"]
+
+
+def test_eviction_follows_completion_order():
+    store = MemoryStore(record_limit=2)
+    store.add_record("a", _rec("a", 0))
+    store.add_record("b", _rec("b", 1))
+    store.update_record("b", {"completed": T0})  # b completes before a
+    store.update_record("a", {"completed": T0})
+    store.add_record("c", _rec("c", 2))
+    assert "b" not in store and "a" in store and "c" in store
+
+
+def test_pending_records_are_never_evicted():
+    store = MemoryStore(record_limit=2, size_limit=10)
+    for i in range(5):
+        store.add_record(f"p{i}", _rec(f"p{i}", i, buffers=[b"x" * 8]))
+    assert len(store) == 5
+    assert store.nbytes == 40
+    # the first one to complete is over the limits at once, and goes
+    store.update_record("p2", {"completed": T0})
+    assert "p2" not in store and len(store) == 4
+
+
+def test_pending_again_is_not_evictable():
+    store = MemoryStore(record_limit=1)
+    store.add_record("a", _rec("a", 0))
+    store.update_record("a", {"completed": None, "engine_uuid": "e"})
+    store.add_record("b", _rec("b", 1))
+    assert "a" in store and "b" in store
+
+
+def test_evicts_by_bytes():
+    store = MemoryStore(size_limit=100)
+    store.add_record("a", _rec("a", 0, completed=True, buffers=[b"x" * 40]))
+    store.add_record("b", _rec("b", 1, buffers=[bytearray(30)]))
+    store.add_record("c", _rec("c", 2, completed=True, result_buffers=[memoryview(b"y" * 20)]))
+    assert store.nbytes == 90 and len(store) == 3
+    # result buffers arriving on update count too
+    store.update_record("b", {"result_buffers": [b"z" * 30], "completed": T0})
+    assert store.nbytes == 80
+    assert "a" not in store and "b" in store and "c" in store
+
+
+def test_bytes_counted_with_nbytes_not_len():
+    import array
+
+    store = MemoryStore()
+    store.add_record("a", _rec("a", buffers=[array.array("d", [1.0, 2.0])]))
+    assert store.nbytes == 16
+
+
+def test_update_replacing_buffers_adjusts_bytes():
+    store = MemoryStore()
+    store.add_record("a", _rec("a", buffers=[b"x" * 10]))
+    store.update_record("a", {"buffers": [b"x" * 3]})
+    assert store.nbytes == 3
+    store.update_record("a", {"buffers": None})
+    assert store.nbytes == 0
+
+
+def test_evicted_record_error_says_so():
+    store = MemoryStore(record_limit=1)
+    store.add_record("a", _rec("a", 0, completed=True))
+    store.add_record("b", _rec("b", 1, completed=True))
+    with pytest.raises(RecordNotFound, match="evicted.*record_limit=1"):
+        store.get_record("a")
+    # a re-added msg_id is no longer "evicted"
+    store.record_limit = 10
+    store.add_record("a", _rec("a", 2))
+    assert store.get_record("a")["msg_id"] == "a"
+
+
+def test_evicted_memory_is_bounded():
+    store = MemoryStore(record_limit=0)
+    store.evicted_memory = 5
+    for i in range(20):
+        store.add_record(f"m{i}", _rec(f"m{i}", i, completed=True))
+    assert len(store) == 0
+    assert len(store._evicted) == 5
+    assert "evicted" in str(pytest.raises(KeyError, store.get_record, "m19").value)
+    assert "no record" in str(pytest.raises(KeyError, store.get_record, "m0").value)
+
+
+def test_many_records_stay_bounded():
+    store = MemoryStore(record_limit=100)
+    for i in range(10_000):
+        store.add_record(f"m{i}", _rec(f"m{i}", i, completed=True))
+    assert len(store) == 100
+    assert store.get_history()[0] == "m9900"
+
+
+def test_negative_limits_rejected():
+    with pytest.raises(ValueError):
+        MemoryStore(record_limit=-1)
+    with pytest.raises(ValueError):
+        MemoryStore(size_limit=-1)
