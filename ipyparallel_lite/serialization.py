@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -124,16 +125,17 @@ class Reference:
 def bind_to_namespace(f: Any, namespace: dict) -> Any:
     """Make an interactively defined function see the engine's namespace as its globals.
 
-    Functions from ``__main__`` (a notebook or script) read and write the engine's
-    variables, as in IPython parallel; globals that cloudpickle captured on the client
-    fill in names the engine does not have yet.
+    Functions pickled by value (those of ``__main__``: a notebook or a script) read and
+    write the engine's variables, as in IPython parallel; globals that cloudpickle
+    captured on the client fill in names the engine does not have yet.
     """
     if isinstance(f, MapTask):
         return MapTask(bind_to_namespace(f.f, namespace))
-    if not isinstance(f, types.FunctionType) or f.__module__ != "__main__":
+    if not isinstance(f, types.FunctionType) or f.__globals__ is namespace:
         return f
-    if f.__globals__ is namespace:
-        return f
+    module = sys.modules.get(f.__module__)
+    if module is not None and module.__dict__ is f.__globals__:
+        return f  # imported by reference from a real module: its globals are right
     for name, value in f.__globals__.items():
         if not name.startswith("__"):
             namespace.setdefault(name, value)

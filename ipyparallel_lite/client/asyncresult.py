@@ -206,6 +206,9 @@ class AsyncResult(Future):
             return deserialize_object(buffers)
         if status == "aborted":
             return error.TaskAborted(f"Task {msg_id} was aborted before it ran.")
+        if not content.get("engine_info"):  # execute replies: ipykernel's content has none
+            info = msg["metadata"].get("engine_info") or {"engine_id": msg["metadata"].get("engine_id")}
+            content = {**content, "engine_info": {**info, "method": "execute"}}
         return error.unwrap_exception(content)
 
     def _execute_value(self, msg_id: str) -> Any:

@@ -159,7 +159,7 @@ class EngineKernel(IPythonKernel):
         )
 
     def _error_content(self, e: BaseException) -> dict:
-        content = wrap_exception(self.engine_info, exc=e)
+        content = wrap_exception({**self.engine_info, "method": "apply"}, exc=e)
         if isinstance(e, UnmetDependency):
             content["ename"] = "UnmetDependency"
         return content

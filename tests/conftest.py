@@ -1,0 +1,103 @@
+"""Shared fixtures: a private IPython dir, one session cluster, and a stray-process check.
+
+Every test runs against real processes on 127.0.0.1. The session cluster is shared by
+tests that leave engines intact; tests that kill or stop things start their own.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import psutil
+import pytest
+
+# before anything imports IPython: keep ~/.ipython untouched
+_IPYTHON_DIR = tempfile.mkdtemp(prefix="ipp-lite-tests-")
+os.environ["IPYTHONDIR"] = _IPYTHON_DIR
+
+import ipyparallel_lite as ipp  # noqa: E402
+
+OUR_MODULES = ("ipyparallel_lite.engine", "ipyparallel_lite.controller")
+
+
+def our_processes() -> list[psutil.Process]:
+    """Controller and engine processes started by this test session."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if any(m in cmdline for m in OUR_MODULES):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_processes():
+    """After the whole session, no controller or engine may be left running."""
+    yield
+    strays = [p for p in our_processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for proc in strays:
+        proc.kill()
+    assert not strays, f"processes left running after the tests: {[p.cmdline() for p in strays]}"
+
+
+@pytest.fixture(scope="session")
+def ipython_dir() -> str:
+    return _IPYTHON_DIR
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A 2-engine cluster shared by the session (tests must not kill its engines)."""
+    c = ipp.Cluster(n=2, cluster_id="session")
+    c.start_cluster_sync()
+    yield c
+    c.stop_cluster_sync()
+
+
+@pytest.fixture(scope="session")
+def rc(cluster):
+    client = cluster.connect_client_sync()
+    client.wait_for_engines(2, timeout=60)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def dv(rc):
+    view = rc[:]
+    view.block = True
+    return view
+
+
+@pytest.fixture
+def lview(rc):
+    return rc.load_balanced_view()
+
+
+@pytest.fixture
+def own_cluster():
+    """A fresh 2-engine cluster for a test that kills or stops things."""
+    clusters = []
+
+    def start(n: int = 2, **kwargs):
+        c = ipp.Cluster(n=n, **kwargs)
+        clusters.append(c)
+        return c, c.start_and_connect_sync()
+
+    yield start
+    for c in clusters:
+        c.stop_cluster_sync()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pickle_test_module_by_value(request):
+    """Engines cannot import test modules: send their functions by value."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(request.module)
+    yield
+    cloudpickle.unregister_pickle_by_value(request.module)

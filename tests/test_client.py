@@ -1,0 +1,296 @@
+"""The client API on a real 2-engine cluster: views, apply, map, data movement, errors."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import ipyparallel_lite as ipp
+
+
+def square(x):
+    return x * x
+
+
+def test_ids_and_view_indexing(rc):
+    assert rc.ids == [0, 1]
+    assert len(rc) == 2
+    assert rc[0].targets == 0
+    assert rc[-1].targets == 1
+    assert rc[:].targets == [0, 1]
+    assert rc[[1]].targets == [1]
+    assert rc[0:1].targets == [0]
+    with pytest.raises(ipp.EngineError, match="No engine with id 7"):
+        rc[7]
+    with pytest.raises(TypeError):
+        rc["x"]
+
+
+def test_apply_single_and_many(rc):
+    assert rc[0].apply_sync(square, 3) == 9
+    pids = rc[:].apply_sync(os.getpid)
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    ar = rc[:].apply_async(square, 4)
+    assert isinstance(ar, ipp.AsyncResult)
+    assert ar.get(timeout=10) == [16, 16]
+    assert ar.ready() and ar.successful() and ar.done()
+    assert ar.result() == [16, 16]
+    assert [md["engine_id"] for md in ar.metadata] == [0, 1]
+    assert ar.metadata[0].status == "ok"
+    assert ar.progress == 2 and len(ar) == 2
+    assert ar.elapsed > 0 and ar.wall_time >= 0 and ar.serial_time >= 0
+    assert ar.get_dict() == {0: 16, 1: 16}
+    assert rc[1].apply(square, 5).get() == 25  # block defaults to False
+
+
+def test_get_timeout_and_wait(rc):
+    ar = rc[0].apply_async(time.sleep, 0.5)
+    with pytest.raises(ipp.TimeoutError, match="not ready"):
+        ar.get(timeout=0.01)
+    assert not ar.wait(0.01)
+    assert ar.wait(10)
+    assert rc.wait([ar], timeout=5)
+
+
+def test_future_protocol(rc):
+    ar = rc[0].apply_async(square, 6)
+    seen = []
+    ar.add_done_callback(lambda f: seen.append(f.result()))
+    assert ar.result(timeout=10) == 36
+    deadline = time.monotonic() + 2
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == [36]
+
+
+def test_execute_and_output(dv):
+    ar = dv.execute("import os\nprint('hello', 40 + 2)\nx_exec = 11", block=False)
+    ar.get(timeout=10)
+    assert ar.stdout == ["hello 42\n", "hello 42\n"]
+    assert dv.pull("x_exec") == [11, 11]
+
+
+def test_apply_stdout_reaches_metadata(rc):
+    def talk():
+        print("from the engine")
+        return 1
+
+    ar = rc[0].apply_async(talk)
+    assert ar.get(timeout=10) == 1
+    deadline = time.monotonic() + 2
+    while not ar.stdout and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ar.stdout == "from the engine\n"
+
+
+def test_push_pull_getitem(dv):
+    dv.push({"a": 5, "b": "text"})
+    assert dv.pull("a") == [5, 5]
+    assert dv.pull(["a", "b"]) == [[5, "text"], [5, "text"]]
+    dv["c"] = [1, 2]
+    assert dv["c"] == [[1, 2], [1, 2]]
+    with pytest.raises(ipp.CompositeError, match="NameError"):
+        dv.pull("never_defined")
+
+
+def test_interactive_functions_see_engine_namespace(dv):
+    dv.push({"engine_value": 3})
+
+    def uses_global():
+        return engine_value * 2  # noqa: F821 - defined on the engines
+
+    assert dv.apply_sync(uses_global) == [6, 6]
+
+    def sets_global():
+        global set_remotely
+        set_remotely = "yes"
+
+    dv.apply_sync(sets_global)
+    assert dv.pull("set_remotely") == ["yes", "yes"]
+
+
+def test_reference(dv):
+    dv.push({"ref_target": 21})
+    assert dv.apply_sync(square, ipp.Reference("ref_target")) == [441, 441]
+
+
+def test_scatter_gather_lists_and_arrays(dv):
+    dv.scatter("part", list(range(10)))
+    assert dv.pull("part") == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert dv.gather("part") == list(range(10))
+    arr = np.arange(11.0)
+    dv.scatter("arr", arr)
+    gathered = dv.gather("arr")
+    assert isinstance(gathered, np.ndarray)
+    np.testing.assert_array_equal(gathered, arr)
+
+
+def test_direct_map(dv):
+    assert dv.map_sync(square, range(7)) == [x * x for x in range(7)]
+    ar = dv.map_async(lambda a, b: a + b, [1, 2, 3], [10, 20, 30])
+    assert list(ar) == [11, 22, 33]
+    assert len(ar) == 3
+
+
+def test_load_balanced_apply_and_map(lview):
+    assert lview.apply_sync(square, 9) == 81
+    ar = lview.map_async(square, range(100))
+    assert ar.get(timeout=30) == [x * x for x in range(100)]
+    assert len(ar) == 100
+    assert list(lview.map_async(square, range(20), chunksize=7)) == [x * x for x in range(20)]
+    unordered = lview.map_async(square, range(20), ordered=False)
+    assert sorted(unordered) == [x * x for x in range(20)]
+
+
+def test_load_balanced_spreads_work(rc, lview):
+    ars = [lview.apply_async(time.sleep, 0.05) for _ in range(8)]
+    rc.wait(ars, timeout=30)
+    assert {ar.metadata["engine_id"] for ar in ars} == {0, 1}
+
+
+def test_decorators(rc, dv):
+    @dv.remote(block=True)
+    def pid_and_arg(x):
+        import os
+
+        return os.getpid(), x
+
+    result = pid_and_arg(3)
+    assert len(result) == 2 and all(x == 3 for _, x in result)
+
+    @rc.load_balanced_view().parallel(block=True)
+    def double(x):
+        return 2 * x
+
+    assert double(range(5)) == [0, 2, 4, 6, 8]
+    assert double.map([1, 2]) == [2, 4]
+
+
+def test_sync_imports(dv):
+    with dv.sync_imports(quiet=True):
+        import json  # noqa: F401
+
+    assert dv.apply_sync(lambda: json.dumps([1])) == ["[1]", "[1]"]  # noqa: F821
+
+
+def test_run_file(dv, tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text("from_file = 7 * 6\n")
+    dv.run(str(script), block=True)
+    assert dv.pull("from_file") == [42, 42]
+
+
+def test_flags(lview, dv):
+    with pytest.raises(KeyError, match="Invalid flag"):
+        dv.set_flags(nonsense=1)
+    with lview.temp_flags(timeout=5, retries=1):
+        assert lview.timeout == 5 and lview.retries == 1
+    assert lview.timeout is None and lview.retries == 0
+    with pytest.raises(ValueError, match="timeout"):
+        lview.set_flags(timeout=-1)
+
+
+def test_queue_status(rc):
+    status = rc.queue_status()
+    assert set(status) >= {0, 1, "unassigned"}
+    assert status[0] == {"queue": 0, "tasks": 0}
+
+
+def test_numpy_100mb_push_pull(rc):
+    big = np.random.default_rng(0).random(100 * 1024 * 1024 // 8)
+    view = rc[0]
+    view.push({"big": big}, block=True)
+    back = view.pull("big", block=True)
+    assert back.dtype == big.dtype and back.shape == big.shape
+    np.testing.assert_array_equal(back, big)
+    back[0] = -1.0  # results are writable
+    assert view.apply_sync(lambda: float(big.sum())) == pytest.approx(float(big.sum()))  # noqa: F821
+
+
+def test_non_contiguous_and_structured_arrays(rc):
+    base = np.arange(200_000, dtype=np.int64).reshape(400, 500)
+    for arr in (base[:, ::3], base.T, base[::2, 1:], np.asfortranarray(base)):
+        np.testing.assert_array_equal(rc[0].apply_sync(lambda a: a, arr), arr)
+    rec = np.zeros(10, dtype=[("x", "f8"), ("y", "i4")])
+    rec["y"] = np.arange(10)
+    np.testing.assert_array_equal(rc[0].apply_sync(lambda a: a, rec), rec)
+
+
+def test_large_bytes_roundtrip(rc):
+    payload = os.urandom(5 * 1024 * 1024)
+    assert rc[0].apply_sync(lambda b: b, payload) == payload
+    assert rc[0].apply_sync(lambda b: bytes(b), memoryview(payload)) == payload
+
+
+def test_remote_error_has_traceback(rc):
+    def fails():
+        return 1 / 0
+
+    with pytest.raises(ipp.RemoteError) as info:
+        rc[0].apply_sync(fails)
+    err = info.value
+    assert err.ename == "ZeroDivisionError"
+    text = "\n".join(err.render_traceback())
+    assert "test_client.py" in text and "line" in text and "1 / 0" in text
+    assert "ipyparallel_lite/engine" not in text
+
+
+def test_composite_error_summary(dv):
+    with pytest.raises(ipp.CompositeError) as info:
+        dv.apply_sync(lambda: 1 / 0)
+    summary = str(info.value)
+    assert "2 engines raised ZeroDivisionError" in summary
+    assert len(info.value.elist) == 2
+
+
+def test_unpicklable_argument_fails_before_sending(rc):
+    before = len(rc.history)
+    with pytest.raises(TypeError, match="lock"):
+        rc[0].apply_async(lambda x: x, threading.Lock())
+    assert len(rc.history) == before
+
+
+def test_unpicklable_result_is_a_remote_error(rc):
+    with pytest.raises(ipp.RemoteError, match="could not be pickled"):
+        rc[0].apply_sync(lambda: __import__("threading").Lock())
+
+
+def test_clear_namespace(rc):
+    view = rc[1]
+    view.push({"to_clear": 1}, block=True)
+    rc.clear(targets=1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            view.pull("to_clear", block=True)
+        except ipp.RemoteError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("clear_request did not clear the namespace")
+
+
+def test_abort_queued_task(rc):
+    view = rc[0]
+    blocker = view.apply_async(time.sleep, 1.0)
+    queued = view.apply_async(square, 2)
+    queued.abort()
+    with pytest.raises(ipp.TaskAborted):
+        queued.get(timeout=10)
+    blocker.get(timeout=10)
+
+
+def test_abort_running_task_keeps_engine(rc):
+    view = rc[1]
+    t0 = time.monotonic()
+    ar = view.apply_async(time.sleep, 60)
+    time.sleep(0.3)
+    ar.abort()
+    with pytest.raises(ipp.TaskAborted):
+        ar.get(timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert view.apply_sync(square, 3) == 9
