@@ -316,12 +316,12 @@ class Client:
     def _build_targets(self, targets: Any) -> list[int]:
         """Engine ids from an int, a list, a slice, 'all' or None (all)."""
         ids = self.ids
+        if not ids:
+            raise error.NoEnginesRegistered(
+                "No engines are registered. Start some (cluster.start_engines_sync(n)) "
+                "or wait for them (rc.wait_for_engines(n))."
+            )
         if targets is None or (isinstance(targets, str) and targets == "all"):
-            if not ids:
-                raise error.NoEnginesRegistered(
-                    "No engines are registered. Start some (cluster.start_engines_sync(n)) "
-                    "or wait for them (rc.wait_for_engines(n))."
-                )
             return ids
         if isinstance(targets, int):
             if targets < 0:
