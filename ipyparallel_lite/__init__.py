@@ -51,3 +51,14 @@ __all__ = [
     "UnmetDependency",
     "__version__",
 ]
+
+
+def load_ipython_extension(ip: object) -> None:
+    """``%load_ext ipyparallel_lite``: register %px, %%px, %autopx, %pxresult and %pxconfig.
+
+    The magics run nowhere until a view is bound to them with ``rc.activate()``.
+    """
+    # imported here so that `import ipyparallel_lite` does not import the magics
+    from ipyparallel_lite.magics import load_ipython_extension as load
+
+    load(ip)

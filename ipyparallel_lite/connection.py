@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from hmac import compare_digest
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,39 @@ def make_session(key: str | bytes, *, username: str = "ipp-lite", **kwargs: Any)
     if not key:
         raise ValueError("refusing to create an unsigned session: the connection key is empty")
     return Session(key=key, signature_scheme="hmac-sha256", username=username, **kwargs)
+
+
+def unpack_message(session: Session, frames: list, content: bool = True) -> dict:
+    """Verify and unpack ``[signature, header, parent, metadata, content, *buffers]``.
+
+    The same checks as ``Session.deserialize`` (signature, replays), minus turning
+    header dates into datetimes, which costs more than the rest of a hop. Dates stay
+    ISO strings; buffers stay the frames they arrived as (zero-copy). Raises
+    ``ValueError`` for an unsigned, replayed or forged message.
+    """
+    if len(frames) < 5:
+        raise ValueError(f"malformed message: {len(frames)} frames, at least 5 needed")
+    raw = [f.bytes if hasattr(f, "bytes") else bytes(f) for f in frames[:5]]
+    if session.auth is not None:
+        signature = raw[0]
+        if not signature:
+            raise ValueError("Unsigned Message")
+        if signature in session.digest_history:
+            raise ValueError(f"Duplicate Signature: {signature!r}")
+        if not compare_digest(signature, session.sign(raw[1:5])):
+            raise ValueError(f"Invalid Signature: {signature!r}")
+        session._add_digest(signature)
+    unpack = session.unpack
+    header = unpack(raw[1])
+    return {
+        "header": header,
+        "msg_id": header.get("msg_id"),
+        "msg_type": header.get("msg_type"),
+        "parent_header": unpack(raw[2]),
+        "metadata": unpack(raw[3]),
+        "content": unpack(raw[4]) if content else raw[4],
+        "buffers": list(frames[5:]),
+    }
 
 
 def ipython_dir() -> Path:

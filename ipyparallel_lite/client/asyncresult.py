@@ -9,7 +9,6 @@ One Future per call, not one per message: the client's per-task cost stays small
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -91,6 +90,9 @@ class AsyncResult(Future):
     def _receive(self, msg_id: str, msg: dict) -> None:
         md = self.metadata_by_id[msg_id]
         md.update(msg["metadata"])
+        for key in ("started", "completed"):
+            if isinstance(md.get(key), str):
+                md[key] = _parse_date(md[key])
         md["received"] = datetime.now().astimezone()
         with self._lock:
             if msg_id in self._replies:
@@ -427,5 +429,8 @@ class AsyncMapResult(AsyncResult):
                 self._arrived.wait(1.0)
 
 
-def _is_interactive() -> bool:
-    return sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+def _parse_date(value: str) -> datetime | str:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value

@@ -29,6 +29,7 @@ from ipyparallel_lite.connection import (
     connection_file_path,
     load_connection_file,
     make_session,
+    unpack_message,
     url,
 )
 
@@ -206,7 +207,7 @@ class Client:
 
     def _deserialize(self, frames: list) -> dict:
         _, msg_frames = self.session.feed_identities(frames, copy=False)
-        return self.session.deserialize(msg_frames, content=True, copy=False)
+        return unpack_message(self.session, msg_frames)
 
     def _on_reply(self, frames: list) -> None:
         msg = self._deserialize(frames)
@@ -385,6 +386,17 @@ class Client:
         elif targets == "all":
             targets = None
         return LoadBalancedView(self, targets, **kwargs)
+
+    def activate(self, targets: Any = "all", suffix: str = "") -> Any:
+        """A blocking DirectView on ``targets``, bound to the magics ``%px{suffix}`` etc.
+
+        ``rc.activate()`` makes ``%px`` run on every engine and wait for it;
+        ``rc.activate(targets=0, suffix="0")`` adds ``%px0`` for engine 0 alone.
+        """
+        view = self.direct_view(targets)
+        view.block = True
+        view.activate(suffix)
+        return view
 
     # ---- waiting and control -----------------------------------------------------------
 

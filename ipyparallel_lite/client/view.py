@@ -273,6 +273,17 @@ class DirectView(View):
         client._submit("mux", messages, ar)
         return self._finish(ar, block)
 
+    def activate(self, suffix: str = "") -> None:
+        """Bind the magics ``%px{suffix}``, ``%%px{suffix}``, ``%autopx{suffix}``,
+        ``%pxresult{suffix}`` and ``%pxconfig{suffix}`` of the running IPython to this view.
+
+        A suffix keeps several views at hand, e.g. ``rc[::2].activate("_even")`` gives
+        ``%px_even``. Outside IPython it only warns.
+        """
+        from ipyparallel_lite.magics import activate_view
+
+        activate_view(self, suffix)
+
     @contextlib.contextmanager
     def sync_imports(self, local: bool = True, quiet: bool = False) -> Iterator[None]:
         """Imports inside the block happen here (if ``local``) and on the engines.

@@ -42,7 +42,9 @@ class ControllerApp(Application):
     hwm = Integer(1, help="Outstanding tasks allowed per engine (0: no limit).").tag(config=True)
     hb_period = Float(1.0, help="Heartbeat period in seconds.").tag(config=True)
     hb_max_misses = Integer(5, help="Missed heartbeats after which an engine is dead.").tag(config=True)
-    record_limit = Integer(100_000, help="Task records the Hub keeps in memory.").tag(config=True)
+    record_limit = Integer(
+        10_000, help="Task records the Hub keeps in memory (finished ones beyond it are dropped)."
+    ).tag(config=True)
     write_files = Bool(True, help="Write connection files (off when info travels otherwise).").tag(config=True)
 
     aliases = {
@@ -69,7 +71,8 @@ class ControllerApp(Application):
         hub = Hub(MemoryStore(record_limit=self.record_limit), hb_period=self.hb_period,
                   max_misses=self.hb_max_misses)
         scheduler = TaskScheduler(scheme=self.scheme, hwm=self.hwm)
-        controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log)
+        controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
+                                remember_finished=self.record_limit)
         controller.bind()
         files = self.connection_files()
         try:

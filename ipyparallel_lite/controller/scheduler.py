@@ -13,11 +13,10 @@ policy testable without sockets and cheap enough to sit on every task.
 
 Task life cycle::
 
-    submit ──> WAITING ──(dependencies met)──> QUEUED ──(engine with room)──> RUNNING
-                  │                              │                              │
-                  └──── Fail (impossible, timeout, abort) ─────┘     task_done / engine death
-                                                                   (may go back to QUEUED
-                                                                    for retries / unmet)
+    submit -> WAITING -(dependencies met)-> QUEUED -(engine with room)-> RUNNING -> done
+    WAITING, QUEUED -(impossible, timeout, abort)-> Fail
+    RUNNING -(failure with retries, unmet dependency, engine death with retries)-> QUEUED
+    RUNNING -(timeout, abort)-> Interrupt; done when the engine replies (no retries)
 
 Data structures are chosen so that each event costs O(1) amortized in the common case
 (no dependencies, no targets): unconstrained runnable tasks sit in one FIFO deque,

@@ -19,6 +19,7 @@ Engines answer with the identities they were given, so ``tag`` (``m`` mux, ``t``
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import zmq
 from jupyter_client.session import Session
 from zmq.devices import ThreadDevice
 
+from ipyparallel_lite.connection import unpack_message
 from ipyparallel_lite.controller.hub import Hub, RegistrationError, utcnow
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
 
@@ -117,6 +119,7 @@ class Controller:
         ip: str = "127.0.0.1",
         log: logging.Logger | None = None,
         disconnect_grace: float = 1.0,
+        remember_finished: int = 10_000,
     ):
         self.session = session
         self.hub = hub or Hub()
@@ -124,6 +127,9 @@ class Controller:
         self.ip = ip
         self.log = log or logging.getLogger("ipyparallel_lite.controller")
         self.disconnect_grace = disconnect_grace
+        #: finished tasks that later tasks may still name as dependencies
+        self.remember_finished = remember_finished
+        self._finished: collections.deque[str] = collections.deque()
         self.context = zmq.Context()
         self.sockets: dict[str, zmq.Socket] = {}
         self.ports: dict[str, int] = {}
@@ -254,7 +260,7 @@ class Controller:
             self.log.warning("dropped a truncated message (%d frames after the delimiter)", len(rest))
             return None
         try:
-            msg = self.session.deserialize(rest[1:], content=content, copy=False)
+            msg = unpack_message(self.session, rest[1:], content=content)
         except Exception as e:
             self.log.warning("dropped a message that failed verification: %s", e)
             return None
@@ -421,6 +427,9 @@ class Controller:
                 pending.engine_id = None
                 self._apply(actions)
                 return
+            if any(isinstance(a, Fail) and a.msg_id == parent_id for a in actions):
+                self._apply(actions)  # the scheduler's verdict replaces the engine's reply
+                return
             self._apply(actions)
         elif tag == MUX:
             engine = self.hub.by_uuid(engine_ident.decode())
@@ -428,6 +437,7 @@ class Controller:
                 parent_id, engine.id if engine else -1, md.get("status") == "ok"
             ))
         self.pending.pop(parent_id, None)
+        self._forget_later(parent_id)
         self.hub.finished(parent_id, msg["header"], md, rest[5], rest[6:])
         sock = self.mux if tag == MUX else self.task
         if not self._send(sock, [client, *rest]):
@@ -609,11 +619,19 @@ class Controller:
         self._deadline = None
         self._apply(self.scheduler.tick(self.loop.time()))
 
+    def _forget_later(self, msg_id: str) -> None:
+        """Keep the scheduler's memory of finished tasks as long as the Hub keeps records."""
+        finished = self._finished
+        finished.append(msg_id)
+        if len(finished) > self.remember_finished:
+            self.scheduler.forget([finished.popleft() for _ in range(len(finished) // 10)])
+
     def _fail(self, msg_id: str, ename: str, evalue: str, engine_id: int | None = None) -> None:
         """Answer a request with an error the client raises as ``ename``."""
         pending = self.pending.pop(msg_id, None)
         if pending is None:
             return
+        self._forget_later(msg_id)
         eid = engine_id if engine_id is not None else pending.engine_id
         content = _error_content(ename, evalue)
         content["engine_info"] = {"engine_id": eid if eid is not None else -1}

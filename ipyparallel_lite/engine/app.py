@@ -171,6 +171,7 @@ class EngineApp(IPKernelApp):
         kernel = self.kernel
         kernel.ident = self.ident
         kernel.engine_id = self.eid
+        kernel.int_id = self.eid  # ipykernel puts int_id in execute errors' engine_info
         kernel.engine_info = {"engine_id": self.eid, "engine_uuid": self.ident, **engine_info()}
         topic = f"engine.{self.eid}."
         for stream in (sys.stdout, sys.stderr):

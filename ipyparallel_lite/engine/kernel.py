@@ -21,6 +21,7 @@ from typing import Any
 from ipykernel.ipkernel import IPythonKernel
 from traitlets import Dict, Integer
 
+from ipyparallel_lite.connection import unpack_message
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
 from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpack_apply_message
 
@@ -90,7 +91,7 @@ class EngineKernel(IPythonKernel):
             await super().dispatch_shell(msg, subshell_id, **kwargs)
             return
         try:
-            parsed = self.session.deserialize(frames, content=True, copy=False)
+            parsed = unpack_message(self.session, frames)
         except Exception:
             self.log.error("Invalid apply_request", exc_info=True)
             return
@@ -108,6 +109,8 @@ class EngineKernel(IPythonKernel):
         aborted = msg_id in self._aborted
         if not aborted and self._abort_before is not None:
             date = msg["header"].get("date")
+            if isinstance(date, str):  # the lean apply path leaves dates as ISO strings
+                date = datetime.fromisoformat(date.replace("Z", "+00:00"))
             aborted = isinstance(date, datetime) and date <= self._abort_before
         if aborted:
             self._aborted.discard(msg_id)
@@ -149,11 +152,13 @@ class EngineKernel(IPythonKernel):
         finally:
             with self._state_lock:
                 self._running = None
-        if sys.stdout is not None:
-            sys.stdout.flush()
-        if sys.stderr is not None:
-            sys.stderr.flush()
+        for out in (sys.stdout, sys.stderr):
+            # an ipykernel flush waits on the iopub thread: only pay for it after output
+            if out is not None and getattr(out, "_flush_pending", True):
+                out.flush()
         md = self.finish_metadata(parent, md, content)
+        # through the stream, not its raw socket: a send behind the stream's back can eat
+        # the edge-triggered "readable" event of the next request, which then waits forever
         self.session.send(
             stream, "apply_reply", content, parent=parent, ident=ident, buffers=result_frames, metadata=md
         )

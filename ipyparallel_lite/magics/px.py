@@ -1,0 +1,745 @@
+"""The parallel magics: ``%px``, ``%%px``, ``%autopx``, ``%pxresult`` and ``%pxconfig``.
+
+A :class:`ParallelMagics` instance binds the magics to one DirectView. ``rc.activate()``
+(or ``view.activate(suffix)``) creates it; ``%load_ext ipyparallel_lite`` registers an
+instance with no view yet, whose magics say how to connect one.
+
+Output of a blocking ``%px`` is shown while the engines produce it: the client's I/O
+thread only *notes* that an iopub message arrived (``AsyncResult._output_listener``),
+and the user's thread, waiting in the magic, renders what is new in the result's
+metadata. Rendering from the metadata (append-only text and lists) instead of from the
+messages makes it exactly-once even for output that arrived before the listener was
+set, and keeps printing on the thread IPython and ipykernel expect it on.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import queue
+import re
+import signal
+import sys
+import time
+import traceback
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from IPython.core import magic_arguments
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, magics_class, no_var_expand
+from IPython.display import publish_display_data
+
+from ipyparallel_lite import error
+from ipyparallel_lite.client.progress import Progress
+
+NO_VIEW = (
+    "No active view for the parallel magics. Connect to a cluster first, e.g.\n"
+    "    rc = ipp.Client()  # or: rc = ipp.Cluster(n=4).start_and_connect_sync()\n"
+    "    rc.activate()"
+)
+NO_LAST_RESULT = "%pxresult shows the last %px result, and there is none yet: run %px first."
+
+#: seconds the magic keeps showing output after interrupting the engines
+INTERRUPT_GRACE = 3.0
+#: how often a waiting magic looks at Ctrl-C and its progress line, in seconds
+_POLL = 0.1
+#: what the done-callback puts in the event queue to wake the waiting thread
+_DONE = object()
+#: iopub messages that are shown as outputs (errors are raised at the end instead)
+_SHOWN_OUTPUTS = ("display_data", "execute_result")
+
+
+# ---- options -----------------------------------------------------------------------------
+
+
+def _apply(decorators: list[Callable], f: Callable) -> Callable:
+    """Apply ``decorators`` so that the options appear in the help in list order."""
+    for deco in reversed(decorators):
+        f = deco(f)
+    return f
+
+
+def _exec_options(f: Callable) -> Callable:
+    """Options that say where and how a cell runs (``%px``, ``%%px``, ``%pxconfig``)."""
+    arg = magic_arguments.argument
+    return _apply([
+        arg("-t", "--targets", type=str, default=None,
+            help="engines to run on: an id (0), a list (0,2 or [0, 2]), a slice (::2) or all"),
+        arg("-b", "--block", action="store_const", const=True, dest="block", default=None,
+            help="wait for the engines and show their output (the default of rc.activate())"),
+        arg("-a", "--noblock", action="store_const", const=False, dest="block",
+            help="return an AsyncResult at once; %%pxresult shows the output later"),
+        arg("--stream", action="store_const", const=True, dest="stream", default=None,
+            help="show output as it arrives (the default, when blocking)"),
+        arg("--no-stream", action="store_const", const=False, dest="stream",
+            help="show output only once every engine is done, grouped"),
+        arg("--verbose", action="store_const", const=True, dest="verbose", default=None,
+            help="say which engines each execution runs on"),
+        arg("--no-verbose", action="store_const", const=False, dest="verbose",
+            help="don't say which engines each execution runs on"),
+        arg("--progress-after", type=float, default=None, metavar="SECONDS",
+            help="show a progress line after this many seconds of waiting (-1: never; default 2)"),
+        arg("--signal-on-interrupt", type=str, default=None, metavar="SIG",
+            help="signal sent to the engines on Ctrl-C (default SIGINT; 0: none, keep them running)"),
+    ], f)
+
+
+def _output_options(f: Callable) -> Callable:
+    """Options that say how output is shown and kept (``%px``, ``%%px``, ``%pxresult``)."""
+    arg = magic_arguments.argument
+    return _apply([
+        arg("-o", "--out", dest="save_name", type=str, default=None, metavar="NAME",
+            help="also store the AsyncResult in the user namespace as NAME"),
+        arg("--group-outputs", dest="groupby", type=str, default=None,
+            choices=["type", "engine", "order"],
+            help="how output not streamed is grouped: all stdout then all stderr then displays "
+                 "(type), everything of one engine together (engine), or displays collated (order)"),
+        arg("-r", dest="groupby", action="store_const", const="order", help="same as --group-outputs=order"),
+        arg("-e", dest="groupby", action="store_const", const="engine", help="same as --group-outputs=engine"),
+    ], f)
+
+
+def _local_option(f: Callable) -> Callable:
+    return magic_arguments.argument(
+        "--local", action="store_true", default=False,
+        help="also run the cell here, in this namespace, after sending it to the engines",
+    )(f)
+
+
+def _parse(parser: Any, argv: list[str] | str) -> Any:
+    """Parsed options; a bad flag raises a UsageError that shows the usage line."""
+    try:
+        if isinstance(argv, str):
+            return parser.parse_argstring(argv)
+        return parser.parse_args(argv)
+    except UsageError as e:
+        raise UsageError(f"{e}\n{parser.format_usage().strip()}") from None
+
+
+#: flags of %px (line form) that take a value, for splitting flags from code
+_VALUED_FLAGS = {"-t", "--targets", "-o", "--out", "--group-outputs", "--progress-after",
+                 "--signal-on-interrupt"}
+_SWITCHES = {"-b", "-a", "-r", "-e"}
+_TOKEN = re.compile(r"\s*(\S+)")
+
+
+def split_line_flags(line: str) -> tuple[list[str], str]:
+    """``"-t 0 --no-stream print(1)"`` -> ``(["-t", "0", "--no-stream"], "print(1)")``.
+
+    Flags lead the line. A token is a flag when it starts with ``--`` and a letter (an
+    unknown one is then reported by the parser) or is one of the short flags; ``--``
+    alone ends the flags, for code that itself starts with a dash.
+    """
+    argv: list[str] = []
+    pos = 0
+    while True:
+        m = _TOKEN.match(line, pos)
+        if m is None:
+            break
+        token = m.group(1)
+        if token == "--":
+            pos = m.end()
+            break
+        name = token.split("=", 1)[0]
+        is_flag = (re.match(r"--[A-Za-z]", token) is not None or token in _SWITCHES
+                   or name in _VALUED_FLAGS or re.fullmatch(r"-[to]\S+", token) is not None)
+        if not is_flag:
+            break
+        argv.append(token)
+        pos = m.end()
+        if name in _VALUED_FLAGS and "=" not in token:
+            value = _TOKEN.match(line, pos)
+            if value is not None:
+                argv.append(value.group(1))
+                pos = value.end()
+    return argv, line[pos:].strip()
+
+
+def parse_targets(text: str, client: Any) -> Any:
+    """Engine targets from ``-t`` text: ``all``, ``0``, ``-1``, ``0,2``, ``[0, 2]``, ``::2``.
+
+    Returns what a view takes as targets (``"all"``, an int, or a list of ints); engines
+    that are not registered raise a UsageError naming the registered ones.
+    """
+    text = text.strip().strip("'\"")
+    if text == "all":
+        return "all"
+    if ":" in text and not text.startswith(("[", "(")):
+        try:
+            bounds = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(bounds) > 3:
+                raise ValueError(text)
+            return client.ids[slice(*bounds)]
+        except ValueError:
+            raise UsageError(f"bad targets {text!r}: a slice looks like 1: or ::2") from None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise UsageError(
+            f"bad targets {text!r}: use an engine id, a list of ids (0,2), a slice (::2) or all"
+        ) from None
+    if isinstance(value, tuple | list | range):
+        value = list(value)
+    check_targets(client, value)
+    return value
+
+
+def check_targets(client: Any, targets: Any) -> list[int]:
+    """The engine ids of ``targets``; a UsageError when some are not registered."""
+    try:
+        return client._build_targets(targets)
+    except (error.KernelError, TypeError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
+
+
+def parse_signal(text: str) -> int:
+    """A signal number from ``SIGINT``, ``INT``, ``2`` or ``0`` (0: send none)."""
+    text = text.strip()
+    try:
+        if text.lstrip("-").isdigit():
+            number = int(text)
+            return 0 if number == 0 else signal.Signals(number)
+        name = text.upper()
+        return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    except (ValueError, KeyError):
+        raise UsageError(
+            f"unknown signal {text!r}: use a name (SIGINT, SIGTERM, SIGKILL), a number, or 0 for none"
+        ) from None
+
+
+# ---- errors shown without our traceback ----------------------------------------------------
+
+
+class ParallelMagicError(Exception):
+    """An error of a %px cell shown as its own lines, without a (local) traceback."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows these lines instead of a traceback of the magic's internals
+        return self.lines
+
+
+class CellSyntaxError(ParallelMagicError):
+    """The cell does not parse: it was not sent to the engines."""
+
+    def __init__(self, err: SyntaxError):
+        text = "".join(traceback.format_exception_only(type(err), err))
+        super().__init__(text.rstrip("\n").split("\n"))
+        self.syntax_error = err
+
+
+_transformer_manager: Any = None
+
+
+def check_syntax(code: str) -> None:
+    """Raise CellSyntaxError if ``code``, an IPython cell, is not valid syntax.
+
+    The cell is transformed as IPython would (magics, ``!shell``, ``?``) and parsed
+    with top-level ``await`` allowed, so only real syntax errors are caught. Anything
+    else unusual is left for the engines to report.
+    """
+    global _transformer_manager
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    if _transformer_manager is None:
+        # a manager of our own: the shell's may hold the %autopx transformer
+        _transformer_manager = TransformerManager()
+    flags = ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    try:
+        source = _transformer_manager.transform_cell(code)
+        compile(source, "<%px cell>", "exec", flags=flags, dont_inherit=True)
+    except SyntaxError as e:
+        raise CellSyntaxError(e) from None
+    except Exception:  # e.g. NUL bytes: the engines will say what is wrong
+        return
+
+
+def raise_remote_errors(ar: Any) -> None:
+    """Raise the errors of a finished request in a form IPython shows compactly.
+
+    Remote errors render themselves (a CompositeError: a summary plus the first
+    traceback); other failures (e.g. an aborted request) become one line.
+    """
+    try:
+        ar.get()
+    except error.RemoteError:
+        raise
+    except (error.KernelError, error.TimeoutError) as e:
+        raise ParallelMagicError([f"{type(e).__name__}: {e}"]) from None
+
+
+# ---- showing output ------------------------------------------------------------------------
+
+
+class OutputRenderer:
+    """Shows what the engines of one request printed and displayed, each piece once.
+
+    ``on_event`` shows what is new after an iopub message (streaming); ``show_rest``
+    shows everything not shown yet, grouped by ``type``, ``engine`` or ``order``.
+    Engine stdout/stderr is prefixed ``[stdout:N]``/``[stderr:N]``, displays follow an
+    ``[output:N]`` line, and results read ``Out[N:count]``.
+    """
+
+    def __init__(self, ar: Any):
+        self._ar = ar
+        self._mds = dict(zip(ar.msg_ids, ar._metadata_list()))
+        self._shown = {m: {"stdout": 0, "stderr": 0, "outputs": 0} for m in ar.msg_ids}
+        self._prefix: dict[str, str | None] = {"stdout": None, "stderr": None}
+        self._line_start = {"stdout": True, "stderr": True}
+        self._output_engine: Any = None
+
+    # ---- streaming ----
+
+    def on_event(self, msg_id: str, msg: dict) -> None:
+        """Show what is new for ``msg_id`` after iopub message ``msg`` arrived."""
+        if msg_id not in self._mds:
+            return
+        kind = msg["header"]["msg_type"]
+        if kind == "stream":
+            name = msg["content"].get("name")
+            if name in self._prefix:
+                self._stream(msg_id, name)
+        elif kind == "display_data":
+            # results wait for show_rest, to be listed in engine order at the end
+            for out in self._take_outputs(msg_id, "display_data"):
+                self._show_output(msg_id, out)
+        elif kind == "update_display_data":
+            content = msg["content"]
+            publish_display_data(content.get("data", {}), metadata=content.get("metadata", {}),
+                                 transient=content.get("transient", {}), update=True)
+
+    # ---- all at once ----
+
+    def show_rest(self, groupby: str = "type") -> None:
+        """Show everything not shown yet, grouped by ``type``, ``engine`` or ``order``."""
+        ids = self._ar.msg_ids
+        if groupby == "engine":
+            for m in ids:
+                self._stream(m, "stdout")
+                self._stream(m, "stderr")
+                for out in self._take_outputs(m):
+                    self._show_output(m, out)
+            return
+        for name in ("stdout", "stderr"):
+            for m in ids:
+                self._stream(m, name)
+        pending = {m: self._take_outputs(m) for m in ids}
+        displays = {m: [o for o in outs if o["header"]["msg_type"] == "display_data"]
+                    for m, outs in pending.items()}
+        if groupby == "order":
+            # the first display of every engine, then the second of every engine...
+            for i in range(max((len(d) for d in displays.values()), default=0)):
+                for m in ids:
+                    if i < len(displays[m]):
+                        self._show_output(m, displays[m][i])
+        else:
+            for m in ids:
+                for out in displays[m]:
+                    self._show_output(m, out)
+        for m in ids:
+            for out in pending[m]:
+                if out["header"]["msg_type"] == "execute_result":
+                    self._show_output(m, out)
+
+    # ---- pieces ----
+
+    def _stream(self, msg_id: str, name: str) -> None:
+        md, shown = self._mds[msg_id], self._shown[msg_id]
+        text = (md.get(name) or "")[shown[name]:]
+        if not text:
+            return
+        shown[name] += len(text)
+        prefix = f"[{name}:{md['engine_id']}] "
+        head = ""
+        if prefix != self._prefix[name]:
+            # a new source: start a line of its own, headed by the prefix
+            head = ("" if self._line_start[name] else "\n") + prefix
+            self._prefix[name] = prefix
+        self._line_start[name] = text.endswith("\n")
+        out = sys.stdout if name == "stdout" else sys.stderr
+        out.write(head + text)
+        out.flush()
+
+    def _take_outputs(self, msg_id: str, kind: str | None = None) -> list[dict]:
+        """Outputs of ``msg_id`` not shown yet (only up to the first that is not ``kind``)."""
+        outputs = self._mds[msg_id]["outputs"]
+        shown = self._shown[msg_id]
+        taken = []
+        for out in outputs[shown["outputs"]:]:
+            msg_type = out["header"]["msg_type"]
+            if kind is not None and msg_type in _SHOWN_OUTPUTS and msg_type != kind:
+                break
+            shown["outputs"] += 1
+            if msg_type in _SHOWN_OUTPUTS:
+                taken.append(out)
+        return taken
+
+    def _show_output(self, msg_id: str, msg: dict) -> None:
+        eid = self._mds[msg_id]["engine_id"]
+        content = msg["content"]
+        # finish pending stream lines, so that a display never lands mid-line
+        for name, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+            if not self._line_start[name]:
+                out.write("\n")
+                self._line_start[name] = True
+            out.flush()
+        self._prefix = {"stdout": None, "stderr": None}
+        metadata = {**(content.get("metadata") or {}), "engine": eid}
+        data = dict(content.get("data") or {})
+        if msg["header"]["msg_type"] == "execute_result":
+            text = data.get("text/plain", "")
+            prompt = f"Out[{eid}:{content.get('execution_count', '?')}]: "
+            data["text/plain"] = prompt + ("\n" if "\n" in text else "") + text
+            publish_display_data(data, metadata=metadata)
+            self._output_engine = None
+            return
+        if self._output_engine != eid:
+            print(f"[output:{eid}]", flush=True)
+            self._output_engine = eid
+        kwargs = {"transient": content["transient"]} if content.get("transient") else {}
+        publish_display_data(data, metadata=metadata, **kwargs)
+
+
+# ---- %autopx -----------------------------------------------------------------------------
+
+
+class AutoPxTransformer:
+    """An input transformer sending every cell to ``%%px`` (except the toggle itself).
+
+    ``has_side_effects`` keeps IPython from using it to decide whether typed input is
+    complete: that must still be judged on the Python code as typed.
+    """
+
+    has_side_effects = True
+
+    def __init__(self, px_name: str, toggle_name: str):
+        self.px_name = px_name
+        self._toggle = re.compile(rf"\s*%{re.escape(toggle_name)}\s*$")
+
+    def __call__(self, lines: list[str]) -> list[str]:
+        cell = "".join(lines)
+        first = cell.lstrip("\n").split("\n", 1)[0]
+        if not cell.strip() or self._toggle.match(first):
+            return lines
+        return [f"get_ipython().run_cell_magic({self.px_name!r}, '', {cell!r})\n"]
+
+
+# ---- the magics ----------------------------------------------------------------------------
+
+
+@magics_class
+class ParallelMagics(Magics):
+    """``%px``, ``%%px``, ``%autopx``, ``%pxresult``, ``%pxconfig`` (each + ``suffix``) on a view.
+
+    ``view`` may be None (after ``%load_ext`` alone): every magic then raises a
+    UsageError saying how to connect. Settings made with ``%pxconfig`` stay with the
+    instance when a new view is bound to it.
+    """
+
+    def __init__(self, shell: Any, view: Any = None, suffix: str = ""):
+        super().__init__(shell=shell)
+        self.view = view
+        self.suffix = suffix
+        self.last_result: Any = None
+        self.verbose = False
+        self.stream = True
+        self.progress_after = 2.0
+        self.signal_on_interrupt: int = signal.SIGINT
+        self.groupby = "type"
+        self._autopx: AutoPxTransformer | None = None
+        self.magics["line"].update({
+            f"px{suffix}": self.px,
+            f"autopx{suffix}": self.autopx,
+            f"pxresult{suffix}": self.pxresult,
+            f"pxconfig{suffix}": self.pxconfig,
+        })
+        if not suffix:
+            self.magics["line"]["result"] = self.pxresult  # IPython parallel's old name
+        self.magics["cell"][f"px{suffix}"] = self.cell_px
+
+    # ---- the magics themselves ----
+
+    @no_var_expand
+    @magic_arguments.magic_arguments(name="px")
+    @_local_option
+    @_output_options
+    @_exec_options
+    def px(self, line: str = "") -> Any:
+        """Run one line of code on the engines: ``%px [options] CODE``.
+
+        Options come first (``%px -t 0 print(1)``); put ``--`` before code that itself
+        starts with a dash. Blocking (the default after ``rc.activate()``), it shows the
+        engines' output as it arrives and raises their errors; with ``-a`` it returns an
+        AsyncResult at once.
+        """
+        argv, code = split_line_flags(line)
+        args = _parse(self.px.parser, argv)
+        if not code:
+            raise UsageError(f"%px{self.suffix} needs code to run, e.g. %px{self.suffix} import os")
+        return self._execute(code, args)
+
+    @magic_arguments.magic_arguments(name="px")
+    @_local_option
+    @_output_options
+    @_exec_options
+    def cell_px(self, line: str = "", cell: str | None = None) -> Any:
+        """Run the cell on the engines: ``%%px [options]``.
+
+        Blocking (the default after ``rc.activate()``), it shows the engines' output as
+        it arrives and raises their errors; with ``-a`` it returns an AsyncResult at
+        once. ``--local`` also runs the cell here.
+        """
+        args = _parse(self.cell_px.parser, line)
+        return self._execute(cell or "", args)
+
+    @magic_arguments.magic_arguments(name="pxconfig")
+    @_exec_options
+    def pxconfig(self, line: str = "") -> None:
+        """Set the defaults of this view's magics; with no option, print them."""
+        args = _parse(self.pxconfig.parser, line)
+        changed = [v for k, v in vars(args).items() if v is not None]
+        if not changed:
+            print(self._describe_config())
+            return
+        if args.targets is not None or args.block is not None:
+            view = self._active_view()
+            if args.targets is not None:
+                view.targets = parse_targets(args.targets, view.client)
+            if args.block is not None:
+                view.block = args.block
+        if args.verbose is not None:
+            self.verbose = args.verbose
+        if args.stream is not None:
+            self.stream = args.stream
+        if args.progress_after is not None:
+            self.progress_after = args.progress_after
+        if args.signal_on_interrupt is not None:
+            self.signal_on_interrupt = parse_signal(args.signal_on_interrupt)
+
+    @magic_arguments.magic_arguments(name="pxresult")
+    @_output_options
+    def pxresult(self, line: str = "") -> None:
+        """Show the output of the last ``%px`` (waiting for it) and raise its errors."""
+        args = _parse(self.pxresult.parser, line)
+        ar = self.last_result
+        if ar is None:
+            raise UsageError(NO_LAST_RESULT)
+        if args.save_name:
+            self.shell.user_ns[args.save_name] = ar
+            return
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        ar.add_done_callback(lambda _: events.put(_DONE))
+        try:
+            self._wait(ar, events, None, self.progress_after)
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt: stopped waiting; the engines keep running.", file=sys.stderr)
+            return
+        OutputRenderer(ar).show_rest(args.groupby or self.groupby)
+        raise_remote_errors(ar)
+
+    def autopx(self, line: str = "") -> None:
+        """Toggle auto-parallel mode: every cell then runs on the engines, as with %%px.
+
+        Type ``%autopx`` again (alone in a cell) to come back.
+        """
+        if self._autopx is not None:
+            self._disable_autopx()
+            print(f"%autopx{self.suffix} disabled")
+            return
+        self._active_view()
+        self._autopx = AutoPxTransformer(f"px{self.suffix}", f"autopx{self.suffix}")
+        self.shell.input_transformers_cleanup.append(self._autopx)
+        print(f"%autopx{self.suffix} enabled: cells run on the engines; %autopx{self.suffix} again to stop")
+
+    def _disable_autopx(self) -> None:
+        transforms = self.shell.input_transformers_cleanup
+        if self._autopx in transforms:
+            transforms.remove(self._autopx)
+        self._autopx = None
+
+    # ---- running a cell ----
+
+    def _active_view(self) -> Any:
+        if self.view is None:
+            raise UsageError(NO_VIEW)
+        if getattr(self.view.client, "_closed", False):
+            raise UsageError(
+                "The client of the active view is closed (its cluster stopped?). "
+                "Connect again and call rc.activate()."
+            )
+        return self.view
+
+    def _describe_config(self) -> str:
+        view = self.view
+        where = "no active view" if view is None else f"targets={view.targets!r}, block={view.block}"
+        sig = self.signal_on_interrupt
+        return (f"%px{self.suffix}: {where}, stream={self.stream}, verbose={self.verbose}, "
+                f"progress_after={self.progress_after}, "
+                f"signal_on_interrupt={signal.Signals(sig).name if sig else 0}")
+
+    def _execute(self, code: str, args: Any) -> Any:
+        """Send ``code`` to the engines as ``args`` say; the AsyncResult if not blocking."""
+        view = self._active_view()
+        targets = view.targets if args.targets is None else parse_targets(args.targets, view.client)
+        ids = check_targets(view.client, targets)
+        sig = self.signal_on_interrupt if args.signal_on_interrupt is None else parse_signal(
+            args.signal_on_interrupt)
+        block = view.block if args.block is None else args.block
+        stream = self.stream if args.stream is None else args.stream
+        check_syntax(code)
+        if self.verbose if args.verbose is None else args.verbose:
+            print(f"{'Parallel' if block else 'Async parallel'} execution on engine(s): "
+                  f"{'all' if targets == 'all' else ids}")
+        ar = self._submit(view, code, targets)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        renderer = OutputRenderer(ar)
+        if block:
+            if stream:
+                ar._output_listener = lambda msg_id, msg: events.put((msg_id, msg))
+            ar.add_done_callback(lambda _: events.put(_DONE))
+        self.last_result = ar
+        if args.save_name:
+            self.shell.user_ns[args.save_name] = ar
+        if args.local:
+            self._run_local(code)
+        if not block:
+            return ar
+        self._wait_and_show(ar, events, renderer, stream=stream,
+                            groupby=args.groupby or self.groupby,
+                            progress_after=self.progress_after if args.progress_after is None
+                            else args.progress_after, sig=sig)
+        return None
+
+    def _submit(self, view: Any, code: str, targets: Any) -> Any:
+        try:
+            ar = view.execute(code, silent=False, targets=targets, block=False)
+        except (error.KernelError, RuntimeError, TypeError) as e:
+            raise UsageError(str(e)) from None
+        ar._fname = "%px"  # names the request in error summaries
+        return ar
+
+    def _run_local(self, code: str) -> None:
+        """Run ``code`` in this shell too, not re-sent to the engines by %autopx."""
+        ours = [t for t in self.shell.input_transformers_cleanup if isinstance(t, AutoPxTransformer)]
+        for t in ours:
+            self.shell.input_transformers_cleanup.remove(t)
+        try:
+            self.shell.run_cell(code, store_history=False)
+        finally:
+            self.shell.input_transformers_cleanup.extend(ours)
+
+    def _wait_and_show(self, ar: Any, events: queue.SimpleQueue, renderer: OutputRenderer, *,
+                       stream: bool, groupby: str, progress_after: float, sig: int) -> None:
+        live = renderer if stream else None
+        try:
+            self._wait(ar, events, live, progress_after)
+        except KeyboardInterrupt:
+            self._interrupted(ar, events, live, sig)
+            renderer.show_rest(groupby)
+            return
+        finally:
+            ar._output_listener = None
+        renderer.show_rest(groupby)
+        raise_remote_errors(ar)
+
+    def _wait(self, ar: Any, events: queue.SimpleQueue, renderer: OutputRenderer | None,
+              progress_after: float | None, timeout: float | None = None) -> bool:
+        """Wait for ``ar``, showing streamed output and, after a while, progress.
+
+        True if ``ar`` finished, False if ``timeout`` seconds passed first.
+        """
+        start = time.monotonic()
+        with contextlib.ExitStack() as stack:
+            bar: Progress | None = None
+            while not ar.done():
+                now = time.monotonic()
+                if timeout is not None and now - start >= timeout:
+                    return False
+                if bar is None and progress_after is not None and 0 <= progress_after <= now - start:
+                    bar = stack.enter_context(Progress(total=len(ar.msg_ids), label="%px", unit="engines"))
+                if bar is not None:
+                    bar.update(ar.progress)
+                try:
+                    item = events.get(timeout=_POLL)
+                except queue.Empty:
+                    continue
+                if item is not _DONE and renderer is not None:
+                    renderer.on_event(*item)
+            if bar is not None:
+                bar.update(ar.progress, force=True)
+        while True:  # what arrived with the last messages
+            try:
+                item = events.get_nowait()
+            except queue.Empty:
+                return True
+            if item is not _DONE and renderer is not None:
+                renderer.on_event(*item)
+
+    def _interrupted(self, ar: Any, events: queue.SimpleQueue, renderer: OutputRenderer | None,
+                     sig: int) -> None:
+        """Ctrl-C while waiting: signal the engines still running, show what they say."""
+        running = [md["engine_id"] for md in ar._metadata_list() if md.get("status") is None]
+        if not running:
+            return
+        if not sig:
+            print(f"KeyboardInterrupt: stopped waiting; engine(s) {running} keep running "
+                  f"(%pxresult{self.suffix} shows their output).", file=sys.stderr)
+            return
+        name = signal.Signals(sig).name
+        try:
+            self.view.client.send_signal(sig, targets=running)
+        except Exception as e:  # an engine gone meanwhile: say so, don't hide the interrupt
+            print(f"KeyboardInterrupt: could not send {name} to engine(s) {running}: {e}",
+                  file=sys.stderr)
+            return
+        print(f"KeyboardInterrupt: sent {name} to engine(s) {running}", file=sys.stderr)
+        try:
+            self._wait(ar, events, renderer, progress_after=None, timeout=INTERRUPT_GRACE)
+        except KeyboardInterrupt:
+            pass
+
+
+# ---- registration ----------------------------------------------------------------------------
+
+#: the magics instances of each shell, by suffix
+_instances: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def get_magics(shell: Any, suffix: str = "") -> ParallelMagics:
+    """The ParallelMagics of ``shell`` for ``suffix``, created and registered if new."""
+    per_shell = _instances.setdefault(shell, {})
+    magics = per_shell.get(suffix)
+    if magics is None:
+        magics = per_shell[suffix] = ParallelMagics(shell, None, suffix)
+    # (re-)register: names may have been taken by other magics meanwhile
+    shell.magics_manager.register(magics)
+    return magics
+
+
+def activate_view(view: Any, suffix: str = "", shell: Any = None) -> ParallelMagics | None:
+    """Bind the magics (``%px{suffix}``...) of ``shell`` (default: the running one) to ``view``.
+
+    Outside IPython there is nothing to register: a warning says so and None is returned.
+    """
+    if shell is None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    if shell is None:
+        warnings.warn("The parallel magics (%px...) only work inside IPython or Jupyter.",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    magics = get_magics(shell, suffix)
+    magics.view = view
+    return magics
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """``%load_ext ipyparallel_lite``: register the magics (bound to no view until activate)."""
+    get_magics(shell, "")
