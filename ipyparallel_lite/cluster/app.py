@@ -75,7 +75,7 @@ def _owns(launcher: Any) -> bool:
     import psutil
 
     if launcher is None or launcher.pid is None or not launcher.running:
-        return False
+        return False  # ``running`` also compares the process start time (pid reuse)
     try:
         cmdline = psutil.Process(launcher.pid).cmdline()
     except psutil.Error:
@@ -109,8 +109,8 @@ def _cluster_files(ipython_dir: Path, profile: str | None) -> Iterator[Path]:
 
 
 def _cluster_file(ipython_dir: Path, profile: str, cluster_id: str) -> Path:
-    """Where Cluster writes the file of ``cluster_id`` (same rule as Cluster.cluster_file)."""
-    return ipython_dir / f"profile_{profile}" / "security" / f"cluster-{cluster_id or 'default'}.json"
+    """Where Cluster writes the file of ``cluster_id``."""
+    return Cluster(profile=profile, cluster_id=cluster_id, ipython_dir=str(ipython_dir)).cluster_file
 
 
 def _describe(cluster: Cluster) -> str:

@@ -122,10 +122,10 @@ class Cluster:
 
     @property
     def cluster_file(self) -> Path:
-        return self.profile_dir / "security" / f"cluster-{self.cluster_id or 'default'}.json"
+        return self.profile_dir / "security" / f"cluster-{self.cluster_id}.json"
 
     def _log_file(self, name: str) -> Path:
-        return self.profile_dir / "log" / f"ipp-lite-{self.cluster_id or 'default'}-{name}.log"
+        return self.profile_dir / "log" / f"ipp-lite-{self.cluster_id}-{name}.log"
 
     def _common_args(self) -> list[str]:
         args = [f"--profile={self.profile}", f"--cluster-id={self.cluster_id}", f"--log-level={self.log_level}"]
@@ -244,14 +244,16 @@ class Cluster:
         return client
 
     async def start_and_connect(self, n: int | None = None, activate: bool = False) -> Any:
-        """Start everything and return a Client once ``n`` engines are registered."""
+        """Start everything and return a Client once ``n`` engines are registered.
+
+        If anything fails on the way, everything started is stopped again.
+        """
         n = self.n if n is None else n
-        await self.start_cluster(n)
-        client = await self.connect_client()
         try:
+            await self.start_cluster(n)
+            client = await self.connect_client()
             await asyncio.to_thread(self._wait_for_engines, client, n)
         except BaseException:
-            client.close()
             await self.stop_cluster()
             raise
         if activate:
@@ -259,26 +261,37 @@ class Cluster:
         return client
 
     def _wait_for_engines(self, client: Any, n: int) -> None:
-        """Wait for ``n`` engines, failing fast (with their logs) when they die instead."""
+        """Wait for ``n`` engines, failing fast (with the logs) when processes die instead."""
+        from ipyparallel_lite.client.progress import Progress
+
         deadline = time.monotonic() + self.engine_timeout
-        while True:
-            try:
-                client.wait_for_engines(n, timeout=0.25, interactive=None)
-                return
-            except TimeoutError:
-                pass
-            launchers = [e for v in self.engines.values() for e in v]
-            dead = [e for e in launchers if not e.running]
-            if len(launchers) - len(dead) < n - len(client.ids):
-                tail = dead[0].log_tail() if dead else ""
-                raise ClusterError(
-                    f"{len(dead)} of {len(launchers)} engines exited before registering; "
-                    f"{len(client.ids)} registered. The first one's log:\n{tail}"
-                )
-            if time.monotonic() > deadline:
-                raise ClusterError(
-                    f"only {len(client.ids)} of {n} engines registered within {self.engine_timeout}s"
-                )
+        with Progress(total=n, label="engines ready") as progress:
+            while True:
+                progress.update(len(client.ids))
+                try:
+                    client.wait_for_engines(n, timeout=0.25, interactive=False)
+                    progress.update(len(client.ids), force=True)
+                    return
+                except TimeoutError:
+                    pass
+                self._check_processes(client, n)
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"only {len(client.ids)} of {n} engines registered within {self.engine_timeout}s"
+                    )
+
+    def _check_processes(self, client: Any, n: int) -> None:
+        if self.controller is None or not self.controller.running:
+            tail = self.controller.log_tail() if self.controller else ""
+            raise ClusterError(f"the controller exited while engines were starting. Its log:\n{tail}")
+        launchers = [e for v in self.engines.values() for e in v]
+        dead = [e for e in launchers if not e.running]
+        if len(launchers) - len(dead) < n - len(client.ids):
+            tail = dead[0].log_tail() if dead else ""
+            raise ClusterError(
+                f"{len(dead)} of {len(launchers)} engines exited before registering; "
+                f"{len(client.ids)} registered. The first one's log:\n{tail}"
+            )
 
     async def stop_cluster(self) -> None:
         """Stop the engines, then the controller, and remove the cluster's files."""

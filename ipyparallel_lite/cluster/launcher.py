@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 PARENT_PID_ENV = "IPP_LITE_PARENT_PID"
 
 
@@ -45,13 +47,15 @@ class LocalProcessLauncher:
     """One child process on this machine, its output in a log file."""
 
     def __init__(self, args: list[str], log_file: Path, *, env: dict | None = None,
-                 daemonize: bool = False, pid: int | None = None):
+                 daemonize: bool = False, pid: int | None = None, create_time: float | None = None):
         self.args = args
         self.log_file = Path(log_file)
         self.env = env or {}
         self.daemonize = daemonize
         self.process: subprocess.Popen | None = None
         self._pid = pid
+        #: when the process started: a pid reused by another process has another start time
+        self.create_time = create_time
 
     @property
     def pid(self) -> int | None:
@@ -62,11 +66,12 @@ class LocalProcessLauncher:
         if not self.daemonize:
             env[PARENT_PID_ENV] = str(os.getpid())
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
+        with open(self.log_file, "wb") as log:  # a fresh log per run: its tail explains this run
             self.process = subprocess.Popen(
                 self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=self.daemonize, close_fds=True,
             )
+        self.create_time = _create_time(self.process.pid)
 
     @property
     def running(self) -> bool:
@@ -74,11 +79,7 @@ class LocalProcessLauncher:
             return self.process.poll() is None
         if self._pid is None:
             return False
-        try:
-            os.kill(self._pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return _is_alive(self._pid)
+        return _is_alive(self._pid, self.create_time)
 
     def signal(self, sig: int) -> None:
         if self.running and self.pid is not None:
@@ -107,20 +108,29 @@ class LocalProcessLauncher:
 
     def to_dict(self) -> dict:
         return {"args": self.args, "log_file": str(self.log_file), "pid": self.pid,
-                "daemonize": self.daemonize}
+                "daemonize": self.daemonize, "create_time": self.create_time}
 
     @classmethod
     def from_dict(cls, d: dict) -> LocalProcessLauncher:
-        return cls(d["args"], Path(d["log_file"]), daemonize=d.get("daemonize", False), pid=d.get("pid"))
+        return cls(d["args"], Path(d["log_file"]), daemonize=d.get("daemonize", False), pid=d.get("pid"),
+                   create_time=d.get("create_time"))
 
 
-def _is_alive(pid: int) -> bool:
-    """False for zombies too, which os.kill(pid, 0) reports as alive."""
+def _create_time(pid: int) -> float | None:
     try:
-        import psutil
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
+
+def _is_alive(pid: int, create_time: float | None) -> bool:
+    """Whether ``pid`` is still the process we started: not a zombie, not a reused pid."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time is None or abs(proc.create_time() - create_time) < 0.01
+    except psutil.Error:
         return False
 
 
