@@ -279,12 +279,15 @@ def test_missing_records_raise_readable_key_errors():
         assert str(info.value) == "no record with msg_id 'nope'"
 
 
-def test_records_are_copies():
+def test_reads_are_copies_and_writes_are_owned():
+    """Readers cannot change stored records; writers hand their values over (no copy on
+    the Hub's hot path), so the stored record is the very dict values given."""
     store = MemoryStore()
-    original = _rec("a", header={"msg_type": "apply_request"}, tags=["x"])
+    header = {"msg_type": "apply_request"}
+    original = _rec("a", header=header, tags=["x"])
     store.add_record("a", original)
-    original["header"]["msg_type"] = "changed"
-    original["tags"].append("y")
+    original["header"] = {"msg_type": "replaced at top level"}  # the record itself was copied
+    assert store._stored("a")["header"] is header
     fetched = store.get_record("a")
     assert fetched["header"]["msg_type"] == "apply_request"
     assert fetched["tags"] == ["x"]

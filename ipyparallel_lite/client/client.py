@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from ipyparallel_lite import error
+from ipyparallel_lite import error, fastzmq
 from ipyparallel_lite._version import __version__
 from ipyparallel_lite.client.asyncresult import AsyncResult
 from ipyparallel_lite.client.progress import Progress
@@ -32,6 +32,8 @@ from ipyparallel_lite.connection import (
     unpack_message,
     url,
 )
+
+NOBLOCK = int(zmq.NOBLOCK)
 
 #: sockets the I/O thread owns, by the channel name the views send on
 SEND_CHANNELS = ("mux", "task", "control", "query")
@@ -86,7 +88,7 @@ class Client:
     # ---- connection ---------------------------------------------------------------
 
     def _socket(self, kind: int, channel: str) -> zmq.Socket:
-        sock = self._context.socket(kind)
+        sock = fastzmq.socket(self._context, kind)
         sock.linger = 0
         sock.connect(url(self.connection_info, channel))
         return sock
@@ -161,7 +163,7 @@ class Client:
                 handler = handlers[sock]
                 for _ in range(512):
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = sock.recv_multipart(NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     except zmq.ZMQError:

@@ -30,6 +30,7 @@ import zmq
 from jupyter_client.session import Session
 from zmq.devices import ThreadDevice
 
+from ipyparallel_lite import fastzmq
 from ipyparallel_lite.connection import unpack_message
 from ipyparallel_lite.controller.hub import Hub, RegistrationError, utcnow
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
@@ -38,6 +39,7 @@ DELIM = b"<IDS|MSG>"
 MUX, TASK, CONTROL = b"m", b"t", b"c"
 #: how far into a message the delimiter may sit; anything deeper is garbage
 MAX_IDENTS = 4
+NOBLOCK = int(zmq.NOBLOCK)
 #: messages handled per socket before other sockets get their turn
 BATCH = 256
 
@@ -76,7 +78,7 @@ class Reader:
         sock, handler = self.sock, self.handler
         for _ in range(BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(NOBLOCK, copy=False)
             except zmq.Again:
                 return
             except zmq.ZMQError:
@@ -145,7 +147,7 @@ class Controller:
     # ---- set-up ----------------------------------------------------------------
 
     def _bind(self, name: str, kind: int, ports: dict) -> zmq.Socket:
-        sock = self.context.socket(kind)
+        sock = fastzmq.socket(self.context, kind)
         sock.linger = 0
         if kind == zmq.ROUTER:
             sock.router_mandatory = 1  # a send to a vanished peer raises instead of vanishing

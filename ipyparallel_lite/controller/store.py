@@ -281,11 +281,16 @@ class BaseStore(abc.ABC):
 
     @abc.abstractmethod
     def add_record(self, msg_id: str, rec: Record) -> None:
-        """Store a new record. KeyError if ``msg_id`` is already stored."""
+        """Store a new record. KeyError if ``msg_id`` is already stored.
+
+        The store takes ownership of the nested values of ``rec`` (headers, metadata):
+        the caller must not mutate them afterwards. Reads return copies.
+        """
 
     @abc.abstractmethod
     def update_record(self, msg_id: str, rec: Record) -> None:
-        """Merge the keys of ``rec`` into the record. RecordNotFound if missing."""
+        """Merge the keys of ``rec`` into the record (taking ownership of its values, as
+        :meth:`add_record` does). RecordNotFound if missing."""
 
     @abc.abstractmethod
     def get_record(self, msg_id: str) -> Record:
@@ -419,7 +424,9 @@ class MemoryStore(BaseStore):
             raise KeyError(f"a record with msg_id {msg_id!r} is already stored")
         if rec.get("msg_id", msg_id) != msg_id:
             raise ValueError(f"record's msg_id {rec['msg_id']!r} is not {msg_id!r}")
-        record = _copy(rec)
+        # shallow: the store owns what it is given (see BaseStore.add_record); a deep
+        # copy of every header on the hot path costs more than the rest of the record
+        record = dict(rec)
         record["msg_id"] = msg_id
         self._records[msg_id] = record
         self._evicted.pop(msg_id, None)
@@ -430,7 +437,7 @@ class MemoryStore(BaseStore):
         record = self._stored(msg_id)
         if rec.get("msg_id", msg_id) != msg_id:
             raise ValueError(f"cannot change msg_id {msg_id!r} to {rec['msg_id']!r}")
-        record.update(_copy(rec))
+        record.update(rec)
         self._account(msg_id, record)
         self._evict()
 

@@ -26,6 +26,7 @@ from ipykernel.kernelapp import IPKernelApp, kernel_aliases
 from traitlets import Float, Integer, Type, Unicode
 from zmq.devices import ThreadDevice
 
+from ipyparallel_lite import fastzmq
 from ipyparallel_lite._version import __version__
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
@@ -129,8 +130,8 @@ class EngineApp(IPKernelApp):
         info = reply.get("connection_info") or self.info
         ident = self.ident.encode()
 
-        self.shell_socket = ctx.socket(zmq.DEALER)
-        self.control_socket = ctx.socket(zmq.DEALER)
+        self.shell_socket = fastzmq.socket(ctx, zmq.DEALER)
+        self.control_socket = fastzmq.socket(ctx, zmq.DEALER)
         for sock, channel in ((self.shell_socket, "shell"), (self.control_socket, "control")):
             sock.identity = ident
             sock.linger = 1000
@@ -144,7 +145,7 @@ class EngineApp(IPKernelApp):
 
         self.control_thread = ControlThread(daemon=True)
         self.shell_channel_thread = None  # one shell, no subshell thread hop per request
-        iopub = ctx.socket(zmq.PUB)
+        iopub = fastzmq.socket(ctx, zmq.PUB)
         iopub.linger = 1000
         iopub.connect(url(info, "iopub"))
         self.iopub_thread = IOPubThread(iopub, pipe=True, session=self.session)

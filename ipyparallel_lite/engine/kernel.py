@@ -16,9 +16,11 @@ import signal
 import sys
 import threading
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
+from ipykernel.utils import _async_in_context
 from traitlets import Dict, Integer
 
 from ipyparallel_lite.connection import unpack_message
@@ -28,6 +30,14 @@ from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpa
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _msg_type(session: Any, frames: list) -> str | None:
+    """The msg_type of a message from its header alone (its signature is checked later)."""
+    try:
+        return session.unpack(frames[1].bytes).get("msg_type")
+    except Exception:
+        return None
 
 
 class EngineKernel(IPythonKernel):
@@ -77,30 +87,64 @@ class EngineKernel(IPythonKernel):
 
     # ---- dispatch --------------------------------------------------------------
 
+    def start(self) -> None:
+        super().start()
+        stream = self.shell_stream
+        if stream is None or self.shell_channel_thread is not None:
+            return
+        queued = _async_in_context(partial(self.shell_main, None))
+
+        async def in_order(msg: list) -> None:
+            try:
+                await queued(msg)
+            finally:
+                self._in_flight -= 1
+
+        self._queued_dispatch = in_order
+        self._in_flight = 0
+        stream.on_recv(self._on_shell_message, copy=False)
+
+    def _on_shell_message(self, msg: list) -> Any:
+        """Run an apply_request right here when nothing is queued before it.
+
+        This skips the asyncio task and lock ipykernel spends on every request; anything
+        else, or an apply arriving while other requests wait, takes ipykernel's path so
+        the order of requests is kept.
+        """
+        if self._in_flight == 0 and not self._main_asyncio_lock.locked():
+            idents, frames = self.session.feed_identities(msg, copy=False)
+            if _msg_type(self.session, frames) == "apply_request":
+                # inside the stream's receive handler, which re-checks the socket after we
+                # return: replying on the raw socket here cannot hide the next request
+                self._dispatch_apply(idents, frames, self.shell_stream.socket)
+                return None
+        self._in_flight += 1
+        return self._queued_dispatch(msg)
+
     async def dispatch_shell(self, msg: list, /, subshell_id: str | None = None, **kwargs: Any) -> None:
         """Route ``apply_request`` to the lean path, everything else to ipykernel."""
         if self.session is None:
             return
         idents, frames = self.session.feed_identities(msg, copy=False)
-        try:
-            # only the header's JSON is read here; the signature is checked just below
-            msg_type = self.session.unpack(frames[1].bytes).get("msg_type")
-        except Exception:
-            msg_type = None
-        if msg_type != "apply_request":
+        if _msg_type(self.session, frames) != "apply_request":
             await super().dispatch_shell(msg, subshell_id, **kwargs)
             return
+        # outside the stream's handler: reply through the stream, whose send queue keeps
+        # its edge-triggered socket state right
+        self._dispatch_apply(idents, frames, self.shell_stream)
+
+    def _dispatch_apply(self, idents: list, frames: list, reply_to: Any) -> None:
         try:
             parsed = unpack_message(self.session, frames)
         except Exception:
             self.log.error("Invalid apply_request", exc_info=True)
             return
         self.set_parent(idents, parsed, channel="shell")
-        if not self.should_handle(self.shell_stream, parsed, idents):
+        if not self.should_handle(reply_to, parsed, idents):
             return
         self.pre_handler_hook()
         try:
-            self.apply_request(self.shell_stream, idents, parsed)
+            self.apply_request(reply_to, idents, parsed)
         finally:
             self.post_handler_hook()
 
@@ -157,8 +201,6 @@ class EngineKernel(IPythonKernel):
             if out is not None and getattr(out, "_flush_pending", True):
                 out.flush()
         md = self.finish_metadata(parent, md, content)
-        # through the stream, not its raw socket: a send behind the stream's back can eat
-        # the edge-triggered "readable" event of the next request, which then waits forever
         self.session.send(
             stream, "apply_reply", content, parent=parent, ident=ident, buffers=result_frames, metadata=md
         )

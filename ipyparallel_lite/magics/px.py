@@ -23,7 +23,6 @@ import sys
 import time
 import traceback
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +49,21 @@ _POLL = 0.1
 _DONE = object()
 #: iopub messages that are shown as outputs (errors are raised at the end instead)
 _SHOWN_OUTPUTS = ("display_data", "execute_result")
+#: iopub messages that streaming shows as they arrive (results wait for the end)
+_LIVE = frozenset({"stream", "display_data", "update_display_data"})
+
+
+def _live_listener(events: queue.SimpleQueue) -> Callable[[str, dict], None]:
+    """An ``AsyncResult._output_listener`` queueing what streaming shows, for the waiting thread.
+
+    It runs on the client's I/O thread: it must be quick and never raise.
+    """
+
+    def listener(msg_id: str, msg: dict) -> None:
+        if msg["header"]["msg_type"] in _LIVE:
+            events.put((msg_id, msg))
+
+    return listener
 
 
 # ---- options -----------------------------------------------------------------------------
@@ -409,23 +423,36 @@ class OutputRenderer:
 # ---- %autopx -----------------------------------------------------------------------------
 
 
-class AutoPxTransformer:
-    """An input transformer sending every cell to ``%%px`` (except the toggle itself).
+_MAGIC_CALL = re.compile(r"\s*%%?(\w+)")
 
-    ``has_side_effects`` keeps IPython from using it to decide whether typed input is
-    complete: that must still be judged on the Python code as typed.
+
+class AutoPxTransformer:
+    """An input transformer sending every cell to ``%%px``, except calls of our magics.
+
+    A cell starting with one of the parallel magics (``%autopx`` to leave the mode,
+    ``%%px -t 0``, ``%pxresult``...) runs here as typed: the engines have no such magics.
+    ``has_side_effects`` keeps IPython from using the transformer to decide whether
+    typed input is complete: that is still judged on the code as typed.
     """
 
     has_side_effects = True
 
-    def __init__(self, px_name: str, toggle_name: str):
+    def __init__(self, shell: Any, px_name: str):
+        self.shell = shell
         self.px_name = px_name
-        self._toggle = re.compile(rf"\s*%{re.escape(toggle_name)}\s*$")
+
+    def _is_ours(self, first_line: str) -> bool:
+        m = _MAGIC_CALL.match(first_line)
+        if m is None:
+            return False
+        kind = "cell" if first_line.lstrip().startswith("%%") else "line"
+        magic = self.shell.magics_manager.magics[kind].get(m.group(1))
+        return isinstance(getattr(magic, "__self__", None), ParallelMagics)
 
     def __call__(self, lines: list[str]) -> list[str]:
         cell = "".join(lines)
         first = cell.lstrip("\n").split("\n", 1)[0]
-        if not cell.strip() or self._toggle.match(first):
+        if not cell.strip() or self._is_ours(first):
             return lines
         return [f"get_ipython().run_cell_magic({self.px_name!r}, '', {cell!r})\n"]
 
@@ -499,28 +526,31 @@ class ParallelMagics(Magics):
         return self._execute(cell or "", args)
 
     @magic_arguments.magic_arguments(name="pxconfig")
+    @magic_arguments.argument(
+        "--group-outputs", dest="groupby", type=str, default=None, choices=["type", "engine", "order"],
+        help="how output not streamed is grouped by default")
     @_exec_options
     def pxconfig(self, line: str = "") -> None:
-        """Set the defaults of this view's magics; with no option, print them."""
+        """Set the defaults of this view's magics; with no option, print them.
+
+        Nothing changes unless every option given is valid.
+        """
         args = _parse(self.pxconfig.parser, line)
-        changed = [v for k, v in vars(args).items() if v is not None]
-        if not changed:
+        if all(value is None for value in vars(args).values()):
             print(self._describe_config())
             return
+        sig = None if args.signal_on_interrupt is None else parse_signal(args.signal_on_interrupt)
         if args.targets is not None or args.block is not None:
             view = self._active_view()
             if args.targets is not None:
                 view.targets = parse_targets(args.targets, view.client)
             if args.block is not None:
                 view.block = args.block
-        if args.verbose is not None:
-            self.verbose = args.verbose
-        if args.stream is not None:
-            self.stream = args.stream
-        if args.progress_after is not None:
-            self.progress_after = args.progress_after
-        if args.signal_on_interrupt is not None:
-            self.signal_on_interrupt = parse_signal(args.signal_on_interrupt)
+        for name, value in (("verbose", args.verbose), ("stream", args.stream),
+                            ("progress_after", args.progress_after), ("groupby", args.groupby),
+                            ("signal_on_interrupt", sig)):
+            if value is not None:
+                setattr(self, name, value)
 
     @magic_arguments.magic_arguments(name="pxresult")
     @_output_options
@@ -546,14 +576,15 @@ class ParallelMagics(Magics):
     def autopx(self, line: str = "") -> None:
         """Toggle auto-parallel mode: every cell then runs on the engines, as with %%px.
 
-        Type ``%autopx`` again (alone in a cell) to come back.
+        Cells that start with a parallel magic (``%%px -t 0``, ``%pxresult``...) still
+        run here. Type ``%autopx`` again to come back.
         """
         if self._autopx is not None:
             self._disable_autopx()
             print(f"%autopx{self.suffix} disabled")
             return
         self._active_view()
-        self._autopx = AutoPxTransformer(f"px{self.suffix}", f"autopx{self.suffix}")
+        self._autopx = AutoPxTransformer(self.shell, f"px{self.suffix}")
         self.shell.input_transformers_cleanup.append(self._autopx)
         print(f"%autopx{self.suffix} enabled: cells run on the engines; %autopx{self.suffix} again to stop")
 
@@ -580,7 +611,7 @@ class ParallelMagics(Magics):
         where = "no active view" if view is None else f"targets={view.targets!r}, block={view.block}"
         sig = self.signal_on_interrupt
         return (f"%px{self.suffix}: {where}, stream={self.stream}, verbose={self.verbose}, "
-                f"progress_after={self.progress_after}, "
+                f"group_outputs={self.groupby}, progress_after={self.progress_after}, "
                 f"signal_on_interrupt={signal.Signals(sig).name if sig else 0}")
 
     def _execute(self, code: str, args: Any) -> Any:
@@ -601,7 +632,7 @@ class ParallelMagics(Magics):
         renderer = OutputRenderer(ar)
         if block:
             if stream:
-                ar._output_listener = lambda msg_id, msg: events.put((msg_id, msg))
+                ar._output_listener = _live_listener(events)
             ar.add_done_callback(lambda _: events.put(_DONE))
         self.last_result = ar
         if args.save_name:
@@ -707,17 +738,17 @@ class ParallelMagics(Magics):
 
 # ---- registration ----------------------------------------------------------------------------
 
-#: the magics instances of each shell, by suffix
-_instances: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def get_magics(shell: Any, suffix: str = "") -> ParallelMagics:
-    """The ParallelMagics of ``shell`` for ``suffix``, created and registered if new."""
-    per_shell = _instances.setdefault(shell, {})
-    magics = per_shell.get(suffix)
-    if magics is None:
-        magics = per_shell[suffix] = ParallelMagics(shell, None, suffix)
-    # (re-)register: names may have been taken by other magics meanwhile
+    """The ParallelMagics of ``shell`` for ``suffix``, created and registered if new.
+
+    The instance is found through the magic it registered (``%px{suffix}``), so the
+    shell alone holds the state, and activating again keeps ``%pxconfig`` settings.
+    """
+    current = shell.magics_manager.magics["cell"].get(f"px{suffix}")
+    magics = getattr(current, "__self__", None)
+    if not isinstance(magics, ParallelMagics):
+        magics = ParallelMagics(shell, None, suffix)
+    # (re-)register: some of the names may have been taken by other magics meanwhile
     shell.magics_manager.register(magics)
     return magics
 
