@@ -31,13 +31,45 @@ OOB_THRESHOLD = 64 * 1024
 Frame = Any  # bytes, memoryview, PickleBuffer or zmq.Frame
 
 
+class _LargeBytes:
+    """Marks a large ``bytes`` for out-of-band pickling.
+
+    Picklers skip ``reducer_override`` for exact ``bytes``, so large ones near the top of
+    what is sent (an argument, a pushed value, a result) are wrapped in this first.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+#: how deep, and into how many items per container, large bytes are looked for
+_WRAP_DEPTH, _WRAP_ITEMS = 3, 64
+
+
+def _wrap_large_bytes(obj: Any, depth: int = _WRAP_DEPTH) -> Any:
+    kind = type(obj)
+    if kind is bytes:
+        return _LargeBytes(obj) if len(obj) >= OOB_THRESHOLD else obj
+    if depth == 0:
+        return obj
+    if kind is tuple and len(obj) <= _WRAP_ITEMS:
+        return tuple(_wrap_large_bytes(x, depth - 1) for x in obj)
+    if kind is list and len(obj) <= _WRAP_ITEMS:
+        return [_wrap_large_bytes(x, depth - 1) for x in obj]
+    if kind is dict and len(obj) <= _WRAP_ITEMS:
+        return {k: _wrap_large_bytes(v, depth - 1) for k, v in obj.items()}
+    return obj
+
+
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle with large ``bytes`` and ``memoryview`` objects sent out-of-band."""
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
-        if kind is bytes and len(obj) >= OOB_THRESHOLD:
-            return bytes, (pickle.PickleBuffer(obj),)
+        if kind is _LargeBytes:
+            return bytes, (pickle.PickleBuffer(obj.data),)
         if kind is memoryview and obj.nbytes >= OOB_THRESHOLD and obj.contiguous:
             return memoryview, (pickle.PickleBuffer(obj),)
         if kind is memoryview:
@@ -54,7 +86,7 @@ def _dumps(obj: Any, out_of_band: list) -> bytes:
         return False
 
     stream = io.BytesIO()
-    _Pickler(stream, protocol=5, buffer_callback=keep_large).dump(obj)
+    _Pickler(stream, protocol=5, buffer_callback=keep_large).dump(_wrap_large_bytes(obj))
     return stream.getvalue()
 
 
@@ -79,10 +111,37 @@ def deserialize_object(frames: Sequence[Frame]) -> Any:
     return pickle.loads(_as_buffer(frames[0]), buffers=writable)
 
 
+#: frames of functions pickled by reference (module and name): they never change, and
+#: looking up the importability of a function costs more than sending it
+_reference_frames: dict[Any, bytes] = {}
+
+
+def _pickles_by_reference(f: Any) -> bool:
+    if isinstance(f, types.BuiltinFunctionType):
+        owner = getattr(f, "__self__", None)
+        return owner is None or isinstance(owner, types.ModuleType)
+    if isinstance(f, types.FunctionType):
+        try:
+            return bool(cloudpickle.cloudpickle._should_pickle_by_reference(f))
+        except Exception:
+            return False
+    return False
+
+
 def serialize_function(f: Any) -> bytes:
     """The frame of a function, reusable across many apply messages."""
     if not callable(f):
         raise TypeError(f"{f!r} is not callable")
+    if isinstance(f, types.FunctionType | types.BuiltinFunctionType):
+        frame = _reference_frames.get(f)
+        if frame is not None:
+            return frame
+        frame = cloudpickle.dumps(f, protocol=5)
+        if _pickles_by_reference(f):
+            if len(_reference_frames) >= 1024:
+                _reference_frames.clear()
+            _reference_frames[f] = frame
+        return frame
     return cloudpickle.dumps(f, protocol=5)
 
 
