@@ -1,0 +1,74 @@
+"""The Hub's bookkeeping without sockets: registration, readiness, liveness, records."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipyparallel_lite.controller.hub import Hub, RegistrationError
+from ipyparallel_lite.controller.store import MemoryStore
+
+
+def test_engine_is_ready_only_when_shell_and_control_confirmed():
+    hub = Hub()
+    engine = hub.register("u0", None, {"python": "3.11"}, now=0.0)
+    assert engine.id == 0 and engine.state == "registering"
+    assert hub.ready_engines() == {}
+    assert hub.confirm("u0", "shell", now=0.1) is None
+    assert hub.confirm("u0", "control", now=0.2) is engine
+    assert engine.state == "ready"
+    assert hub.ready_engines() == {0: "u0"}
+    assert hub.engine_infos() == {0: {"python": "3.11"}}
+    assert hub.confirm("u0", "control", now=0.3) is None  # only once
+    assert hub.confirm("nobody", "shell", now=0.3) is None
+
+
+def test_ids_are_assigned_and_requested():
+    hub = Hub()
+    assert hub.register("a", None, {}, 0).id == 0
+    assert hub.register("b", 5, {}, 0).id == 5
+    assert hub.register("c", None, {}, 0).id == 6
+    hub.remove(0)
+    assert hub.register("d", 0, {}, 0).id == 0
+
+
+@pytest.mark.parametrize(
+    ("uuid", "requested", "reason"),
+    [("", None, "non-empty"), ("a", None, "already registered"), ("z", 0, "is taken"), ("z", -1, "non-negative")],
+)
+def test_bad_registrations_are_refused(uuid, requested, reason):
+    hub = Hub()
+    hub.register("a", 0, {}, 0)
+    with pytest.raises(RegistrationError, match=reason):
+        hub.register(uuid, requested, {}, 0)
+
+
+def test_silent_engines_and_stale_registrations_are_dead():
+    hub = Hub(hb_period=1.0, max_misses=3, registration_timeout=10)
+    live = hub.register("live", None, {}, 0)
+    hub.confirm("live", "shell", 0)
+    hub.confirm("live", "control", 0)
+    hub.register("stuck", None, {}, 0)
+    hub.beat("live", 2.5)
+    assert hub.dead_engines(now=5.0) == []
+    assert hub.dead_engines(now=5.6) == [live]
+    assert [e.uuid for e in hub.dead_engines(now=10.5)] == ["live", "stuck"]
+    # a quick probe after a disconnect: silent since the probe started means dead
+    assert hub.dead_engines(now=3.0, grace=0.4) == [live]
+    assert hub.remove(live.id) is live and hub.by_uuid("live") is None
+
+
+def test_task_records_follow_request_and_reply():
+    hub = Hub(store=MemoryStore())
+    header = {"msg_id": "m1", "msg_type": "apply_request", "date": "2026-11-24T10:00:00Z"}
+    hub.submitted("m1", header, {"after": []}, "client-session", "task")
+    record = hub.store.get_record("m1")
+    assert record["queue"] == "task" and record["completed"] is None
+    assert record["submitted"].year == 2026
+    hub.assigned("m1", "engine-uuid")
+    assert hub.store.get_record("m1")["engine_uuid"] == "engine-uuid"
+    reply_md = {"engine": "engine-uuid", "status": "ok", "started": "2026-11-24T10:00:01Z",
+                "completed": "2026-11-24T10:00:02Z"}
+    hub.finished("m1", {"msg_id": "r1"}, reply_md, b"{}", [b"result"])
+    record = hub.store.get_record("m1")
+    assert record["completed"].second == 2 and record["result_buffers"] == [b"result"]
+    hub.finished("unknown", {}, {}, b"{}", [])  # replies to purged records are ignored
