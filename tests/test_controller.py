@@ -59,6 +59,27 @@ def test_bad_messages_are_dropped_and_logged(cluster, rc, channel):
     assert "truncated" in log or "no <IDS|MSG>" in log
 
 
+@pytest.mark.parametrize("channel", ["shell", "control", "hb_pong"])
+def test_bad_messages_on_engine_sockets_are_dropped(cluster, rc, channel):
+    """The engine-facing sockets survive garbage from a peer that is no engine."""
+    info = load_connection_file(cluster.connection_file("engine"))
+    ctx = zmq.Context()
+    try:
+        sock = raw_socket(ctx, info, channel)
+        evil = make_session("not-the-key")
+        good = make_session(info["key"])
+        sock.send_multipart(evil.serialize(evil.msg("engine_ready", {}), ident=[]))
+        sock.send_multipart([os.urandom(32)])
+        sock.send_multipart([b"t", b"client", b"<IDS|MSG>", b"sig"])
+        sock.send_multipart(good.serialize(good.msg("apply_reply", {}), ident=[b"t", b"nobody"]))
+        sock.send_multipart(good.serialize(good.msg("engine_ready", {}), ident=[]))  # not registered
+        time.sleep(0.3)
+        assert rc[:].apply_sync(abs, -3) == [3, 3]
+        assert rc.ids == [0, 1]
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_unknown_query_gets_an_error_reply(cluster, rc):
     with pytest.raises(ipp.RemoteError, match="does not know the message type"):
         rc._query("frobnicate_request", {})
