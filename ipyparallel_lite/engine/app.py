@@ -36,7 +36,7 @@ from ipyparallel_lite.connection import (
     make_session,
     url,
 )
-from ipyparallel_lite.engine.kernel import EngineKernel
+from ipyparallel_lite.engine.kernel import EngineKernel, MainThreadShell
 
 
 def engine_info() -> dict:
@@ -144,7 +144,7 @@ class EngineApp(IPKernelApp):
         from ipykernel.iostream import IOPubThread
 
         self.control_thread = ControlThread(daemon=True)
-        self.shell_channel_thread = None  # one shell, no subshell thread hop per request
+        self.shell_channel_thread = MainThreadShell()
         iopub = fastzmq.socket(ctx, zmq.PUB)
         iopub.linger = 1000
         iopub.connect(url(info, "iopub"))

@@ -40,6 +40,21 @@ def _msg_type(session: Any, frames: list) -> str | None:
         return None
 
 
+class MainThreadShell:
+    """Stands in for ipykernel's shell-channel thread, which engines do not run.
+
+    Engines serve requests on the main thread, without the thread hop per request that
+    kernel subshells cost. The stand-in is falsy, so ipykernel takes its single-thread
+    paths, and still answers ``parent_thread`` for the code that asks which thread runs
+    cells (top-level ``await`` in a cell needs it).
+    """
+
+    parent_thread = threading.main_thread()
+
+    def __bool__(self) -> bool:
+        return False
+
+
 class EngineKernel(IPythonKernel):
     """IPython kernel serving ipyparallel_lite's apply and control requests."""
 
@@ -62,6 +77,10 @@ class EngineKernel(IPythonKernel):
         self._running: str | None = None
         self._interrupt_reason: dict[str, str] = {}
         self._state_lock = threading.Lock()
+
+    @property
+    def _supports_kernel_subshells(self) -> bool:
+        return False
 
     def _topic(self, topic: str) -> bytes:
         return f"engine.{self.engine_id}.{topic}".encode()
@@ -90,7 +109,7 @@ class EngineKernel(IPythonKernel):
     def start(self) -> None:
         super().start()
         stream = self.shell_stream
-        if stream is None or self.shell_channel_thread is not None:
+        if stream is None:
             return
         queued = _async_in_context(partial(self.shell_main, None))
 

@@ -623,6 +623,7 @@ class ParallelMagics(Magics):
             args.signal_on_interrupt)
         block = view.block if args.block is None else args.block
         stream = self.stream if args.stream is None else args.stream
+        progress_after = self.progress_after if args.progress_after is None else args.progress_after
         check_syntax(code)
         if self.verbose if args.verbose is None else args.verbose:
             print(f"{'Parallel' if block else 'Async parallel'} execution on engine(s): "
@@ -641,10 +642,8 @@ class ParallelMagics(Magics):
             self._run_local(code)
         if not block:
             return ar
-        self._wait_and_show(ar, events, renderer, stream=stream,
-                            groupby=args.groupby or self.groupby,
-                            progress_after=self.progress_after if args.progress_after is None
-                            else args.progress_after, sig=sig)
+        self._wait_and_show(ar, events, renderer, stream=stream, groupby=args.groupby or self.groupby,
+                            progress_after=progress_after, sig=sig)
         return None
 
     def _submit(self, view: Any, code: str, targets: Any) -> Any:
@@ -724,7 +723,7 @@ class ParallelMagics(Magics):
             return
         name = signal.Signals(sig).name
         try:
-            self.view.client.send_signal(sig, targets=running)
+            ar._client.send_signal(sig, targets=running)
         except Exception as e:  # an engine gone meanwhile: say so, don't hide the interrupt
             print(f"KeyboardInterrupt: could not send {name} to engine(s) {running}: {e}",
                   file=sys.stderr)
@@ -737,6 +736,7 @@ class ParallelMagics(Magics):
 
 
 # ---- registration ----------------------------------------------------------------------------
+
 
 def get_magics(shell: Any, suffix: str = "") -> ParallelMagics:
     """The ParallelMagics of ``shell`` for ``suffix``, created and registered if new.
