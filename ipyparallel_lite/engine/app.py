@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 from ipykernel.kernelapp import IPKernelApp, kernel_aliases
-from traitlets import Float, Integer, Type, Unicode
+from traitlets import DottedObjectName, Float, Integer, Type, Unicode
 from zmq.devices import ThreadDevice
 
 from ipyparallel_lite import fastzmq
@@ -61,6 +61,7 @@ class EngineApp(IPKernelApp):
     description = "Start an ipyparallel_lite engine connected to a running controller."
 
     kernel_class = Type(EngineKernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)
+    outstream_class = DottedObjectName("ipyparallel_lite.engine.kernel.EngineOutStream").tag(config=True)
     url_file = Unicode("", help="Engine connection file of the controller.").tag(config=True)
     profile_name = Unicode("default", help="Profile to find the connection file in.").tag(config=True)
     cluster_id = Unicode("", help="Cluster whose connection file to use.").tag(config=True)

@@ -19,9 +19,10 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
+from ipykernel.iostream import OutStream
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.utils import _async_in_context
-from traitlets import Dict, Integer
+from traitlets import Dict, Float, Integer
 
 from ipyparallel_lite.connection import unpack_message
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
@@ -38,6 +39,18 @@ def _msg_type(session: Any, frames: list) -> str | None:
         return session.unpack(frames[1].bytes).get("msg_type")
     except Exception:
         return None
+
+
+class EngineOutStream(OutStream):
+    """ipykernel's stdout/stderr, whose ``flush`` costs nothing when nothing was written.
+
+    ipykernel's flush waits for a round trip through the iopub thread; the kernel flushes
+    both streams around every request, written to or not.
+    """
+
+    def flush(self) -> None:
+        if self._flush_pending or self._subprocess_flush_pending:
+            super().flush()
 
 
 class MainThreadShell:
@@ -60,6 +73,9 @@ class EngineKernel(IPythonKernel):
 
     engine_id = Integer(-1)
     engine_info = Dict()
+    # ipykernel sleeps this long after each cell so output "makes it" before the reply;
+    # clients here wait for the engine's idle status instead, which is exact
+    _execute_sleep = Float(0.0).tag(config=True)
 
     msg_types = [*IPythonKernel.msg_types, "apply_request"]
     control_msg_types = [
@@ -216,9 +232,8 @@ class EngineKernel(IPythonKernel):
             with self._state_lock:
                 self._running = None
         for out in (sys.stdout, sys.stderr):
-            # an ipykernel flush waits on the iopub thread: only pay for it after output
-            if out is not None and getattr(out, "_flush_pending", True):
-                out.flush()
+            if out is not None:
+                out.flush()  # EngineOutStream: free unless something was written
         md = self.finish_metadata(parent, md, content)
         self.session.send(
             stream, "apply_reply", content, parent=parent, ident=ident, buffers=result_frames, metadata=md
