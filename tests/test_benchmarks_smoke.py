@@ -1,0 +1,61 @@
+"""Smoke test of the benchmark harness: ``python -m benchmarks --quick`` runs end to end.
+
+Only checks that every workload produced a row with a value for the
+implementation under test; it makes no timing assertions.  Set
+``BENCHMARKS_SMOKE_IMPL=ipyparallel`` to validate the harness itself against
+the reference package.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IMPL = os.environ.get("BENCHMARKS_SMOKE_IMPL", "ipyparallel_lite")
+IMPL_COLUMN = {"ipyparallel": 2, "ipyparallel_lite": 3}[IMPL]
+
+
+def _workloads() -> tuple:
+    """The harness's workload registry (the repository root may not be on sys.path)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.workloads import WORKLOADS
+
+    return WORKLOADS
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    """Map each table row's first cell (the metric label) to all its cells."""
+    rows = {}
+    for line in stdout.splitlines():
+        if line.startswith("| ") and not line.startswith("| metric |"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            rows[cells[0]] = cells
+    return rows
+
+
+@pytest.mark.timeout(120)
+def test_quick_benchmark_prints_a_row_per_workload() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--impl", IMPL],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    for workload in _workloads():
+        labels = [label for label in rows if label.startswith(f"{workload.name}: ")]
+        assert len(labels) == len(workload.metrics), (workload.name, proc.stdout)
+        for label in labels:
+            value = rows[label][IMPL_COLUMN]
+            if workload.in_quick:
+                assert not value.startswith(("n/a", "—")), (label, value, proc.stderr[-3000:])
+            else:
+                assert value.startswith("skipped"), (label, value)
