@@ -218,18 +218,20 @@ class AsyncResult(Future):
 
     def _collect(self) -> Any:
         if self._values is None:
-            values = [self._value_of(m) for m in self.msg_ids]
-            self._values = self._reconstruct(values)
-        values = self._values
-        if self._return_exceptions:
-            return values[0] if self._single else values
-        errors = [v for v in values if isinstance(v, error.RemoteError | error.TaskAborted)]
-        if errors:
-            if self._single and len(values) == 1:
+            raw = [self._value_of(m) for m in self.msg_ids]
+            # errors are found among the per-message values, never by walking a joined
+            # result (a gathered array of 10**7 numbers)
+            self._errors = [v for v in raw if isinstance(v, error.RemoteError | error.TaskAborted)]
+            self._raw = raw
+            self._values = self._reconstruct(raw)
+        if self._errors and not self._return_exceptions:
+            errors = self._errors
+            if self._single and len(self.msg_ids) == 1:
                 raise errors[0]
             if len(errors) == 1 and not isinstance(errors[0], error.RemoteError):
                 raise errors[0]
-            error.collect_exceptions(values, self._fname)
+            error.collect_exceptions(self._raw, self._fname)
+        values = self._values
         return values[0] if self._single else values
 
     def _reconstruct(self, values: list) -> list:
@@ -403,10 +405,6 @@ class AsyncMapResult(AsyncResult):
         for chunk in values:
             out.extend(chunk)
         return out
-
-    def _collect(self) -> Any:
-        values = super()._collect()
-        return values
 
     def __iter__(self) -> Iterator:
         if self._ordered:

@@ -43,7 +43,10 @@ class ControllerApp(Application):
     hb_period = Float(1.0, help="Heartbeat period in seconds.").tag(config=True)
     hb_max_misses = Integer(5, help="Missed heartbeats after which an engine is dead.").tag(config=True)
     record_limit = Integer(
-        10_000, help="Task records the Hub keeps in memory (finished ones beyond it are dropped)."
+        1024, help="Task records the Hub keeps in memory; the oldest finished ones go first."
+    ).tag(config=True)
+    remember_finished = Integer(
+        10_000, help="Finished tasks that new tasks may still name as dependencies."
     ).tag(config=True)
     write_files = Bool(True, help="Write connection files (off when info travels otherwise).").tag(config=True)
 
@@ -72,7 +75,7 @@ class ControllerApp(Application):
                   max_misses=self.hb_max_misses)
         scheduler = TaskScheduler(scheme=self.scheme, hwm=self.hwm)
         controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
-                                remember_finished=self.record_limit)
+                                remember_finished=self.remember_finished)
         controller.bind()
         files = self.connection_files()
         try:
