@@ -252,3 +252,13 @@ def test_engine_with_no_controller_fails_clearly(tmp_path):
     )
     assert proc.returncode == 1
     assert "No answer from the controller" in proc.stderr
+
+
+def test_engines_exit_when_their_controller_is_gone(own_cluster):
+    cluster, client = own_cluster(1, engine_args=["--EngineApp.controller_timeout=1"])
+    engine_pid = client[0].apply_sync(os.getpid)
+    os.kill(client.connection_info["controller_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while psutil.pid_exists(engine_pid) and psutil.Process(engine_pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the engine outlived its controller"
+        time.sleep(0.1)

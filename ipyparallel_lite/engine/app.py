@@ -17,6 +17,7 @@ import os
 import platform
 import socket
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -25,6 +26,7 @@ import zmq
 from ipykernel.kernelapp import IPKernelApp, kernel_aliases
 from traitlets import DottedObjectName, Float, Integer, Type, Unicode
 from zmq.devices import ThreadDevice
+from zmq.utils.monitor import recv_monitor_message
 
 from ipyparallel_lite import fastzmq
 from ipyparallel_lite._version import __version__
@@ -67,6 +69,9 @@ class EngineApp(IPKernelApp):
     cluster_id = Unicode("", help="Cluster whose connection file to use.").tag(config=True)
     engine_id = Integer(-1, help="Engine id to ask for (-1: the controller picks).").tag(config=True)
     registration_timeout = Float(30.0, help="Seconds to wait for the controller.").tag(config=True)
+    controller_timeout = Float(
+        30.0, help="Seconds an engine waits for a lost controller to come back before it exits."
+    ).tag(config=True)
 
     aliases = {
         **kernel_aliases,
@@ -154,7 +159,32 @@ class EngineApp(IPKernelApp):
         self.iopub_socket = self.iopub_thread.background_socket
         self._ports = {}
         self.controller_info = info
+        self._watch_controller(self.shell_socket.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED))
         atexit.register(self.unregister)
+
+    def _watch_controller(self, monitor: zmq.Socket) -> None:
+        """Exit when the controller is gone for ``controller_timeout`` seconds.
+
+        An engine whose controller crashed would otherwise live on, unreachable.
+        """
+        grace = self.controller_timeout
+        log = self.log
+
+        def watch() -> None:
+            lost_since = None
+            while True:
+                if monitor.poll(500):
+                    event = recv_monitor_message(monitor)["event"]
+                    if event == zmq.EVENT_DISCONNECTED:
+                        lost_since = lost_since or time.monotonic()
+                    elif event == zmq.EVENT_CONNECTED:
+                        lost_since = None
+                if lost_since is not None and time.monotonic() - lost_since > grace:
+                    log.critical("the controller is gone since %.0fs; this engine exits", grace)
+                    os._exit(1)
+
+        threading.Thread(target=watch, name="ipp-lite-controller-watch", daemon=True).start()
 
     def init_heartbeat(self) -> None:
         info = self.controller_info
