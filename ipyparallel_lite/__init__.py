@@ -11,11 +11,14 @@ from ipyparallel_lite._version import __version__
 from ipyparallel_lite.client import (
     AsyncMapResult,
     AsyncResult,
+    BroadcastView,
     Client,
     DirectView,
     LoadBalancedView,
+    ViewExecutor,
 )
 from ipyparallel_lite.cluster import Cluster, ClusterError
+from ipyparallel_lite.dependency import Dependency, depend, require
 from ipyparallel_lite.error import (
     CompositeError,
     EngineError,
@@ -33,10 +36,12 @@ from ipyparallel_lite.serialization import Reference
 __all__ = [
     "AsyncMapResult",
     "AsyncResult",
+    "BroadcastView",
     "Client",
     "Cluster",
     "ClusterError",
     "CompositeError",
+    "Dependency",
     "DirectView",
     "EngineError",
     "ImpossibleDependency",
@@ -49,7 +54,10 @@ __all__ = [
     "TaskTimeout",
     "TimeoutError",
     "UnmetDependency",
+    "ViewExecutor",
     "__version__",
+    "depend",
+    "require",
 ]
 
 

@@ -26,7 +26,6 @@ from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
 import ipyparallel_lite as ipp
-from ipyparallel_lite import error
 from ipyparallel_lite.magics import ParallelMagics, activate_view, get_magics
 from ipyparallel_lite.magics import px as pxmod
 
@@ -460,12 +459,12 @@ def test_error_on_one_engine_is_a_remote_error(shell, magics):
 
 
 def test_non_remote_failures_are_one_line(shell, magics):
-    ar = ipp.AsyncResult(magics.view.client, [])
-    ar._values = [error.TaskAborted("the task was aborted")]
-    ar._return_exceptions = False
+    ar = ipp.AsyncResult(magics.view.client, ["m1"], single=True)
+    # what the client's I/O thread hands over for a request aborted before it ran
+    ar._receive("m1", {"content": {"status": "aborted"}, "metadata": {}, "buffers": []})
     with pytest.raises(pxmod.ParallelMagicError) as info:
         pxmod.raise_remote_errors(ar)
-    assert info.value._render_traceback_() == ["TaskAborted: the task was aborted"]
+    assert info.value._render_traceback_() == ["TaskAborted: Task m1 was aborted before it ran."]
 
 
 def test_syntax_error_is_short_and_not_sent(shell, magics, dv):

@@ -72,6 +72,8 @@ class AsyncResult(Future):
         self._npending = len(self.msg_ids)
         self._lock = threading.Lock()
         self._values: list | None = None
+        self._raw: list = []
+        self._errors: list = []
         self._submitted = time.time()
         self.metadata_by_id: dict[str, Metadata] = {m: Metadata(msg_id=m) for m in self.msg_ids}
         if self._npending == 0:

@@ -36,7 +36,7 @@ from ipyparallel_lite.connection import (
 NOBLOCK = int(zmq.NOBLOCK)
 
 #: sockets the I/O thread owns, by the channel name the views send on
-SEND_CHANNELS = ("mux", "task", "control", "query")
+SEND_CHANNELS = ("mux", "task", "control", "query", "broadcast")
 
 
 class Client:
@@ -100,6 +100,8 @@ class Client:
             "control": self._socket(zmq.DEALER, "control"),
             "query": self._socket(zmq.DEALER, "registration"),
         }
+        if "broadcast" in info["ports"]:  # absent from connection files of older controllers
+            self._sockets["broadcast"] = self._socket(zmq.DEALER, "broadcast")
         self._notification = self._socket(zmq.SUB, "notification")
         self._notification.subscribe(b"")
         self._iopub = self._socket(zmq.SUB, "iopub")
@@ -150,8 +152,9 @@ class Client:
             self._iopub: self._on_iopub,
             self._sockets["query"]: self._on_query_reply,
         }
-        for name in ("mux", "task", "control"):
-            handlers[self._sockets[name]] = self._on_reply
+        for name in ("mux", "task", "control", "broadcast"):
+            if name in self._sockets:
+                handlers[self._sockets[name]] = self._on_reply
         for sock in handlers:
             poller.register(sock, zmq.POLLIN)
         while not self._closed:
@@ -266,13 +269,19 @@ class Client:
             frames.extend(buffers)
         return msg["header"]["msg_id"], frames
 
-    def _submit(self, channel: str, messages: list[tuple[str, list]], result: AsyncResult | None) -> None:
-        """Queue built messages; ``result`` is registered first so no reply is missed."""
+    def _submit(self, channel: str, messages: list[tuple[str, list]], result: AsyncResult | None,
+                *, reply_ids: list[str] | None = None) -> None:
+        """Queue built messages; ``result`` is registered first so no reply is missed.
+
+        ``reply_ids``: the parent msg_ids the replies will carry, when they are not the
+        messages' own (a broadcast's one message gets one reply per engine).
+        """
         if result is not None:
-            for msg_id, _ in messages:
+            ids = [msg_id for msg_id, _ in messages] if reply_ids is None else reply_ids
+            for msg_id in ids:
                 self._pending[msg_id] = result
                 self._outputs[msg_id] = result
-            self.history.extend(msg_id for msg_id, _ in messages)
+            self.history.extend(ids)
         for _, frames in messages:
             self._outbox.append((channel, frames))
         self._wake()
@@ -388,6 +397,27 @@ class Client:
         elif targets == "all":
             targets = None
         return LoadBalancedView(self, targets, **kwargs)
+
+    def broadcast_view(self, targets: Any = "all", is_coalescing: bool = False, **kwargs: Any) -> Any:
+        """A :class:`~ipyparallel_lite.client.view.BroadcastView` on ``targets``.
+
+        Each call sends ONE message; the controller fans it out to every target engine.
+        ``targets="all"`` means the engines registered at each call, as for
+        :meth:`direct_view`. ``is_coalescing`` is accepted for compatibility: replies
+        always travel one per engine, and the AsyncResult gathers them either way.
+        """
+        from ipyparallel_lite.client.view import BroadcastView
+
+        if targets != "all":
+            self._build_targets(targets)
+        return BroadcastView(self, targets, is_coalescing=is_coalescing, **kwargs)
+
+    def executor(self, targets: Any = None) -> Any:
+        """A ``concurrent.futures.Executor`` load-balancing over ``targets`` (default: all).
+
+        Same as ``rc.load_balanced_view(targets).executor``.
+        """
+        return self.load_balanced_view(targets).executor
 
     def activate(self, targets: Any = "all", suffix: str = "") -> Any:
         """A blocking DirectView on ``targets``, bound to the magics ``%px{suffix}`` etc.

@@ -1,4 +1,5 @@
-"""Views: DirectView (named engines) and LoadBalancedView (the task farm).
+"""Views: DirectView (named engines), BroadcastView (one message fanned out by the
+controller) and LoadBalancedView (the task farm), plus :class:`ViewExecutor`.
 
 A view holds flags (``block``, ``targets`` and, for load balancing, ``after``,
 ``follow``, ``timeout``, ``retries``) and turns calls into messages. The function of a
@@ -8,8 +9,12 @@ call is pickled once and its frame reused for every engine or chunk.
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ipyparallel_lite.client import remote
@@ -85,6 +90,20 @@ class View:
 
     def map_sync(self, f: Callable, *sequences: Sequence, **kwargs: Any) -> list:
         return self.map(f, *sequences, block=True, **kwargs)
+
+    def imap(self, f: Callable, *iterables: Iterable, **kwargs: Any) -> Iterator:
+        """Results of ``map_async(f, *iterables)`` one by one, as an iterator.
+
+        Iterables without a length are read into lists first (a direct map splits them
+        by length); :meth:`LoadBalancedView.imap` consumes them lazily instead.
+        """
+        sequences = [it if hasattr(it, "__len__") else list(it) for it in iterables]
+        return iter(self.map_async(f, *sequences, **kwargs))
+
+    @property
+    def executor(self) -> ViewExecutor:
+        """A ``concurrent.futures.Executor`` running calls through this view."""
+        return ViewExecutor(self)
 
     def _finish(self, ar: AsyncResult, block: bool | None) -> Any:
         block = self.block if block is None else block
@@ -196,7 +215,7 @@ class DirectView(View):
         else:
             single = isinstance(targets, int)
         ids = self.client._build_targets(targets)
-        content = {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+        content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
                    "allow_stdin": False, "stop_on_error": False}
         ar = self._send_each("execute_request", content, ids, None, "execute", single)
         ar._await_idle = True
@@ -316,6 +335,46 @@ class DirectView(View):
             self.execute(code, block=True)
 
 
+class BroadcastView(DirectView):
+    """Requests sent ONCE and fanned out to the target engines by the controller.
+
+    ``rc.broadcast_view()``: apply, execute, push and pull cost one message from the
+    client however many engines there are; results have the same shapes as with a
+    DirectView on the same targets. The reply of engine ``e`` answers the derived
+    msg_id ``f"{msg_id}_{e}"``, and those are the AsyncResult's ``msg_ids``. ``map``,
+    ``scatter`` and ``gather`` send different data to each engine, so they stay
+    per-engine direct requests. Repeated targets count once.
+    """
+
+    _flag_names = ("block", "targets", "is_coalescing")
+
+    def __init__(self, client: Client, targets: Any = "all", block: bool = False,
+                 is_coalescing: bool = False, **flags: Any):
+        #: accepted for IPython parallel compatibility; replies always come one per engine
+        self.is_coalescing = is_coalescing
+        super().__init__(client, targets, block, **flags)
+
+    def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
+                   fname: str, single: bool) -> AsyncResult:
+        client = self.client
+        if "broadcast" not in client._sockets:
+            raise RuntimeError("this controller has no broadcast channel (an older version?); "
+                               "use a DirectView (rc[:]) instead")
+        targets = list(dict.fromkeys(targets))
+        for t in targets:
+            client._engine_uuid(t)  # a clear error for an engine that is gone, before sending
+        if not targets:  # nothing to fan out to: an empty result, as a DirectView gives
+            return AsyncResult(client, [], fname, targets, single=single)
+        metadata = {"targets": targets, "is_broadcast": True, "is_coalescing": self.is_coalescing}
+        msg_id, frames = client._build(msg_type, content, buffers=buffers, metadata=metadata)
+        reply_ids = [f"{msg_id}_{t}" for t in targets]
+        ar = AsyncResult(client, reply_ids, fname, targets, single=single)
+        for md, eid in zip(ar._metadata_list(), targets):
+            md["engine_id"] = eid
+        client._submit("broadcast", [(msg_id, frames)], ar, reply_ids=reply_ids)
+        return ar
+
+
 class LoadBalancedView(View):
     """The task farm: each request runs on whichever engine the scheduler picks."""
 
@@ -355,13 +414,25 @@ class LoadBalancedView(View):
             "targets": targets,
         }
 
+    def _submit_task(self, frame: bytes, args: Sequence, kwargs: dict | None, metadata: dict,
+                     fname: str, return_exceptions: bool = False) -> AsyncResult:
+        """Submit one load-balanced ``apply_request`` whose function is the pickled ``frame``.
+
+        The one way this view sends a task: :meth:`_really_apply` pickles its function
+        and calls it once, :meth:`imap` pickles once and calls it per item. Arguments
+        that cannot be pickled raise here, before anything is sent.
+        """
+        buffers = pack_apply_message(None, args, kwargs, function_frame=frame)
+        message = self.client._build("apply_request", {}, buffers=buffers, metadata=metadata)
+        ar = AsyncResult(self.client, [message[0]], fname, single=True,
+                         return_exceptions=return_exceptions)
+        self.client._submit("task", [message], ar)
+        return ar
+
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
                       block: bool | None = None, **options: Any) -> Any:
         metadata = self._metadata(**options)
-        buffers = pack_apply_message(f, args, kwargs)
-        message = self.client._build("apply_request", {}, buffers=buffers, metadata=metadata)
-        ar = AsyncResult(self.client, [message[0]], _fname(f), single=True)
-        self.client._submit("task", [message], ar)
+        ar = self._submit_task(serialize_function(f), args, kwargs, metadata, _fname(f))
         return self._finish(ar, block)
 
     def map(self, f: Callable, *sequences: Sequence, block: bool | None = None,
@@ -386,6 +457,197 @@ class LoadBalancedView(View):
                             return_exceptions=return_exceptions, nitems=length)
         client._submit("task", messages, ar)
         return self._finish(ar, block)
+
+    def imap(self, f: Callable, *iterables: Iterable, ordered: bool = True,
+             max_outstanding: int | str = "auto", return_exceptions: bool = False) -> Iterator:
+        """Lazily map ``f`` over ``iterables``: one load-balanced task per item.
+
+        Unlike :meth:`map`, the iterables are read only as results are consumed: at any
+        time at most ``max_outstanding`` items have been taken from them and not yet
+        yielded, so huge or endless iterators (``itertools.count()``) run in bounded
+        memory. The first ``max_outstanding`` tasks are submitted by this call; each
+        result taken from the returned generator lets one more item in.
+
+        ``ordered``: yield results in input order (``True``) or as they complete.
+        ``max_outstanding``: a positive int; ``0`` reads the iterables to the end at
+        once (never with an endless one); ``"auto"`` is ``2 * engines * hwm`` (the
+        view's targets, else the engines registered now; the controller's high-water
+        mark, 1 by default): every engine holds as many tasks as it may, and as many
+        again wait in the controller, so no engine idles while a result travels back.
+        ``return_exceptions``: yield a failed item's error instead of raising it.
+        Raising ends the iteration.
+
+        The function is pickled once. The view's flags (``after``, ``follow``,
+        ``timeout``, ``retries``, ``targets``) apply to every task. Closing the
+        generator (``close()``, or dropping it, e.g. by breaking out of the ``for``
+        loop that holds it) aborts the tasks still outstanding.
+        """
+        return self._imap(f, iterables, ordered, max_outstanding, return_exceptions)
+
+    def _auto_outstanding(self) -> int:
+        engines = len(self.client._build_targets(self.targets)) if self.targets is not None \
+            else len(self.client.ids)
+        hwm = self.client.connection_info.get("hwm", 1) or 1  # 0 means no limit: count it as 1
+        return 2 * max(engines, 1) * hwm
+
+    def _imap(self, f: Callable, iterables: Sequence[Iterable], ordered: bool,
+              max_outstanding: int | str, return_exceptions: bool,
+              track: Callable[[AsyncResult], None] | None = None,
+              deadline: float | None = None) -> Iterator:
+        """:meth:`imap`, plus what the executor needs: ``track`` sees every submitted
+        task, and past the ``time.monotonic()`` ``deadline`` waiting raises TimeoutError."""
+        if not iterables:
+            raise ValueError("imap needs at least one iterable")
+        if max_outstanding == "auto":
+            limit = self._auto_outstanding()
+        elif isinstance(max_outstanding, int) and not isinstance(max_outstanding, bool) \
+                and max_outstanding >= 0:
+            limit = max_outstanding
+        else:
+            raise ValueError(f"max_outstanding must be 'auto' or an int >= 0 (0: no limit), "
+                             f"not {max_outstanding!r}")
+        metadata = self._metadata()
+        frame = serialize_function(f)
+        items = zip(*iterables)
+        gen = self._imap_results(frame, _fname(f), metadata, items, limit, ordered,
+                                 return_exceptions, track, deadline)
+        next(gen)  # runs to the priming point: the first tasks are out before we return
+        return gen
+
+    def _imap_results(self, frame: bytes, fname: str, metadata: dict, items: Iterator[tuple],
+                      limit: int, ordered: bool, return_exceptions: bool,
+                      track: Callable[[AsyncResult], None] | None,
+                      deadline: float | None) -> Iterator:
+        # insertion-ordered: the head is the oldest task (ordered mode)
+        outstanding: dict[AsyncResult, None] = {}
+        completed: queue.SimpleQueue[AsyncResult] = queue.SimpleQueue()  # unordered mode
+        exhausted = False
+
+        def top_up() -> None:
+            nonlocal exhausted
+            while not exhausted and (not limit or len(outstanding) < limit):
+                try:
+                    args = next(items)
+                except StopIteration:
+                    exhausted = True
+                    return
+                ar = self._submit_task(frame, args, None, metadata, fname, return_exceptions=True)
+                outstanding[ar] = None
+                if track is not None:
+                    track(ar)
+                if not ordered:
+                    ar.add_done_callback(completed.put)  # runs in the client's I/O thread
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        try:
+            top_up()
+            yield None  # priming point, consumed by _imap
+            while outstanding:
+                if ordered:
+                    ar = next(iter(outstanding))
+                    if not ar.wait(remaining()):
+                        raise TimeoutError(f"imap: result not ready within the deadline ({fname})")
+                else:
+                    try:
+                        ar = completed.get(timeout=remaining())
+                    except queue.Empty:
+                        raise TimeoutError(
+                            f"imap: no result ready within the deadline ({fname})") from None
+                del outstanding[ar]
+                value = ar.get()  # return_exceptions=True: errors come back as values
+                top_up()  # the freed slot goes back to work before the consumer sees this one
+                if isinstance(value, BaseException) and not return_exceptions:
+                    raise value
+                yield value
+        finally:
+            # closed, dropped, or raising: what is still running is nobody's anymore
+            pending = [m for ar in outstanding if not ar.done() for m in ar.msg_ids]
+            if pending and not self.client._closed:
+                self.client.abort(pending, block=False)
+
+
+class ViewExecutor(concurrent.futures.Executor):
+    """A PEP 3148 ``concurrent.futures.Executor`` over a view (``view.executor``).
+
+    ``submit`` returns the view's :class:`AsyncResult`, itself a Future. ``map`` uses
+    :meth:`LoadBalancedView.imap` on a load-balanced view (lazy, at most "auto" tasks
+    ahead) and a direct map otherwise. ``shutdown(wait=True)`` waits for the tasks this
+    executor submitted; it never stops engines. Items of a ``map`` iterator that were
+    not yet submitted at shutdown are not waited for.
+    """
+
+    def __init__(self, view: View):
+        self.view = view
+        try:
+            self._max_workers = len(view)
+        except Exception:  # no engines yet: a load-balanced view still queues work
+            self._max_workers = 0
+        self._outstanding: set[AsyncResult] = set()
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def _track(self, ar: AsyncResult) -> None:
+        with self._lock:
+            self._outstanding.add(ar)
+        # outside the lock: a finished Future calls back at once, in this thread
+        ar.add_done_callback(self._untrack)
+
+    def _untrack(self, ar: Any) -> None:
+        with self._lock:
+            self._outstanding.discard(ar)
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new work after shutdown")
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> AsyncResult:
+        """``view.apply_async(fn, *args, **kwargs)``: an AsyncResult (a Future)."""
+        self._check_open()
+        ar = self.view.apply_async(fn, *args, **kwargs)
+        self._track(ar)
+        return ar
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1) -> Iterator:
+        """Results of ``fn`` over ``iterables``, in order, as ``Executor.map``.
+
+        ``timeout``: seconds from this call after which ``next()`` raises
+        ``TimeoutError`` if the next result is not ready. ``chunksize`` is accepted and
+        ignored (as by ``ThreadPoolExecutor``): each item is its own task.
+        """
+        self._check_open()
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+            raise ValueError(f"timeout must be a non-negative number of seconds or None, not {timeout!r}")
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        view = self.view
+        if isinstance(view, LoadBalancedView):
+            return view._imap(fn, iterables, True, "auto", False, track=self._track,
+                              deadline=deadline)
+        ar = view.map_async(fn, *[it if hasattr(it, "__len__") else list(it) for it in iterables])
+        self._track(ar)
+        return _results_by(ar, deadline)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new work after this; ``wait``: return once submitted tasks are done;
+        ``cancel_futures``: abort those not done. Engines keep running."""
+        self._shutdown = True
+        with self._lock:
+            outstanding = [ar for ar in self._outstanding if not ar.done()]
+        if cancel_futures and outstanding:
+            self.view.client.abort(outstanding, block=False)
+        if wait:
+            for ar in outstanding:
+                ar.wait()
+
+
+def _results_by(ar: AsyncResult, deadline: float | None) -> Iterator:
+    if deadline is not None and not ar.wait(max(0.0, deadline - time.monotonic())):
+        raise TimeoutError(f"map results not ready within the timeout ({ar._fname})")
+    yield from ar
 
 
 def _dependency(dep: Any) -> Any:

@@ -10,10 +10,11 @@ Routing frames (after the ROUTER's identity frame)::
     client -> mux      [engine_uuid, DELIM, sig, header, parent, metadata, content, *buffers]
     client -> task     [DELIM, ...]
     client -> control  [engine_uuid, DELIM, ...]  to one engine, or [DELIM, ...] to the controller
+    client -> broadcast  [DELIM, ...]  metadata["targets"] lists engine ids (see on_broadcast)
     controller -> engine (shell or control)  [engine_uuid, tag, client_ident, DELIM, ...]
 
 Engines answer with the identities they were given, so ``tag`` (``m`` mux, ``t`` task,
-``c`` control) tells which client socket a reply returns through.
+``b`` broadcast, ``c`` control) tells which client socket a reply returns through.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskS
 
 DELIM = b"<IDS|MSG>"
 MUX, TASK, CONTROL = b"m", b"t", b"c"
+#: a broadcast request's per-engine copy; handled like a mux request once fanned out
+BROADCAST = b"b"
+#: requests that engines answer with exactly one reply: all that tasks and broadcasts carry
+WORK_TYPES = ("apply_request", "execute_request")
 #: how far into a message the delimiter may sit; anything deeper is garbage
 MAX_IDENTS = 4
 NOBLOCK = int(zmq.NOBLOCK)
@@ -53,6 +58,7 @@ class Pending:
     tag: bytes
     frames: list  # from DELIM on, kept to (re)send load-balanced tasks
     engine_id: int | None = None
+    sends: int = 0  # times a load-balanced task went to an engine (reruns re-sign)
 
 
 class Reader:
@@ -163,6 +169,7 @@ class Controller:
         self.mux = self._bind("mux", zmq.ROUTER, c)
         self.task = self._bind("task", zmq.ROUTER, c)
         self.control = self._bind("control", zmq.ROUTER, c)
+        self.broadcast = self._bind("broadcast", zmq.ROUTER, c)
         self.engine_shell = self._bind("shell", zmq.ROUTER, e)
         self.engine_control = self._bind("control", zmq.ROUTER, e)
         self.hb_ping = self._bind("hb_ping", zmq.PUB, e)
@@ -188,6 +195,7 @@ class Controller:
             "unpacker": self.session.unpacker,
             "pack": self.session.packer,
             "task_scheme": self.scheduler.scheme,
+            "hwm": self.scheduler.hwm,
             "hb_period": self.hub.hb_period,
             "controller_pid": os.getpid(),
         }
@@ -199,6 +207,7 @@ class Controller:
             self.mux: self.on_mux,
             self.task: self.on_task,
             self.control: self.on_control,
+            self.broadcast: self.on_broadcast,
             self.engine_shell: self.on_engine_shell,
             self.engine_control: self.on_engine_control,
             self.hb_pong: self.on_pong,
@@ -336,7 +345,7 @@ class Controller:
             if eid not in self.hub.engines:
                 raise ValueError(f"no engine {eid!r}; registered engines are {sorted(self.hub.engines)}")
             mine = [m for m, p in self.pending.items() if p.engine_id == eid]
-            queue = [m for m in mine if self.pending[m].tag == MUX]
+            queue = [m for m in mine if self.pending[m].tag in (MUX, BROADCAST)]
             tasks = [m for m in mine if self.pending[m].tag == TASK]
             if content.get("verbose"):
                 reply[str(eid)] = {"queue": queue, "tasks": tasks}
@@ -433,7 +442,7 @@ class Controller:
                 self._apply(actions)  # the scheduler's verdict replaces the engine's reply
                 return
             self._apply(actions)
-        elif tag == MUX:
+        elif tag == MUX or tag == BROADCAST:
             engine = self.hub.by_uuid(engine_ident.decode())
             self._apply(self.scheduler.record_result(
                 parent_id, engine.id if engine else -1, md.get("status") == "ok"
@@ -441,7 +450,7 @@ class Controller:
         self.pending.pop(parent_id, None)
         self._forget_later(parent_id)
         self.hub.finished(parent_id, msg["header"], md, rest[5], rest[6:])
-        sock = self.mux if tag == MUX else self.task
+        sock = self._client_socket(tag)
         if not self._send(sock, [client, *rest]):
             self.log.info("client of %s is gone; its result stays in the Hub", parent_id)
 
@@ -485,7 +494,7 @@ class Controller:
         if engine is None:
             return
         self.log.warning("engine %d removed: %s", eid, reason)
-        lost = [m for m, p in self.pending.items() if p.engine_id == eid and p.tag == MUX]
+        lost = [m for m, p in self.pending.items() if p.engine_id == eid and p.tag in (MUX, BROADCAST)]
         for msg_id in lost:
             self._fail(msg_id, "EngineError", f"Engine {eid} died or was stopped ({reason}) "
                        "while running this task. Its result is lost; resubmit to another engine.",
@@ -521,6 +530,65 @@ class Controller:
         self.scheduler.note_pending(msg_id)
         if not self._send(self.engine_shell, [target, MUX, client, *rest]):
             self.remove_engine(engine.id, "unreachable")
+
+    def _client_socket(self, tag: bytes) -> zmq.Socket:
+        """The client-facing socket a reply with routing ``tag`` goes back through."""
+        if tag == MUX:
+            return self.mux
+        if tag == BROADCAST:
+            return self.broadcast
+        return self.task
+
+    def on_broadcast(self, frames: list) -> None:
+        """Fan one client request out to the engines its ``metadata["targets"]`` names.
+
+        Each engine gets its own copy whose header ``msg_id`` is ``f"{msg_id}_{engine_id}"``
+        (the ids the client waits on), re-signed here; parent, metadata, content and
+        buffers are the frames the client sent, never re-serialized. From then on each
+        copy is an ordinary direct request: recorded in the Hub, failed with
+        ``EngineError`` when its engine is gone or dies, its reply routed back here.
+        """
+        parsed = self._parse(frames)
+        if parsed is None:
+            return
+        idents, rest, msg = parsed
+        if len(idents) != 1:
+            self.log.warning("dropped a broadcast request with unexpected routing identities")
+            return
+        client = idents[0]
+        header, md = msg["header"], msg["metadata"]
+        targets = md.get("targets") if isinstance(md, dict) else None
+        if (not isinstance(targets, list) or not targets
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets)):
+            # the client registered no reply ids we could answer: nothing to fail
+            self.log.warning("dropped broadcast %s: metadata 'targets' must be a non-empty list "
+                             "of engine ids, got %r", header["msg_id"], targets)
+            return
+        msg_id, session_id = header["msg_id"], header.get("session", "")
+        tail = rest[3:]  # parent, metadata, content, *buffers: forwarded as they came
+        signed_tail = [f.buffer for f in tail[:3]]
+        for eid in dict.fromkeys(targets):
+            sub_id = f"{msg_id}_{eid}"
+            sub_header = {**header, "msg_id": sub_id}
+            engine = self.hub.engines.get(eid)
+            self.hub.submitted(sub_id, sub_header, md, session_id, "broadcast",
+                               engine.uuid if engine is not None else None)
+            self.pending[sub_id] = Pending(client, sub_header, BROADCAST, [], None)
+            if header.get("msg_type") not in WORK_TYPES:
+                self._fail(sub_id, "ValueError", f"Broadcast rejected: only {' and '.join(WORK_TYPES)} "
+                           f"can be broadcast, not {header.get('msg_type')!r}")
+                continue
+            if engine is None or engine.state != "ready":
+                self._fail(sub_id, "EngineError", f"No engine with id {eid} is registered; "
+                           "it may have died. Use rc.ids for the live engines.")
+                continue
+            self.pending[sub_id].engine_id = eid
+            self.scheduler.note_pending(sub_id)
+            packed = self.session.pack(sub_header)
+            signature = self.session.sign([packed, *signed_tail])
+            if not self._send(self.engine_shell, [engine.ident, BROADCAST, client, DELIM,
+                                                  signature, packed, *tail]):
+                self.remove_engine(eid, "unreachable")
 
     def on_control(self, frames: list) -> None:
         parsed = self._parse(frames, content=True)
@@ -562,6 +630,11 @@ class Controller:
         msg_id = header["msg_id"]
         self.pending[msg_id] = Pending(idents[0], header, TASK, rest, None)
         self.hub.submitted(msg_id, header, md, header.get("session", ""), "task")
+        if header.get("msg_type") not in WORK_TYPES:
+            # an engine answers nothing else: the task would hold its slot forever
+            self._fail(msg_id, "ValueError", f"Task rejected: only {' and '.join(WORK_TYPES)} can "
+                       f"be load-balanced, not {header.get('msg_type')!r}")
+            return
         try:
             actions = self.scheduler.submit(
                 msg_id,
@@ -595,8 +668,25 @@ class Controller:
             return
         pending.engine_id = eid
         self.hub.assigned(msg_id, engine.uuid)
-        if not self._send(self.engine_shell, [engine.ident, TASK, pending.client, *pending.frames]):
+        frames = pending.frames if not pending.sends else self._rerun_frames(pending)
+        pending.sends += 1
+        if not self._send(self.engine_shell, [engine.ident, TASK, pending.client, *frames]):
             self.remove_engine(eid, "unreachable")
+
+    def _rerun_frames(self, pending: Pending) -> list:
+        """The frames of a task sent again (retries, unmet dependency), freshly signed.
+
+        Engines drop a signature they have seen (replay protection), so a rerun that
+        lands on an engine the task already visited would vanish. The rerun carries
+        ``metadata["attempt"]``, which changes its signature; the msg_id, content and
+        buffers stay as they are.
+        """
+        delim, _sig, header, parent, metadata, content, *buffers = pending.frames
+        md = self.session.unpack(_bytes(metadata))
+        md["attempt"] = pending.sends
+        packed = self.session.pack(md)
+        signature = self.session.sign([_bytes(header), _bytes(parent), packed, _bytes(content)])
+        return [delim, signature, header, parent, packed, content, *buffers]
 
     def _interrupt(self, action: Interrupt) -> None:
         engine = self.hub.engines.get(action.engine_id)
@@ -647,8 +737,7 @@ class Controller:
         reply_type = pending.header.get("msg_type", "apply_request").replace("_request", "_reply")
         msg = self.session.msg(reply_type, content, parent=pending.header, metadata=metadata)
         self.hub.finished(msg_id, msg["header"], metadata, content, [])
-        sock = self.mux if pending.tag == MUX else self.task
-        self._send(sock, self.session.serialize(msg, ident=[pending.client]))
+        self._send(self._client_socket(pending.tag), self.session.serialize(msg, ident=[pending.client]))
 
 
 def _error_content(ename: str, evalue: str) -> dict:
