@@ -159,18 +159,27 @@ class DirectView(View):
     def _single(self) -> bool:
         return isinstance(self.targets, int)
 
-    def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
-                   fname: str, single: bool) -> AsyncResult:
+    def _send_to_engines(self, msg_type: str, content: dict, per_engine: list[tuple[int, list | None]],
+                         make_result: Callable[[list[str]], AsyncResult]) -> AsyncResult:
+        """One direct request per ``(engine_id, buffers)``, gathered in one AsyncResult."""
         client = self.client
         messages = [
-            client._build(msg_type, content, ident=[client._engine_uuid(t).encode()], buffers=buffers)
-            for t in targets
+            client._build(msg_type, content, ident=[client._engine_uuid(eid).encode()], buffers=buffers)
+            for eid, buffers in per_engine
         ]
-        ar = AsyncResult(client, [m for m, _ in messages], fname, targets, single=single)
-        for md, eid in zip(ar._metadata_list(), targets):
+        ar = make_result([msg_id for msg_id, _ in messages])
+        for md, (eid, _) in zip(ar._metadata_list(), per_engine):
             md["engine_id"] = eid
         client._submit("mux", messages, ar)
         return ar
+
+    def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
+                   fname: str, single: bool) -> AsyncResult:
+        """The same request to every target."""
+        return self._send_to_engines(
+            msg_type, content, [(t, buffers) for t in targets],
+            lambda msg_ids: AsyncResult(self.client, msg_ids, fname, targets, single=single),
+        )
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
                       block: bool | None = None, targets: Any = None, **options: Any) -> Any:
@@ -189,23 +198,17 @@ class DirectView(View):
             raise ValueError("map needs at least one sequence")
         ids = self.client._build_targets(self.targets)
         length = _common_length(sequences)
-        parts = [p for p in (_partition_bounds(length, len(ids), i) for i in range(len(ids)))]
         frame = serialize_function(MapTask(f))
-        client = self.client
-        messages, used = [], []
-        for eid, (lo, hi) in zip(ids, parts):
-            if hi <= lo:
-                continue
-            chunks = [_slice(seq, lo, hi) for seq in sequences]
-            buffers = pack_apply_message(None, chunks, None, function_frame=frame)
-            messages.append(client._build("apply_request", {}, ident=[client._engine_uuid(eid).encode()],
-                                          buffers=buffers))
-            used.append(eid)
-        ar = AsyncMapResult(client, [m for m, _ in messages], _fname(f), nitems=length,
-                            return_exceptions=kwargs.get("return_exceptions", False))
-        for md, eid in zip(ar._metadata_list(), used):
-            md["engine_id"] = eid
-        client._submit("mux", messages, ar)
+        per_engine = []
+        for i, eid in enumerate(ids):
+            lo, hi = _partition_bounds(length, len(ids), i)
+            if hi > lo:
+                chunks = [_slice(seq, lo, hi) for seq in sequences]
+                per_engine.append((eid, pack_apply_message(None, chunks, None, function_frame=frame)))
+        ar = self._send_to_engines("apply_request", {}, per_engine, lambda msg_ids: AsyncMapResult(
+            self.client, msg_ids, _fname(f), nitems=length,
+            return_exceptions=kwargs.get("return_exceptions", False),
+        ))
         return self._finish(ar, block)
 
     def execute(self, code: str, silent: bool = True, targets: Any = None, block: bool | None = None) -> Any:
@@ -258,21 +261,15 @@ class DirectView(View):
             raise ValueError(f"only block distribution ('b') is supported, not {dist!r}")
         ids = self.client._build_targets(self.targets if targets is None else targets)
         length = len(seq)
-        client = self.client
         frame = serialize_function(remote.push)
-        messages = []
+        per_engine = []
         for i, eid in enumerate(ids):
-            lo, hi = _partition_bounds(length, len(ids), i)
-            part = _slice(seq, lo, hi)
+            part = _slice(seq, *_partition_bounds(length, len(ids), i))
             if flatten and len(part) == 1:
                 part = part[0]
-            buffers = pack_apply_message(None, ({key: part},), None, function_frame=frame)
-            messages.append(client._build("apply_request", {}, ident=[client._engine_uuid(eid).encode()],
-                                          buffers=buffers))
-        ar = AsyncResult(client, [m for m, _ in messages], "scatter", ids)
-        for md, eid in zip(ar._metadata_list(), ids):
-            md["engine_id"] = eid
-        client._submit("mux", messages, ar)
+            per_engine.append((eid, pack_apply_message(None, ({key: part},), None, function_frame=frame)))
+        ar = self._send_to_engines("apply_request", {}, per_engine,
+                                   lambda msg_ids: AsyncResult(self.client, msg_ids, "scatter", ids))
         return self._finish(ar, block)
 
     def gather(self, key: str, dist: str = "b", targets: Any = None, block: bool | None = None) -> Any:
@@ -280,16 +277,11 @@ class DirectView(View):
         if dist != "b":
             raise ValueError(f"only block distribution ('b') is supported, not {dist!r}")
         ids = self.client._build_targets(self.targets if targets is None else targets)
-        client = self.client
         buffers = pack_apply_message(remote.pull, (key,), None)
-        messages = [
-            client._build("apply_request", {}, ident=[client._engine_uuid(eid).encode()], buffers=buffers)
-            for eid in ids
-        ]
-        ar = AsyncMapResult(client, [m for m, _ in messages], "gather", joiner=_join_parts)
-        for md, eid in zip(ar._metadata_list(), ids):
-            md["engine_id"] = eid
-        client._submit("mux", messages, ar)
+        ar = self._send_to_engines(
+            "apply_request", {}, [(eid, buffers) for eid in ids],
+            lambda msg_ids: AsyncMapResult(self.client, msg_ids, "gather", joiner=_join_parts),
+        )
         return self._finish(ar, block)
 
     def activate(self, suffix: str = "") -> None:
