@@ -433,15 +433,13 @@ class Controller:
             actions = self.scheduler.task_done(
                 parent_id, engine.id if engine else -1, success=success, now=self.loop.time(), unmet=unmet
             )
-            if self.scheduler.is_pending(parent_id):
-                # resubmitted (retries, or an unmet dependency): the client waits for the rerun
+            rerun = self.scheduler.is_pending(parent_id)  # retries, or an unmet dependency
+            overruled = any(isinstance(a, Fail) and a.msg_id == parent_id for a in actions)
+            if rerun:
                 pending.engine_id = None
-                self._apply(actions)
-                return
-            if any(isinstance(a, Fail) and a.msg_id == parent_id for a in actions):
-                self._apply(actions)  # the scheduler's verdict replaces the engine's reply
-                return
             self._apply(actions)
+            if rerun or overruled:
+                return  # the client waits for the rerun, or gets the scheduler's verdict
         elif tag == MUX or tag == BROADCAST:
             engine = self.hub.by_uuid(engine_ident.decode())
             self._apply(self.scheduler.record_result(
