@@ -7,31 +7,48 @@ Code written for IPython parallel's public API runs unchanged::
         print(rc[:].apply_sync(lambda: 42))
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from ipyparallel_lite._version import __version__
-from ipyparallel_lite.client import (
-    AsyncMapResult,
-    AsyncResult,
-    BroadcastView,
-    Client,
-    DirectView,
-    LoadBalancedView,
-    ViewExecutor,
-)
-from ipyparallel_lite.cluster import Cluster, ClusterError
-from ipyparallel_lite.dependency import Dependency, depend, require
-from ipyparallel_lite.error import (
-    CompositeError,
-    EngineError,
-    ImpossibleDependency,
-    InvalidDependency,
-    NoEnginesRegistered,
-    RemoteError,
-    TaskAborted,
-    TaskTimeout,
-    TimeoutError,
-    UnmetDependency,
-)
-from ipyparallel_lite.serialization import Reference
+
+if TYPE_CHECKING:
+    from typing import Any
+
+#: public names and the modules that define them, imported on first use: an engine or
+#: ``%load_ext`` needs none of the client, and ``import ipyparallel_lite`` stays cheap
+_LAZY = {
+    **dict.fromkeys(
+        ("AsyncMapResult", "AsyncResult", "BroadcastView", "Client", "DirectView",
+         "LoadBalancedView", "ViewExecutor"),
+        "ipyparallel_lite.client",
+    ),
+    **dict.fromkeys(("Cluster", "ClusterError"), "ipyparallel_lite.cluster"),
+    **dict.fromkeys(("Dependency", "depend", "require"), "ipyparallel_lite.dependency"),
+    **dict.fromkeys(
+        ("CompositeError", "EngineError", "ImpossibleDependency", "InvalidDependency",
+         "NoEnginesRegistered", "RemoteError", "TaskAborted", "TaskTimeout", "TimeoutError",
+         "UnmetDependency"),
+        "ipyparallel_lite.error",
+    ),
+    "Reference": "ipyparallel_lite.serialization",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ipyparallel_lite' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "AsyncMapResult",
