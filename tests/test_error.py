@@ -81,15 +81,6 @@ def test_timeout_error_is_builtin():
     assert error.TimeoutError is builtins.TimeoutError
 
 
-def test_same_names_as_ipyparallel():
-    ipp_error = pytest.importorskip("ipyparallel.error")
-    for name, obj in vars(ipp_error).items():
-        if inspect.isclass(obj) and issubclass(obj, BaseException):
-            ours = getattr(error, name)
-            ours_bases = [b.__name__ for b in ours.__mro__]
-            assert ours_bases == [b.__name__ for b in obj.__mro__], name
-
-
 def test_all_names_exported():
     for name in error.__all__:
         assert hasattr(error, name)
