@@ -63,11 +63,27 @@ def _wrap_large_bytes(obj: Any, depth: int = _WRAP_DEPTH) -> Any:
     return obj
 
 
+_DYNAMIC_FILENAME = "<dynamic-code>"
+
+
+def _code_reduce_keeping_filename(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, with its real file name kept.
+
+    cloudpickle ≥ 3.1.3 renames the file of every function it pickles by value to
+    "<dynamic-code>"; remote tracebacks then lose the file name users need to read them.
+    """
+    ctor, args = cloudpickle.cloudpickle._code_reduce(code)[:2]
+    return ctor, tuple(code.co_filename if a == _DYNAMIC_FILENAME else a for a in args)
+
+
 class _Pickler(cloudpickle.Pickler):
-    """cloudpickle with large ``bytes`` and ``memoryview`` objects sent out-of-band."""
+    """cloudpickle with large ``bytes`` and ``memoryview`` objects sent out-of-band,
+    and file names kept in the code of functions pickled by value."""
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
+        if kind is types.CodeType:
+            return _code_reduce_keeping_filename(obj)
         if kind is _LargeBytes:
             return bytes, (pickle.PickleBuffer(obj.data),)
         if kind is memoryview and obj.nbytes >= OOB_THRESHOLD and obj.contiguous:
@@ -87,6 +103,13 @@ def _dumps(obj: Any, out_of_band: list) -> bytes:
 
     stream = io.BytesIO()
     _Pickler(stream, protocol=5, buffer_callback=keep_large).dump(_wrap_large_bytes(obj))
+    return stream.getvalue()
+
+
+def _pickle(obj: Any) -> bytes:
+    """One in-band pickle (protocol 5) by our pickler."""
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5).dump(obj)
     return stream.getvalue()
 
 
@@ -136,13 +159,13 @@ def serialize_function(f: Any) -> bytes:
         frame = _reference_frames.get(f)
         if frame is not None:
             return frame
-        frame = cloudpickle.dumps(f, protocol=5)
+        frame = _pickle(f)
         if _pickles_by_reference(f):
             if len(_reference_frames) >= 1024:
                 _reference_frames.clear()
             _reference_frames[f] = frame
         return frame
-    return cloudpickle.dumps(f, protocol=5)
+    return _pickle(f)
 
 
 def pack_apply_message(

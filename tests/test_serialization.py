@@ -113,3 +113,15 @@ def test_function_cache_and_map_task():
     for f in (len, repr, str):
         cache.load(serialize_function(f), namespace)
     assert len(cache._cache) == 2
+
+
+def test_functions_pickled_by_value_keep_their_file_name():
+    """Remote tracebacks name the user's file (cloudpickle alone says "<dynamic-code>")."""
+
+    def local():
+        return 1
+
+    frames = pack_apply_message(local)
+    f, _, _ = unpack_apply_message(frames, {})
+    assert f.__code__.co_filename == __file__
+    assert f.__code__.co_firstlineno == local.__code__.co_firstlineno
