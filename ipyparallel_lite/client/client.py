@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from ipyparallel_lite import error, fastzmq
 from ipyparallel_lite._version import __version__
@@ -113,6 +114,8 @@ class Client:
         self._wake_push.connect(wake_url)
         # the first exchange happens here, before the I/O thread owns the sockets
         query = self._sockets["query"]
+        self._controller_link = query.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._controller_lost_since: float | None = None
         self.session.send(query, "connection_request", {})
         if not query.poll(int(timeout * 1000)):
             self._context.destroy(linger=0)
@@ -151,6 +154,7 @@ class Client:
             self._notification: self._on_notification,
             self._iopub: self._on_iopub,
             self._sockets["query"]: self._on_query_reply,
+            self._controller_link: self._on_controller_link,
         }
         for name in ("mux", "task", "control", "broadcast"):
             if name in self._sockets:
@@ -177,7 +181,37 @@ class Client:
                         warnings.warn(f"ipyparallel_lite client dropped a message: {e}", stacklevel=1)
             self._flush_outbox()
             self._expire_idle_waits()
+            self._check_controller()
         self._flush_outbox()
+
+    #: how long the controller may be unreachable before waiting requests fail
+    CONTROLLER_GRACE = 5.0
+
+    def _on_controller_link(self, frames: list) -> None:
+        event = parse_monitor_message([bytes(f.bytes) for f in frames])["event"]
+        if event == zmq.EVENT_DISCONNECTED:
+            self._controller_lost_since = self._controller_lost_since or time.monotonic()
+        elif event == zmq.EVENT_CONNECTED:
+            self._controller_lost_since = None
+
+    def _check_controller(self) -> None:
+        lost = self._controller_lost_since
+        if lost is not None and time.monotonic() - lost > self.CONTROLLER_GRACE:
+            self._fail_pending(
+                f"The controller has been unreachable for {self.CONTROLLER_GRACE:g}s; results of "
+                "requests in flight cannot arrive. Restart the cluster and resubmit."
+            )
+
+    def _fail_pending(self, reason: str) -> None:
+        """Answer every waiting request with an EngineError, so nobody waits forever."""
+        pending, self._pending = self._pending, {}
+        for msg_id, ar in pending.items():
+            ar._receive(msg_id, {
+                "header": {}, "parent_header": {"msg_id": msg_id}, "buffers": [],
+                "metadata": {"status": "error", "engine_id": None},
+                "content": {"status": "error", "ename": "EngineError", "evalue": reason,
+                            "traceback": [], "engine_info": {}},
+            })
 
     #: how long an execute result waits for its "idle" status before counting as complete
     IDLE_GRACE = 0.5
@@ -241,6 +275,7 @@ class Client:
                 self._engines.pop(content["id"], None)
             elif msg_type == "shutdown_notification":
                 self._engines.clear()
+                self._fail_pending("The controller shut down before these requests finished.")
             self._engines_changed.notify_all()
 
     def _on_query_reply(self, frames: list) -> None:
