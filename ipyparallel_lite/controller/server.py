@@ -42,6 +42,10 @@ MUX, TASK, CONTROL = b"m", b"t", b"c"
 BROADCAST = b"b"
 #: requests that engines answer with exactly one reply: all that tasks and broadcasts carry
 WORK_TYPES = ("apply_request", "execute_request")
+#: what an engine answers on its shell channel (ipykernel's requests, and apply): a
+#: direct request of any other type would wait forever for its reply
+DIRECT_TYPES = (*WORK_TYPES, "kernel_info_request", "complete_request", "inspect_request",
+                "is_complete_request", "history_request", "comm_info_request")
 #: how far into a message the delimiter may sit; anything deeper is garbage
 MAX_IDENTS = 4
 NOBLOCK = int(zmq.NOBLOCK)
@@ -522,6 +526,11 @@ class Controller:
             self.pending[msg_id] = pending
             self._fail(msg_id, "EngineError", f"No engine with uuid {target!r} is registered; "
                        "it may have died. Use rc.ids for the live engines.")
+            return
+        if header.get("msg_type") not in DIRECT_TYPES:
+            self.pending[msg_id] = pending
+            self._fail(msg_id, "ValueError", f"Request rejected: engines do not answer "
+                       f"{header.get('msg_type')!r} requests")
             return
         pending.engine_id = engine.id
         self.pending[msg_id] = pending
