@@ -498,9 +498,7 @@ class Client:
         if jobs is None:
             msg_ids = list(self._pending)
         else:
-            msg_ids = []
-            for job in [jobs] if isinstance(jobs, AsyncResult | str) else jobs:
-                msg_ids.extend(job.msg_ids if isinstance(job, AsyncResult) else [job])
+            msg_ids = _ids_of([jobs] if isinstance(jobs, AsyncResult | str) else jobs)
         if not msg_ids:
             return
         content = {"msg_ids": msg_ids}
@@ -557,18 +555,12 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            try:
-                self._closed = True
-            except Exception:
-                pass
-
     def __repr__(self) -> str:
         return f"<Client {self.profile}: {len(self._engines)} engines>"
 
 
 def _ids_of(jobs: Iterable) -> list[str]:
+    """The msg_ids of AsyncResults and msg_ids, flattened."""
     out = []
     for job in jobs:
         out.extend(job.msg_ids if isinstance(job, AsyncResult) else [job])
