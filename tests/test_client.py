@@ -294,3 +294,14 @@ def test_abort_running_task_keeps_engine(rc):
         ar.get(timeout=10)
     assert time.monotonic() - t0 < 5
     assert view.apply_sync(square, 3) == 9
+
+
+def test_display_outputs(dv, capsys):
+    ar = dv.execute("print('shown', 1)", block=False)
+    ar.get(timeout=10)
+    capsys.readouterr()
+    ar.display_outputs()
+    out = capsys.readouterr().out
+    assert "[stdout:0] shown 1\n" in out and "[stdout:1] shown 1\n" in out
+    with pytest.raises(ValueError, match="groupby"):
+        ar.display_outputs("sideways")
