@@ -274,3 +274,24 @@ def test_waiting_client_gets_an_error_when_the_controller_dies(own_cluster):
     os.kill(client.connection_info["controller_pid"], signal.SIGKILL)
     with pytest.raises(ipp.EngineError, match="controller has been unreachable"):
         ar.get(timeout=15)
+
+
+class DeafClient(ipp.Client):
+    """A client that never hears notifications, like one whose subscription was late."""
+
+    def _connect(self, info, timeout):
+        super()._connect(info, timeout)
+        self._notification.unsubscribe(b"")
+
+
+def test_waiting_for_engines_survives_lost_notifications():
+    cluster = ipp.Cluster(n=0)
+    cluster.start_cluster_sync()
+    try:
+        client = DeafClient(cluster.connection_file("client"))
+        cluster.start_engines_sync(1)
+        client.wait_for_engines(1, timeout=30)
+        assert client.ids == [0]
+        client.close()
+    finally:
+        cluster.stop_cluster_sync()

@@ -124,12 +124,22 @@ class Client:
                 "Is the cluster running, and is its connection file current?"
             )
         _, reply = self.session.recv(query, mode=0)
-        content = reply["content"]
-        for eid, uuid in content.get("engines", {}).items():
-            self._engines[int(eid)] = uuid
-        for eid, einfo in content.get("engine_info", {}).items():
-            self._engine_infos[int(eid)] = einfo
-            self._check_skew(int(eid), einfo)
+        self._take_engines(reply["content"])
+
+    def _take_engines(self, content: dict) -> None:
+        """Add the engines of a ``connection_reply``.
+
+        Engines are only added here; they leave on unregistration notifications, so a
+        reply overtaken by the death of one of its engines cannot bring it back.
+        """
+        engines = {int(eid): uuid for eid, uuid in content.get("engines", {}).items()}
+        infos = {int(eid): einfo for eid, einfo in content.get("engine_info", {}).items()}
+        with self._engines_changed:
+            self._engines.update(engines)
+            self._engine_infos.update(infos)
+            self._engines_changed.notify_all()
+        for eid, einfo in infos.items():
+            self._check_skew(eid, einfo)
 
     def _check_skew(self, eid: int, einfo: dict) -> None:
         """Say plainly when an engine runs other versions than this client."""
@@ -392,15 +402,21 @@ class Client:
         if n is None:
             n = getattr(self.cluster, "n", None) or 1
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
-        with Progress(total=n, label="engines ready", enabled=interactive) as progress, self._engines_changed:
-            while len(self._engines) < n:
-                progress.update(len(self._engines))
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise error.TimeoutError(
-                        f"{len(self._engines)} of {n} engines registered after {timeout}s."
-                    )
-                self._engines_changed.wait(0.5 if remaining is None else min(remaining, 0.5))
+        with Progress(total=n, label="engines ready", enabled=interactive) as progress:
+            while True:
+                with self._engines_changed:
+                    count = len(self._engines)
+                    if count >= n:
+                        break
+                    progress.update(count)
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise error.TimeoutError(f"{count} of {n} engines registered after {timeout}s.")
+                    changed = self._engines_changed.wait(0.5 if remaining is None else min(remaining, 0.5))
+                if not changed:
+                    # notifications are PUB/SUB: one published while this client's
+                    # subscription was still joining is lost, so ask the controller
+                    self._take_engines(self._query("connection_request", {})["content"])
             progress.update(len(self._engines), force=True)
 
     # ---- views ----------------------------------------------------------------------
