@@ -33,6 +33,20 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _signal_main_thread(signum: int) -> None:
+    """Deliver ``signum`` so that it interrupts the user's code.
+
+    A SIGINT sent to the process may land on any thread (the control thread, libzmq's);
+    then Python raises KeyboardInterrupt only once the main thread next runs bytecode,
+    and a main thread blocked in ``time.sleep(60)`` sleeps on. Aimed at the main
+    thread, the signal breaks the blocking call at once. Other signals go to the process.
+    """
+    if signum == signal.SIGINT:
+        signal.pthread_kill(threading.main_thread().ident, signum)
+    else:
+        os.kill(os.getpid(), signum)
+
+
 def _msg_type(session: Any, frames: list) -> str | None:
     """The msg_type of a message from its header alone (its signature is checked later)."""
     try:
@@ -285,7 +299,7 @@ class EngineKernel(IPythonKernel):
             if msg_id is not None:
                 self._interrupt_if_running({msg_id}, content.get("reason") or "KeyboardInterrupt", signum)
             else:
-                os.kill(os.getpid(), signum)
+                _signal_main_thread(signum)
             reply = {"status": "ok"}
         self.session.send(stream, "signal_reply", reply, parent=parent, ident=ident)
 
@@ -293,7 +307,7 @@ class EngineKernel(IPythonKernel):
         with self._state_lock:
             if self._running in msg_ids:
                 self._interrupt_reason[self._running] = reason
-                os.kill(os.getpid(), signum)
+                _signal_main_thread(signum)
 
     def clear_request(self, stream: Any, idents: list, parent: dict) -> None:
         """Clear the engine's namespace."""
