@@ -16,7 +16,10 @@ import pytest
 _IPYTHON_DIR = tempfile.mkdtemp(prefix="ipp-lite-tests-")
 os.environ["IPYTHONDIR"] = _IPYTHON_DIR
 
+import zmq  # noqa: E402
+
 import ipyparallel_lite as ipp  # noqa: E402
+from ipyparallel_lite.connection import url  # noqa: E402
 
 OUR_MODULES = ("ipyparallel_lite.engine", "ipyparallel_lite.controller")
 
@@ -101,3 +104,17 @@ def pickle_test_module_by_value(request):
     cloudpickle.register_pickle_by_value(request.module)
     yield
     cloudpickle.unregister_pickle_by_value(request.module)
+
+
+@pytest.fixture
+def raw_socket():
+    """``raw_socket(ctx, info, channel)``: a bare socket connected to a controller channel,
+    for sending it whatever a test likes."""
+
+    def connect(ctx: zmq.Context, info: dict, channel: str, kind: int = zmq.DEALER) -> zmq.Socket:
+        sock = ctx.socket(kind)
+        sock.linger = 0
+        sock.connect(url(info, channel))
+        return sock
+
+    return connect

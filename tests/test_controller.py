@@ -23,19 +23,12 @@ def client_info(cluster) -> dict:
     return load_connection_file(cluster.connection_file("client"))
 
 
-def raw_socket(ctx: zmq.Context, info: dict, channel: str, kind: int = zmq.DEALER) -> zmq.Socket:
-    sock = ctx.socket(kind)
-    sock.linger = 0
-    sock.connect(url(info, channel))
-    return sock
-
-
 def controller_log(cluster) -> str:
     return cluster.controller.log_file.read_text(errors="replace")
 
 
 @pytest.mark.parametrize("channel", ["registration", "mux", "task", "control"])
-def test_bad_messages_are_dropped_and_logged(cluster, rc, channel):
+def test_bad_messages_are_dropped_and_logged(cluster, rc, channel, raw_socket):
     """Wrong signature, truncated multipart, garbage, unknown msg_type: dropped, others served."""
     info = client_info(cluster)
     ctx = zmq.Context()
@@ -62,7 +55,7 @@ def test_bad_messages_are_dropped_and_logged(cluster, rc, channel):
 
 
 @pytest.mark.parametrize("channel", ["shell", "control", "hb_pong"])
-def test_bad_messages_on_engine_sockets_are_dropped(cluster, rc, channel):
+def test_bad_messages_on_engine_sockets_are_dropped(cluster, rc, channel, raw_socket):
     """The engine-facing sockets survive garbage from a peer that is no engine."""
     info = load_connection_file(cluster.connection_file("engine"))
     ctx = zmq.Context()
@@ -106,7 +99,7 @@ def test_security_files_and_interface(cluster, ipython_dir):
             assert conn.laddr.ip == "127.0.0.1"
 
 
-def test_version_skew_is_reported(cluster, rc):
+def test_version_skew_is_reported(cluster, rc, raw_socket):
     """An engine with another Python than the client is named plainly at registration."""
     info = load_connection_file(cluster.connection_file("engine"))
     session = make_session(info["key"])

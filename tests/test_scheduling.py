@@ -452,17 +452,15 @@ def test_broadcast_sends_one_message_and_can_be_depended_on(rc, lview, monkeypat
     assert not queued & set(ar.msg_ids)
 
 
-def test_bad_broadcast_messages_are_dropped(cluster, rc):
+def test_bad_broadcast_messages_are_dropped(cluster, rc, raw_socket):
     import zmq
 
-    from ipyparallel_lite.connection import load_connection_file, make_session, url
+    from ipyparallel_lite.connection import load_connection_file, make_session
 
     info = load_connection_file(cluster.connection_file("client"))
     ctx = zmq.Context()
     try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.connect(url(info, "broadcast"))
+        sock = raw_socket(ctx, info, "broadcast")
         evil, good = make_session("not-the-key"), make_session(info["key"])
         sock.send_multipart(evil.serialize(evil.msg("apply_request", {}, metadata={"targets": [0]})))
         for targets in (None, [], "all", [0, "x"], [True]):
@@ -520,18 +518,16 @@ def test_broadcast_engine_death_fails_its_part(own_cluster):
 # ---- bad input -------------------------------------------------------------------------------
 
 
-def test_unknown_message_type_cannot_take_a_task_slot(cluster, rc, lview):
+def test_unknown_message_type_cannot_take_a_task_slot(cluster, rc, lview, raw_socket):
     """A signed request engines never answer is refused, not left holding an engine."""
     import zmq
 
-    from ipyparallel_lite.connection import load_connection_file, make_session, url
+    from ipyparallel_lite.connection import load_connection_file, make_session
 
     info = load_connection_file(cluster.connection_file("client"))
     ctx = zmq.Context()
     try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.connect(url(info, "task"))
+        sock = raw_socket(ctx, info, "task")
         good = make_session(info["key"])
         for _ in range(len(rc.ids)):
             sock.send_multipart(good.serialize(good.msg("bogus_request", {})))
