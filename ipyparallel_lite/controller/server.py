@@ -518,22 +518,20 @@ class Controller:
         client, target = idents
         header = msg["header"]
         msg_id = header["msg_id"]
-        engine = self.hub.by_uuid(target.decode(errors="replace"))
-        pending = Pending(client, header, MUX, [], None)
+        target_uuid = target.decode(errors="replace")
+        engine = self.hub.by_uuid(target_uuid)
+        pending = self.pending[msg_id] = Pending(client, header, MUX, [], None)
         self.hub.submitted(msg_id, header, msg["metadata"], header.get("session", ""), "mux",
-                           target.decode(errors="replace"))
+                           target_uuid)
         if engine is None or engine.state != "ready":
-            self.pending[msg_id] = pending
             self._fail(msg_id, "EngineError", f"No engine with uuid {target!r} is registered; "
                        "it may have died. Use rc.ids for the live engines.")
             return
         if header.get("msg_type") not in DIRECT_TYPES:
-            self.pending[msg_id] = pending
             self._fail(msg_id, "ValueError", f"Request rejected: engines do not answer "
                        f"{header.get('msg_type')!r} requests")
             return
         pending.engine_id = engine.id
-        self.pending[msg_id] = pending
         self.scheduler.note_pending(msg_id)
         if not self._send(self.engine_shell, [target, MUX, client, *rest]):
             self.remove_engine(engine.id, "unreachable")
