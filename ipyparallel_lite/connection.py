@@ -32,13 +32,14 @@ def new_key() -> str:
     return secrets.token_hex(32)
 
 
-def make_session(key: str | bytes, *, username: str = "ipp-lite", **kwargs: Any) -> Session:
+def make_session(key: str | bytes, *, username: str = "ipp-lite", session_class: type[Session] = Session,
+                 **kwargs: Any) -> Session:
     """The signing session: HMAC-SHA256 over header, parent, metadata and content."""
     if isinstance(key, str):
         key = key.encode("ascii")
     if not key:
         raise ValueError("refusing to create an unsigned session: the connection key is empty")
-    return Session(key=key, signature_scheme="hmac-sha256", username=username, **kwargs)
+    return session_class(key=key, signature_scheme="hmac-sha256", username=username, **kwargs)
 
 
 def unpack_message(session: Session, frames: list, content: bool = True) -> dict:

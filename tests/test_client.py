@@ -74,6 +74,42 @@ def test_execute_and_output(dv):
     assert dv.pull("x_exec") == [11, 11]
 
 
+def test_execute_result_waits_for_all_announced_output(rc, dv, monkeypatch):
+    # the reply says how many iopub messages the cell published (execute_input, stream,
+    # display, result); the result is done once all of them arrived, however far the
+    # reply overtakes the output (here a megabyte of stdout), not after a grace period
+    monkeypatch.setattr(rc, "IDLE_GRACE", 60.0)
+    code = ("from IPython.display import display, HTML\n"
+            "for i in range(1000): print('%04d' % i + '.' * 995)\n"
+            "display(HTML('<b>shown</b>'))\n"
+            "6 * 7")
+    for _ in range(3):
+        ar = dv.execute(code, silent=False, block=False)
+        ar.get(timeout=30)
+        for md in ar.metadata:
+            assert md["iopub_count"] >= 4
+            assert md["stdout"].count("\n") == 1000 and md["stdout"].endswith("0999" + "." * 995 + "\n")
+            kinds = [out["header"]["msg_type"] for out in md["outputs"]]
+            assert kinds == ["execute_input", "display_data", "execute_result"]
+            assert md["execute_result"]["data"]["text/plain"] == "42"
+
+
+def test_execute_with_top_level_await_and_engine_history(rc, dv, monkeypatch):
+    # a cell with top-level await takes ipykernel's own path; both paths count output
+    monkeypatch.setattr(rc, "IDLE_GRACE", 60.0)
+    ar = dv.execute("import asyncio\nawait asyncio.sleep(0.01)\nprint('awaited')", silent=False, block=False)
+    ar.get(timeout=10)
+    assert ar.stdout == ["awaited\n", "awaited\n"]
+    assert all(md["iopub_count"] >= 2 for md in ar.metadata)
+    # engines keep their history in memory: %history works, no shared sqlite file is written
+    dv.execute("history_probe = 1", silent=False, block=True)
+    files = dv.apply_sync(lambda: get_ipython().history_manager.hist_file)  # noqa: F821
+    assert files == [":memory:", ":memory:"]
+    ar = dv.execute("%history -l 1", silent=False, block=False)
+    ar.get(timeout=10)
+    assert all("history_probe = 1" in out for out in ar.stdout)
+
+
 def test_apply_stdout_reaches_metadata(rc):
     def talk():
         print("from the engine")

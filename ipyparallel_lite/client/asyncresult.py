@@ -69,6 +69,7 @@ class AsyncResult(Future):
         self._replies: dict[str, dict] = {}
         self._counted: set[str] = set()
         self._idle: set[str] = set()
+        self._iopub_seen: dict[str, int] = {}
         self._npending = len(self.msg_ids)
         self._lock = threading.Lock()
         self._values: list | None = None
@@ -85,8 +86,10 @@ class AsyncResult(Future):
 
     # ---- fed by the client's I/O thread -----------------------------------------
 
-    #: execute requests finish when their reply AND their iopub "idle" status arrived, so
-    #: that the output of a cell is complete when its result is
+    #: execute requests finish when their reply AND their iopub output arrived, so that
+    #: the output of a cell is complete when its result is: the reply's ``iopub_count``
+    #: says how many iopub messages the engine published before it (an "idle" status
+    #: also completes, for kernels that don't count)
     _await_idle = False
 
     def _receive(self, msg_id: str, msg: dict) -> None:
@@ -100,11 +103,18 @@ class AsyncResult(Future):
             if msg_id in self._replies:
                 return
             self._replies[msg_id] = msg
-            waiting_for_idle = self._await_idle and msg_id not in self._idle
-        if waiting_for_idle:
+            waiting = self._await_idle and not self._output_complete(msg_id)
+        if waiting:
             self._client._expect_idle(self, msg_id)
         else:
             self._count(msg_id)
+
+    def _output_complete(self, msg_id: str) -> bool:
+        """Whether all iopub output of a replied request arrived (call holding the lock)."""
+        if msg_id in self._idle:
+            return True
+        expected = self._replies[msg_id]["metadata"].get("iopub_count")
+        return expected is not None and self._iopub_seen.get(msg_id, 0) >= expected
 
     def _count(self, msg_id: str) -> None:
         with self._lock:
@@ -122,14 +132,6 @@ class AsyncResult(Future):
         if md is None:
             return
         msg_type, content = msg["header"]["msg_type"], msg["content"]
-        if msg_type == "status":
-            if content.get("execution_state") == "idle":
-                with self._lock:
-                    self._idle.add(msg_id)
-                    replied = msg_id in self._replies
-                if replied:
-                    self._count(msg_id)
-            return
         if msg_type == "stream":
             name = content.get("name", "stdout")
             md[name] = md.get(name, "") + content.get("text", "")
@@ -142,8 +144,16 @@ class AsyncResult(Future):
             elif msg_type == "error":
                 md["error"] = content
         listener = getattr(self, "_output_listener", None)
-        if listener is not None:
+        if listener is not None and msg_type != "status":
             listener(msg_id, msg)
+        if self._await_idle:  # counted last: whoever the completion wakes sees this output
+            with self._lock:
+                self._iopub_seen[msg_id] = self._iopub_seen.get(msg_id, 0) + 1
+                if msg_type == "status" and content.get("execution_state") == "idle":
+                    self._idle.add(msg_id)
+                complete = msg_id in self._replies and self._output_complete(msg_id)
+            if complete:
+                self._count(msg_id)
 
     # ---- waiting ----------------------------------------------------------------
 

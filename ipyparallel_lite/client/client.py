@@ -223,8 +223,10 @@ class Client:
                             "traceback": [], "engine_info": {}},
             })
 
-    #: how long an execute result waits for its "idle" status before counting as complete
-    IDLE_GRACE = 0.5
+    #: how long a replied execute request waits for iopub output its engine announced
+    #: (``iopub_count``) but that has not arrived, before counting as complete: PUB/SUB
+    #: drops messages when a subscriber falls far behind
+    IDLE_GRACE = 2.0
 
     def _expect_idle(self, ar: AsyncResult, msg_id: str) -> None:
         self._idle_deadlines.append((time.monotonic() + self.IDLE_GRACE, ar, msg_id))

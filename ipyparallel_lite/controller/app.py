@@ -17,6 +17,7 @@ from traitlets import Bool, CaselessStrEnum, Float, Integer, Unicode
 from traitlets.config import Application
 
 from ipyparallel_lite._version import __version__
+from ipyparallel_lite.applog import LevelFilteredLogging
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
     connection_file_path,
@@ -29,7 +30,7 @@ from ipyparallel_lite.controller.scheduler import SCHEMES, TaskScheduler
 from ipyparallel_lite.controller.server import Controller
 
 
-class ControllerApp(Application):
+class ControllerApp(LevelFilteredLogging, Application):
     name = "ipcontroller-lite"
     version = __version__
     description = "Start an ipyparallel_lite controller (Hub and schedulers in one process)."

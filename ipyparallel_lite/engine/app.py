@@ -30,6 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ipyparallel_lite import fastzmq
 from ipyparallel_lite._version import __version__
+from ipyparallel_lite.applog import LevelFilteredLogging
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
     CONNECTION_INFO_ENV,
@@ -39,6 +40,7 @@ from ipyparallel_lite.connection import (
     url,
 )
 from ipyparallel_lite.engine.kernel import EngineKernel, MainThreadShell
+from ipyparallel_lite.engine.session import EngineSession
 
 
 def engine_info() -> dict:
@@ -58,7 +60,7 @@ class RegistrationFailed(RuntimeError):
     pass
 
 
-class EngineApp(IPKernelApp):
+class EngineApp(LevelFilteredLogging, IPKernelApp):
     name = "ipengine-lite"
     description = "Start an ipyparallel_lite engine connected to a running controller."
 
@@ -98,7 +100,7 @@ class EngineApp(IPKernelApp):
     # IPKernelApp writes and binds its own connection: an engine connects instead
     def init_connection_file(self) -> None:
         self.info = self.load_info()
-        self.session = make_session(self.info["key"])
+        self.session = make_session(self.info["key"], session_class=EngineSession)
         self.session.session = self.ident = str(uuid.uuid4())
 
     def write_connection_file(self, **kwargs: Any) -> None:
@@ -199,6 +201,10 @@ class EngineApp(IPKernelApp):
         self.heart.start()
 
     def init_kernel(self) -> None:
+        if "hist_file" not in self.config.HistoryManager:
+            # engines are many and short-lived: one shared history.sqlite written after
+            # every cell by each of them costs more than the cell (%history still works)
+            self.config.HistoryManager.hist_file = ":memory:"
         super().init_kernel()
         kernel = self.kernel
         kernel.ident = self.ident

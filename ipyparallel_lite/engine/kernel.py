@@ -4,6 +4,10 @@ Everything a notebook kernel does (``execute_request``, rich display, widgets) w
 unchanged. ``apply_request`` takes a lean path: the function and arguments arrive as
 buffers, the result leaves as buffers, and no busy/idle status is published, because
 a load-balanced farm sends thousands of them and nobody renders apply status.
+``execute_request`` runs ipykernel's own handler, and when nothing is queued before
+it and the cell has no top-level ``await``, runs it at once, also without busy/idle
+status: its reply's ``iopub_count`` metadata tells clients how many iopub messages
+the cell published, which is what they wait for.
 
 Control messages (``abort_request``, ``clear_request``, ``signal_request``) run on
 ipykernel's control thread, so they are served while a task runs.
@@ -45,6 +49,28 @@ def _signal_main_thread(signum: int) -> None:
         signal.pthread_kill(threading.main_thread().ident, signum)
     else:
         os.kill(os.getpid(), signum)
+
+
+def _run_to_completion(coro: Any) -> None:
+    """Run a coroutine that never suspends (ipykernel's handler for a cell without await)."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("a request taken on the fast path awaited; it cannot finish there")
+
+
+def _may_await(frames: list) -> bool:
+    """Whether an execute request's raw content may hold top-level ``await``/``async``.
+
+    A byte search on the JSON, before its signature is checked and without parsing it:
+    false positives (and malformed messages) only miss the fast path.
+    """
+    if len(frames) < 5:
+        return True
+    raw = frames[4].bytes if hasattr(frames[4], "bytes") else bytes(frames[4])
+    return b"await" in raw or b"async" in raw
 
 
 def _msg_type(session: Any, frames: list) -> str | None:
@@ -125,7 +151,15 @@ class EngineKernel(IPythonKernel):
             "engine_id": self.engine_id,
         }
 
+    def set_parent(self, ident: Any, parent: dict, channel: str = "shell") -> None:
+        super().set_parent(ident, parent, channel)
+        header = parent.get("header") or {}
+        if channel == "shell" and header.get("msg_type") == "execute_request":
+            self.session.count_for(header.get("msg_id"))
+
     def finish_metadata(self, parent: dict, metadata: dict, reply_content: dict) -> dict:
+        if parent["header"].get("msg_type") == "execute_request":
+            metadata["iopub_count"] = self.session.take_count(parent["header"].get("msg_id"))
         metadata["status"] = reply_content["status"]
         metadata["completed"] = utcnow()
         if reply_content["status"] == "error":
@@ -154,21 +188,46 @@ class EngineKernel(IPythonKernel):
         stream.on_recv(self._on_shell_message, copy=False)
 
     def _on_shell_message(self, msg: list) -> Any:
-        """Run an apply_request right here when nothing is queued before it.
+        """Run an apply or execute request right here when nothing is queued before it.
 
         This skips the asyncio task and lock ipykernel spends on every request; anything
-        else, or an apply arriving while other requests wait, takes ipykernel's path so
-        the order of requests is kept.
+        else, a cell with top-level ``await``, or a request arriving while others wait,
+        takes ipykernel's path so the order of requests is kept.
         """
         if self._in_flight == 0 and not self._main_asyncio_lock.locked():
             idents, frames = self.session.feed_identities(msg, copy=False)
-            if _msg_type(self.session, frames) == "apply_request":
-                # inside the stream's receive handler, which re-checks the socket after we
-                # return: replying on the raw socket here cannot hide the next request
+            msg_type = _msg_type(self.session, frames)
+            # inside the stream's receive handler, which re-checks the socket after we
+            # return: replying on the raw socket here cannot hide the next request
+            if msg_type == "apply_request":
                 self._dispatch_apply(idents, frames, self.shell_stream.socket)
+                return None
+            if msg_type == "execute_request" and not self._aborting and not _may_await(frames):
+                self._execute_now(idents, frames, self.shell_stream.socket)
                 return None
         self._in_flight += 1
         return self._queued_dispatch(msg)
+
+    def _execute_now(self, idents: list, frames: list, reply_to: Any) -> None:
+        """ipykernel's execute handler, run to completion here, without busy/idle status."""
+        try:
+            parsed = unpack_message(self.session, frames)
+        except Exception:
+            self.log.error("Invalid execute_request", exc_info=True)
+            return
+        self.set_parent(idents, parsed, channel="shell")
+        if not self.should_handle(reply_to, parsed, idents):
+            return
+        # a request read while the cell runs (a stream flush in it) queues behind this one
+        self._in_flight += 1
+        self.pre_handler_hook()
+        try:
+            _run_to_completion(self.execute_request(reply_to, idents, parsed))
+        except Exception:
+            self.log.error("Exception in execute_request", exc_info=True)
+        finally:
+            self.post_handler_hook()
+            self._in_flight -= 1
 
     async def dispatch_shell(self, msg: list, /, subshell_id: str | None = None, **kwargs: Any) -> None:
         """Route ``apply_request`` to the lean path, everything else to ipykernel."""
