@@ -133,6 +133,7 @@ class EngineKernel(IPythonKernel):
         self._running: str | None = None
         self._interrupt_reason: dict[str, str] = {}
         self._state_lock = threading.Lock()
+        self._executing_now = False  # a cell runs on the fast path (see _execute_now)
 
     @property
     def _supports_kernel_subshells(self) -> bool:
@@ -220,6 +221,7 @@ class EngineKernel(IPythonKernel):
             return
         # a request read while the cell runs (a stream flush in it) queues behind this one
         self._in_flight += 1
+        self._executing_now = True
         self.pre_handler_hook()
         try:
             _run_to_completion(self.execute_request(reply_to, idents, parsed))
@@ -227,7 +229,40 @@ class EngineKernel(IPythonKernel):
             self.log.error("Exception in execute_request", exc_info=True)
         finally:
             self.post_handler_hook()
+            self._executing_now = False
             self._in_flight -= 1
+
+    async def do_execute(self, code: str, silent: bool, store_history: bool = True,
+                         user_expressions: dict | None = None, allow_stdin: bool = False, *,
+                         cell_meta: dict | None = None, cell_id: str | None = None) -> dict:
+        """Run a cell; on the fast path, IPython's ``run_cell`` directly.
+
+        ipykernel's version transforms every cell twice (once to decide whether it needs
+        the event loop, which fast-path cells don't) and inspects ``run_cell``'s
+        signature on every call; the reply is built the same way.
+        """
+        if not self._executing_now:
+            return await super().do_execute(code, silent, store_history, user_expressions, allow_stdin,
+                                            cell_meta=cell_meta, cell_id=cell_id)
+        shell = self.shell
+        self._forward_input(allow_stdin)
+        try:
+            res = shell.run_cell(code, store_history=store_history, silent=silent, cell_id=cell_id)
+        finally:
+            self._restore_input()
+        err = res.error_before_exec if res.error_before_exec is not None else res.error_in_exec
+        reply: dict[str, Any]
+        if res.success and not getattr(shell, "_last_traceback_during_displayhook", False):
+            reply = {"status": "ok", "user_expressions": shell.user_expressions(user_expressions or {})}
+        else:
+            reply = {"status": "error", "traceback": shell._last_traceback or [],
+                     "ename": type(err).__name__, "evalue": str(err), "user_expressions": {},
+                     "engine_info": {"engine_uuid": self.ident, "engine_id": self.int_id,
+                                     "method": "execute"}}
+        reply["execution_count"] = shell.execution_count - 1
+        reply["payload"] = shell.payload_manager.read_payload()
+        shell.payload_manager.clear_payload()
+        return reply
 
     async def dispatch_shell(self, msg: list, /, subshell_id: str | None = None, **kwargs: Any) -> None:
         """Route ``apply_request`` to the lean path, everything else to ipykernel."""
