@@ -193,6 +193,35 @@ def execute_latency(
     }
 
 
+_SHELL: Any = None
+
+
+def _ipython_shell() -> Any:
+    """One in-process IPython shell for the magics, its history kept in memory."""
+    global _SHELL
+    if _SHELL is None:
+        from IPython.core.interactiveshell import InteractiveShell
+        from traitlets.config import Config
+
+        config = Config()
+        config.HistoryManager.hist_file = ":memory:"
+        _SHELL = InteractiveShell.instance(config=config)
+    return _SHELL
+
+
+def px_latency(module: ModuleType, handle: ClusterHandle | None, sizes: Sizes) -> dict[str, float]:
+    """Median latency of a blocking ``%px a=1`` in an IPython shell, on every engine."""
+    shell = _ipython_shell()
+    view = _require(handle).client[:]
+    view.block = True
+    view.activate()  # (re-)registers this package's %px in the shell
+    return {
+        "ms": latency_ms(
+            lambda: shell.run_line_magic("px", "a=1"), sizes.latency_calls, sizes.latency_warmup
+        )
+    }
+
+
 def lb_throughput(
     module: ModuleType, handle: ClusterHandle | None, sizes: Sizes
 ) -> dict[str, float]:
@@ -376,6 +405,12 @@ WORKLOADS: tuple[Workload, ...] = (
         "execute_latency",
         execute_latency,
         (Metric("ms", 'rc[:].execute("a=1", block=True) latency', "ms", False, _LATENCY),),
+    ),
+    Workload(
+        "px_latency",
+        px_latency,
+        (Metric("ms", "4 engines: %px a=1 (blocking) latency", "ms", False, 5.0),),
+        engines=4,
     ),
     Workload(
         "lb_throughput",
