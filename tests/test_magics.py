@@ -277,6 +277,38 @@ def test_stream_shows_output_as_it_arrives(shell, magics):
     assert writer.getvalue() == "[stdout:0] first\nsecond\n"
 
 
+def test_stream_notes_each_failing_engine_as_it_fails(shell, magics):
+    # engine 1 fails at once, engine 0 a second later: the first failure is told while
+    # engine 0 still runs, and the compact summary comes at the end as without streaming
+    writer = TimedWriter()
+    cell = "%%px\nimport time\ntime.sleep(1.0 - eid)\n{}['missing'] if eid else 1 / eid"
+    with contextlib.redirect_stderr(writer), contextlib.redirect_stdout(io.StringIO()):
+        result = shell.run_cell(cell, store_history=False)
+        done = time.monotonic()
+    assert not result.success
+    assert "[1:execute] KeyError: 'missing'\n" in writer.getvalue()
+    assert done - writer.when("[1:execute] KeyError") > 0.6
+    assert "[0:execute] ZeroDivisionError: division by zero\n" in writer.getvalue()
+
+
+def test_engine_clear_output_clears_its_output(shell, magics, dv):
+    # in a terminal the clear passes through (it erases the current line); the result
+    # keeps what each engine showed after its last clear, as a notebook cell would
+    cell = ("%%px\nfrom IPython.display import clear_output\nprint('before')\n"
+            "clear_output()\nprint('after')\nclear_output(wait=True)\nprint('last')\n"
+            "clear_output(wait=True)")
+    result, text = run_combined(shell, cell)
+    assert result.success
+    assert "[stdout:0] before" in text and "[stdout:1] last" in text
+    ar = magics.last_result
+    assert ar.stdout == ["last\n", "last\n"]
+    ar = dv.execute("print('kept')\nfrom IPython.display import clear_output, display\n"
+                    "display('gone')\nclear_output(wait=True)\nprint('shown')", block=False)
+    ar.get(timeout=10)
+    assert ar.stdout == ["shown\n", "shown\n"]
+    assert [o["header"]["msg_type"] for o in ar.metadata[0]["outputs"]] == []
+
+
 def test_no_stream_shows_output_at_the_end(shell, magics):
     writer = TimedWriter()
     cell = "%%px -t 0 --no-stream\nimport time\nprint('first', flush=True)\ntime.sleep(0.8)\nprint('second')"

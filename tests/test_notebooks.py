@@ -157,6 +157,10 @@ def test_quickstart_outputs(executed):
     assert len(html) == 2 and all("rich output" in o.data["text/html"] for o in html)
     assert sorted(o.metadata["engine"] for o in html) == [0, 1]
     assert "[output:0]" in output_text(nb, "display(HTML(")
+    progress = output_text(nb, "clear_output(wait=True)")
+    # each engine's last line stays, earlier ones were cleared by that engine only
+    assert "[stdout:0] step 3 of 3" in progress and "[stdout:1] step 3 of 3" in progress, progress
+    assert "step 1 of 3" not in progress and "step 2 of 3" not in progress, progress
     only = output_text(nb, "%%px -t 0")
     assert "[stdout:0] only engine 0" in only and "[stdout:1]" not in only
     assert "AsyncResult" in output_text(nb, "%%px -a -o nap")
@@ -189,3 +193,27 @@ def test_numpy_outputs(executed):
     assert "from 1000000 samples on 2 engines" in output_text(nb, 'dview.pull("part")')
     assert output_text(nb, 'dview.gather("y")').strip() == "(1000000,) True"
     assert output_text(nb, "A @ v").strip() == "(2000,) True"
+
+
+def test_one_engines_clear_output_keeps_the_others_output(tmp_path):
+    # engine 1 keeps redrawing its progress line after engine 0 finished: in a notebook its
+    # clears must not wipe engine 0's last line, nor leave its own earlier lines behind
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in (
+        "import ipyparallel_lite as ipp\ncluster = ipp.Cluster(n=2)\nrc = cluster.start_and_connect_sync()\n"
+        "dview = rc.activate()",
+        "%%px\nimport time\nfrom IPython.display import clear_output\n"
+        "me = get_ipython().kernel.engine_id\n"
+        "for step in range(1, 3 + 5 * me):\n"
+        "    clear_output(wait=True)\n"
+        "    print(f'engine {me} at step {step}')\n"
+        "    time.sleep(0.05)",
+        "cluster.stop_cluster_sync()",
+    )]
+    path = tmp_path / "clear.ipynb"
+    nbformat.write(nb, path)
+    executed, _ = run_notebook(path)
+    shown = "".join(text_of(o) for o in executed.cells[1].outputs)
+    assert "[stdout:0] engine 0 at step 2" in shown, shown
+    assert "[stdout:1] engine 1 at step 7" in shown, shown
+    assert "step 1" not in shown and "step 6" not in shown, shown

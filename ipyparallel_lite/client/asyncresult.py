@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from ipyparallel_lite.client.client import Client
 
 _DONE = object()
+#: iopub messages that are output of a cell: a pending clear_output(wait=True) clears first
+_OUTPUT_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
 
 
 class Metadata(dict):
@@ -47,8 +49,18 @@ class Metadata(dict):
             raise AttributeError(key) from None
 
 
+def _clear_outputs(md: Metadata) -> None:
+    """An engine's ``clear_output``: what its cell printed and displayed so far goes."""
+    md["stdout"] = md["stderr"] = ""
+    md["outputs"] = [out for out in md["outputs"] if out["header"]["msg_type"] == "execute_input"]
+
+
 class AsyncResult(Future):
     """The result of an asynchronous call, as in IPython parallel."""
+
+    #: called on the client's I/O thread with ``(msg_id, msg)`` for each iopub message
+    #: (not status) of the request, in arrival order; it must be quick and never raise
+    _output_listener: Callable[[str, dict], None] | None = None
 
     def __init__(
         self,
@@ -70,6 +82,7 @@ class AsyncResult(Future):
         self._counted: set[str] = set()
         self._idle: set[str] = set()
         self._iopub_seen: dict[str, int] = {}
+        self._clear_waiting: set[str] = set()  # engines' clear_output(wait=True) not done yet
         self._npending = len(self.msg_ids)
         self._lock = threading.Lock()
         self._values: list | None = None
@@ -132,6 +145,14 @@ class AsyncResult(Future):
         if md is None:
             return
         msg_type, content = msg["header"]["msg_type"], msg["content"]
+        if msg_type == "clear_output":
+            if content.get("wait"):
+                self._clear_waiting.add(msg_id)  # Jupyter's wait: clear when output comes
+            else:
+                _clear_outputs(md)
+        elif msg_id in self._clear_waiting and msg_type in _OUTPUT_TYPES:
+            self._clear_waiting.discard(msg_id)
+            _clear_outputs(md)
         if msg_type == "stream":
             name = content.get("name", "stdout")
             md[name] = md.get(name, "") + content.get("text", "")
@@ -143,7 +164,7 @@ class AsyncResult(Future):
                 md["execute_input"] = content.get("code")
             elif msg_type == "error":
                 md["error"] = content
-        listener = getattr(self, "_output_listener", None)
+        listener = self._output_listener
         if listener is not None and msg_type != "status":
             listener(msg_id, msg)
         if self._await_idle:  # counted last: whoever the completion wakes sees this output

@@ -9,10 +9,16 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from IPython.display import publish_display_data
+from IPython import get_ipython
+from IPython.display import clear_output, publish_display_data
 
 #: iopub messages that are shown as outputs (errors are raised at the end instead)
 _SHOWN_OUTPUTS = ("display_data", "execute_result")
+
+
+def _in_notebook() -> bool:
+    """Whether output goes to a Jupyter frontend (a kernel's shell), not a terminal."""
+    return getattr(get_ipython(), "kernel", None) is not None
 
 
 def display_outputs(ar: Any, groupby: str = "type") -> None:
@@ -29,45 +35,86 @@ def display_outputs(ar: Any, groupby: str = "type") -> None:
 class OutputRenderer:
     """Shows what the engines of one request printed and displayed, each piece once.
 
-    ``on_event`` shows what is new after an iopub message (streaming); ``show_rest``
-    shows everything not shown yet, grouped by ``type``, ``engine`` or ``order``.
-    Engine stdout/stderr is prefixed ``[stdout:N]``/``[stderr:N]``, displays follow an
-    ``[output:N]`` line, and results read ``Out[N:count]``.
+    Streaming (``streaming=True``): ``on_event`` shows each iopub message as it arrives
+    (the messages themselves, fed in order from the moment the request was sent):
+    stream text, displays, display updates, ``clear_output`` and a one-line note per
+    error; ``show_rest`` then adds the results, in engine order. Otherwise ``show_rest``
+    shows everything the result's metadata holds, grouped by ``type``, ``engine`` or
+    ``order``. Engine stdout/stderr is prefixed ``[stdout:N]``/``[stderr:N]``, displays
+    follow an ``[output:N]`` line, and results read ``Out[N:count]``.
+
+    An engine's ``clear_output`` clears the output area here, as a local cell's would;
+    in a notebook the other engines' output since their own last clear is shown again,
+    so one engine's progress display does not wipe the others'.
     """
 
-    def __init__(self, ar: Any):
+    def __init__(self, ar: Any, streaming: bool = False):
         self._ar = ar
+        self._streaming = streaming
         self._mds = dict(zip(ar.msg_ids, ar._metadata_list()))
         self._shown = {m: {"stdout": 0, "stderr": 0, "outputs": 0} for m in ar.msg_ids}
         self._prefix: dict[str, str | None] = {"stdout": None, "stderr": None}
         self._line_start = {"stdout": True, "stderr": True}
         self._output_engine: Any = None
+        #: streaming: each request's messages shown since its engine's last clear_output
+        self._live: dict[str, list[dict]] = {m: [] for m in ar.msg_ids}
 
     # ---- streaming ----
 
     def on_event(self, msg_id: str, msg: dict) -> None:
-        """Show what is new for ``msg_id`` after iopub message ``msg`` arrived."""
+        """Show iopub message ``msg`` of ``msg_id``, which just arrived."""
         if msg_id not in self._mds:
             return
-        kind = msg["header"]["msg_type"]
-        if kind == "stream":
-            name = msg["content"].get("name")
-            if name in self._prefix:
-                self._stream(msg_id, name)
-        elif kind == "display_data":
-            # results wait for show_rest, to be listed in engine order at the end
-            for out in self._take_outputs(msg_id, "display_data"):
-                self._show_output(msg_id, out)
+        kind, content = msg["header"]["msg_type"], msg["content"]
+        if kind == "clear_output":
+            self._clear(msg_id, bool(content.get("wait")))
         elif kind == "update_display_data":
-            content = msg["content"]
             publish_display_data(content.get("data", {}), metadata=content.get("metadata", {}),
                                  transient=content.get("transient", {}), update=True)
+        elif kind == "error":
+            self._note_error(msg_id, content)
+        elif self._show_live(msg_id, msg):
+            self._live[msg_id].append(msg)
+
+    def _show_live(self, msg_id: str, msg: dict) -> bool:
+        kind, content = msg["header"]["msg_type"], msg["content"]
+        if kind == "stream" and content.get("name") in self._prefix:
+            self._write(msg_id, content["name"], content.get("text", ""))
+            return True
+        if kind == "display_data":
+            self._show_output(msg_id, msg)
+            return True
+        return False
+
+    def _clear(self, msg_id: str, wait: bool) -> None:
+        self._live[msg_id] = []
+        self._end_lines()
+        clear_output(wait=wait)
+        self._prefix = {"stdout": None, "stderr": None}
+        self._output_engine = None
+        if _in_notebook():
+            for other, shown in self._live.items():
+                for msg in shown:
+                    self._show_live(other, msg)
+
+    def _note_error(self, msg_id: str, content: dict) -> None:
+        """One line as an engine fails; the whole error is raised when all are done."""
+        self._end_lines()
+        eid = self._mds[msg_id]["engine_id"]
+        print(f"[{eid}:execute] {content.get('ename')}: {content.get('evalue')}", file=sys.stderr, flush=True)
+        self._prefix = {"stdout": None, "stderr": None}
 
     # ---- all at once ----
 
     def show_rest(self, groupby: str = "type") -> None:
         """Show everything not shown yet, grouped by ``type``, ``engine`` or ``order``."""
         ids = self._ar.msg_ids
+        if self._streaming:  # everything else was shown as it arrived
+            for m in ids:
+                result = self._mds[m].get("execute_result")
+                if result is not None:
+                    self._show_output(m, {"header": {"msg_type": "execute_result"}, "content": result})
+            return
         if groupby == "engine":
             for m in ids:
                 self._stream(m, "stdout")
@@ -101,10 +148,13 @@ class OutputRenderer:
     def _stream(self, msg_id: str, name: str) -> None:
         md, shown = self._mds[msg_id], self._shown[msg_id]
         text = (md.get(name) or "")[shown[name]:]
+        shown[name] += len(text)
+        self._write(msg_id, name, text)
+
+    def _write(self, msg_id: str, name: str, text: str) -> None:
         if not text:
             return
-        shown[name] += len(text)
-        prefix = f"[{name}:{md['engine_id']}] "
+        prefix = f"[{name}:{self._mds[msg_id]['engine_id']}] "
         head = ""
         if prefix != self._prefix[name]:
             # a new source: start a line of its own, headed by the prefix
@@ -115,29 +165,26 @@ class OutputRenderer:
         out.write(head + text)
         out.flush()
 
-    def _take_outputs(self, msg_id: str, kind: str | None = None) -> list[dict]:
-        """Outputs of ``msg_id`` not shown yet (only up to the first that is not ``kind``)."""
+    def _take_outputs(self, msg_id: str) -> list[dict]:
+        """Displays and results of ``msg_id`` not shown yet."""
         outputs = self._mds[msg_id]["outputs"]
         shown = self._shown[msg_id]
-        taken = []
-        for out in outputs[shown["outputs"]:]:
-            msg_type = out["header"]["msg_type"]
-            if kind is not None and msg_type in _SHOWN_OUTPUTS and msg_type != kind:
-                break
-            shown["outputs"] += 1
-            if msg_type in _SHOWN_OUTPUTS:
-                taken.append(out)
+        taken = [out for out in outputs[shown["outputs"]:] if out["header"]["msg_type"] in _SHOWN_OUTPUTS]
+        shown["outputs"] = len(outputs)
         return taken
 
-    def _show_output(self, msg_id: str, msg: dict) -> None:
-        eid = self._mds[msg_id]["engine_id"]
-        content = msg["content"]
-        # finish pending stream lines, so that a display never lands mid-line
+    def _end_lines(self) -> None:
+        """Finish pending stream lines, so that what comes next never lands mid-line."""
         for name, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
             if not self._line_start[name]:
                 out.write("\n")
                 self._line_start[name] = True
             out.flush()
+
+    def _show_output(self, msg_id: str, msg: dict) -> None:
+        eid = self._mds[msg_id]["engine_id"]
+        content = msg["content"]
+        self._end_lines()
         self._prefix = {"stdout": None, "stderr": None}
         metadata = {**(content.get("metadata") or {}), "engine": eid}
         data = dict(content.get("data") or {})

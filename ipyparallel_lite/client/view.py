@@ -174,12 +174,14 @@ class DirectView(View):
         return ar
 
     def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
-                   fname: str, single: bool) -> AsyncResult:
-        """The same request to every target."""
-        return self._send_to_engines(
-            msg_type, content, [(t, buffers) for t in targets],
-            lambda msg_ids: AsyncResult(self.client, msg_ids, fname, targets, single=single),
-        )
+                   fname: str, single: bool, listener: Callable | None = None) -> AsyncResult:
+        """The same request to every target; ``listener`` hears its output from the first message."""
+        def make_result(msg_ids: list[str]) -> AsyncResult:
+            ar = AsyncResult(self.client, msg_ids, fname, targets, single=single)
+            ar._output_listener = listener
+            return ar
+
+        return self._send_to_engines(msg_type, content, [(t, buffers) for t in targets], make_result)
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
                       block: bool | None = None, targets: Any = None, **options: Any) -> Any:
@@ -213,6 +215,11 @@ class DirectView(View):
 
     def execute(self, code: str, silent: bool = True, targets: Any = None, block: bool | None = None) -> Any:
         """Run code in the engines' namespaces, as a notebook cell would."""
+        return self._finish(self._execute(code, silent, targets), block)
+
+    def _execute(self, code: str, silent: bool, targets: Any,
+                 listener: Callable[[str, dict], None] | None = None) -> AsyncResult:
+        """Send ``code``; ``listener`` (an ``AsyncResult._output_listener``) hears all its output."""
         if targets is None:
             targets, single = self.targets, self._single
         else:
@@ -220,9 +227,9 @@ class DirectView(View):
         ids = self.client._build_targets(targets)
         content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
                    "allow_stdin": False, "stop_on_error": False}
-        ar = self._send_each("execute_request", content, ids, None, "execute", single)
+        ar = self._send_each("execute_request", content, ids, None, "execute", single, listener)
         ar._await_idle = True
-        return self._finish(ar, block)
+        return ar
 
     def run(self, filename: str, targets: Any = None, block: bool | None = None) -> Any:
         """Execute a local file's code on the engines."""
@@ -347,7 +354,7 @@ class BroadcastView(DirectView):
         super().__init__(client, targets, block, **flags)
 
     def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
-                   fname: str, single: bool) -> AsyncResult:
+                   fname: str, single: bool, listener: Callable | None = None) -> AsyncResult:
         client = self.client
         if "broadcast" not in client._sockets:
             raise RuntimeError("this controller has no broadcast channel (an older version?); "
@@ -361,6 +368,7 @@ class BroadcastView(DirectView):
         msg_id, frames = client._build(msg_type, content, buffers=buffers, metadata=metadata)
         reply_ids = [f"{msg_id}_{t}" for t in targets]
         ar = AsyncResult(client, reply_ids, fname, targets, single=single)
+        ar._output_listener = listener
         for md, eid in zip(ar._metadata_list(), targets):
             md["engine_id"] = eid
         client._submit("broadcast", [(msg_id, frames)], ar, reply_ids=reply_ids)

@@ -48,7 +48,7 @@ _POLL = 0.1
 #: what the done-callback puts in the event queue to wake the waiting thread
 _DONE = object()
 #: iopub messages that streaming shows as they arrive (results wait for the end)
-_LIVE = frozenset({"stream", "display_data", "update_display_data"})
+_LIVE = frozenset({"stream", "display_data", "update_display_data", "clear_output", "error"})
 
 
 def _live_listener(events: queue.SimpleQueue) -> Callable[[str, dict], None]:
@@ -497,12 +497,11 @@ class ParallelMagics(Magics):
         if self.verbose if args.verbose is None else args.verbose:
             print(f"{'Parallel' if block else 'Async parallel'} execution on engine(s): "
                   f"{'all' if targets == 'all' else ids}")
-        ar = self._submit(view, code, targets)
         events: queue.SimpleQueue = queue.SimpleQueue()
-        renderer = OutputRenderer(ar)
+        live = block and stream
+        ar = self._submit(view, code, targets, _live_listener(events) if live else None)
+        renderer = OutputRenderer(ar, streaming=live)
         if block:
-            if stream:
-                ar._output_listener = _live_listener(events)
             ar.add_done_callback(lambda _: events.put(_DONE))
         self.last_result = ar
         if args.save_name:
@@ -515,9 +514,9 @@ class ParallelMagics(Magics):
                             progress_after=progress_after, sig=sig)
         return None
 
-    def _submit(self, view: Any, code: str, targets: Any) -> Any:
+    def _submit(self, view: Any, code: str, targets: Any, listener: Callable | None) -> Any:
         try:
-            ar = view.execute(code, silent=False, targets=targets, block=False)
+            ar = view._execute(code, silent=False, targets=targets, listener=listener)
         except (error.KernelError, RuntimeError, TypeError) as e:
             raise UsageError(str(e)) from None
         ar._fname = "%px"  # names the request in error summaries
