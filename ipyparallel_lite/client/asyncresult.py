@@ -52,7 +52,7 @@ class Metadata(dict):
 def _clear_outputs(md: Metadata) -> None:
     """An engine's ``clear_output``: what its cell printed and displayed so far goes."""
     md["stdout"] = md["stderr"] = ""
-    md["outputs"] = [out for out in md["outputs"] if out["header"]["msg_type"] == "execute_input"]
+    md["outputs"] = []
 
 
 class AsyncResult(Future):
@@ -156,14 +156,14 @@ class AsyncResult(Future):
         if msg_type == "stream":
             name = content.get("name", "stdout")
             md[name] = md.get(name, "") + content.get("text", "")
-        elif msg_type in ("display_data", "execute_result", "error", "execute_input"):
+        elif msg_type in ("display_data", "execute_result", "error"):
             md["outputs"].append(msg)
             if msg_type == "execute_result":
                 md["execute_result"] = content
-            elif msg_type == "execute_input":
-                md["execute_input"] = content.get("code")
             elif msg_type == "error":
                 md["error"] = content
+        elif msg_type == "execute_input":
+            md["execute_input"] = content.get("code")
         listener = self._output_listener
         if listener is not None and msg_type != "status":
             listener(msg_id, msg)

@@ -229,6 +229,8 @@ class DirectView(View):
                    "allow_stdin": False, "stop_on_error": False}
         ar = self._send_each("execute_request", content, ids, None, "execute", single, listener)
         ar._await_idle = True
+        for md in ar._metadata_list():
+            md["execute_input"] = code  # engines don't echo it back (docs/wire.md)
         return ar
 
     def run(self, filename: str, targets: Any = None, block: bool | None = None) -> Any:

@@ -6,8 +6,8 @@ buffers, the result leaves as buffers, and no busy/idle status is published, bec
 a load-balanced farm sends thousands of them and nobody renders apply status.
 ``execute_request`` runs ipykernel's own handler, and when nothing is queued before
 it and the cell has no top-level ``await``, runs it at once, also without busy/idle
-status: its reply's ``iopub_count`` metadata tells clients how many iopub messages
-the cell published, which is what they wait for.
+status or ``execute_input`` echo: its reply's ``iopub_count`` metadata tells clients
+how many iopub messages the cell published, which is what they wait for.
 
 Control messages (``abort_request``, ``clear_request``, ``signal_request``) run on
 ipykernel's control thread, so they are served while a task runs.
@@ -231,6 +231,12 @@ class EngineKernel(IPythonKernel):
             self.post_handler_hook()
             self._executing_now = False
             self._in_flight -= 1
+
+    def _publish_execute_input(self, code: str, parent: dict, execution_count: int) -> None:
+        """Echo a cell's code on iopub, except on the fast path, where only the client
+        that sent the code listens: it keeps the code itself."""
+        if not self._executing_now:
+            super()._publish_execute_input(code, parent, execution_count)
 
     async def do_execute(self, code: str, silent: bool, store_history: bool = True,
                          user_expressions: dict | None = None, allow_stdin: bool = False, *,
