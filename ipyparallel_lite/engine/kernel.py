@@ -227,6 +227,8 @@ class EngineKernel(IPythonKernel):
             _run_to_completion(self.execute_request(reply_to, idents, parsed))
         except Exception:
             self.log.error("Exception in execute_request", exc_info=True)
+        except KeyboardInterrupt:  # landed outside the cell, which IPython guards itself
+            self.log.error("KeyboardInterrupt caught in kernel")
         finally:
             self.post_handler_hook()
             self._executing_now = False
