@@ -475,3 +475,13 @@ def test_negative_limits_rejected():
         MemoryStore(record_limit=-1)
     with pytest.raises(ValueError):
         MemoryStore(size_limit=-1)
+
+
+def test_updates_without_buffers_or_completion_keep_the_accounting():
+    store = MemoryStore(record_limit=2)
+    store.add_record("a", _rec("a", 0, completed=True, buffers=[b"x" * 5]))
+    store.update_record("a", {"engine_uuid": "e", "result_content": {"status": "ok"}})
+    assert store.nbytes == 5
+    store.add_record("b", _rec("b", 1))
+    store.add_record("c", _rec("c", 2))  # over the limit: "a" is still the evictable one
+    assert "a" not in store and store.nbytes == 0

@@ -181,9 +181,9 @@ class Client:
                 handler = handlers[sock]
                 for _ in range(512):
                     try:
+                        if not fastzmq.readable(sock):
+                            break
                         frames = sock.recv_multipart(NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
                     except zmq.ZMQError:
                         return
                     try:

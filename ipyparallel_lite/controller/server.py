@@ -88,9 +88,9 @@ class Reader:
         sock, handler = self.sock, self.handler
         for _ in range(BATCH):
             try:
+                if not fastzmq.readable(sock):
+                    return
                 frames = sock.recv_multipart(NOBLOCK, copy=False)
-            except zmq.Again:
-                return
             except zmq.ZMQError:
                 if sock.closed:
                     return

@@ -393,11 +393,17 @@ class MemoryStore(BaseStore):
         except KeyError:
             raise self._missing(msg_id) from None
 
-    def _account(self, msg_id: str, record: Record) -> None:
-        """Refresh the byte count and completion state of a stored record."""
-        nbytes = _buffer_bytes(record)
-        self._total_bytes += nbytes - self._nbytes.get(msg_id, 0)
-        self._nbytes[msg_id] = nbytes
+    def _account(self, msg_id: str, record: Record, changed: Record | None = None) -> None:
+        """Refresh the byte count and completion state of a stored record.
+
+        ``changed``: the update just applied, when only its keys can have changed them.
+        """
+        if changed is None or any(key in changed for key in BUFFER_KEYS):
+            nbytes = _buffer_bytes(record)
+            self._total_bytes += nbytes - self._nbytes.get(msg_id, 0)
+            self._nbytes[msg_id] = nbytes
+        if changed is not None and "completed" not in changed:
+            return
         if record.get("completed") is None:
             self._completed.pop(msg_id, None)  # pending (again): not evictable
         elif msg_id not in self._completed:
@@ -438,7 +444,7 @@ class MemoryStore(BaseStore):
         if rec.get("msg_id", msg_id) != msg_id:
             raise ValueError(f"cannot change msg_id {msg_id!r} to {rec['msg_id']!r}")
         record.update(rec)
-        self._account(msg_id, record)
+        self._account(msg_id, record, rec)
         self._evict()
 
     def get_record(self, msg_id: str) -> Record:
