@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any
@@ -201,38 +202,21 @@ class EngineKernel(IPythonKernel):
             # inside the stream's receive handler, which re-checks the socket after we
             # return: replying on the raw socket here cannot hide the next request
             if msg_type == "apply_request":
-                self._dispatch_apply(idents, frames, self.shell_stream.socket)
+                self._handle_now(idents, frames, self.shell_stream.socket, self.apply_request)
                 return None
             if msg_type == "execute_request" and not self._aborting and not _may_await(frames):
-                self._execute_now(idents, frames, self.shell_stream.socket)
+                self._handle_now(idents, frames, self.shell_stream.socket, self._execute_now)
                 return None
         self._in_flight += 1
         return self._queued_dispatch(msg)
 
-    def _execute_now(self, idents: list, frames: list, reply_to: Any) -> None:
+    def _execute_now(self, reply_to: Any, idents: list, msg: dict) -> None:
         """ipykernel's execute handler, run to completion here, without busy/idle status."""
-        try:
-            parsed = unpack_message(self.session, frames)
-        except Exception:
-            self.log.error("Invalid execute_request", exc_info=True)
-            return
-        self.set_parent(idents, parsed, channel="shell")
-        if not self.should_handle(reply_to, parsed, idents):
-            return
-        # a request read while the cell runs (a stream flush in it) queues behind this one
-        self._in_flight += 1
         self._executing_now = True
-        self.pre_handler_hook()
         try:
-            _run_to_completion(self.execute_request(reply_to, idents, parsed))
-        except Exception:
-            self.log.error("Exception in execute_request", exc_info=True)
-        except KeyboardInterrupt:  # landed outside the cell, which IPython guards itself
-            self.log.error("KeyboardInterrupt caught in kernel")
+            _run_to_completion(self.execute_request(reply_to, idents, msg))
         finally:
-            self.post_handler_hook()
             self._executing_now = False
-            self._in_flight -= 1
 
     def _publish_execute_input(self, code: str, parent: dict, execution_count: int) -> None:
         """Echo a cell's code on iopub, except on the fast path, where only the client
@@ -282,22 +266,32 @@ class EngineKernel(IPythonKernel):
             return
         # outside the stream's handler: reply through the stream, whose send queue keeps
         # its edge-triggered socket state right
-        self._dispatch_apply(idents, frames, self.shell_stream)
+        self._handle_now(idents, frames, self.shell_stream, self.apply_request)
 
-    def _dispatch_apply(self, idents: list, frames: list, reply_to: Any) -> None:
+    def _handle_now(self, idents: list, frames: list, reply_to: Any,
+                    handler: Callable[[Any, list, dict], None]) -> None:
+        """Verify a request and run ``handler(reply_to, idents, msg)`` at once, as ipykernel's
+        dispatch would (parent, abort check, SIGINT handler), minus its status messages."""
         try:
             parsed = unpack_message(self.session, frames)
         except Exception:
-            self.log.error("Invalid apply_request", exc_info=True)
+            self.log.error("Invalid request", exc_info=True)
             return
         self.set_parent(idents, parsed, channel="shell")
         if not self.should_handle(reply_to, parsed, idents):
             return
+        # a request read while this one runs (a stream flush in a cell) queues behind it
+        self._in_flight += 1
         self.pre_handler_hook()
         try:
-            self.apply_request(reply_to, idents, parsed)
+            handler(reply_to, idents, parsed)
+        except Exception:
+            self.log.error("Exception in %s", parsed["header"].get("msg_type"), exc_info=True)
+        except KeyboardInterrupt:  # landed outside the user's code, which guards itself
+            self.log.error("KeyboardInterrupt caught in kernel")
         finally:
             self.post_handler_hook()
+            self._in_flight -= 1
 
     def should_handle(self, stream: Any, msg: dict, idents: list) -> bool:
         msg_id = msg["header"]["msg_id"]
