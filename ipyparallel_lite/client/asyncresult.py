@@ -103,7 +103,7 @@ class AsyncResult(Future):
     #: the output of a cell is complete when its result is: the reply's ``iopub_count``
     #: says how many iopub messages the engine published before it (an "idle" status
     #: also completes, for kernels that don't count)
-    _await_idle = False
+    _await_output = False
 
     def _receive(self, msg_id: str, msg: dict) -> None:
         md = self.metadata_by_id[msg_id]
@@ -116,9 +116,9 @@ class AsyncResult(Future):
             if msg_id in self._replies:
                 return
             self._replies[msg_id] = msg
-            waiting = self._await_idle and not self._output_complete(msg_id)
+            waiting = self._await_output and not self._output_complete(msg_id)
         if waiting:
-            self._client._expect_idle(self, msg_id)
+            self._client._expect_output(self, msg_id)
         else:
             self._count(msg_id)
 
@@ -167,7 +167,7 @@ class AsyncResult(Future):
         listener = self._output_listener
         if listener is not None and msg_type != "status":
             listener(msg_id, msg)
-        if self._await_idle:  # counted last: whoever the completion wakes sees this output
+        if self._await_output:  # counted last: whoever the completion wakes sees this output
             with self._lock:
                 self._iopub_seen[msg_id] = self._iopub_seen.get(msg_id, 0) + 1
                 if msg_type == "status" and content.get("execution_state") == "idle":

@@ -81,7 +81,7 @@ class Client:
         self._wake_lock = threading.Lock()
         self._wake_pending = False
         self.history: list[str] = []
-        self._idle_deadlines: collections.deque = collections.deque()
+        self._output_deadlines: collections.deque = collections.deque()
         self._skew_warned: set[int] = set()
         self._connect(info, timeout)
         self._io_thread = threading.Thread(target=self._io_loop, name="ipp-lite-client-io", daemon=True)
@@ -191,7 +191,7 @@ class Client:
                     except Exception as e:  # one bad message must not stop the client
                         warnings.warn(f"ipyparallel_lite client dropped a message: {e}", stacklevel=1)
             self._flush_outbox()
-            self._expire_idle_waits()
+            self._expire_output_waits()
             self._check_controller()
         self._flush_outbox()
 
@@ -227,13 +227,13 @@ class Client:
     #: how long a replied execute request waits for iopub output its engine announced
     #: (``iopub_count``) but that has not arrived, before counting as complete: PUB/SUB
     #: drops messages when a subscriber falls far behind
-    IDLE_GRACE = 2.0
+    OUTPUT_GRACE = 2.0
 
-    def _expect_idle(self, ar: AsyncResult, msg_id: str) -> None:
-        self._idle_deadlines.append((time.monotonic() + self.IDLE_GRACE, ar, msg_id))
+    def _expect_output(self, ar: AsyncResult, msg_id: str) -> None:
+        self._output_deadlines.append((time.monotonic() + self.OUTPUT_GRACE, ar, msg_id))
 
-    def _expire_idle_waits(self) -> None:
-        waits = self._idle_deadlines
+    def _expire_output_waits(self) -> None:
+        waits = self._output_deadlines
         now = time.monotonic()
         while waits and waits[0][0] <= now:
             _, ar, msg_id = waits.popleft()

@@ -228,7 +228,7 @@ class DirectView(View):
         content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
                    "allow_stdin": False, "stop_on_error": False}
         ar = self._send_each("execute_request", content, ids, None, "execute", single, listener)
-        ar._await_idle = True
+        ar._await_output = True
         for md in ar._metadata_list():
             md["execute_input"] = code  # engines don't echo it back (docs/wire.md)
         return ar
