@@ -249,6 +249,27 @@ def test_engine_with_no_controller_fails_clearly(tmp_path):
     assert "No answer from the controller" in proc.stderr
 
 
+def test_engine_removed_while_stalled_exits_when_it_wakes(own_cluster):
+    # a stopped engine misses its heartbeats and is removed; once it runs again the
+    # controller hears it and tells it, and it exits instead of living on unseen
+    cluster, client = own_cluster(2, controller_args=["--hb-period=0.2", "--ControllerApp.hb_max_misses=3"])
+    pid1 = client[1].apply_sync(os.getpid)
+    os.kill(pid1, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while 1 in client.ids:
+            assert time.monotonic() < deadline, "the stopped engine was not removed"
+            time.sleep(0.05)
+    finally:
+        os.kill(pid1, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid1) and psutil.Process(pid1).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the removed engine lives on"
+        time.sleep(0.1)
+    assert client.ids == [0]
+    assert client.load_balanced_view().apply_sync(abs, -2) == 2
+
+
 def test_engines_exit_when_their_controller_is_gone(own_cluster):
     cluster, client = own_cluster(1, engine_args=["--EngineApp.controller_timeout=1"])
     engine_pid = client[0].apply_sync(os.getpid)

@@ -57,6 +57,26 @@ def test_silent_engines_and_stale_registrations_are_dead():
     assert hub.remove(live.id) is live and hub.by_uuid("live") is None
 
 
+def test_engines_removed_against_their_will_are_remembered_once():
+    hub = Hub()
+    for uuid in ("stalled", "leaving"):
+        hub.register(uuid, None, {}, 0)
+    assert hub.beat("stalled", 1.0) and not hub.beat("stranger", 1.0)
+    stalled, leaving = hub.by_uuid("stalled"), hub.by_uuid("leaving")
+    hub.remove(stalled.id, forced_because="stopped answering heartbeats")
+    hub.remove(leaving.id)  # it unregistered itself: nothing to tell it
+    assert not hub.beat("stalled", 2.0)
+    assert hub.take_removed("stalled") == (stalled.id, "stopped answering heartbeats")
+    assert hub.take_removed("stalled") is None  # told once
+    assert hub.take_removed("leaving") is None
+    small = Hub()
+    small.REMEMBER_REMOVED = 2
+    for i in range(3):
+        small.register(f"e{i}", None, {}, 0)
+        small.remove(i, forced_because="unreachable")
+    assert small.take_removed("e0") is None and small.take_removed("e2") == (2, "unreachable")
+
+
 def test_task_records_follow_request_and_reply():
     hub = Hub(store=MemoryStore())
     header = {"msg_id": "m1", "msg_type": "apply_request", "date": "2026-11-24T10:00:00Z"}

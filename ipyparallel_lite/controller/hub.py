@@ -10,11 +10,14 @@ Engine life cycle::
     "ready" -- heartbeats missed / disconnected / unregistration_request --> removed
 
 An engine counts as ready only when its shell and control connections have both
-reached the controller, so the first request routed to it cannot be lost.
+reached the controller, so the first request routed to it cannot be lost. An engine
+removed while it was still alive (stalled past its heartbeats, then back) is
+remembered, so that the controller can tell it when its heartbeat shows up again.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -70,6 +73,8 @@ class Hub:
         self.engines: dict[int, Engine] = {}
         self._by_uuid: dict[str, Engine] = {}
         self._next_id = 0
+        #: uuid -> (id, reason) of engines removed against their will, newest last
+        self._removed: OrderedDict[str, tuple[int, str]] = OrderedDict()
 
     # ---- engines ---------------------------------------------------------------
 
@@ -107,10 +112,13 @@ class Hub:
             return engine
         return None
 
-    def beat(self, uuid: str, now: float) -> None:
+    def beat(self, uuid: str, now: float) -> bool:
+        """Note a heartbeat; False if no registered engine has that uuid."""
         engine = self._by_uuid.get(uuid)
-        if engine is not None:
-            engine.last_beat = now
+        if engine is None:
+            return False
+        engine.last_beat = now
+        return True
 
     def dead_engines(self, now: float, grace: float | None = None) -> list[Engine]:
         """Engines silent for longer than ``grace`` (default: the missed-heartbeat limit),
@@ -124,11 +132,23 @@ class Hub:
                 dead.append(engine)
         return dead
 
-    def remove(self, eid: int) -> Engine | None:
+    #: how many removed engines are remembered for :meth:`take_removed`
+    REMEMBER_REMOVED = 1024
+
+    def remove(self, eid: int, forced_because: str | None = None) -> Engine | None:
+        """Forget an engine; with ``forced_because``, remember why it was removed."""
         engine = self.engines.pop(eid, None)
         if engine is not None:
             del self._by_uuid[engine.uuid]
+            if forced_because is not None:
+                self._removed[engine.uuid] = (eid, forced_because)
+                if len(self._removed) > self.REMEMBER_REMOVED:
+                    self._removed.popitem(last=False)
         return engine
+
+    def take_removed(self, uuid: str) -> tuple[int, str] | None:
+        """``(id, reason)`` if ``uuid`` is an engine removed against its will, once."""
+        return self._removed.pop(uuid, None)
 
     def by_uuid(self, uuid: str) -> Engine | None:
         return self._by_uuid.get(uuid)

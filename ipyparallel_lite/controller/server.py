@@ -465,7 +465,17 @@ class Controller:
             self._send(self.control, [idents[1], *rest])
 
     def on_pong(self, frames: list) -> None:
-        self.hub.beat(frames[0].bytes.decode(errors="replace"), self.loop.time())
+        uuid = frames[0].bytes.decode(errors="replace")
+        if self.hub.beat(uuid, self.loop.time()):
+            return
+        removed = self.hub.take_removed(uuid)
+        if removed is not None:
+            # alive after all (it stalled past its heartbeats): it has no work and will get
+            # none, so it should not linger unnoticed
+            eid, reason = removed
+            self.log.warning("engine %d answers again after it was removed (%s): told to exit", eid, reason)
+            msg = self.session.msg("removal_notification", {"id": eid, "reason": reason})
+            self._send(self.engine_control, [uuid.encode(), *self.session.serialize(msg, ident=[b"x", b"-"])])
 
     def on_monitor(self, frames: list) -> None:
         # an engine's connection dropped; the event does not say which engine, so a
@@ -492,7 +502,7 @@ class Controller:
             self.remove_engine(engine.id, "stopped answering heartbeats")
 
     def remove_engine(self, eid: int, reason: str) -> None:
-        engine = self.hub.remove(eid)
+        engine = self.hub.remove(eid, None if reason == "unregistered" else reason)
         if engine is None:
             return
         self.log.warning("engine %d removed: %s", eid, reason)

@@ -124,6 +124,7 @@ class EngineKernel(IPythonKernel):
         "abort_request",
         "clear_request",
         "signal_request",
+        "removal_notification",
     ]
 
     def __init__(self, **kwargs: Any):
@@ -404,6 +405,22 @@ class EngineKernel(IPythonKernel):
             if self._running in msg_ids:
                 self._interrupt_reason[self._running] = reason
                 _signal_main_thread(signum)
+
+    def removal_notification(self, stream: Any, idents: list, parent: dict) -> None:
+        """The controller removed this engine (it stalled past its heartbeats): exit.
+
+        Its tasks were failed or sent elsewhere and no request will reach it again; an
+        engine living on unseen would only hold memory and a core.
+        """
+        content = parent["content"]
+        self.log.critical("the controller removed engine %s (%s); this engine exits. Start a "
+                          "new engine to get the capacity back.", content.get("id"), content.get("reason"))
+        for out in (sys.stdout, sys.stderr, sys.__stderr__):
+            try:
+                out.flush()
+            except Exception:
+                pass
+        os._exit(1)
 
     def clear_request(self, stream: Any, idents: list, parent: dict) -> None:
         """Clear the engine's namespace."""
