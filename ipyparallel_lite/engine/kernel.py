@@ -115,7 +115,7 @@ class EngineKernel(IPythonKernel):
     engine_id = Integer(-1)
     engine_info = Dict()
     # ipykernel sleeps this long after each cell so output "makes it" before the reply;
-    # clients here wait for the engine's idle status instead, which is exact
+    # clients here wait for the output a reply announces (iopub_count) instead, which is exact
     _execute_sleep = Float(0.0).tag(config=True)
 
     msg_types = [*IPythonKernel.msg_types, "apply_request"]
