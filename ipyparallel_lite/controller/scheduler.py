@@ -380,6 +380,12 @@ class TaskScheduler:
                     break
         else:
             state = self._combined(task)
+        if self._settle(task, state, out):
+            for dep_id in unfinished:
+                self._dependents.setdefault(dep_id, []).append(task)
+
+    def _settle(self, task: _Task, state: str, out: list) -> bool:
+        """Act on a task's dependency state: fail it, place it, or (True) keep it waiting."""
         if state is IMPOSSIBLE:
             self._fail_task(task, "ImpossibleDependency", self._impossible_reason(task), out)
         elif state is MET:
@@ -387,8 +393,8 @@ class TaskScheduler:
         elif self._follow_pinned_dead(task):
             self._fail_task(task, "ImpossibleDependency", self._no_live_home(task), out)
         else:
-            for dep_id in unfinished:
-                self._dependents.setdefault(dep_id, []).append(task)
+            return True
+        return False
 
     # ------------------------------------------------------------------ replies in
 
@@ -675,13 +681,7 @@ class TaskScheduler:
         for task in waiting:
             if task.state is not _WAITING:
                 continue
-            state = self._observe(task, done_id, engine_id, success)
-            if state is IMPOSSIBLE:
-                self._fail_task(task, "ImpossibleDependency", self._impossible_reason(task), out)
-            elif state is MET:
-                self._place(task, out)
-            elif self._follow_pinned_dead(task):
-                self._fail_task(task, "ImpossibleDependency", self._no_live_home(task), out)
+            self._settle(task, self._observe(task, done_id, engine_id, success), out)
 
     @staticmethod
     def _observe(task: _Task, dep_id: str, engine_id: int | None, success: bool) -> str:
