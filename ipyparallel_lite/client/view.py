@@ -159,6 +159,14 @@ class DirectView(View):
     def _single(self) -> bool:
         return isinstance(self.targets, int)
 
+    def _resolve_targets(self, targets: Any) -> tuple[list[int], bool]:
+        """Engine ids of ``targets`` (None: the view's), and whether one engine was named."""
+        if targets is None:
+            targets, single = self.targets, self._single
+        else:
+            single = isinstance(targets, int)
+        return self.client._build_targets(targets), single
+
     def _send_to_engines(self, msg_type: str, content: dict, per_engine: list[tuple[int, list | None]],
                          make_result: Callable[[list[str]], AsyncResult]) -> AsyncResult:
         """One direct request per ``(engine_id, buffers)``, gathered in one AsyncResult."""
@@ -185,11 +193,7 @@ class DirectView(View):
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
                       block: bool | None = None, targets: Any = None, **options: Any) -> Any:
-        if targets is None:
-            targets, single = self.targets, self._single
-        else:
-            single = isinstance(targets, int)
-        ids = self.client._build_targets(targets)
+        ids, single = self._resolve_targets(targets)
         buffers = pack_apply_message(f, args, kwargs)
         ar = self._send_each("apply_request", {}, ids, buffers, _fname(f), single)
         return self._finish(ar, block)
@@ -220,11 +224,7 @@ class DirectView(View):
     def _execute(self, code: str, silent: bool, targets: Any,
                  listener: Callable[[str, dict], None] | None = None) -> AsyncResult:
         """Send ``code``; ``listener`` (an ``AsyncResult._output_listener``) hears all its output."""
-        if targets is None:
-            targets, single = self.targets, self._single
-        else:
-            single = isinstance(targets, int)
-        ids = self.client._build_targets(targets)
+        ids, single = self._resolve_targets(targets)
         content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
                    "allow_stdin": False, "stop_on_error": False}
         ar = self._send_each("execute_request", content, ids, None, "execute", single, listener)
