@@ -56,7 +56,9 @@ class OutputRenderer:
         self._prefix: dict[str, str | None] = {"stdout": None, "stderr": None}
         self._line_start = {"stdout": True, "stderr": True}
         self._output_engine: Any = None
-        #: streaming: each request's messages shown since its engine's last clear_output
+        #: streaming in a notebook: each request's messages shown since its engine's last
+        #: clear_output, to show again when another engine clears the output area
+        self._redraw = streaming and _in_notebook()
         self._live: dict[str, list[dict]] = {m: [] for m in ar.msg_ids}
 
     # ---- streaming ----
@@ -73,7 +75,7 @@ class OutputRenderer:
                                  transient=content.get("transient", {}), update=True)
         elif kind == "error":
             self._note_error(msg_id, content)
-        elif self._show_live(msg_id, msg):
+        elif self._show_live(msg_id, msg) and self._redraw:
             self._live[msg_id].append(msg)
 
     def _show_live(self, msg_id: str, msg: dict) -> bool:
@@ -92,7 +94,7 @@ class OutputRenderer:
         clear_output(wait=wait)
         self._prefix = {"stdout": None, "stderr": None}
         self._output_engine = None
-        if _in_notebook():
+        if self._redraw:
             for other, shown in self._live.items():
                 for msg in shown:
                     self._show_live(other, msg)
