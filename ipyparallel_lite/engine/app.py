@@ -41,6 +41,7 @@ from ipyparallel_lite.connection import (
 )
 from ipyparallel_lite.engine.kernel import EngineKernel, MainThreadShell
 from ipyparallel_lite.engine.session import EngineSession
+from ipyparallel_lite.engine.stream import ShellStream
 
 
 def engine_info() -> dict:
@@ -207,6 +208,10 @@ class EngineApp(LevelFilteredLogging, IPKernelApp):
             self.config.HistoryManager.hist_file = ":memory:"
         super().init_kernel()
         kernel = self.kernel
+        # ipykernel made a plain ZMQStream for the shell socket: swap in the lean one
+        plain = kernel.shell_stream
+        plain.io_loop.remove_handler(plain.socket)
+        kernel.shell_stream = ShellStream(self.shell_socket, plain.io_loop)
         kernel.ident = self.ident
         kernel.engine_id = self.eid
         kernel.int_id = self.eid  # ipykernel puts int_id in execute errors' engine_info

@@ -15,6 +15,7 @@ ipykernel's control thread, so they are served while a task runs.
 
 from __future__ import annotations
 
+import _signal
 import os
 import signal
 import sys
@@ -27,7 +28,8 @@ from typing import Any
 from ipykernel.iostream import OutStream
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.utils import _async_in_context
-from traitlets import Dict, Float, Integer
+from ipykernel.zmqshell import ZMQInteractiveShell
+from traitlets import Dict, Float, Integer, Type
 
 from ipyparallel_lite.connection import unpack_message
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
@@ -94,6 +96,19 @@ class EngineOutStream(OutStream):
             super().flush()
 
 
+class EngineShell(ZMQInteractiveShell):
+    """ipykernel's shell, minus a compile per cell: code that has neither ``await`` nor
+    ``async`` in its text cannot need the event loop, so IPython's check is skipped."""
+
+    def should_run_async(self, raw_cell: str, *, transformed_cell: str | None = None,
+                         preprocessing_exc_tuple: Any = None) -> bool:
+        code = raw_cell if transformed_cell is None else transformed_cell
+        if "await" not in code and "async" not in code:
+            return False
+        return super().should_run_async(raw_cell, transformed_cell=transformed_cell,
+                                        preprocessing_exc_tuple=preprocessing_exc_tuple)
+
+
 class MainThreadShell:
     """Stands in for ipykernel's shell-channel thread, which engines do not run.
 
@@ -112,6 +127,7 @@ class MainThreadShell:
 class EngineKernel(IPythonKernel):
     """IPython kernel serving ipyparallel_lite's apply and control requests."""
 
+    shell_class = Type(EngineShell)
     engine_id = Integer(-1)
     engine_info = Dict()
     # ipykernel sleeps this long after each cell so output "makes it" before the reply;
@@ -200,13 +216,11 @@ class EngineKernel(IPythonKernel):
         if self._in_flight == 0 and not self._main_asyncio_lock.locked():
             idents, frames = self.session.feed_identities(msg, copy=False)
             msg_type = _msg_type(self.session, frames)
-            # inside the stream's receive handler, which re-checks the socket after we
-            # return: replying on the raw socket here cannot hide the next request
             if msg_type == "apply_request":
-                self._handle_now(idents, frames, self.shell_stream.socket, self.apply_request)
+                self._handle_now(idents, frames, self.shell_stream, self.apply_request)
                 return None
             if msg_type == "execute_request" and not self._aborting and not _may_await(frames):
-                self._handle_now(idents, frames, self.shell_stream.socket, self._execute_now)
+                self._handle_now(idents, frames, self.shell_stream, self._execute_now)
                 return None
         self._in_flight += 1
         return self._queued_dispatch(msg)
@@ -265,8 +279,6 @@ class EngineKernel(IPythonKernel):
         if _msg_type(self.session, frames) != "apply_request":
             await super().dispatch_shell(msg, subshell_id, **kwargs)
             return
-        # outside the stream's handler: reply through the stream, whose send queue keeps
-        # its edge-triggered socket state right
         self._handle_now(idents, frames, self.shell_stream, self.apply_request)
 
     def _handle_now(self, idents: list, frames: list, reply_to: Any,
@@ -293,6 +305,14 @@ class EngineKernel(IPythonKernel):
         finally:
             self.post_handler_hook()
             self._in_flight -= 1
+
+    # ipykernel's hooks, through _signal: signal.signal turns each handler it returns
+    # into an enum, which cost about 10 us a request
+    def pre_handler_hook(self) -> None:
+        self.saved_sigint_handler = _signal.signal(_signal.SIGINT, signal.default_int_handler)
+
+    def post_handler_hook(self) -> None:
+        _signal.signal(_signal.SIGINT, self.saved_sigint_handler)
 
     def should_handle(self, stream: Any, msg: dict, idents: list) -> bool:
         msg_id = msg["header"]["msg_id"]

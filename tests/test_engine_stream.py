@@ -1,0 +1,128 @@
+"""The engine's ShellStream on real zmq sockets: order, batching, sends, flush, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import zmq
+from tornado.ioloop import IOLoop
+
+from ipyparallel_lite import fastzmq
+from ipyparallel_lite.engine import stream as stream_mod
+from ipyparallel_lite.engine.stream import ShellStream
+
+
+@pytest.fixture
+def pair():
+    """``(router, dealer)``: a controller-like ROUTER and an engine-like DEALER."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = fastzmq.socket(ctx, zmq.DEALER)
+    dealer.linger = 0
+    dealer.identity = b"engine"
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    yield router, dealer
+    ctx.destroy(linger=0)
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def test_messages_arrive_in_order_and_replies_go_straight_out(pair, monkeypatch):
+    router, dealer = pair
+    monkeypatch.setattr(stream_mod, "BATCH", 3)  # several passes, each after other callbacks
+
+    async def main() -> list:
+        stream = ShellStream(dealer, IOLoop.current())
+        got: list = []
+        handled = asyncio.Event()
+
+        def on_message(msg: list) -> None:
+            got.append(msg[0].bytes)
+            stream.send_multipart([b"reply-" + msg[0].bytes])
+            if len(got) == 10:
+                handled.set()
+
+        stream.on_recv(on_message, copy=False)
+        # the ROUTER only knows the DEALER once it has said something
+        stream.send_multipart([b"hello"])
+        await _until(lambda: router.poll(0))
+        assert router.recv_multipart() == [b"engine", b"hello"]
+        for i in range(10):
+            router.send_multipart([b"engine", str(i).encode()])
+        await asyncio.wait_for(handled.wait(), 5)
+        replies = []
+        while len(replies) < 10:
+            assert router.poll(5000)
+            replies.append(router.recv_multipart()[1])
+        stream.close()
+        assert stream.closed()
+        return [got, replies]
+
+    got, replies = asyncio.run(main())
+    assert got == [str(i).encode() for i in range(10)]
+    assert replies == [b"reply-" + str(i).encode() for i in range(10)]
+
+
+def test_awaitables_are_scheduled_and_errors_do_not_stop_the_stream(pair):
+    router, dealer = pair
+
+    async def main() -> list:
+        stream = ShellStream(dealer, IOLoop.current())
+        done: list = []
+
+        async def later(tag: bytes) -> None:
+            await asyncio.sleep(0)
+            done.append(tag)
+
+        def on_message(msg: list):
+            tag = msg[0]
+            if tag == b"boom":
+                raise RuntimeError("a handler failed")
+            return later(tag)
+
+        stream.on_recv(on_message)
+        stream.send_multipart([b"hello"])
+        await _until(lambda: router.poll(0))
+        router.recv_multipart()
+        for tag in (b"a", b"boom", b"b"):
+            router.send_multipart([b"engine", tag])
+        await _until(lambda: len(done) == 2)
+        stream.close()
+        return done
+
+    assert asyncio.run(main()) == [b"a", b"b"]
+
+
+def test_flush_hands_over_waiting_messages_at_once(pair):
+    router, dealer = pair
+
+    async def main() -> tuple:
+        stream = ShellStream(dealer, IOLoop.current())
+        got: list = []
+        stream.send_multipart([b"hello"])
+        await _until(lambda: router.poll(0))
+        router.recv_multipart()
+        for i in range(4):
+            router.send_multipart([b"engine", str(i).encode()])
+        await _until(lambda: dealer.poll(0))
+        await asyncio.sleep(0.05)  # all four are queued in libzmq by now
+        assert stream.flush() == 0  # nobody reads yet: nothing is taken
+        stream.on_recv(lambda msg: got.append(msg[0]))
+        # flush, as ipykernel's abort does, without waiting for the loop
+        count = stream.flush()
+        assert stream.flush(zmq.POLLOUT) == 0
+        stream.close()
+        return count, got
+
+    count, got = asyncio.run(main())
+    assert count == 4
+    assert got == [b"0", b"1", b"2", b"3"]
