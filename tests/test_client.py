@@ -47,6 +47,41 @@ def test_apply_single_and_many(rc):
     assert rc[1].apply(square, 5).get() == 25  # block defaults to False
 
 
+def test_requests_to_several_engines_are_sent_once(rc, monkeypatch):
+    sent = []
+    real_submit = rc._submit
+
+    def counting_submit(channel, messages, result, **kwargs):
+        sent.append((channel, len(messages)))
+        return real_submit(channel, messages, result, **kwargs)
+
+    monkeypatch.setattr(rc, "_submit", counting_submit)
+    payload = np.arange(10**5)
+    rc[:].push({"payload": payload}, block=True)
+    ar = rc[:].execute("total = int(payload.sum())", block=False)
+    assert ar.get(timeout=10) == [None, None]
+    assert sent == [("mux", 1), ("mux", 1)]
+    base = ar.msg_ids[0].rsplit("_", 1)[0]
+    assert ar.msg_ids == [f"{base}_0", f"{base}_1"]
+    assert rc[:].pull("total", block=True) == [int(payload.sum())] * 2
+    # a repeated target is a request of its own each time it is named
+    sent.clear()
+    assert rc[[0, 0]].apply_sync(square, 3) == [9, 9]
+    assert sent == [("mux", 2)]
+
+
+def test_one_engine_sees_direct_requests_in_order(rc):
+    # one-engine and several-engine requests share the mux channel, so they keep their order
+    rc[:].execute("seen = []", block=True)
+    ars = []
+    for i in range(20):
+        view = rc[0] if i % 2 else rc[:]
+        ars.append(view.execute(f"seen.append({i})", block=False))
+    assert rc.wait(ars, timeout=10)
+    assert rc[0].pull("seen", block=True) == list(range(20))
+    assert rc[1].pull("seen", block=True) == list(range(0, 20, 2))
+
+
 def test_get_timeout_and_wait(rc):
     ar = rc[0].apply_async(time.sleep, 0.5)
     with pytest.raises(ipp.TimeoutError, match="not ready"):

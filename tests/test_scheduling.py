@@ -452,7 +452,8 @@ def test_broadcast_sends_one_message_and_can_be_depended_on(rc, lview, monkeypat
     assert not queued & set(ar.msg_ids)
 
 
-def test_bad_broadcast_messages_are_dropped(cluster, rc, raw_socket):
+@pytest.mark.parametrize("channel", ["broadcast", "mux"])
+def test_bad_fan_out_messages_are_dropped(cluster, rc, raw_socket, channel):
     import zmq
 
     from ipyparallel_lite.connection import load_connection_file, make_session
@@ -460,7 +461,7 @@ def test_bad_broadcast_messages_are_dropped(cluster, rc, raw_socket):
     info = load_connection_file(cluster.connection_file("client"))
     ctx = zmq.Context()
     try:
-        sock = raw_socket(ctx, info, "broadcast")
+        sock = raw_socket(ctx, info, channel)
         evil, good = make_session("not-the-key"), make_session(info["key"])
         sock.send_multipart(evil.serialize(evil.msg("apply_request", {}, metadata={"targets": [0]})))
         for targets in (None, [], "all", [0, "x"], [True]):
@@ -482,7 +483,8 @@ def test_bad_broadcast_messages_are_dropped(cluster, rc, raw_socket):
     finally:
         ctx.destroy(linger=0)
     log = cluster.controller.log_file.read_text(errors="replace")
-    assert "dropped broadcast" in log and "failed verification" in log
+    assert f"dropped {'broadcast' if channel == 'broadcast' else 'direct'} request" in log
+    assert "failed verification" in log
 
 
 def test_broadcast_errors_have_direct_view_shape(rc):

@@ -1,5 +1,6 @@
-"""Views: DirectView (named engines), BroadcastView (one message fanned out by the
-controller) and LoadBalancedView (the task farm), plus :class:`ViewExecutor`.
+"""Views: DirectView (named engines), BroadcastView (the same, on the controller's
+broadcast channel) and LoadBalancedView (the task farm), plus :class:`ViewExecutor`.
+A request for several engines is one message, which the controller fans out.
 
 A view holds flags (``block``, ``targets`` and, for load balancing, ``after``,
 ``follow``, ``timeout``, ``retries``) and turns calls into messages. The function of a
@@ -183,13 +184,39 @@ class DirectView(View):
 
     def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
                    fname: str, single: bool, listener: Callable | None = None) -> AsyncResult:
-        """The same request to every target; ``listener`` hears its output from the first message."""
+        """The same request to every target; ``listener`` hears its output from the first message.
+
+        Several distinct engines get one message, which the controller fans out (so
+        the request and its buffers are serialized and sent once); a repeated target
+        gets one message per mention, as each mention is a request of its own.
+        """
+        if len(targets) > 1 and len(set(targets)) == len(targets):
+            return self._fan_out("mux", msg_type, content, targets, buffers, fname, single, listener)
+
         def make_result(msg_ids: list[str]) -> AsyncResult:
             ar = AsyncResult(self.client, msg_ids, fname, targets, single=single)
             ar._output_listener = listener
             return ar
 
         return self._send_to_engines(msg_type, content, [(t, buffers) for t in targets], make_result)
+
+    def _fan_out(self, channel: str, msg_type: str, content: dict, targets: list[int],
+                 buffers: list | None, fname: str, single: bool, listener: Callable | None,
+                 metadata: dict | None = None) -> AsyncResult:
+        """One message for all ``targets`` (distinct engine ids); the controller sends each
+        engine a copy whose msg_id is ``f"{msg_id}_{engine_id}"``, the AsyncResult's ids."""
+        client = self.client
+        for t in targets:
+            client._engine_uuid(t)  # a clear error for an engine that is gone, before sending
+        msg_id, frames = client._build(msg_type, content, buffers=buffers,
+                                       metadata={**(metadata or {}), "targets": targets})
+        reply_ids = [f"{msg_id}_{t}" for t in targets]
+        ar = AsyncResult(client, reply_ids, fname, targets, single=single)
+        ar._output_listener = listener
+        for md, eid in zip(ar._metadata_list(), targets):
+            md["engine_id"] = eid
+        client._submit(channel, [(msg_id, frames)], ar, reply_ids=reply_ids)
+        return ar
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
                       block: bool | None = None, targets: Any = None, **options: Any) -> Any:
@@ -357,24 +384,14 @@ class BroadcastView(DirectView):
 
     def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
                    fname: str, single: bool, listener: Callable | None = None) -> AsyncResult:
-        client = self.client
-        if "broadcast" not in client._sockets:
+        if "broadcast" not in self.client._sockets:
             raise RuntimeError("this controller has no broadcast channel (an older version?); "
                                "use a DirectView (rc[:]) instead")
         targets = list(dict.fromkeys(targets))
-        for t in targets:
-            client._engine_uuid(t)  # a clear error for an engine that is gone, before sending
         if not targets:  # nothing to fan out to: an empty result, as a DirectView gives
-            return AsyncResult(client, [], fname, targets, single=single)
-        metadata = {"targets": targets, "is_broadcast": True, "is_coalescing": self.is_coalescing}
-        msg_id, frames = client._build(msg_type, content, buffers=buffers, metadata=metadata)
-        reply_ids = [f"{msg_id}_{t}" for t in targets]
-        ar = AsyncResult(client, reply_ids, fname, targets, single=single)
-        ar._output_listener = listener
-        for md, eid in zip(ar._metadata_list(), targets):
-            md["engine_id"] = eid
-        client._submit("broadcast", [(msg_id, frames)], ar, reply_ids=reply_ids)
-        return ar
+            return AsyncResult(self.client, [], fname, targets, single=single)
+        return self._fan_out("broadcast", msg_type, content, targets, buffers, fname, single, listener,
+                             {"is_broadcast": True, "is_coalescing": self.is_coalescing})
 
 
 class LoadBalancedView(View):

@@ -8,6 +8,7 @@ and forwards the original frames: content and buffers are never re-serialized.
 Routing frames (after the ROUTER's identity frame)::
 
     client -> mux      [engine_uuid, DELIM, sig, header, parent, metadata, content, *buffers]
+    client -> mux      [DELIM, ...]  to several engines: metadata["targets"] (see _fan_out)
     client -> task     [DELIM, ...]
     client -> control  [engine_uuid, DELIM, ...]  to one engine, or [DELIM, ...] to the controller
     client -> broadcast  [DELIM, ...]  metadata["targets"] lists engine ids (see on_broadcast)
@@ -522,8 +523,11 @@ class Controller:
         if parsed is None:
             return
         idents, rest, msg = parsed
+        if len(idents) == 1:  # several engines: one message, fanned out here
+            self._fan_out(idents[0], MUX, rest, msg)
+            return
         if len(idents) != 2:
-            self.log.warning("dropped a mux request without a target engine")
+            self.log.warning("dropped a mux request with unexpected routing identities")
             return
         client, target = idents
         header = msg["header"]
@@ -555,14 +559,6 @@ class Controller:
         return self.task
 
     def on_broadcast(self, frames: list) -> None:
-        """Fan one client request out to the engines its ``metadata["targets"]`` names.
-
-        Each engine gets its own copy whose header ``msg_id`` is ``f"{msg_id}_{engine_id}"``
-        (the ids the client waits on), re-signed here; parent, metadata, content and
-        buffers are the frames the client sent, never re-serialized. From then on each
-        copy is an ordinary direct request: recorded in the Hub, failed with
-        ``EngineError`` when its engine is gone or dies, its reply routed back here.
-        """
         parsed = self._parse(frames)
         if parsed is None:
             return
@@ -570,28 +566,41 @@ class Controller:
         if len(idents) != 1:
             self.log.warning("dropped a broadcast request with unexpected routing identities")
             return
-        client = idents[0]
+        self._fan_out(idents[0], BROADCAST, rest, msg)
+
+    def _fan_out(self, client: bytes, tag: bytes, rest: list, msg: dict) -> None:
+        """Send one client request to the engines its ``metadata["targets"]`` names.
+
+        Each engine gets its own copy whose header ``msg_id`` is ``f"{msg_id}_{engine_id}"``
+        (the ids the client waits on), re-signed here; parent, metadata, content and
+        buffers are the frames the client sent, never re-serialized. From then on each
+        copy is an ordinary direct request: recorded in the Hub, failed with
+        ``EngineError`` when its engine is gone or dies, its reply routed back through
+        the client socket ``tag`` names.
+        """
         header, md = msg["header"], msg["metadata"]
         targets = md.get("targets") if isinstance(md, dict) else None
         if (not isinstance(targets, list) or not targets
                 or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets)):
             # the client registered no reply ids we could answer: nothing to fail
-            self.log.warning("dropped broadcast %s: metadata 'targets' must be a non-empty list "
-                             "of engine ids, got %r", header["msg_id"], targets)
+            self.log.warning("dropped %s request %s: metadata 'targets' must be a non-empty list "
+                             "of engine ids, got %r", "broadcast" if tag == BROADCAST else "direct",
+                             header["msg_id"], targets)
             return
         msg_id, session_id = header["msg_id"], header.get("session", "")
+        queue = "broadcast" if tag == BROADCAST else "mux"
         tail = rest[3:]  # parent, metadata, content, *buffers: forwarded as they came
         signed_tail = [f.buffer for f in tail[:3]]
         for eid in dict.fromkeys(targets):
             sub_id = f"{msg_id}_{eid}"
             sub_header = {**header, "msg_id": sub_id}
             engine = self.hub.engines.get(eid)
-            self.hub.submitted(sub_id, sub_header, md, session_id, "broadcast",
+            self.hub.submitted(sub_id, sub_header, md, session_id, queue,
                                engine.uuid if engine is not None else None)
-            self.pending[sub_id] = Pending(client, sub_header, BROADCAST, [], None)
+            self.pending[sub_id] = Pending(client, sub_header, tag, [], None)
             if header.get("msg_type") not in WORK_TYPES:
-                self._fail(sub_id, "ValueError", f"Broadcast rejected: only {' and '.join(WORK_TYPES)} "
-                           f"can be broadcast, not {header.get('msg_type')!r}")
+                self._fail(sub_id, "ValueError", f"Request rejected: only {' and '.join(WORK_TYPES)} "
+                           f"can go to several engines at once, not {header.get('msg_type')!r}")
                 continue
             if engine is None or engine.state != "ready":
                 self._fail(sub_id, "EngineError", f"No engine with id {eid} is registered; "
@@ -601,7 +610,7 @@ class Controller:
             self.scheduler.note_pending(sub_id)
             packed = self.session.pack(sub_header)
             signature = self.session.sign([packed, *signed_tail])
-            if not self._send(self.engine_shell, [engine.ident, BROADCAST, client, DELIM,
+            if not self._send(self.engine_shell, [engine.ident, tag, client, DELIM,
                                                   signature, packed, *tail]):
                 self.remove_engine(eid, "unreachable")
 
