@@ -76,7 +76,7 @@ class Reader:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket, handler: Callable):
         self.loop, self.sock, self.handler = loop, sock, handler
         self._scheduled = False
-        loop.add_reader(sock.FD, self.kick)
+        loop.add_reader(sock.FD, self._drain)
         self.kick()
 
     def kick(self) -> None:

@@ -34,12 +34,13 @@ class ShellStream(ZMQStream):
         self._scheduled = False
         self._draining = False
         # the zmq FD is edge-triggered: it wakes us once for any number of messages
-        self._loop.add_reader(self._fd, self._kick)
+        self._loop.add_reader(self._fd, self._drain)
 
     def _update_handler(self, state: int) -> None:
         pass  # the reader is always registered; sends never wait for the loop
 
     def _kick(self) -> None:
+        """Drain on the loop's next turn (after a send, which may consume the FD's edge)."""
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._drain)
