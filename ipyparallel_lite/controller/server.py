@@ -445,7 +445,10 @@ class Controller:
             self._apply(actions)
             if rerun or overruled:
                 return  # the client waits for the rerun, or gets the scheduler's verdict
-        elif tag == MUX or tag == BROADCAST:
+        # the client first: what follows only records the result
+        if not self._send(self._client_socket(tag), [client, *rest]):
+            self.log.info("client of %s is gone; its result stays in the Hub", parent_id)
+        if tag == MUX or tag == BROADCAST:
             engine = self.hub.by_uuid(engine_ident.decode())
             self._apply(self.scheduler.record_result(
                 parent_id, engine.id if engine else -1, md.get("status") == "ok"
@@ -453,9 +456,6 @@ class Controller:
         self.pending.pop(parent_id, None)
         self._forget_later(parent_id)
         self.hub.finished(parent_id, msg["header"], md, rest[5], rest[6:])
-        sock = self._client_socket(tag)
-        if not self._send(sock, [client, *rest]):
-            self.log.info("client of %s is gone; its result stays in the Hub", parent_id)
 
     def on_engine_control(self, frames: list) -> None:
         parsed = self._engine_message(frames, "control")
@@ -589,30 +589,36 @@ class Controller:
             return
         msg_id, session_id = header["msg_id"], header.get("session", "")
         queue = "broadcast" if tag == BROADCAST else "mux"
+        work = header.get("msg_type") in WORK_TYPES
         tail = rest[3:]  # parent, metadata, content, *buffers: forwarded as they came
         signed_tail = [f.buffer for f in tail[:3]]
-        for eid in dict.fromkeys(targets):
-            sub_id = f"{msg_id}_{eid}"
-            sub_header = {**header, "msg_id": sub_id}
+        headers = {eid: {**header, "msg_id": f"{msg_id}_{eid}"} for eid in targets}
+        sent: dict[int, bool] = {}
+        # engines first, so they start sooner; their replies are read on later loop
+        # turns, after the bookkeeping below
+        for eid, sub_header in headers.items():
+            engine = self.hub.engines.get(eid)
+            if work and engine is not None and engine.state == "ready":
+                packed = self.session.pack(sub_header)
+                signature = self.session.sign([packed, *signed_tail])
+                sent[eid] = self._send(self.engine_shell, [engine.ident, tag, client, DELIM,
+                                                          signature, packed, *tail])
+        for eid, sub_header in headers.items():
+            sub_id = sub_header["msg_id"]
             engine = self.hub.engines.get(eid)
             self.hub.submitted(sub_id, sub_header, md, session_id, queue,
                                engine.uuid if engine is not None else None)
-            self.pending[sub_id] = Pending(client, sub_header, tag, [], None)
-            if header.get("msg_type") not in WORK_TYPES:
+            self.pending[sub_id] = Pending(client, sub_header, tag, [], eid if eid in sent else None)
+            if not work:
                 self._fail(sub_id, "ValueError", f"Request rejected: only {' and '.join(WORK_TYPES)} "
                            f"can go to several engines at once, not {header.get('msg_type')!r}")
-                continue
-            if engine is None or engine.state != "ready":
+            elif eid not in sent:
                 self._fail(sub_id, "EngineError", f"No engine with id {eid} is registered; "
                            "it may have died. Use rc.ids for the live engines.")
-                continue
-            self.pending[sub_id].engine_id = eid
-            self.scheduler.note_pending(sub_id)
-            packed = self.session.pack(sub_header)
-            signature = self.session.sign([packed, *signed_tail])
-            if not self._send(self.engine_shell, [engine.ident, tag, client, DELIM,
-                                                  signature, packed, *tail]):
-                self.remove_engine(eid, "unreachable")
+            elif sent[eid]:
+                self.scheduler.note_pending(sub_id)
+            else:
+                self.remove_engine(eid, "unreachable")  # fails this request, and any other it ran
 
     def on_control(self, frames: list) -> None:
         parsed = self._parse(frames, content=True)
