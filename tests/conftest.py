@@ -118,3 +118,17 @@ def raw_socket():
         return sock
 
     return connect
+
+
+@pytest.fixture
+def sent_messages(rc, monkeypatch):
+    """``(channel, number of messages)`` for each batch the client ``rc`` queues from now on."""
+    sent: list[tuple[str, int]] = []
+    real_submit = rc._submit
+
+    def counting_submit(channel, messages, result, **kwargs):
+        sent.append((channel, len(messages)))
+        return real_submit(channel, messages, result, **kwargs)
+
+    monkeypatch.setattr(rc, "_submit", counting_submit)
+    return sent

@@ -47,15 +47,8 @@ def test_apply_single_and_many(rc):
     assert rc[1].apply(square, 5).get() == 25  # block defaults to False
 
 
-def test_requests_to_several_engines_are_sent_once(rc, monkeypatch):
-    sent = []
-    real_submit = rc._submit
-
-    def counting_submit(channel, messages, result, **kwargs):
-        sent.append((channel, len(messages)))
-        return real_submit(channel, messages, result, **kwargs)
-
-    monkeypatch.setattr(rc, "_submit", counting_submit)
+def test_requests_to_several_engines_are_sent_once(rc, sent_messages):
+    sent = sent_messages
     payload = np.arange(10**5)
     rc[:].push({"payload": payload}, block=True)
     ar = rc[:].execute("total = int(payload.sum())", block=False)

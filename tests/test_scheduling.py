@@ -431,18 +431,9 @@ def test_broadcast_matches_direct_view(rc):
     assert bview.gather("part", block=True) == list(range(4))
 
 
-def test_broadcast_sends_one_message_and_can_be_depended_on(rc, lview, monkeypatch):
-    sent = []
-    real_submit = rc._submit
-
-    def counting_submit(channel, messages, result, **kwargs):
-        sent.append((channel, len(messages)))
-        return real_submit(channel, messages, result, **kwargs)
-
-    monkeypatch.setattr(rc, "_submit", counting_submit)
+def test_broadcast_sends_one_message_and_can_be_depended_on(rc, lview, sent_messages):
     ar = rc.broadcast_view().apply_async(sleep_and_pid, 0.3)
-    assert sent == [("broadcast", 1)]
-    monkeypatch.undo()
+    assert sent_messages == [("broadcast", 1)]
     with lview.temp_flags(after=ar):
         later = lview.apply_async(pid)
     later.get(timeout=10)

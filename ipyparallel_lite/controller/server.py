@@ -49,7 +49,6 @@ DIRECT_TYPES = (*WORK_TYPES, "kernel_info_request", "complete_request", "inspect
                 "is_complete_request", "history_request", "comm_info_request")
 #: how far into a message the delimiter may sit; anything deeper is garbage
 MAX_IDENTS = 4
-NOBLOCK = int(zmq.NOBLOCK)
 #: messages handled per socket before other sockets get their turn
 BATCH = 256
 
@@ -64,48 +63,6 @@ class Pending:
     frames: list  # from DELIM on, kept to (re)send load-balanced tasks
     engine_id: int | None = None
     sends: int = 0  # times a load-balanced task went to an engine (reruns re-sign)
-
-
-class Reader:
-    """Drains a zmq socket from the asyncio loop.
-
-    The zmq FD is edge-triggered and a send may consume the edge, so after sending on
-    a socket we also read from, :meth:`kick` schedules one more drain.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket, handler: Callable):
-        self.loop, self.sock, self.handler = loop, sock, handler
-        self._scheduled = False
-        loop.add_reader(sock.FD, self._drain)
-        self.kick()
-
-    def kick(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self.loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        self._scheduled = False
-        sock, handler = self.sock, self.handler
-        for _ in range(BATCH):
-            try:
-                if not fastzmq.readable(sock):
-                    return
-                frames = sock.recv_multipart(NOBLOCK, copy=False)
-            except zmq.ZMQError:
-                if sock.closed:
-                    return
-                raise
-            try:
-                handler(frames)
-            except Exception:
-                logging.getLogger("ipyparallel_lite.controller").exception(
-                    "error handling a message; the controller goes on"
-                )
-        self.kick()  # more may be waiting: come back after other sockets had a turn
-
-    def close(self) -> None:
-        self.loop.remove_reader(self.sock.FD)
 
 
 def _split(frames: list) -> tuple[list[bytes], list] | None:
@@ -148,7 +105,7 @@ class Controller:
         self.ports: dict[str, int] = {}
         self.engine_ports: dict[str, int] = {}
         self.pending: dict[str, Pending] = {}
-        self._readers: list[Reader] = []
+        self._readers: list[fastzmq.Drainer] = []
         self._timers: list[asyncio.TimerHandle] = []
         self._deadline: asyncio.TimerHandle | None = None
         self._hb_counter = 0
@@ -220,11 +177,19 @@ class Controller:
         }
         self._reader_of = {}
         for sock, handler in handlers.items():
-            reader = Reader(loop, sock, handler)
+            reader = fastzmq.Drainer(loop, sock, self._guarded(handler), BATCH)
             self._readers.append(reader)
             self._reader_of[sock] = reader
         self._heartbeat()
         self.log.info("controller ready: client ports %s", self.ports)
+
+    def _guarded(self, handler: Callable[[list], None]) -> Callable[[list], None]:
+        def handle(frames: list) -> None:
+            try:
+                handler(frames)
+            except Exception:
+                self.log.exception("error handling a message; the controller goes on")
+        return handle
 
     def stop(self) -> None:
         for reader in self._readers:

@@ -5,11 +5,13 @@ in another turn after every message, and queues each send for a later turn. An e
 answering thousands of small requests spends more time in those turns than in the
 requests. :class:`ShellStream` keeps the ``ZMQStream`` interface ipykernel uses
 (``on_recv``, ``send_multipart``, ``flush``, ``close``, ``socket``, ``io_loop``) with
-one asyncio reader that drains every waiting message, and sends that go straight to
-the socket (a DEALER: libzmq queues what the controller has not read yet).
+a :class:`~ipyparallel_lite.fastzmq.Drainer` that hands over every waiting message
+from the FD event itself, and sends that go straight to the socket (a DEALER: libzmq
+queues what the controller has not read yet).
 
-Contract: messages reach the ``on_recv`` callback one at a time, in arrival order;
-a callback returning an awaitable has it scheduled, as ``ZMQStream`` does.
+Contract: messages reach the ``on_recv`` callback one at a time, in arrival order,
+and stay queued in libzmq while no callback is set; a callback returning an
+awaitable has it scheduled, as ``ZMQStream`` does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import zmq
 from zmq.eventloop.zmqstream import ZMQStream
 
-from ipyparallel_lite import fastzmq
+from ipyparallel_lite.fastzmq import Drainer
 
 #: messages handled in one pass before other callbacks on the loop get a turn
 BATCH = 64
@@ -29,63 +31,46 @@ BATCH = 64
 class ShellStream(ZMQStream):
     """``ZMQStream`` for an engine's shell socket, without per-message loop turns."""
 
+    _drainer: Drainer | None = None
+
     def _init_io_state(self) -> None:
-        self._loop = self.io_loop.asyncio_loop
-        self._scheduled = False
-        self._draining = False
-        # the zmq FD is edge-triggered: it wakes us once for any number of messages
-        self._loop.add_reader(self._fd, self._drain)
+        pass  # the drainer comes with a receive callback (_update_handler)
 
     def _update_handler(self, state: int) -> None:
-        pass  # the reader is always registered; sends never wait for the loop
+        """ZMQStream's hook for what to watch: a drainer while there is a callback."""
+        if state & zmq.POLLIN and self._drainer is None:
+            self._drainer = Drainer(self.io_loop.asyncio_loop, self.socket, self._handle, BATCH)
+        elif not state & zmq.POLLIN and self._drainer is not None:
+            self._drainer.close()
+            self._drainer = None
 
-    def _kick(self) -> None:
-        """Drain on the loop's next turn (after a send, which may consume the FD's edge)."""
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        self._scheduled = False
-        if self._handle_waiting(BATCH) == BATCH:
-            self._kick()  # more may wait: come back after other callbacks had a turn
-
-    def _handle_waiting(self, limit: int) -> int:
-        """Pass up to ``limit`` waiting messages to the callback; how many there were."""
-        count = 0
-        was_draining, self._draining = self._draining, True  # flush() may run inside a callback
+    def _handle(self, msg: list) -> None:
+        if self._recv_copy:
+            msg = [frame.bytes for frame in msg]
         try:
-            while (count < limit and self.socket is not None and self._recv_callback is not None
-                   and fastzmq.readable(self.socket)):
-                msg = self.socket.recv_multipart(zmq.NOBLOCK, copy=self._recv_copy)
-                count += 1
-                try:
-                    self._run_callback(self._recv_callback, msg)
-                except Exception:
-                    pass  # logged by _run_callback; the next message still gets its turn
-        finally:
-            self._draining = was_draining
-        return count
+            self._run_callback(self._recv_callback, msg)
+        except Exception:
+            pass  # logged by _run_callback; the next message still gets its turn
 
     def send_multipart(self, msg: Sequence[Any], flags: int = 0, copy: bool = True,
                        track: bool = False, callback: Any = None, **kwargs: Any) -> None:
         self.socket.send_multipart(msg, flags, copy=copy, track=track, **kwargs)
         if callback is not None:
             callback(msg, None)
-        if not self._draining:
-            # a send may consume the FD's edge; inside a drain the loop looks again anyway
-            self._kick()
+        drainer = self._drainer
+        if drainer is not None and not drainer.draining:
+            drainer.kick()  # a send may consume the FD's signal; a drain looks again anyway
 
     def flush(self, flag: int = zmq.POLLIN | zmq.POLLOUT, limit: int | None = None) -> int:
         """Handle the messages waiting now (sends never wait); how many there were."""
         self._check_closed()
-        if not flag & zmq.POLLIN:
+        if not flag & zmq.POLLIN or self._drainer is None:
             return 0
-        return self._handle_waiting(limit or 2**31)
+        return self._drainer.drain(limit or 2**31)
 
     def close(self, linger: int | None = None) -> None:
         if self.socket is not None:
-            self._loop.remove_reader(self._fd)
+            self._update_handler(0)
             self.socket.close(linger)
             self.socket = None  # type: ignore[assignment]
             if self._close_callback:
