@@ -488,10 +488,11 @@ def test_broadcast_errors_have_direct_view_shape(rc):
     assert rc.broadcast_view(targets=0).apply_async(double, 3).get_dict(timeout=10) == {0: 6}
 
 
-def test_broadcast_engine_death_fails_its_part(own_cluster):
+@pytest.mark.parametrize("view", ["broadcast", "direct"])
+def test_fan_out_engine_death_fails_its_part(own_cluster, view):
     cluster, client = own_cluster(2)
     pids = pids_of(client)
-    ar = client.broadcast_view().apply_async(sleep_and_pid, 30)
+    ar = (client.broadcast_view() if view == "broadcast" else client[:]).apply_async(sleep_and_pid, 30)
     time.sleep(0.5)
     t0 = time.monotonic()
     os.kill(pids[1], signal.SIGKILL)
