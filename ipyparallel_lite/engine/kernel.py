@@ -217,10 +217,10 @@ class EngineKernel(IPythonKernel):
             idents, frames = self.session.feed_identities(msg, copy=False)
             msg_type = _msg_type(self.session, frames)
             if msg_type == "apply_request":
-                self._handle_now(idents, frames, self.shell_stream, self.apply_request)
+                self._handle_now(idents, frames, self.apply_request)
                 return None
             if msg_type == "execute_request" and not self._aborting and not _may_await(frames):
-                self._handle_now(idents, frames, self.shell_stream, self._execute_now)
+                self._handle_now(idents, frames, self._execute_now)
                 return None
         self._in_flight += 1
         return self._queued_dispatch(msg)
@@ -279,25 +279,26 @@ class EngineKernel(IPythonKernel):
         if _msg_type(self.session, frames) != "apply_request":
             await super().dispatch_shell(msg, subshell_id, **kwargs)
             return
-        self._handle_now(idents, frames, self.shell_stream, self.apply_request)
+        self._handle_now(idents, frames, self.apply_request)
 
-    def _handle_now(self, idents: list, frames: list, reply_to: Any,
-                    handler: Callable[[Any, list, dict], None]) -> None:
-        """Verify a request and run ``handler(reply_to, idents, msg)`` at once, as ipykernel's
-        dispatch would (parent, abort check, SIGINT handler), minus its status messages."""
+    def _handle_now(self, idents: list, frames: list, handler: Callable[[Any, list, dict], None]) -> None:
+        """Verify a request and run ``handler(shell_stream, idents, msg)`` at once, as
+        ipykernel's dispatch would (parent, abort check, SIGINT handler), minus its status
+        messages."""
         try:
             parsed = unpack_message(self.session, frames)
         except Exception:
             self.log.error("Invalid request", exc_info=True)
             return
         self.set_parent(idents, parsed, channel="shell")
-        if not self.should_handle(reply_to, parsed, idents):
+        stream = self.shell_stream
+        if not self.should_handle(stream, parsed, idents):
             return
         # a request read while this one runs (a stream flush in a cell) queues behind it
         self._in_flight += 1
         self.pre_handler_hook()
         try:
-            handler(reply_to, idents, parsed)
+            handler(stream, idents, parsed)
         except Exception:
             self.log.error("Exception in %s", parsed["header"].get("msg_type"), exc_info=True)
         except KeyboardInterrupt:  # landed outside the user's code, which guards itself
