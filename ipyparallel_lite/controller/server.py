@@ -557,20 +557,20 @@ class Controller:
         work = header.get("msg_type") in WORK_TYPES
         tail = rest[3:]  # parent, metadata, content, *buffers: forwarded as they came
         signed_tail = [f.buffer for f in tail[:3]]
-        headers = {eid: {**header, "msg_id": f"{msg_id}_{eid}"} for eid in targets}
+        # one copy per distinct engine: its header, and the engine (None if unknown)
+        copies = {eid: ({**header, "msg_id": f"{msg_id}_{eid}"}, self.hub.engines.get(eid))
+                  for eid in targets}
         sent: dict[int, bool] = {}
         # engines first, so they start sooner; their replies are read on later loop
         # turns, after the bookkeeping below
-        for eid, sub_header in headers.items():
-            engine = self.hub.engines.get(eid)
+        for eid, (sub_header, engine) in copies.items():
             if work and engine is not None and engine.state == "ready":
                 packed = self.session.pack(sub_header)
                 signature = self.session.sign([packed, *signed_tail])
                 sent[eid] = self._send(self.engine_shell, [engine.ident, tag, client, DELIM,
                                                           signature, packed, *tail])
-        for eid, sub_header in headers.items():
+        for eid, (sub_header, engine) in copies.items():
             sub_id = sub_header["msg_id"]
-            engine = self.hub.engines.get(eid)
             self.hub.submitted(sub_id, sub_header, md, session_id, queue,
                                engine.uuid if engine is not None else None)
             self.pending[sub_id] = Pending(client, sub_header, tag, [], eid if eid in sent else None)
