@@ -75,6 +75,11 @@ def unpack_message(session: Session, frames: list, content: bool = True) -> dict
     }
 
 
+def reply_type(msg_type: str) -> str:
+    """The reply's msg_type for a request's: ``apply_request`` -> ``apply_reply``."""
+    return (msg_type[: -len("_request")] if msg_type.endswith("_request") else msg_type) + "_reply"
+
+
 def ipython_dir() -> Path:
     from IPython.paths import get_ipython_dir
 

@@ -80,6 +80,7 @@ class Client:
         self._outbox: collections.deque = collections.deque()
         self._wake_lock = threading.Lock()
         self._wake_pending = False
+        self._stalled_on: zmq.Socket | None = None
         self.history: list[str] = []
         self._output_deadlines: collections.deque = collections.deque()
         self._skew_warned: set[int] = set()
@@ -159,7 +160,7 @@ class Client:
     # ---- the I/O thread -----------------------------------------------------------
 
     def _io_loop(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         handlers = {
             self._wake_pull: self._on_wake,
             self._notification: self._on_notification,
@@ -244,10 +245,23 @@ class Client:
             self._wake_pending = False
 
     def _flush_outbox(self) -> None:
+        """Send what the outbox holds, never blocking: a blocked send here would stop this
+        thread from reading replies, and the controller may be waiting for us to read."""
         outbox, sockets = self._outbox, self._sockets
         while outbox:
-            channel, frames = outbox.popleft()
-            sockets[channel].send_multipart(frames, copy=False)
+            channel, frames = outbox[0]
+            sock = sockets[channel]
+            try:
+                sock.send_multipart(frames, NOBLOCK, copy=False)
+            except zmq.Again:
+                # the controller is not reading: wake when this socket can take more
+                self._stalled_on = sock
+                self._poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
+                return
+            outbox.popleft()
+        if self._stalled_on is not None:
+            self._poller.modify(self._stalled_on, zmq.POLLIN)
+            self._stalled_on = None
 
     def _wake(self) -> None:
         """Have the I/O thread look at the outbox (one wake-up for any number of messages)."""

@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import zmq
@@ -33,8 +34,9 @@ from jupyter_client.session import Session
 from zmq.devices import ThreadDevice
 
 from ipyparallel_lite import fastzmq
-from ipyparallel_lite.connection import unpack_message
+from ipyparallel_lite.connection import reply_type, unpack_message
 from ipyparallel_lite.controller.hub import Hub, RegistrationError, utcnow
+from ipyparallel_lite.controller.outbox import Outbox, Sent
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
 
 DELIM = b"<IDS|MSG>"
@@ -90,6 +92,8 @@ class Controller:
         log: logging.Logger | None = None,
         disconnect_grace: float = 1.0,
         remember_finished: int = 10_000,
+        peer_queue_bytes: int = 64 << 20,
+        peer_queue_entries: int = 200_000,
     ):
         self.session = session
         self.hub = hub or Hub()
@@ -100,6 +104,9 @@ class Controller:
         #: finished tasks that later tasks may still name as dependencies
         self.remember_finished = remember_finished
         self._finished: collections.deque[str] = collections.deque()
+        #: per-peer bounds on what waits for a peer that does not read (see outbox.py)
+        self.peer_queue_bytes = peer_queue_bytes
+        self.peer_queue_entries = peer_queue_entries
         self.context = zmq.Context()
         self.sockets: dict[str, zmq.Socket] = {}
         self.ports: dict[str, int] = {}
@@ -176,6 +183,9 @@ class Controller:
             self._monitor: self.on_monitor,
         }
         self._reader_of = {}
+        self.outbox = Outbox(loop, max_bytes=self.peer_queue_bytes,
+                             max_entries=self.peer_queue_entries, on_gone=self._peer_gone,
+                             after_send=self._after_send, log=self.log)
         for sock, handler in handlers.items():
             reader = fastzmq.Drainer(loop, sock, self._guarded(handler), BATCH)
             self._readers.append(reader)
@@ -192,6 +202,8 @@ class Controller:
         return handle
 
     def stop(self) -> None:
+        if hasattr(self, "outbox"):
+            self.outbox.close()
         for reader in self._readers:
             reader.close()
         for timer in self._timers:
@@ -207,19 +219,70 @@ class Controller:
 
     # ---- sending ---------------------------------------------------------------
 
-    def _send(self, sock: zmq.Socket, frames: list) -> bool:
-        """Send frames; False when the peer is gone (router_mandatory)."""
-        try:
-            sock.send_multipart(frames, copy=False)
-        except zmq.ZMQError as e:
-            if e.errno == zmq.EHOSTUNREACH:
-                return False
-            raise
-        finally:
-            reader = self._reader_of.get(sock)
-            if reader is not None:
-                reader.kick()
+    def _send(self, sock: zmq.Socket, frames: list,
+              later: Callable[[], list | None] | None = None) -> Sent:
+        """Send frames without blocking (behind the peer's backlog if it has one)."""
+        return self.outbox.send(sock, frames, later)
+
+    def _after_send(self, sock: zmq.Socket) -> None:
+        # a send consumes the socket's edge-triggered FD events: its reader looks again
+        reader = self._reader_of.get(sock)
+        if reader is not None:
+            reader.kick()
+
+    def _peer_gone(self, sock: zmq.Socket, peer: bytes) -> None:
+        """A peer left while messages waited for it (they are dropped with its queue)."""
+        if sock is self.engine_shell or sock is self.engine_control:
+            engine = self.hub.by_uuid(peer.decode(errors="replace"))
+            if engine is not None:
+                self.remove_engine(engine.id, "unreachable")
+
+    def _to_engine(self, engine: Any, frames: list, msg_id: str) -> bool:
+        """Send a request to an engine's shell; on failure, answer the client for it."""
+        return self._engine_took(engine.id, self._send(self.engine_shell, frames), msg_id)
+
+    def _engine_took(self, eid: int, sent: Sent, msg_id: str) -> bool:
+        """True if request ``msg_id`` reached engine ``eid`` or waits for it; else it is failed."""
+        if sent is Sent.GONE:
+            self.remove_engine(eid, "unreachable")  # fails this request, and any other it ran
+            return False
+        if sent is Sent.FULL:
+            self._fail(msg_id, "EngineError", f"Engine {eid} has not read the "
+                       f"{self.peer_queue_bytes >> 20} MB of requests already waiting for it; "
+                       "this one was refused. Wait for its queue to shrink, or use other engines.",
+                       engine_id=eid)
+            return False
         return True
+
+    def _to_client(self, tag: bytes, client: bytes, frames: list, msg_id: str) -> None:
+        """Send a reply to its client: one that cannot wait now waits in the Hub's records."""
+        sent = self._send(self._client_socket(tag), frames, partial(self._replay, client, msg_id))
+        if sent is Sent.GONE:
+            self.log.info("client of %s is gone; its result stays in the Hub", msg_id)
+        elif sent is Sent.FULL:
+            self.log.warning("client %r reads too slowly: the reply to %s stays in the Hub only",
+                             client, msg_id)
+
+    def _replay(self, client: bytes, msg_id: str) -> list:
+        """A reply rebuilt from the Hub's record, for a client that fell far behind."""
+        try:
+            record = self.hub.store.get_record(msg_id)
+        except KeyError:
+            record = None
+        if record is None or record.get("result_header") is None:
+            header = record["header"] if record else {"msg_id": msg_id, "msg_type": "apply_request"}
+            content = _error_content(
+                "EngineError", "This result was dropped: the client did not read its replies for "
+                "so long that the Hub's store had evicted it. Keep clients reading, or raise "
+                "the Hub's record limit.")
+            msg = self.session.msg(reply_type(header.get("msg_type", "apply_request")), content, parent=header,
+                                   metadata={"status": "error", "engine_id": -1})
+            return self.session.serialize(msg, ident=[client])
+        content = record["result_content"]
+        packed = [self.session.pack(record["result_header"]), self.session.pack(record["header"]),
+                  self.session.pack(record["result_metadata"]),
+                  _bytes(content) if isinstance(content, bytes | zmq.Frame) else self.session.pack(content)]
+        return [client, DELIM, self.session.sign(packed), *packed, *(record["result_buffers"] or [])]
 
     def _reply(self, sock: zmq.Socket, ident: list[bytes], msg_type: str, content: dict,
                parent: dict | None = None, metadata: dict | None = None) -> None:
@@ -261,8 +324,7 @@ class Controller:
         handler = getattr(self, f"handle_{msg_type}", None)
         if handler is None:
             self.log.warning("unknown message type %r on the registration socket", msg_type)
-            reply_type = msg_type.replace("_request", "") + "_reply"
-            self._reply(self.registration, idents, reply_type, _error_content(
+            self._reply(self.registration, idents, reply_type(msg_type), _error_content(
                 "ValueError", f"the controller does not know the message type {msg_type!r}"
             ), parent=msg["header"])
             return
@@ -271,7 +333,7 @@ class Controller:
             handler(idents, msg, content)
         except Exception as e:
             self.log.exception("%s failed", msg_type)
-            self._reply(self.registration, idents, msg_type.replace("_request", "_reply"),
+            self._reply(self.registration, idents, reply_type(msg_type),
                         _error_content(type(e).__name__, str(e)), parent=msg["header"])
 
     def handle_registration_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
@@ -323,6 +385,7 @@ class Controller:
                 reply[str(eid)] = {"queue": len(queue), "tasks": len(tasks)}
         unassigned = [m for m, p in self.pending.items() if p.tag == TASK and p.engine_id is None]
         reply["unassigned"] = unassigned if content.get("verbose") else len(unassigned)
+        reply["backlog"] = self.outbox.backlog()
         self._reply(self.registration, idents, "queue_reply", reply, parent=msg["header"])
 
     def handle_result_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
@@ -411,8 +474,7 @@ class Controller:
             if rerun or overruled:
                 return  # the client waits for the rerun, or gets the scheduler's verdict
         # the client first: what follows only records the result
-        if not self._send(self._client_socket(tag), [client, *rest]):
-            self.log.info("client of %s is gone; its result stays in the Hub", parent_id)
+        self._to_client(tag, client, [client, *rest], parent_id)
         if tag == MUX or tag == BROADCAST:
             engine = self.hub.by_uuid(engine_ident.decode())
             self._apply(self.scheduler.record_result(
@@ -428,7 +490,9 @@ class Controller:
             return
         _, idents, rest, _msg = parsed
         if len(idents) == 2 and idents[0] == CONTROL:
-            self._send(self.control, [idents[1], *rest])
+            if self._send(self.control, [idents[1], *rest]) is not Sent.SENT:
+                self.log.info("a control reply for client %r waits or is dropped: it does not read",
+                              idents[1])
 
     def on_pong(self, frames: list) -> None:
         uuid = frames[0].bytes.decode(errors="replace")
@@ -512,8 +576,7 @@ class Controller:
             return
         pending.engine_id = engine.id
         self.scheduler.note_pending(msg_id)
-        if not self._send(self.engine_shell, [target, MUX, client, *rest]):
-            self.remove_engine(engine.id, "unreachable")
+        self._to_engine(engine, [target, MUX, client, *rest], msg_id)
 
     def _client_socket(self, tag: bytes) -> zmq.Socket:
         """The client-facing socket a reply with routing ``tag`` goes back through."""
@@ -560,7 +623,7 @@ class Controller:
         # one copy per distinct engine: its header, and the engine (None if unknown)
         copies = {eid: ({**header, "msg_id": f"{msg_id}_{eid}"}, self.hub.engines.get(eid))
                   for eid in targets}
-        sent: dict[int, bool] = {}
+        sent: dict[int, Sent] = {}
         # engines first, so they start sooner; their replies are read on later loop
         # turns, after the bookkeeping below
         for eid, (sub_header, engine) in copies.items():
@@ -580,10 +643,8 @@ class Controller:
             elif eid not in sent:
                 self._fail(sub_id, "EngineError", f"No engine with id {eid} is registered; "
                            "it may have died. Use rc.ids for the live engines.")
-            elif sent[eid]:
+            elif self._engine_took(eid, sent[eid], sub_id):
                 self.scheduler.note_pending(sub_id)
-            else:
-                self.remove_engine(eid, "unreachable")  # fails this request, and any other it ran
 
     def on_control(self, frames: list) -> None:
         parsed = self._parse(frames, content=True)
@@ -592,9 +653,10 @@ class Controller:
         idents, rest, msg = parsed
         if len(idents) == 2:
             client, target = idents
-            if not self._send(self.engine_control, [target, CONTROL, client, *rest]):
-                self._reply(self.control, [client], msg["header"]["msg_type"].replace("_request", "_reply"),
-                            _error_content("EngineError", f"engine {target!r} is not connected"),
+            if self._send(self.engine_control, [target, CONTROL, client, *rest]) is not Sent.SENT:
+                self._reply(self.control, [client], reply_type(msg["header"]["msg_type"]),
+                            _error_content("EngineError", f"engine {target!r} is not connected, "
+                                           "or has not read its earlier control requests"),
                             parent=msg["header"])
             return
         self._controller_control(idents, msg)
@@ -607,7 +669,7 @@ class Controller:
             self._apply(self.scheduler.abort(msg_ids, self.loop.time()))
             self._reply(self.control, idents, "abort_reply", {"status": "ok"}, parent=msg["header"])
         else:
-            self._reply(self.control, idents, msg_type.replace("_request", "_reply"),
+            self._reply(self.control, idents, reply_type(msg_type),
                         _error_content("ValueError", f"the controller does not handle {msg_type!r}"),
                         parent=msg["header"])
 
@@ -665,8 +727,7 @@ class Controller:
         self.hub.assigned(msg_id, engine.uuid)
         frames = pending.frames if not pending.sends else self._rerun_frames(pending)
         pending.sends += 1
-        if not self._send(self.engine_shell, [engine.ident, TASK, pending.client, *frames]):
-            self.remove_engine(eid, "unreachable")
+        self._to_engine(engine, [engine.ident, TASK, pending.client, *frames], msg_id)
 
     def _rerun_frames(self, pending: Pending) -> list:
         """The frames of a task sent again (retries, unmet dependency), freshly signed.
@@ -729,10 +790,10 @@ class Controller:
             "started": None,
             "completed": utcnow(),
         }
-        reply_type = pending.header.get("msg_type", "apply_request").replace("_request", "_reply")
-        msg = self.session.msg(reply_type, content, parent=pending.header, metadata=metadata)
+        msg = self.session.msg(reply_type(pending.header.get("msg_type", "apply_request")), content, parent=pending.header, metadata=metadata)
         self.hub.finished(msg_id, msg["header"], metadata, content, [])
-        self._send(self._client_socket(pending.tag), self.session.serialize(msg, ident=[pending.client]))
+        self._to_client(pending.tag, pending.client, self.session.serialize(msg, ident=[pending.client]),
+                        msg_id)
 
 
 def _error_content(ename: str, evalue: str) -> dict:

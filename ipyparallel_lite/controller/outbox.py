@@ -1,0 +1,209 @@
+"""Sending from the controller without ever blocking its loop: one queue per slow peer.
+
+The controller's ROUTER sockets run with ``router_mandatory``, so a message for a peer
+whose pipe is full is refused (EAGAIN) instead of dropped. Blocking there would stall
+every client and engine behind the one peer that stopped reading (a suspended client,
+an engine deep in a long task with thousands of requests waiting), so such a message
+waits in that peer's queue instead, and so does everything after it for the same peer:
+each peer still receives its messages in the order they were sent. Queues are retried
+on a short timer until they drain, and released as soon as their peer is gone.
+
+A queue is bounded by ``max_bytes``. Past that, a message that can be rebuilt later
+(a reply whose result the Hub keeps) waits as a small callable that rebuilds it when
+its turn comes; one that cannot is refused, and the caller answers for it. A peer that
+reaches ``max_entries`` even so is cut off: its queue is dropped and logged, and what
+it would have received stays in the Hub.
+
+This module knows sockets and bytes, nothing of messages: the controller decides what
+a refusal means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+
+_NOBLOCK = int(zmq.NOBLOCK)
+
+#: a message to send later: its frames, or a callable that builds them when it is due
+Entry = list | Callable[[], list | None]
+
+
+class Sent(enum.Enum):
+    SENT = "sent"  # handed to zmq
+    QUEUED = "queued"  # waits in its peer's queue; it will go out in order
+    FULL = "full"  # refused: the peer's queue is at its bound and the message cannot wait
+    GONE = "gone"  # the peer is not connected (router_mandatory's EHOSTUNREACH)
+
+
+@dataclass(slots=True)
+class _Queue:
+    entries: collections.deque = field(default_factory=collections.deque)
+    nbytes: int = 0
+
+
+def _size(frames: list) -> int:
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
+
+
+def _peer(frames: list) -> bytes:
+    first = frames[0]
+    return first if isinstance(first, bytes) else bytes(first)
+
+
+class Outbox:
+    """Non-blocking sends on ROUTER sockets, with a bounded queue per peer that is behind.
+
+    ``on_gone(sock, peer)`` is called when a queued peer turns out to be gone; ``after_send
+    (sock)`` after every batch of sends on a socket (sending consumes the socket's
+    edge-triggered read events, so its reader must look again).
+    """
+
+    #: retry delays while a queue does not move: short at first, then backing off
+    RETRY_MIN, RETRY_MAX = 0.001, 0.05
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_bytes: int = 64 << 20,
+        max_entries: int = 200_000,
+        on_gone: Callable[[zmq.Socket, bytes], None] | None = None,
+        after_send: Callable[[zmq.Socket], None] | None = None,
+        log: logging.Logger | None = None,
+    ):
+        self.loop = loop
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.on_gone = on_gone or (lambda sock, peer: None)
+        self.after_send = after_send or (lambda sock: None)
+        self.log = log or logging.getLogger("ipyparallel_lite.controller")
+        self._queues: dict[tuple[zmq.Socket, bytes], _Queue] = {}
+        self._cut: set[tuple[zmq.Socket, bytes]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._delay = self.RETRY_MIN
+
+    # ---- the interface ---------------------------------------------------------------
+
+    def send(self, sock: zmq.Socket, frames: list,
+             later: Callable[[], list | None] | None = None) -> Sent:
+        """Send ``frames`` (``frames[0]`` is the peer's identity) now, or queue them.
+
+        ``later``, if given, rebuilds an equivalent message when called: it lets the
+        message wait at almost no cost once the peer's queue is at its byte bound.
+        """
+        if self._queues:
+            key = (sock, _peer(frames))
+            queue = self._queues.get(key)
+            if queue is not None:
+                return self._enqueue(key, queue, frames, later)
+        try:
+            self._send_now(sock, frames)
+        except zmq.Again:
+            key = (sock, _peer(frames))
+            queue = self._queues[key] = _Queue()
+            self._arm()
+            return self._enqueue(key, queue, frames, later)
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                return Sent.GONE
+            raise
+        finally:
+            self.after_send(sock)
+        return Sent.SENT
+
+    def backlog(self) -> dict[str, int]:
+        """What waits for slow peers now: peers, messages, bytes (rebuildable ones count 0)."""
+        queues = self._queues.values()
+        return {"peers": len(self._queues), "messages": sum(len(q.entries) for q in queues),
+                "bytes": sum(q.nbytes for q in queues)}
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._queues.clear()
+
+    # ---- queues ----------------------------------------------------------------------
+
+    def _enqueue(self, key: tuple, queue: _Queue, frames: list,
+                 later: Callable[[], list | None] | None) -> Sent:
+        if key in self._cut:
+            return Sent.FULL
+        size = _size(frames)
+        if queue.nbytes + size <= self.max_bytes:
+            queue.entries.append(frames)
+            queue.nbytes += size
+        elif later is not None and len(queue.entries) < self.max_entries:
+            queue.entries.append(later)
+        else:
+            if later is not None:
+                self._cut_off(key, queue)
+            return Sent.FULL
+        return Sent.QUEUED
+
+    def _cut_off(self, key: tuple, queue: _Queue) -> None:
+        self.log.warning(
+            "peer %r has not read its last %d messages (%d MB waiting): cut off; what it "
+            "would have received stays in the Hub", key[1], len(queue.entries), queue.nbytes >> 20)
+        self._queues.pop(key, None)
+        self._cut.add(key)
+
+    def _arm(self) -> None:
+        if self._timer is None and self._queues:
+            self._timer = self.loop.call_later(self._delay, self._retry)
+
+    def _retry(self) -> None:
+        self._timer = None
+        moved = False
+        for key in list(self._queues):
+            moved |= self._drain(key)
+        self._delay = self.RETRY_MIN if moved else min(self._delay * 2, self.RETRY_MAX)
+        self._arm()
+
+    def _drain(self, key: tuple) -> bool:
+        """Send what a peer's queue holds until zmq refuses; True if anything went out."""
+        sock, peer = key
+        queue = self._queues[key]
+        entries = queue.entries
+        sent = 0
+        try:
+            while entries:
+                entry = entries[0]
+                frames = entry if isinstance(entry, list) else entry()
+                if frames is not None:
+                    self._send_now(sock, frames)
+                entries.popleft()
+                if isinstance(entry, list):
+                    queue.nbytes -= _size(entry)
+                sent += 1
+        except zmq.Again:
+            if not isinstance(entry, list):
+                entries[0] = frames  # built once; its bytes now count
+                queue.nbytes += _size(frames)
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            self.log.info("peer %r left with %d messages waiting for it: released",
+                          peer, len(entries))
+            del self._queues[key]
+            self.on_gone(sock, peer)
+            return True
+        finally:
+            if sent:
+                self.after_send(sock)
+        if not entries:
+            del self._queues[key]
+        return sent > 0
+
+    @staticmethod
+    def _send_now(sock: zmq.Socket, frames: list) -> None:
+        # libzmq admits a multipart message whole or refuses it at its first frame, so a
+        # refusal (zmq.Again) never leaves half a message behind
+        sock.send_multipart(frames, _NOBLOCK, copy=False)

@@ -1,0 +1,113 @@
+"""The controller's Outbox on real ROUTER/DEALER sockets: order, bounds, rebuilt messages."""
+
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+
+from ipyparallel_lite import fastzmq
+from ipyparallel_lite.controller.outbox import Outbox, Sent
+
+
+def pair(ctx: zmq.Context, peer: bytes) -> tuple[zmq.Socket, zmq.Socket]:
+    router = fastzmq.socket(ctx, zmq.ROUTER)
+    router.router_mandatory = 1
+    router.sndhwm = 4
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.identity = peer
+    dealer.rcvhwm = 4
+    dealer.setsockopt(zmq.RCVBUF, 4096)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    dealer.send(b"hello")  # the router learns the peer's identity
+    assert router.recv_multipart() == [peer, b"hello"]
+    return router, dealer
+
+
+async def receive(dealer: zmq.Socket, until: bytes, timeout: float = 5) -> list[bytes]:
+    """What the dealer receives up to the frame ``until``, while the loop retries sends."""
+    got: list[bytes] = []
+    for _ in range(int(timeout / 0.01)):
+        while dealer.poll(0):
+            got.append(dealer.recv())
+        if got and got[-1] == until:
+            break
+        await asyncio.sleep(0.01)
+    return got
+
+
+def test_a_peer_that_does_not_read_gets_its_messages_in_order_later():
+    async def run():
+        ctx = zmq.Context()
+        router, dealer = pair(ctx, b"slow")
+        outbox = Outbox(asyncio.get_running_loop(), max_bytes=16 << 20)
+        payload = bytes(10_000)
+        results = [outbox.send(router, [b"slow", i.to_bytes(4, "big") + payload]) for i in range(500)]
+        assert results[0] is Sent.SENT and results[-1] is Sent.QUEUED
+        assert outbox.backlog()["peers"] == 1
+        got = []
+        while len(got) < 500:
+            await asyncio.sleep(0.01)
+            while dealer.poll(0):
+                got.append(int.from_bytes(dealer.recv()[:4], "big"))
+        assert got == list(range(500))
+        await asyncio.sleep(0.1)
+        assert outbox.backlog() == {"peers": 0, "messages": 0, "bytes": 0}
+        outbox.close()
+        ctx.destroy(linger=0)
+
+    asyncio.run(run())
+
+
+def test_past_its_byte_bound_a_message_waits_as_a_rebuilder_or_is_refused():
+    async def run():
+        ctx = zmq.Context()
+        router, dealer = pair(ctx, b"slow")
+        cut = []
+        outbox = Outbox(asyncio.get_running_loop(), max_bytes=100_000, max_entries=50)
+        outbox.log.warning = lambda *a: cut.append(a)
+        big = bytes(40_000)
+        sent = [outbox.send(router, [b"slow", big]) for _ in range(60)]
+        assert Sent.FULL in sent  # no rebuilder: refused once the bound is reached
+        rebuilt = []
+
+        def later():
+            rebuilt.append(1)
+            return [b"slow", b"rebuilt"]
+
+        assert outbox.send(router, [b"slow", big], later) is Sent.QUEUED
+        assert not rebuilt  # built only when its turn comes
+        got = await receive(dealer, until=b"rebuilt")
+        assert got[-1] == b"rebuilt" and rebuilt == [1]
+        # a peer past max_entries is cut off: its queue is dropped and logged
+        for _ in range(200):
+            outbox.send(router, [b"slow", big], later)
+        assert cut and "cut off" in cut[0][0]
+        outbox.close()
+        ctx.destroy(linger=0)
+
+    asyncio.run(run())
+
+
+def test_a_peer_that_leaves_is_released_and_reported():
+    async def run():
+        ctx = zmq.Context()
+        router, dealer = pair(ctx, b"gone")
+        gone = []
+        outbox = Outbox(asyncio.get_running_loop(), on_gone=lambda s, p: gone.append(p))
+        for _ in range(200):
+            outbox.send(router, [b"gone", bytes(10_000)])
+        assert outbox.backlog()["peers"] == 1
+        dealer.close(linger=0)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if gone:
+                break
+        assert gone == [b"gone"]
+        assert outbox.backlog()["peers"] == 0
+        assert outbox.send(router, [b"gone", b"x"]) is Sent.GONE
+        outbox.close()
+        ctx.destroy(linger=0)
+
+    asyncio.run(run())
