@@ -38,6 +38,7 @@ from ipyparallel_lite.connection import reply_type, unpack_message
 from ipyparallel_lite.controller.hub import Hub, RegistrationError, utcnow
 from ipyparallel_lite.controller.outbox import Outbox, Sent
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
+from ipyparallel_lite.controller.throttle import ThrottledLog
 
 DELIM = b"<IDS|MSG>"
 MUX, TASK, CONTROL = b"m", b"t", b"c"
@@ -100,6 +101,8 @@ class Controller:
         self.scheduler = scheduler or TaskScheduler()
         self.ip = ip
         self.log = log or logging.getLogger("ipyparallel_lite.controller")
+        #: for what a peer can provoke at will (garbage, slow reading): bounded log volume
+        self.warn = ThrottledLog(self.log).warning
         self.disconnect_grace = disconnect_grace
         #: finished tasks that later tasks may still name as dependencies
         self.remember_finished = remember_finished
@@ -260,8 +263,8 @@ class Controller:
         if sent is Sent.GONE:
             self.log.info("client of %s is gone; its result stays in the Hub", msg_id)
         elif sent is Sent.FULL:
-            self.log.warning("client %r reads too slowly: the reply to %s stays in the Hub only",
-                             client, msg_id)
+            self.warn(client, "slow client", "client %r reads too slowly: the reply to %s stays "
+                      "in the Hub only", client, msg_id)
 
     def _replay(self, client: bytes, msg_id: str) -> list:
         """A reply rebuilt from the Hub's record, for a client that fell far behind."""
@@ -293,23 +296,31 @@ class Controller:
         msg = self.session.msg(msg_type, content)
         self.notification.send_multipart(self.session.serialize(msg, ident=[msg_type.encode()]))
 
-    def _parse(self, frames: list, *, content: bool = False) -> tuple[list[bytes], list, dict] | None:
-        """Verify and unpack a message; None (and a log line) for anything malformed."""
+    def _parse(self, frames: list, *, content: bool = False,
+               peer: bytes | None = None) -> tuple[list[bytes], list, dict] | None:
+        """Verify and unpack a message; None (and a log line) for anything malformed.
+
+        ``peer``: who sent it, for the log (default: the first frame, a ROUTER's identity).
+        """
+        if peer is None:
+            peer = frames[0].bytes if frames else b""
         split = _split(frames)
         if split is None:
-            self.log.warning("dropped a message with no <IDS|MSG> delimiter (%d frames)", len(frames))
+            self.warn(peer, "garbage", "dropped a message with no <IDS|MSG> delimiter (%d frames)",
+                      len(frames))
             return None
         idents, rest = split
         if len(rest) < 6:
-            self.log.warning("dropped a truncated message (%d frames after the delimiter)", len(rest))
+            self.warn(peer, "truncated", "dropped a truncated message (%d frames after the "
+                      "delimiter)", len(rest))
             return None
         try:
             msg = unpack_message(self.session, rest[1:], content=content)
         except Exception as e:
-            self.log.warning("dropped a message that failed verification: %s", e)
+            self.warn(peer, "unverified", "dropped a message that failed verification: %s", e)
             return None
         if not isinstance(msg.get("header"), dict) or "msg_id" not in msg["header"]:
-            self.log.warning("dropped a message without a header msg_id")
+            self.warn(peer, "no msg_id", "dropped a message without a header msg_id")
             return None
         return idents, rest, msg
 
@@ -323,7 +334,8 @@ class Controller:
         msg_type = msg["header"]["msg_type"]
         handler = getattr(self, f"handle_{msg_type}", None)
         if handler is None:
-            self.log.warning("unknown message type %r on the registration socket", msg_type)
+            self.warn(idents[0] if idents else b"", "unknown type",
+                      "unknown message type %r on the registration socket", msg_type)
             self._reply(self.registration, idents, reply_type(msg_type), _error_content(
                 "ValueError", f"the controller does not know the message type {msg_type!r}"
             ), parent=msg["header"])
@@ -342,7 +354,8 @@ class Controller:
                 content.get("uuid"), content.get("id"), content.get("info", {}), self.loop.time()
             )
         except RegistrationError as e:
-            self.log.warning("refused an engine registration: %s", e)
+            self.warn(idents[0] if idents else b"", "registration refused",
+                      "refused an engine registration: %s", e)
             reply = _error_content("RegistrationError", str(e))
         else:
             self.log.info("engine %d registering (uuid %s)", engine.id, engine.uuid)
@@ -430,7 +443,7 @@ class Controller:
 
     def _engine_message(self, frames: list, channel: str) -> tuple[bytes, list[bytes], list, dict] | None:
         engine_ident = frames[0].bytes
-        parsed = self._parse(frames[1:])
+        parsed = self._parse(frames[1:], peer=engine_ident)
         if parsed is None:
             return None
         idents, rest, msg = parsed
@@ -453,7 +466,8 @@ class Controller:
             return
         engine_ident, idents, rest, msg = parsed
         if len(idents) != 2:
-            self.log.warning("dropped an engine reply without its routing identities")
+            self.warn(engine_ident, "no identities", "dropped an engine reply without its routing "
+                      "identities")
             return
         tag, client = idents
         parent_id = msg["parent_header"].get("msg_id")
@@ -556,7 +570,8 @@ class Controller:
             self._fan_out(idents[0], MUX, rest, msg)
             return
         if len(idents) != 2:
-            self.log.warning("dropped a mux request with unexpected routing identities")
+            self.warn(frames[0].bytes, "bad identities", "dropped a mux request with unexpected "
+                      "routing identities")
             return
         client, target = idents
         header = msg["header"]
@@ -592,7 +607,8 @@ class Controller:
             return
         idents, rest, msg = parsed
         if len(idents) != 1:
-            self.log.warning("dropped a broadcast request with unexpected routing identities")
+            self.warn(frames[0].bytes, "bad identities", "dropped a broadcast request with "
+                      "unexpected routing identities")
             return
         self._fan_out(idents[0], BROADCAST, rest, msg)
 
@@ -611,9 +627,9 @@ class Controller:
         if (not isinstance(targets, list) or not targets
                 or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets)):
             # the client registered no reply ids we could answer: nothing to fail
-            self.log.warning("dropped %s request %s: metadata 'targets' must be a non-empty list "
-                             "of engine ids, got %r", "broadcast" if tag == BROADCAST else "direct",
-                             header["msg_id"], targets)
+            self.warn(client, "bad targets", "dropped %s request %s: metadata 'targets' must be a "
+                      "non-empty list of engine ids, got %r",
+                      "broadcast" if tag == BROADCAST else "direct", header["msg_id"], targets)
             return
         msg_id, session_id = header["msg_id"], header.get("session", "")
         queue = "broadcast" if tag == BROADCAST else "mux"
@@ -681,7 +697,8 @@ class Controller:
             return
         idents, rest, msg = parsed
         if len(idents) != 1:
-            self.log.warning("dropped a task request with unexpected routing identities")
+            self.warn(frames[0].bytes, "bad identities", "dropped a task request with unexpected "
+                      "routing identities")
             return
         header, md = msg["header"], msg["metadata"]
         msg_id = header["msg_id"]

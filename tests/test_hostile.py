@@ -1,0 +1,204 @@
+"""Hostile input at the controller: garbage floods, replays, unsigned pickles, fuzzing.
+
+Each test starts its own cluster, so that its flood does not slow the shared one, and
+then checks that a normal client is still served.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import psutil
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ipyparallel_lite.connection import load_connection_file, make_session
+from ipyparallel_lite.serialization import pack_apply_message
+
+CLIENT_CHANNELS = ("registration", "mux", "task", "control", "broadcast")
+ENGINE_CHANNELS = ("registration", "shell", "control", "hb_pong")
+
+
+def connect(ctx: zmq.Context, info: dict, channel: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.sndhwm = 0  # the test decides how much to send, not zmq
+    sock.connect(f"{info['interface']}:{info['ports'][channel]}")
+    return sock
+
+
+def still_serves(rc) -> None:
+    assert rc[:].apply_sync(abs, -3) == [3] * len(rc.ids)
+    assert rc.load_balanced_view().apply_async(abs, -4).get(timeout=20) == 4
+
+
+def log_size(cluster) -> int:
+    return cluster.controller.log_file.stat().st_size
+
+
+def test_a_flood_of_garbage_leaves_a_small_log(own_cluster):
+    cluster, rc = own_cluster(2)
+    info = load_connection_file(cluster.connection_file("client"))
+    evil = make_session("not-the-key")
+    before = log_size(cluster)
+    ctx = zmq.Context()
+    try:
+        socks = [connect(ctx, info, ch) for ch in CLIENT_CHANNELS]
+        for i in range(4000):
+            for sock in socks:
+                sock.send_multipart([os.urandom(16)])  # no delimiter
+                sock.send_multipart([b"<IDS|MSG>", b"sig", b"{}"])  # truncated
+                sock.send_multipart(evil.serialize(evil.msg("apply_request", {"i": i})))
+        time.sleep(1)
+        still_serves(rc)
+    finally:
+        ctx.destroy(linger=0)
+    grown = log_size(cluster) - before
+    # 60,000 bad messages: each kind logged a few times, then counted
+    assert 0 < grown < 60_000, f"the log grew by {grown} bytes"
+    assert "counted, not logged" in cluster.controller.log_file.read_text()
+
+
+def test_a_replayed_signed_request_is_refused(own_cluster):
+    cluster, rc = own_cluster(1)
+    info = load_connection_file(cluster.connection_file("client"))
+    session = make_session(info["key"])
+    ctx = zmq.Context()
+    try:
+        mux = connect(ctx, info, "mux")
+        msg = session.msg("apply_request", {})
+        frames = session.serialize(msg, ident=[rc._engines[0].encode()])
+        frames += pack_apply_message(abs, (-7,), {})
+        mux.send_multipart(frames)
+        assert mux.poll(10_000), "no reply to the original request"
+        reply = session.deserialize(session.feed_identities(mux.recv_multipart())[1])
+        assert reply["parent_header"]["msg_id"] == msg["header"]["msg_id"]
+        assert reply["metadata"]["status"] == "ok"
+        mux.send_multipart(frames)  # the very same signed frames, captured and sent again
+        assert not mux.poll(1500), "a replayed request was answered"
+        still_serves(rc)
+    finally:
+        ctx.destroy(linger=0)
+    assert "Duplicate Signature" in cluster.controller.log_file.read_text()
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that something was unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_nothing_unsigned_is_unpickled(own_cluster, tmp_path):
+    cluster, rc = own_cluster(2)
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Marker(str(marker)))
+    evil = make_session("not-the-key")
+    client_info = load_connection_file(cluster.connection_file("client"))
+    engine_info = load_connection_file(cluster.connection_file("engine"))
+    ctx = zmq.Context()
+    try:
+        for info, channels in ((client_info, CLIENT_CHANNELS), (engine_info, ENGINE_CHANNELS)):
+            for channel in channels:
+                sock = connect(ctx, info, channel)
+                target = [rc._engines[0].encode()] if channel in ("mux", "control") else []
+                msg = evil.msg("apply_request", {}, metadata={"targets": [0, 1]})
+                sock.send_multipart(evil.serialize(msg, ident=target) + [payload, payload])
+                frames = evil.serialize(msg, ident=target)
+                frames[len(target) + 1] = b""  # unsigned
+                sock.send_multipart(frames + [payload, payload])
+        time.sleep(1)
+        still_serves(rc)
+    finally:
+        ctx.destroy(linger=0)
+    assert not marker.exists()
+
+
+frame = st.one_of(
+    st.binary(max_size=64),
+    st.sampled_from([b"<IDS|MSG>", b"", b"{}", b"[]", b"null", b'{"msg_id": 1}']),
+    st.builds(lambda n: bytes(n), st.integers(1 << 20, 8 << 20)),  # oversized
+)
+json_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner,
+                                                                        max_size=4)),
+    max_leaves=10,
+)
+header = st.fixed_dictionaries(
+    {},
+    optional={
+        "msg_id": st.one_of(st.text(max_size=12), st.integers()),
+        "msg_type": st.sampled_from(["apply_request", "execute_request", "queue_request",
+                                     "result_request", "connection_request", "abort_request",
+                                     "registration_request", "engine_ready", "shutdown_request",
+                                     "apply_reply", "bogus"]),
+        "session": st.text(max_size=8),
+        "date": st.one_of(st.text(max_size=30), st.integers()),
+    },
+)
+metadata = st.fixed_dictionaries({}, optional={
+    "targets": json_value, "after": json_value, "follow": json_value, "timeout": json_value,
+    "retries": json_value, "label": json_value,
+})
+
+
+@pytest.mark.timeout(300)
+def test_fuzzing_every_controller_socket_leaves_it_serving(own_cluster):
+    """Random, truncated, oversized, wrongly signed and signed-but-absurd messages."""
+    cluster, rc = own_cluster(2)
+    client_info = load_connection_file(cluster.connection_file("client"))
+    engine_info = load_connection_file(cluster.connection_file("engine"))
+    session = make_session(client_info["key"])
+    evil = make_session("not-the-key")
+    controller = psutil.Process(cluster.controller.pid)
+    ctx = zmq.Context()
+    socks = {(kind, ch): connect(ctx, info, ch)
+             for kind, info, channels in (("client", client_info, CLIENT_CHANNELS),
+                                          ("engine", engine_info, ENGINE_CHANNELS))
+             for ch in channels}
+    uuids = [u.encode() for u in rc._engines.values()]
+    still_serves(rc)
+    baseline = controller.memory_info().rss
+    sent = {"n": 0}
+
+    @settings(max_examples=int(os.environ.get("IPP_LITE_FUZZ_EXAMPLES", 400)), deadline=None,
+              suppress_health_check=list(HealthCheck), database=None)
+    @given(
+        where=st.sampled_from(sorted(socks)),
+        how=st.sampled_from(["random", "signed", "wrong key", "truncated"]),
+        idents=st.lists(st.one_of(st.sampled_from(uuids), st.binary(max_size=8)), max_size=2),
+        raw=st.lists(frame, max_size=8),
+        hdr=header, md=metadata, content=json_value, buffers=st.lists(st.binary(max_size=32), max_size=3),
+    )
+    def throw(where, how, idents, raw, hdr, md, content, buffers):
+        sock = socks[where]
+        if how == "random":
+            frames = raw or [b""]
+        else:
+            signer = session if how == "signed" else evil
+            packed = [signer.pack(hdr), signer.pack({}), signer.pack(md), signer.pack(content)]
+            frames = [*idents, b"<IDS|MSG>", signer.sign(packed), *packed, *buffers]
+            if how == "truncated":
+                frames = frames[: max(1, len(frames) - 3)]
+        sock.send_multipart(frames)
+        sent["n"] += 1
+
+    try:
+        throw()
+        time.sleep(1)
+        still_serves(rc)
+        assert rc.ids == [0, 1]
+    finally:
+        ctx.destroy(linger=0)
+    # oversized frames were dropped, not kept: memory comes back near where it was
+    time.sleep(1)
+    grown = controller.memory_info().rss - baseline
+    assert grown < 64 << 20, f"controller RSS grew by {grown >> 20} MB after {sent['n']} messages"
