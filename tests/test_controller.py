@@ -99,8 +99,10 @@ def test_security_files_and_interface(cluster, ipython_dir):
             assert conn.laddr.ip == "127.0.0.1"
 
 
-def test_version_skew_is_reported(cluster, rc, raw_socket):
-    """An engine with another Python than the client is named plainly at registration."""
+def test_version_skew_admitted_by_warn_is_reported_to_clients(own_cluster, raw_socket):
+    """With version_check=warn the controller admits a skewed engine (the default refuses it:
+    test_versions.py); clients connecting then name it plainly."""
+    cluster, rc = own_cluster(2, controller_args=["--version-check=warn"])
     info = load_connection_file(cluster.connection_file("engine"))
     session = make_session(info["key"])
     ctx = zmq.Context()
@@ -121,7 +123,8 @@ def test_version_skew_is_reported(cluster, rc, raw_socket):
             s.connect(url(conn, channel))
             session.send(s, "engine_ready", {})
             sockets.append(s)
-        with pytest.warns(RuntimeWarning, match=r"Engine \d+ on old-box runs python 2\.7\.18"):
+        with pytest.warns(RuntimeWarning, match=r"Engine \d+ on old-box runs other versions than "
+                          r"this client \(python 2\.7\.18 there"):
             client = ipp.Client(cluster.connection_file("client"))
             client.close()
         session.send(reg, "unregistration_request", {"id": reply["id"]})

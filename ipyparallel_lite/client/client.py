@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
-import platform
 import threading
 import time
 import warnings
@@ -24,7 +23,6 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ipyparallel_lite import error, fastzmq
-from ipyparallel_lite._version import __version__
 from ipyparallel_lite.client.asyncresult import AsyncResult
 from ipyparallel_lite.client.progress import Progress
 from ipyparallel_lite.connection import (
@@ -34,6 +32,7 @@ from ipyparallel_lite.connection import (
     unpack_message,
     url,
 )
+from ipyparallel_lite.versions import conflicts, versions
 
 NOBLOCK = int(zmq.NOBLOCK)
 
@@ -144,18 +143,22 @@ class Client:
             self._check_skew(eid, einfo)
 
     def _check_skew(self, eid: int, einfo: dict) -> None:
-        """Say plainly when an engine runs other versions than this client."""
-        mine = {"python": platform.python_version(), "ipyparallel_lite": __version__}
-        diffs = [f"{k} {einfo[k]} (here {v})" for k, v in mine.items() if einfo.get(k, v) != v]
-        if diffs and eid not in self._skew_warned:
+        """Say plainly when an engine runs versions that break unpickling from here."""
+        skew = conflicts(versions(), einfo)
+        if skew and eid not in self._skew_warned:
             self._skew_warned.add(eid)
             warnings.warn(
-                f"Engine {eid} on {einfo.get('hostname', '?')} runs {', '.join(diffs)}. "
-                "Functions and objects pickled here may fail to load there; use the same "
-                "environment on every machine.",
+                f"Engine {eid} on {einfo.get('hostname', '?')} runs other versions than this "
+                f"client ({'; '.join(skew)}). Functions and objects pickled here may fail to "
+                "load there; use the same environment on every machine.",
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def engine_info(self, targets: Any = None) -> dict[int, dict]:
+        """What each engine said of itself at registration: versions, hostname, pid."""
+        ids = self.ids if targets is None else self._build_targets(targets)
+        return {eid: dict(self._engine_infos.get(eid, {})) for eid in ids}
 
     # ---- the I/O thread -----------------------------------------------------------
 

@@ -49,6 +49,15 @@ class ControllerApp(LevelFilteredLogging, Application):
     remember_finished = Integer(
         10_000, help="Finished tasks that new tasks may still name as dependencies."
     ).tag(config=True)
+    version_check = CaselessStrEnum(
+        ["refuse", "warn", "off"], default_value="refuse",
+        help="An engine whose Python, cloudpickle or ipyparallel_lite minor version, or pickle "
+             "protocol, would break unpickling: refuse it, admit it with a warning, or don't check.",
+    ).tag(config=True)
+    peer_queue_bytes = Integer(
+        64 << 20, help="Bytes that may wait for one client or engine that does not read, before "
+                       "its replies wait in the Hub's records instead.",
+    ).tag(config=True)
     write_files = Bool(True, help="Write connection files (off when info travels otherwise).").tag(config=True)
 
     aliases = {
@@ -59,6 +68,7 @@ class ControllerApp(LevelFilteredLogging, Application):
         "scheme": "ControllerApp.scheme",
         "hwm": "ControllerApp.hwm",
         "hb-period": "ControllerApp.hb_period",
+        "version-check": "ControllerApp.version_check",
         "log-level": "Application.log_level",
     }
 
@@ -73,10 +83,11 @@ class ControllerApp(LevelFilteredLogging, Application):
 
         session = make_session(new_key())
         hub = Hub(MemoryStore(record_limit=self.record_limit), hb_period=self.hb_period,
-                  max_misses=self.hb_max_misses)
+                  max_misses=self.hb_max_misses, version_check=self.version_check)
         scheduler = TaskScheduler(scheme=self.scheme, hwm=self.hwm)
         controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
-                                remember_finished=self.remember_finished)
+                                remember_finished=self.remember_finished,
+                                peer_queue_bytes=self.peer_queue_bytes)
         controller.bind()
         files = self.connection_files()
         try:

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ipyparallel_lite.controller.store import BaseStore, MemoryStore
+from ipyparallel_lite.versions import conflicts, versions
 
 #: the channels an engine must confirm before it is ready
 ENGINE_READY_CHANNELS = frozenset({"shell", "control"})
@@ -57,6 +58,9 @@ class Hub:
 
     ``hb_period`` is the heartbeat period in seconds; an engine that has not answered
     for ``hb_period * max_misses`` is declared dead by :meth:`dead_engines`.
+    ``version_check`` says what to do with an engine whose versions would break
+    unpickling (see :mod:`ipyparallel_lite.versions`): ``"refuse"`` it, ``"warn"``
+    (admit it, its info listing the conflicts), or ``"off"``.
     """
 
     def __init__(
@@ -65,7 +69,11 @@ class Hub:
         hb_period: float = 1.0,
         max_misses: int = 5,
         registration_timeout: float = 30.0,
+        version_check: str = "refuse",
     ):
+        if version_check not in ("refuse", "warn", "off"):
+            raise ValueError(f"version_check must be 'refuse', 'warn' or 'off', not {version_check!r}")
+        self.version_check = version_check
         self.store: BaseStore = store if store is not None else MemoryStore()
         self.hb_period = hb_period
         self.max_misses = max_misses
@@ -94,8 +102,18 @@ class Hub:
             while self._next_id in self.engines:
                 self._next_id += 1
             eid = self._next_id
+        info = dict(info) if isinstance(info, dict) else {}
+        skew = conflicts(versions(), info) if self.version_check != "off" else []
+        if skew and self.version_check == "refuse":
+            raise RegistrationError(
+                f"the engine runs other versions than the controller ({'; '.join(skew)}): "
+                "functions and data pickled by clients would fail to load there. Install the "
+                "same versions on every machine, or start the controller with "
+                "version_check='warn' to admit it anyway.")
+        if skew:
+            info["version_conflicts"] = skew
         self._next_id = max(self._next_id, eid + 1)
-        engine = Engine(id=eid, uuid=uuid, info=dict(info or {}), registered=now, last_beat=now)
+        engine = Engine(id=eid, uuid=uuid, info=info, registered=now, last_beat=now)
         self.engines[eid] = engine
         self._by_uuid[uuid] = engine
         return engine

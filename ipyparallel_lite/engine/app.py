@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import platform
 import socket
 import sys
 import threading
@@ -29,7 +28,6 @@ from zmq.devices import ThreadDevice
 from zmq.utils.monitor import recv_monitor_message
 
 from ipyparallel_lite import fastzmq
-from ipyparallel_lite._version import __version__
 from ipyparallel_lite.applog import LevelFilteredLogging
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
@@ -42,16 +40,13 @@ from ipyparallel_lite.connection import (
 from ipyparallel_lite.engine.kernel import EngineKernel, MainThreadShell
 from ipyparallel_lite.engine.session import EngineSession
 from ipyparallel_lite.engine.stream import ShellStream
+from ipyparallel_lite.versions import versions
 
 
 def engine_info() -> dict:
     """What an engine says of itself at registration, to catch version skew early."""
-    import cloudpickle
-
     return {
-        "python": platform.python_version(),
-        "ipyparallel_lite": __version__,
-        "cloudpickle": cloudpickle.__version__,
+        **versions(),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
     }
