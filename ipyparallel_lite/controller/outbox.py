@@ -62,7 +62,7 @@ class Outbox:
 
     ``on_gone(sock, peer)`` is called when a queued peer turns out to be gone; ``after_send
     (sock)`` after every batch of sends on a socket (sending consumes the socket's
-    edge-triggered read events, so its reader must look again).
+    edge-triggered read events, so its reader must look again; a refused send as well).
     """
 
     #: retry delays while a queue does not move: short at first, then backing off
@@ -196,8 +196,9 @@ class Outbox:
             self.on_gone(sock, peer)
             return True
         finally:
-            if sent:
-                self.after_send(sock)
+            # even a refused send processes the socket's pending events, which can consume
+            # the edge its reader waits for: the reader must look again either way
+            self.after_send(sock)
         if not entries:
             del self._queues[key]
         return sent > 0
