@@ -31,6 +31,8 @@ from typing import Any
 
 import cloudpickle
 
+from ipyparallel_lite.error import without_traceback
+
 #: objects smaller than this are pickled in-band: a frame of its own costs more than a copy
 OOB_THRESHOLD = 64 * 1024
 
@@ -228,10 +230,10 @@ class Reference:
             return eval(self.name, namespace)
         except NameError:
             root = self.name.split(".", 1)[0].strip()
-            raise NameError(
+            raise without_traceback(NameError(
                 f"Reference({self.name!r}): name {root!r} is not defined on this engine; "
                 f"push it first (view.push({{{root!r}: ...}})) or define it with view.execute"
-            ) from None
+            )) from None
 
 
 def _resolve_references(obj: Any, namespace: dict, seen: set[int]) -> Any:
