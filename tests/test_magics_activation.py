@@ -1,35 +1,17 @@
 """The first Client created inside IPython activates %px on all its engines, as in IPython
 parallel; ``%load_ext`` before or after is harmless; later clients don't take the magics.
 
-A real InteractiveShell and a real cluster; the shell is a process singleton, created
-for this module and removed after it.
+A real InteractiveShell (conftest's ``shell``, fresh for this module) and real clusters.
 """
 
 from __future__ import annotations
 
-import atexit
-
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from traitlets.config import Config
 
 from ipyparallel_lite.magics import ParallelMagics, get_magics
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def shell():
-    assert not InteractiveShell.initialized(), "another test module left its shell behind"
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    ip = InteractiveShell.instance(config=config)
-    yield ip
-    atexit.unregister(ip.atexit_operations)
-    ip.atexit_operations()
-    ip.cleanup()
-    InteractiveShell.clear_instance()
 
 
 def run(shell, code: str) -> str:
