@@ -55,6 +55,7 @@ __all__ = [
     "UnmetDependency",
     "collect_exceptions",
     "unwrap_exception",
+    "without_traceback",
     "wrap_exception",
 ]
 
@@ -414,6 +415,14 @@ def collect_exceptions(rdict_or_list: Any, method: str = "unspecified") -> Any:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+def without_traceback(exc: BaseException) -> BaseException:
+    """Mark ``exc`` (raised by our code about the user's input, e.g. a Reference to a
+    missing name) to cross the wire as its message alone: its frames are all ours and
+    say nothing to the user, who would otherwise get them as if it were our bug."""
+    exc.__ipp_message_only__ = True  # type: ignore[attr-defined]
+    return exc
+
+
 def _skip_our_frames(tb: TracebackType | None) -> TracebackType | None:
     """Drop the leading frames of our own package (the engine calling user code).
 
@@ -464,7 +473,8 @@ def wrap_exception(engine_info: dict | None = None, *, exc: BaseException | None
             ename = type(exc).__name__
         except Exception:
             ename = "Exception"
-        lines = _format_lines(exc, _skip_our_frames(exc.__traceback__))
+        tb = None if getattr(exc, "__ipp_message_only__", False) else exc.__traceback__
+        lines = _format_lines(exc, _skip_our_frames(tb))
         return {
             "status": "error",
             "ename": ename,

@@ -10,6 +10,12 @@ inverse. Received arrays are writable: out-of-band frames are copied once into a
 ``pack_apply_message(f, args, kwargs)`` puts the function in its own frame so a map
 can pickle its function once and reuse the frame for every chunk.
 
+Namespaces on the engine: :func:`interactive` functions (and every function pickled by
+value) run with the engine's user namespace as their globals (:func:`bind_to_namespace`),
+and a :class:`Reference` anywhere in an apply call's function, args or kwargs stands for
+a name in that namespace. ``unpack_apply_message`` walks the arguments for References
+only when unpickling them created one, so calls without References pay nothing.
+
 Nothing here looks at signatures: callers only pass frames whose message signature
 ``jupyter_client.session.Session`` has already verified.
 """
@@ -20,10 +26,12 @@ import io
 import pickle
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
+
+from ipyparallel_lite.error import without_traceback
 
 #: objects smaller than this are pickled in-band: a frame of its own costs more than a copy
 OOB_THRESHOLD = 64 * 1024
@@ -152,8 +160,9 @@ def _pickles_by_reference(f: Any) -> bool:
 
 
 def serialize_function(f: Any) -> bytes:
-    """The frame of a function, reusable across many apply messages."""
-    if not callable(f):
+    """The frame of a function (or of a :class:`Reference` to one on the engine),
+    reusable across many apply messages."""
+    if not callable(f) and not isinstance(f, Reference):
         raise TypeError(f"{f!r} is not callable")
     if isinstance(f, types.FunctionType | types.BuiltinFunctionType):
         frame = _reference_frames.get(f)
@@ -183,25 +192,91 @@ def pack_apply_message(
     return [function_frame, payload, *out_of_band]
 
 
+#: References unpickled so far in this process: ``unpack_apply_message`` compares it
+#: before and after unpickling arguments, and walks them only when it changed
+_references_loaded = 0
+
+
+def _load_reference(name: str) -> Reference:
+    """Unpickles a :class:`Reference`, counting it (see ``_references_loaded``)."""
+    global _references_loaded
+    _references_loaded += 1
+    return Reference(name)
+
+
 class Reference:
     """A name resolved in the engine's namespace when an apply call runs there.
 
-    ``view.apply(f, ipp.Reference("a"))`` passes the engine's ``a`` to ``f``.
+    ``view.apply(f, ipp.Reference("a"))`` passes the engine's ``a`` to ``f``. A
+    Reference may sit anywhere in the arguments (inside lists, tuples and dict
+    values, at any depth) or be the function itself: ``view.apply(ipp.Reference("f"))``
+    calls the engine's ``f``. Dotted names (``"a.b"``) resolve too.
     """
 
     def __init__(self, name: str):
         if not isinstance(name, str):
-            raise TypeError(f"Reference needs a variable name, got {name!r}")
+            raise TypeError(f"Reference needs a variable name (a str), got {name!r}")
         self.name = name
 
     def __repr__(self) -> str:
         return f"<Reference: {self.name!r}>"
 
+    def __reduce__(self) -> tuple:
+        return _load_reference, (self.name,)
+
     def resolve(self, namespace: dict) -> Any:
+        """The value of the name in ``namespace``; NameError naming it when it is missing."""
         try:
-            return eval(self.name, namespace)  # dotted names like "a.b" resolve too
-        except NameError as e:
-            raise NameError(f"name {self.name!r} is not defined on this engine") from e
+            return eval(self.name, namespace)
+        except NameError:
+            root = self.name.split(".", 1)[0].strip()
+            raise without_traceback(NameError(
+                f"Reference({self.name!r}): name {root!r} is not defined on this engine; "
+                f"push it first (view.push({{{root!r}: ...}})) or define it with view.execute"
+            )) from None
+
+
+def _resolve_references(obj: Any, namespace: dict, seen: set[int]) -> Any:
+    """``obj`` with every Reference inside lists, tuples and dict values resolved.
+
+    Lists and dicts are updated in place (they were just unpickled and nobody else
+    holds them); ``seen`` guards against containers that hold themselves.
+    """
+    kind = type(obj)
+    if kind is Reference:
+        return obj.resolve(namespace)
+    if kind not in (list, tuple, dict) or id(obj) in seen:
+        return obj
+    seen.add(id(obj))
+    if kind is list:
+        for i, item in enumerate(obj):
+            obj[i] = _resolve_references(item, namespace, seen)
+        return obj
+    if kind is dict:
+        for key, value in obj.items():
+            obj[key] = _resolve_references(value, namespace, seen)
+        return obj
+    return tuple(_resolve_references(item, namespace, seen) for item in obj)
+
+
+def interactive(f: Callable) -> Callable:
+    """Decorator: ``f`` runs on engines with the engine's namespace as its globals.
+
+    As in IPython parallel, for functions defined in an importable module: without it
+    they are sent by reference and see their module's globals on the engine; with it
+    they are sent by value and read and write the engine's variables, like functions
+    defined in a notebook. Names the engine lacks fall back to the module's values
+    captured when the function is sent. The function still works locally unchanged.
+    """
+    if not isinstance(f, types.FunctionType):
+        f.__module__ = "__main__"
+        return f
+    copy = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    copy.__kwdefaults__ = f.__kwdefaults__
+    copy.__dict__.update(f.__dict__)
+    copy.__qualname__, copy.__doc__ = f.__qualname__, f.__doc__
+    copy.__module__ = "__main__"  # cloudpickle sends functions of __main__ by value
+    return copy
 
 
 def bind_to_namespace(f: Any, namespace: dict) -> Any:
@@ -264,7 +339,8 @@ def unpack_apply_message(
 ) -> tuple[Any, tuple, dict]:
     """``(f, args, kwargs)`` from the frames of :func:`pack_apply_message`.
 
-    :class:`Reference` arguments are resolved in ``namespace``.
+    :class:`Reference` objects in the function's place or anywhere in the arguments
+    are resolved in ``namespace``.
     """
     if len(frames) < 2:
         raise ValueError(f"apply_request needs at least 2 buffers, got {len(frames)}")
@@ -272,9 +348,12 @@ def unpack_apply_message(
         f = bind_to_namespace(pickle.loads(_as_buffer(frames[0])), namespace)
     else:
         f = functions.load(frames[0], namespace)
+    if type(f) is Reference:  # cached as the Reference: the engine's value may change
+        f = f.resolve(namespace)
+    loaded = _references_loaded
     args, kwargs = deserialize_object(frames[1:])
-    args = tuple(a.resolve(namespace) if isinstance(a, Reference) else a for a in args)
-    for key, value in kwargs.items():
-        if isinstance(value, Reference):
-            kwargs[key] = value.resolve(namespace)
+    if _references_loaded != loaded:  # only then can a Reference be in there
+        seen: set[int] = set()
+        args = _resolve_references(args, namespace, seen)
+        kwargs = _resolve_references(kwargs, namespace, seen)
     return f, args, kwargs

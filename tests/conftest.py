@@ -6,6 +6,7 @@ tests that leave engines intact; tests that kill or stop things start their own.
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 
@@ -104,6 +105,25 @@ def pickle_test_module_by_value(request):
     cloudpickle.register_pickle_by_value(request.module)
     yield
     cloudpickle.unregister_pickle_by_value(request.module)
+
+
+@pytest.fixture(scope="module")
+def shell():
+    """A real InteractiveShell, removed again after the module (it is a process singleton)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    if InteractiveShell.initialized():
+        yield InteractiveShell.instance()
+        return
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    ip = InteractiveShell.instance(config=config)
+    yield ip
+    atexit.unregister(ip.atexit_operations)
+    ip.atexit_operations()
+    ip.cleanup()
+    InteractiveShell.clear_instance()
 
 
 @pytest.fixture

@@ -308,10 +308,8 @@ def test_print_traceback(capsys):
     assert capsys.readouterr().out == "[0:apply]:\nline one\nline two\n"
 
 
-def test_ipython_displays_remote_traceback():
+def test_ipython_displays_remote_traceback(shell):
     """IPython shows _render_traceback_(), not our local frames."""
-    interactiveshell = pytest.importorskip("IPython.core.interactiveshell")
-    shell = interactiveshell.InteractiveShell.instance()
     shown: list = []
     original = shell._showtraceback
     shell._showtraceback = lambda etype, evalue, stb: shown.append(stb)

@@ -118,7 +118,8 @@ def notebook(executed: dict, name: str) -> nbformat.NotebookNode:
 
 def test_there_are_example_notebooks():
     assert {p.name for p in NOTEBOOKS} >= {
-        "01-quickstart.ipynb", "02-task-farm.ipynb", "03-numpy-data-parallel.ipynb"}
+        "01-quickstart.ipynb", "02-task-farm.ipynb", "03-numpy-data-parallel.ipynb",
+        "ipyparallel_tutorial.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -193,6 +194,25 @@ def test_numpy_outputs(executed):
     assert "from 1000000 samples on 2 engines" in output_text(nb, 'dview.pull("part")')
     assert output_text(nb, 'dview.gather("y")').strip() == "(1000000,) True"
     assert output_text(nb, "A @ v").strip() == "(2000,) True"
+
+
+def test_ipyparallel_tutorial_outputs(executed):
+    nb = notebook(executed, "ipyparallel_tutorial.ipynb")
+    assert output_text(nb, "rc.ids").strip().endswith("[0, 1]")
+    # %%px without activate() or %load_ext: the first Client activated the magics
+    px = output_text(nb, "print('sum of squares'")
+    assert "[stdout:0] sum of squares 14" in px and "[stdout:1] sum of squares 14" in px
+    assert output_text(nb, "dview.apply_sync(scaled_total)").strip() == "[140, 140]"
+    references = output_text(nb, "ipp.Reference('part')")
+    assert "sums: [10, 35]" in references and "nested: [2, 2]" in references
+    assert "sorted: [[4, 3, 2, 1, 0], [9, 8, 7, 6, 5]]" in references
+    remote = output_text(nb, "@ipp.remote(dview")
+    assert "engine processes: 2" in remote
+    assert "collatz steps: [0, 1, 7, 2, 5, 8, 16, 3, 19, 6]" in remote
+    mapped = output_text(nb, "lview.map_sync")
+    assert "odd squares: [1, 9, 25, 49]" in mapped and "lazily: [1, 2, 3, 4]" in mapped
+    published = output_text(nb, "publish_data")
+    assert "steps seen while running: [1, 2, 3] ..." in published and "finished" in published
 
 
 def test_one_engines_clear_output_keeps_the_others_output(tmp_path):

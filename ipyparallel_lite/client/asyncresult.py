@@ -164,6 +164,8 @@ class AsyncResult(Future):
                 md["error"] = content
         elif msg_type == "execute_input":
             md["execute_input"] = content.get("code")
+        elif msg_type == "data_message":  # ipp.datapub.publish_data on the engine
+            md["data"].update(deserialize_object(msg["buffers"]))
         listener = self._output_listener
         if listener is not None and msg_type != "status":
             listener(msg_id, msg)
@@ -300,6 +302,12 @@ class AsyncResult(Future):
     @property
     def engine_id(self) -> Any:
         return self._per_request("engine_id")
+
+    @property
+    def data(self) -> Any:
+        """What the engines published with ``ipp.datapub.publish_data``, merged per request
+        (a dict, or one per engine), growing while they run."""
+        return self._per_request("data")
 
     def display_outputs(self, groupby: str = "type") -> None:
         """Print each engine's stdout/stderr and show its rich outputs, like %px."""

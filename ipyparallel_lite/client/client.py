@@ -32,6 +32,7 @@ from ipyparallel_lite.connection import (
     unpack_message,
     url,
 )
+from ipyparallel_lite.magics import activate_first_client
 from ipyparallel_lite.versions import conflicts, versions
 
 NOBLOCK = int(zmq.NOBLOCK)
@@ -86,6 +87,7 @@ class Client:
         self._connect(info, timeout)
         self._io_thread = threading.Thread(target=self._io_loop, name="ipp-lite-client-io", daemon=True)
         self._io_thread.start()
+        activate_first_client(self)  # in IPython, the first client binds %px, as in IPython parallel
 
     # ---- connection ---------------------------------------------------------------
 

@@ -130,6 +130,13 @@ class View:
 
         return decorator
 
+    def register_joblib_backend(self, name: str = "ipyparallel_lite", make_default: bool = False) -> None:
+        """Register a joblib backend ``name`` whose ``Parallel`` calls run on this view's
+        engines (see :func:`ipyparallel_lite.joblib.register_joblib_backend`)."""
+        from ipyparallel_lite.joblib import register_joblib_backend
+
+        register_joblib_backend(name, make_default, view=self)
+
     # ---- waiting and control ------------------------------------------------------------
 
     def wait(self, jobs: Any = None, timeout: float = -1) -> bool:

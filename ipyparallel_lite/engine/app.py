@@ -12,8 +12,10 @@ long computation still counts as alive.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -221,6 +223,70 @@ class EngineApp(LevelFilteredLogging, IPKernelApp):
             kernel.shell.display_pub.topic = (topic + "displaypub").encode()
         self.log.info("engine %d connected (uuid %s)", self.eid, self.ident)
 
+    _bound_connection_file: str | None = None
+
+    def bind_kernel(self, ip: str = "127.0.0.1") -> str:
+        """Bind kernel sockets on ``ip`` so a Jupyter frontend can use this engine as a
+        kernel (``ipp.bind_kernel``); the path of the connection file written for it.
+
+        Shell and stdin are new ROUTER sockets served on the kernel's loop, iopub is the
+        engine's PUB socket bound a second time (frontends see the cluster's output
+        too, as IPython parallel's bound engines do), and the heartbeat is ipykernel's.
+        The control port is bound but not served: interrupt the engine through the
+        cluster (``rc.send_signal``, ``ar.abort()``). The file holds the cluster's key:
+        it is written readable by its owner only, and removed when the engine exits.
+        """
+        if self._bound_connection_file is not None:
+            return self._bound_connection_file
+        from ipykernel.heartbeat import Heartbeat
+        from jupyter_client.connect import write_connection_file
+        from jupyter_core.paths import jupyter_runtime_dir
+        from zmq.eventloop.zmqstream import ZMQStream
+
+        address = f"tcp://{ip}"
+        ports = {"iopub_port": self._bind_iopub(address)}
+        sockets = {}
+        for channel in ("shell", "stdin", "control"):
+            sock = sockets[channel] = self.context.socket(zmq.ROUTER)
+            sock.linger = 1000
+            ports[f"{channel}_port"] = sock.bind_to_random_port(address)
+        heartbeat = Heartbeat(self.context, ("tcp", ip, 0))
+        heartbeat.start()
+        ports["hb_port"] = heartbeat.port
+        kernel = self.kernel
+        kernel.stdin_socket = sockets["stdin"]
+        kernel.serve_frontend(ZMQStream(sockets["shell"], kernel.shell_stream.io_loop))
+        runtime_dir = jupyter_runtime_dir()
+        os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+        path, _ = write_connection_file(
+            os.path.join(runtime_dir, f"kernel-{os.getpid()}.json"), ip=ip, key=self.session.key,
+            signature_scheme=self.session.signature_scheme, **ports)
+        _remove_at_exit(path)
+        self._bound_connection_file = path
+        self.log.info("engine %s bound as a kernel; to connect a frontend: jupyter console "
+                      "--existing %s", self.eid, path)
+        return path
+
+    def _bind_iopub(self, address: str) -> int:
+        """Bind the engine's iopub socket (it also stays connected to the controller) to a
+        random port of ``address``, on the iopub thread that owns it; the port."""
+        bound: list = []
+        done = threading.Event()
+
+        def bind() -> None:
+            try:
+                bound.append(self.iopub_thread.socket.bind_to_random_port(address))
+            except Exception as e:
+                bound.append(e)
+            done.set()
+
+        self.iopub_thread.io_loop.add_callback(bind)
+        if not done.wait(10):
+            raise RuntimeError("the engine's iopub thread did not answer within 10s")
+        if isinstance(bound[0], Exception):
+            raise bound[0]
+        return bound[0]
+
     def unregister(self) -> None:
         """Tell the controller this engine leaves, so its tasks fail over at once."""
         try:
@@ -231,6 +297,28 @@ class EngineApp(LevelFilteredLogging, IPKernelApp):
             sock.close()
         except Exception:
             pass
+
+
+def _remove_at_exit(path: str) -> None:
+    """Remove ``path`` when this process exits, normally or by SIGTERM (how clusters stop
+    engines), after which SIGTERM still ends the process as before."""
+
+    def remove() -> None:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+    atexit.register(remove)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        remove()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def main(argv: list[str] | None = None) -> None:

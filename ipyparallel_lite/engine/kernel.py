@@ -386,6 +386,34 @@ class EngineKernel(IPythonKernel):
         return {"status": "error", "ename": ename, "evalue": evalue, "traceback": [],
                 "engine_info": self.engine_info}
 
+    def serve_frontend(self, stream: Any) -> None:
+        """Also serve the shell requests of a Jupyter frontend arriving on ``stream`` (a
+        ``ZMQStream`` of a ROUTER socket this engine bound: ``ipp.bind_kernel``).
+
+        They run one at a time with the cluster's requests, through ipykernel's own
+        handlers (with busy/idle status, as a console expects), and are answered on
+        ``stream``: ipykernel replies on ``self.shell_stream``, which points there while
+        such a request holds the lock every shell request takes.
+        """
+
+        async def dispatch(msg: list) -> None:
+            async with self._main_asyncio_lock:
+                cluster_stream, self.shell_stream = self.shell_stream, stream
+                try:
+                    await self.dispatch_shell(msg)
+                finally:
+                    self.shell_stream = cluster_stream
+
+        stream.on_recv(_async_in_context(dispatch), copy=False)
+
+    def publish_data(self, data: dict) -> None:
+        """Send ``data`` to the client of the running request (``ipp.datapub.publish_data``):
+        a ``data_message`` on iopub, whose buffers update that request's ``AsyncResult.data``."""
+        # copied: the iopub thread sends later, and the caller may change its arrays meanwhile
+        buffers = [bytes(frame) for frame in serialize_object(data)]
+        self.session.send(self.iopub_socket, "data_message", {}, parent=self.get_parent("shell"),
+                          ident=self._topic("data"), buffers=buffers)
+
     # ---- control ---------------------------------------------------------------
 
     def abort_request(self, stream: Any, ident: list, parent: dict) -> None:

@@ -1,8 +1,9 @@
 """The parallel magics: ``%px``, ``%%px``, ``%autopx``, ``%pxresult`` and ``%pxconfig``.
 
-A :class:`ParallelMagics` instance binds the magics to one DirectView. ``rc.activate()``
-(or ``view.activate(suffix)``) creates it; ``%load_ext ipyparallel_lite`` registers an
-instance with no view yet, whose magics say how to connect one.
+A :class:`ParallelMagics` instance binds the magics to one DirectView. The first
+``Client`` created in IPython, ``rc.activate()`` or ``view.activate(suffix)`` create it;
+``%load_ext ipyparallel_lite`` registers an instance with no view yet, whose magics say
+how to connect one.
 
 Output of a blocking ``%px`` is shown while the engines produce it: the client's I/O
 thread only *notes* that an iopub message arrived (``AsyncResult._output_listener``),
@@ -642,6 +643,17 @@ def activate_view(view: Any, suffix: str = "", shell: Any = None) -> ParallelMag
     magics = get_magics(shell, suffix)
     magics.view = view
     return magics
+
+
+def activate_if_unbound(shell: Any, client: Any) -> None:
+    """``client.activate()`` (``%px`` on all its engines, blocking) unless the unsuffixed
+    magics of ``shell`` are bound to a view of another client that is still open."""
+    current = shell.magics_manager.magics["cell"].get("px")
+    magics = getattr(current, "__self__", None)
+    if isinstance(magics, ParallelMagics) and magics.view is not None \
+            and not getattr(magics.view.client, "_closed", False):
+        return
+    client.activate()
 
 
 def load_ipython_extension(shell: Any) -> None:
