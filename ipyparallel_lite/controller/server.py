@@ -664,7 +664,7 @@ class Controller:
         engine = self.hub.by_uuid(target_uuid)
         pending = self.pending[msg_id] = Pending(client, header, MUX, [], None)
         self.hub.submitted(msg_id, header, msg["metadata"], header.get("session", ""), "mux",
-                           target_uuid, rest[4], rest[5:])
+                           target_uuid, rest[5], rest[6:])
         if engine is None or engine.state != "ready":
             self._fail(msg_id, "EngineError", f"No engine with uuid {target!r} is registered; "
                        "it may have died. Use rc.ids for the live engines.")
@@ -791,7 +791,7 @@ class Controller:
         msg_id = header["msg_id"]
         self.pending[msg_id] = Pending(client, header, TASK, rest, None)
         self.hub.submitted(msg_id, header, md, header.get("session", ""), "task", None,
-                           rest[4], rest[5:])
+                           rest[5], rest[6:])
         if header.get("msg_type") not in WORK_TYPES:
             # an engine answers nothing else: the task would hold its slot forever
             self._fail(msg_id, "ValueError", f"Task rejected: only {' and '.join(WORK_TYPES)} can "
