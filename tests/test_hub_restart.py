@@ -55,6 +55,7 @@ def test_sigkill_then_restore_keeps_results_and_reports_lost_tasks(ipython_dir):
         queued = lview.apply_async(square, 7)  # waits in the scheduler behind it (hwm=1)
         time.sleep(1.0)  # the store writes on a timer (0.2 s): both are on disk now
         before = load_connection_file(cluster.connection_file("client"))
+        late = lview.apply_async(square, 8)  # maybe never on disk: the client fails it itself
 
         os.kill(cluster.controller.pid, signal.SIGKILL)
         cluster.controller.process.wait(10)
@@ -66,8 +67,8 @@ def test_sigkill_then_restore_keeps_results_and_reports_lost_tasks(ipython_dir):
         cluster.controller = restored  # stop_cluster_sync stops this one
 
         # the client that waited gets an error for both, not a hang
-        for ar in (running, queued):
-            with pytest.raises(error.EngineError):
+        for ar in (running, queued, late):
+            with pytest.raises(error.EngineError, match="lost|unreachable"):
                 ar.get(60)
         after = load_connection_file(cluster.connection_file("client"))
         assert after["ports"] == before["ports"] and after["key"] == before["key"]

@@ -221,6 +221,14 @@ class Client:
     def _fail_pending(self, reason: str) -> None:
         """Answer every waiting request with an EngineError, so nobody waits forever."""
         pending, self._pending = self._pending, {}
+        self._fail_requests(pending, reason)
+
+    def _fail_pending_ids(self, msg_ids: list[str], reason: str) -> None:
+        """Answer the waiting requests ``msg_ids`` with an EngineError."""
+        self._fail_requests({m: ar for m in msg_ids if (ar := self._pending.pop(m, None))}, reason)
+
+    @staticmethod
+    def _fail_requests(pending: dict[str, AsyncResult], reason: str) -> None:
         for msg_id, ar in pending.items():
             ar._receive(msg_id, {
                 "header": {}, "parent_header": {"msg_id": msg_id}, "buffers": [],
@@ -651,6 +659,8 @@ class Client:
 
         try:
             engines = self._query("connection_request", {})["content"]
+            restarted = engines.get("controller_pid") != self.connection_info.get("controller_pid")
+            self.connection_info["controller_pid"] = engines.get("controller_pid")
             with self._engines_changed:
                 self._engines.clear()
                 self._engine_infos.clear()
@@ -658,14 +668,18 @@ class Client:
             waiting = [m for m in list(self._pending) if isinstance(m, str)]
             if not waiting:
                 return
-            known = self.db_query({"msg_id": {"$in": waiting}}, keys=["msg_id"])
-            ids = [r["msg_id"] for r in known]
-            if ids:
-                reply = self._query("result_request", {"msg_ids": ids})
+            known = {r["msg_id"] for r in self.db_query({"msg_id": {"$in": waiting}}, ["msg_id"])}
+            if known:
+                reply = self._query("result_request", {"msg_ids": sorted(known)})
                 for msg_id, msg in results_of(reply).items():
                     ar = self._pending.pop(msg_id, None)
                     if ar is not None:
                         ar._receive(msg_id, msg)
+            if restarted:  # sent to the old controller, which died before recording them
+                self._fail_pending_ids(
+                    [m for m in waiting if m not in known],
+                    "The controller died before it recorded this request; its result is lost. "
+                    "Resubmit it.")
         except Exception as e:  # the controller went away again: the usual grace applies
             warnings.warn(f"could not resynchronize with the controller: {e}", stacklevel=1)
 

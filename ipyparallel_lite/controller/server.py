@@ -345,6 +345,7 @@ class Controller:
             "engines": {str(k): v for k, v in self.hub.ready_engines().items()},
             "engine_info": {str(k): v for k, v in self.hub.engine_infos().items()},
             "task_scheme": self.scheduler.scheme,
+            "controller_pid": os.getpid(),  # a client reconnecting learns of a restart
         }
         self._reply(self.registration, idents, "connection_reply", reply, parent=msg["header"])
 

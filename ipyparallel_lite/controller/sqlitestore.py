@@ -162,6 +162,8 @@ class SQLiteStore(BaseStore):
         #: records changed since the last flush, and records not completed yet
         self._live: dict[str, Record] = {}
         self._dirty: dict[str, None] = {}
+        #: new pending records the last flush left for the next one
+        self._held: dict[str, None] = {}
 
     # ---- writing --------------------------------------------------------------------
 
@@ -179,19 +181,32 @@ class SQLiteStore(BaseStore):
         append(encode_value({k: record[k] for k in extra}) if extra else None)
         return row
 
-    def flush(self) -> int:
-        """Write every changed record in one transaction; how many were written."""
+    def flush(self, everything: bool = False) -> int:
+        """Write changed records in one transaction; how many were written.
+
+        A record still pending that was added since the last flush waits for the next
+        one (unless ``everything``): most tasks finish by then and are written once,
+        not twice. Every pending task is on disk within two flushes.
+        """
         if not self._dirty:
             return 0
         live = self._live
-        rows = [self._row(live[msg_id]) for msg_id in self._dirty]
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(self._upsert, rows)
+        held: dict[str, None] = {}
+        rows = []
         for msg_id in self._dirty:
-            if live[msg_id].get("completed") is not None:
+            record = live[msg_id]
+            if not everything and record.get("completed") is None and msg_id not in self._held:
+                held[msg_id] = None
+            else:
+                rows.append(self._row(record))
+        if rows:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(self._upsert, rows)
+        for msg_id in self._dirty:
+            if msg_id not in held and live[msg_id].get("completed") is not None:
                 del live[msg_id]  # on disk now; pending records stay for their updates
-        self._dirty.clear()
+        self._dirty, self._held = dict(held), held
         return len(rows)
 
     def _touched(self, msg_id: str) -> None:
@@ -221,6 +236,7 @@ class SQLiteStore(BaseStore):
     def drop_record(self, msg_id: str) -> None:
         in_memory = self._live.pop(msg_id, None) is not None
         self._dirty.pop(msg_id, None)
+        self._held.pop(msg_id, None)
         deleted = self._db.execute(f"DELETE FROM {self.table} WHERE msg_id=?", (msg_id,)).rowcount
         if not (in_memory or deleted):
             raise RecordNotFound(f"no record with msg_id {msg_id!r}")
@@ -228,7 +244,7 @@ class SQLiteStore(BaseStore):
     def drop_matching_records(self, query: dict) -> int:
         doomed = [rec["msg_id"] for rec in self.find_records(query, keys=["msg_id"])]
         for msg_id in doomed:
-            self._live.pop(msg_id, None)
+            self._live.pop(msg_id, None)  # flushed by find_records: none is dirty
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(f"DELETE FROM {self.table} WHERE msg_id=?", [(m,) for m in doomed])
@@ -254,7 +270,7 @@ class SQLiteStore(BaseStore):
 
     def _rows(self, keys: Iterable[str]) -> Iterable[Record]:
         """Every stored record, oldest first, holding ``msg_id`` and ``keys`` only."""
-        self.flush()
+        self.flush(everything=True)
         keys = list(dict.fromkeys(k for k in keys if k != "msg_id"))
         columns = [k for k in keys if k in COLUMNS]
         need_extra = any(k not in COLUMNS for k in keys)
@@ -284,7 +300,7 @@ class SQLiteStore(BaseStore):
         return history_order(dated)
 
     def __len__(self) -> int:
-        self.flush()
+        self.flush(everything=True)
         return self._db.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]
 
     def __contains__(self, msg_id: object) -> bool:
@@ -295,7 +311,7 @@ class SQLiteStore(BaseStore):
 
     def close(self) -> None:
         try:
-            self.flush()
+            self.flush(everything=True)
         finally:
             self._db.close()
 

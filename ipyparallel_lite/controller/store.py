@@ -353,9 +353,11 @@ class BaseStore(abc.ABC):
     def __contains__(self, msg_id: object) -> bool:
         """Whether a record with this msg_id is stored."""
 
-    def flush(self) -> int:
+    def flush(self, everything: bool = False) -> int:
         """Write what waits to be written (the controller calls this on a timer, off the
-        hot path); how many records were written. Nothing to do by default."""
+        hot path); how many records were written. Without ``everything``, records of
+        tasks that just started pending may wait for the next call. Nothing to do by
+        default."""
         return 0
 
     def close(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
@@ -575,8 +577,8 @@ class MemoryStore(BaseStore):
         spilled = self._spill.drop_matching_records(query) if self._spill is not None else 0
         return len(doomed) + spilled
 
-    def flush(self) -> int:
-        return self._spill.flush() if self._spill is not None else 0
+    def flush(self, everything: bool = False) -> int:
+        return self._spill.flush(everything) if self._spill is not None else 0
 
     def close(self) -> None:
         if self._spill is not None:
