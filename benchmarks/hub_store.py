@@ -91,7 +91,8 @@ def rss_growth(args: list[str], warmup: int, tasks: int, batch: int) -> tuple[fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes: a smoke run, whose numbers are not judged")
     parser.add_argument("--tasks", type=int, default=5000, help="tasks per throughput turn")
     parser.add_argument("--repeat", type=int, default=5, help="throughput turns per store")
     parser.add_argument("--rss-tasks", type=int, default=100_000, help="tasks for the RSS figure")
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| metric | value | target |\n| --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    if opts.quick:
+        print("\n(--quick: sizes too small to judge the targets)")
+        return 0
     if not ok:
         print("\nFAILED: a target was missed", file=sys.stderr)
     return 0 if ok else 1

@@ -104,3 +104,15 @@ def test_sigkill_then_restore_keeps_results_and_reports_lost_tasks(ipython_dir):
             if client is not None:
                 client.close()
         cluster.stop_cluster_sync()
+
+
+def test_restore_needs_the_sqlite_store(ipython_dir):
+    import subprocess
+
+    proc = subprocess.run(
+        controller_command([f"--ipython-dir={ipython_dir}", "--cluster-id=no-db", "--restore"]),
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "IPP_LITE_PARENT_PID": ""},
+    )
+    assert proc.returncode == 2
+    assert "--restore needs the SQLite store (--sqlitedb)" in proc.stderr
