@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta
 
+import psutil
 import pytest
 
 import ipyparallel_lite as ipp
@@ -96,7 +97,9 @@ def test_db_query_every_operator(rc):
     assert found({"label": {"$glob": label[:4] + "*"}}) == sorted(ids)
     assert found({"resubmitted": {"$exists": False}}) == sorted(ids)
     assert found({"result_buffers": {"$exists": True}}) == sorted(ids)
-    assert found({"header": {"$exists": True}, "engine_uuid": {"$in": list(rc._engines.values())}}) == sorted(ids)
+    engines = [r["engine_uuid"] for r in rc.db_query({"msg_id": {"$in": ids}}, ["engine_uuid"])]
+    assert found({"header": {"$exists": True}, "engine_uuid": {"$in": engines}}) == sorted(ids)
+    assert found({"engine_uuid": {"$nin": engines}}) == []
     tagged = rc.db_query({"msg_id": ids[2]}, ["result_buffers", "buffers", "header"])[0]
     assert isinstance(tagged["result_buffers"][0], bytes) and tagged["buffers"]
     assert tagged["header"]["msg_type"] == "apply_request"
@@ -154,7 +157,7 @@ def test_resubmit_keeps_flags_and_label(rc):
     assert old["resubmitted"] == new_id
     new = rc.db_query({"msg_id": new_id}, ["label", "metadata", "engine_uuid", "resubmitted"])[0]
     assert new["label"] == "again" and new["metadata"]["targets"] == [rc.ids[-1]]
-    assert new["engine_uuid"] == rc._engines[rc.ids[-1]]
+    assert new["engine_uuid"] == rc.db_query({"msg_id": ar.msg_ids[0]}, ["engine_uuid"])[0]["engine_uuid"]
     assert isinstance(new["resubmitted"], datetime)
     # a direct request reruns on its engine
     direct = rc[rc.ids[0]].apply_async(square, 6)
@@ -230,6 +233,28 @@ def test_none_store_answers_plainly(ipython_dir):
         assert rc.db_query({}) == [] and rc.hub_history() == []
         with pytest.raises(error.RemoteError, match="keeps no task records"):
             rc.get_result(ar.msg_ids[0])
+    finally:
+        rc.close()
+        cluster.stop_cluster_sync()
+
+
+def test_records_past_the_memory_limit_spill_and_stay_retrievable(ipython_dir):
+    """ipyparallel's in-memory store culls old records, and waiting on them hangs."""
+    cluster = ipp.Cluster(n=1, controller_args=["--ControllerApp.record_limit=10"])
+    rc = cluster.start_and_connect_sync()
+    try:
+        rc.wait_for_engines(1, timeout=60)
+        view = rc.load_balanced_view()
+        ars = [view.apply_async(square, i) for i in range(60)]
+        assert [ar.get(60) for ar in ars] == [i * i for i in range(60)]
+        controller_files = [f.path for f in psutil.Process(cluster.controller.pid).open_files()]
+        assert any("ipp-lite-spill-" in path for path in controller_files)  # it did spill
+        old = rc.get_result(ars[0].msg_ids)
+        old.wait_interactive(timeout=30)
+        assert old.get(0) == [0]
+        assert len(rc.hub_history()) == 60
+        assert len(rc.db_query({"completed": {"$ne": None}}, ["msg_id"])) == 60
+        assert rc.resubmit(ars[1].msg_ids, block=True) == [1]
     finally:
         rc.close()
         cluster.stop_cluster_sync()

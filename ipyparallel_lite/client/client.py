@@ -587,7 +587,7 @@ class Client:
         content = reply["content"]
         status: dict[str, Any] = {"pending": content["pending"], "completed": content["completed"]}
         for msg_id, msg in results_of(reply).items():
-            ar = AsyncHubResult(self, [msg_id], single=True)
+            ar = AsyncHubResult(self, [msg_id], self._query, single=True)
             ar._receive(msg_id, msg)
             status[msg_id] = _value_or_error(ar)
         return status
@@ -602,9 +602,9 @@ class Client:
             indices_or_msg_ids = -1
         single = isinstance(indices_or_msg_ids, str | int)
         ids = msg_ids_of(self, indices_or_msg_ids)
-        ar = AsyncHubResult(self, ids, single=single and len(ids) == 1)
-        ar._fetch()  # unknown msg_ids raise here
-        ar._start_polling()
+        ar = AsyncHubResult(self, ids, self._query, single=single and len(ids) == 1)
+        ar.fetch()  # unknown msg_ids raise here
+        ar.start_polling()
         return ar.get() if block else ar
 
     def resubmit(self, indices_or_msg_ids: Any = None, block: bool | None = None) -> Any:

@@ -11,7 +11,7 @@ client closes.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -83,14 +83,20 @@ def results_of(reply: dict) -> dict[str, dict]:
 
 
 class AsyncHubResult(AsyncResult):
-    """The results of tasks, fetched from the Hub's records (``rc.get_result``)."""
+    """The results of tasks, fetched from the Hub's records (``rc.get_result``).
+
+    ``query(msg_type, content)`` sends a request to the Hub and returns its reply
+    (the client's query call); :meth:`fetch` asks once, :meth:`start_polling` asks
+    until every result is in.
+    """
 
     #: seconds between questions to the Hub: the first, and the most
     POLL_START, POLL_MAX = 0.05, 1.0
 
-    def __init__(self, client: Client, msg_ids: list[str], fname: str = "get_result",
-                 single: bool = False):
+    def __init__(self, client: Client, msg_ids: list[str], query: Callable[[str, dict], dict],
+                 fname: str = "get_result", single: bool = False):
         super().__init__(client, msg_ids, fname, single=single)
+        self._query = query
         self._poller: threading.Thread | None = None
         self._poll_error: Exception | None = None
 
@@ -102,13 +108,14 @@ class AsyncHubResult(AsyncResult):
     def _missing(self) -> list[str]:
         return [m for m in self.msg_ids if m not in self._replies]
 
-    def _fetch(self) -> None:
-        """Ask the Hub once for the results not received yet."""
+    def fetch(self) -> None:
+        """Ask the Hub once for the results not received yet (raises for unknown ones)."""
         missing = self._missing()
         if missing:
-            self._take(self._client._query("result_request", {"msg_ids": missing}))
+            self._take(self._query("result_request", {"msg_ids": missing}))
 
-    def _start_polling(self) -> None:
+    def start_polling(self) -> None:
+        """Ask the Hub from a thread until every result is in."""
         if self.done() or self._poller is not None:
             return
         self._poller = threading.Thread(target=self._poll, name="ipp-lite-hub-result", daemon=True)
@@ -117,10 +124,10 @@ class AsyncHubResult(AsyncResult):
     def _poll(self) -> None:
         interval = self.POLL_START
         stop = threading.Event()
-        while not self.done() and not self._client._closed:
+        while not self.done():
             try:
-                self._fetch()
-            except Exception as e:  # e.g. the records were purged meanwhile
+                self.fetch()
+            except Exception as e:  # the records were purged meanwhile, the client closed...
                 self._poll_error = e
                 if not self.done():
                     self.set_exception(e)
