@@ -240,7 +240,8 @@ def test_none_store_answers_plainly(ipython_dir):
 
 def test_records_past_the_memory_limit_spill_and_stay_retrievable(ipython_dir):
     """ipyparallel's in-memory store culls old records, and waiting on them hangs."""
-    cluster = ipp.Cluster(n=1, controller_args=["--ControllerApp.record_limit=10"])
+    cluster = ipp.Cluster(n=1, controller_args=["--ControllerApp.record_limit=10",
+                                                "--ControllerApp.remember_finished=10"])
     rc = cluster.start_and_connect_sync()
     try:
         rc.wait_for_engines(1, timeout=60)
@@ -255,6 +256,17 @@ def test_records_past_the_memory_limit_spill_and_stay_retrievable(ipython_dir):
         assert len(rc.hub_history()) == 60
         assert len(rc.db_query({"completed": {"$ne": None}}, ["msg_id"])) == 60
         assert rc.resubmit(ars[1].msg_ids, block=True) == [1]
+        # the scheduler forgot ars[0] long ago: the Hub's record still satisfies `after`
+        with view.temp_flags(after=ars[0]):
+            dependent = view.apply_async(square, 3)
+        with pytest.raises(error.InvalidDependency):
+            dependent.get(30)
+        first = view.apply_async(square, 4)
+        with view.temp_flags(after=first):
+            dependent = view.apply_async(square, 5)
+        assert dependent.get(30) == 25
+        [view.apply_async(square, i).get(30) for i in range(15)]  # first is forgotten now
+        assert rc.resubmit(dependent.msg_ids, block=True) == [25]
     finally:
         rc.close()
         cluster.stop_cluster_sync()

@@ -97,6 +97,9 @@ def test_sigkill_then_restore_keeps_results_and_reports_lost_tasks(ipython_dir):
         cluster.start_engines_sync(1)
         rc2.wait_for_engines(1, timeout=60)
         assert rc2.load_balanced_view().apply_sync(square, 8) == 64
+        later = rc2.load_balanced_view()
+        later.set_flags(after=done[0].msg_ids)  # finished before the restart: still counts
+        assert later.apply_sync(square, 9) == 81
         _wait_for(lambda: len(rc.ids) == 1, 30, "the old client seeing the new engine")
         assert rc.resubmit(queued.msg_ids, block=True) == [49]
     finally:

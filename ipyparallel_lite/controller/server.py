@@ -35,6 +35,7 @@ from zmq.devices import ThreadDevice
 
 from ipyparallel_lite import fastzmq
 from ipyparallel_lite.connection import unpack_message
+from ipyparallel_lite.controller.dependency import parse_dependency
 from ipyparallel_lite.controller.hub import Hub, RegistrationError, as_datetime, utcnow
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
 from ipyparallel_lite.controller.store import NoStore, RecordNotFound
@@ -504,9 +505,30 @@ class Controller:
         packed = [self.session.pack(header), self.session.pack({}), self.session.pack(md),
                   _bytes(record["content"])]
         rest = [DELIM, self.session.sign(packed), *packed, *(record.get("buffers") or [])]
+        self._recall_dependencies(md)
         # nobody waits on the task socket: the result is read from the Hub
         self._submit_task(b"", rest, header, md)
         return header["msg_id"]
+
+    def _recall_dependencies(self, md: dict) -> None:
+        """Tell the scheduler how the finished tasks that ``md``'s ``after``/``follow``
+        name ended, from the Hub's records: it forgets finished tasks after a while (and
+        a restored controller never saw them), which would make them unknown ids."""
+        for key in ("after", "follow"):
+            try:
+                spec = parse_dependency(md.get(key) or None)
+            except ValueError:
+                continue  # the scheduler rejects it with the reason
+            for dep in spec.ids if spec is not None else ():
+                if dep in self.pending or dep not in self.hub.store:
+                    continue
+                record = self.hub.store.get_record(dep)
+                if record.get("completed") is None:
+                    continue
+                engine = self.hub.by_uuid(record.get("engine_uuid") or "")
+                status = (record.get("result_metadata") or {}).get("status")
+                self._apply(self.scheduler.record_result(dep, engine.id if engine else -1,
+                                                         status == "ok"))
 
     def handle_shutdown_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         self._reply(self.registration, idents, "shutdown_reply", {"status": "ok"}, parent=msg["header"])
@@ -785,7 +807,10 @@ class Controller:
         if len(idents) != 1:
             self.log.warning("dropped a task request with unexpected routing identities")
             return
-        self._submit_task(idents[0], rest, msg["header"], msg["metadata"])
+        md = msg["metadata"]
+        if self.restored and isinstance(md, dict) and (md.get("after") or md.get("follow")):
+            self._recall_dependencies(md)  # tasks finished before the restart
+        self._submit_task(idents[0], rest, msg["header"], md)
 
     def _submit_task(self, client: bytes, rest: list, header: dict, md: dict) -> None:
         """Record a load-balanced task and hand it to the scheduler."""
