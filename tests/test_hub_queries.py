@@ -28,6 +28,24 @@ def nap(seconds):
     return seconds
 
 
+def test_queue_status_shows_running_and_waiting_tasks(rc):
+    eid = rc.ids[0]
+    view = rc.load_balanced_view(targets=[eid])
+    running = view.apply_async(nap, 1.5)
+    waiting = view.apply_async(square, 2)  # hwm=1: waits for the engine
+    deadline = time.monotonic() + 10
+    while rc.queue_status(eid)["tasks"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rc.queue_status(eid) == {"queue": 0, "tasks": 1}
+    verbose = rc.queue_status(verbose=True)
+    assert verbose[eid]["tasks"] == running.msg_ids
+    assert verbose["unassigned"] == waiting.msg_ids
+    assert rc.queue_status()["unassigned"] == 1
+    assert waiting.get(30) == 4 and running.get(30) == 1.5
+    with pytest.raises(error.EngineError, match="No engine with id 999"):
+        rc.queue_status(999)
+
+
 def test_result_status_and_get_result(rc, lview):
     ar = lview.map_async(square, range(4))
     assert ar.get(30) == [0, 1, 4, 9]
