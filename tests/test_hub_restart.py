@@ -119,3 +119,25 @@ def test_restore_needs_the_sqlite_store(ipython_dir):
     )
     assert proc.returncode == 2
     assert "--restore needs the SQLite store (--sqlitedb)" in proc.stderr
+
+
+def test_restore_while_the_controller_still_runs_is_refused(ipython_dir):
+    import subprocess
+
+    cluster = ipp.Cluster(n=1, cluster_id=f"alive-{os.getpid()}", controller_args=["--sqlitedb"])
+    rc = cluster.start_and_connect_sync()
+    try:
+        rc.wait_for_engines(1, timeout=60)
+        running = rc.load_balanced_view().apply_async(nap, 3)
+        time.sleep(0.6)  # on disk
+        proc = subprocess.run(
+            controller_command([*cluster._common_args(), "--sqlitedb", "--restore"]),
+            capture_output=True, text=True, timeout=60, env={**os.environ, "IPP_LITE_PARENT_PID": ""},
+        )
+        assert proc.returncode == 1
+        assert "Is that controller still running?" in proc.stderr
+        assert running.get(30) == 3  # its records were left alone: the task is not "lost"
+        assert rc.get_result(running.msg_ids[0], block=True) == 3
+    finally:
+        rc.close()
+        cluster.stop_cluster_sync()

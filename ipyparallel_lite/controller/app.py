@@ -34,7 +34,7 @@ from ipyparallel_lite.connection import (
 )
 from ipyparallel_lite.controller.hub import Hub
 from ipyparallel_lite.controller.scheduler import SCHEMES, TaskScheduler
-from ipyparallel_lite.controller.server import Controller
+from ipyparallel_lite.controller.server import Controller, PortTaken
 from ipyparallel_lite.controller.store import STORE_CLASSES, make_store
 
 
@@ -125,6 +125,15 @@ class ControllerApp(LevelFilteredLogging, Application):
         path = self.database_path() if self.store_class == "sqlite" else None
         store = make_store(self.store_class, path=path, record_limit=self.record_limit)
         hub = Hub(store, hb_period=self.hb_period, max_misses=self.hb_max_misses)
+        scheduler = TaskScheduler(scheme=self.scheme, hwm=self.hwm)
+        controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
+                                remember_finished=self.remember_finished, restored=self.restore)
+        try:
+            controller.bind(previous[1] if previous else None)
+        except PortTaken as e:  # before touching the records a live controller may own
+            self.log.critical("%s", e)
+            store.close()
+            sys.exit(1)
         if path is not None and len(store):
             # records of an earlier controller of this cluster stay queryable; what it
             # never finished is lost, and its record must say so
@@ -132,10 +141,6 @@ class ControllerApp(LevelFilteredLogging, Application):
                                  "its result is lost. Resubmit it (rc.resubmit).")
             self.log.warning("restored %d task records from %s; %d unfinished tasks recorded as lost",
                              len(store), path, len(lost))
-        scheduler = TaskScheduler(scheme=self.scheme, hwm=self.hwm)
-        controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
-                                remember_finished=self.remember_finished, restored=self.restore)
-        controller.bind(previous[1] if previous else None)
         files = self.connection_files()
         try:
             asyncio.run(self._serve(controller, files))

@@ -68,6 +68,10 @@ class Pending:
     sends: int = 0  # times a load-balanced task went to an engine (reruns re-sign)
 
 
+class PortTaken(RuntimeError):
+    """A restored controller cannot have the port its predecessor had."""
+
+
 def _split(frames: list) -> tuple[list[bytes], list] | None:
     """Routing identities and the message frames from DELIM on, or None if malformed."""
     for i in range(min(len(frames), MAX_IDENTS + 1)):
@@ -141,7 +145,11 @@ class Controller:
         wanted = self.wanted["client" if ports is self.ports else "engine"].get(name)
         if wanted is None:
             return bind_random()
-        bind(wanted)
+        try:
+            bind(wanted)
+        except zmq.ZMQError as e:
+            raise PortTaken(f"cannot bind the {name} channel to port {wanted}, the previous "
+                            f"controller's ({e}). Is that controller still running?") from None
         return wanted
 
     def bind(self, ports: dict[str, dict[str, int]] | None = None) -> None:
