@@ -552,6 +552,14 @@ class Client:
         for eid in self._build_targets(targets):
             self._send("control", "clear_request", {}, ident=[self._engine_uuid(eid).encode()])
 
+    def queue_status(self, targets: Any = None, verbose: bool = False) -> dict:
+        ids = self._build_targets(targets) if targets is not None else None
+        content = self._query("queue_request", {"targets": ids, "verbose": verbose})["content"]
+        status = {int(k) if k.isdigit() else k: v for k, v in content.items() if k != "status"}
+        if isinstance(targets, int):
+            return status[targets]
+        return status
+
     def shutdown(self, targets: Any = "all", hub: bool = False, block: bool | None = None) -> None:
         """Stop engines (default all); with ``hub=True`` the controller too."""
         ids = self._build_targets(targets) if self._engines else []
@@ -562,19 +570,10 @@ class Client:
             self._query("shutdown_request", {})
 
     # ==== Hub queries ================================================================
-    # What the Hub's records answer: status, results (also of tasks other clients
-    # submitted, or submitted before a controller restart), queries, purge, resubmit.
-    # Each is one request on the query socket, answered synchronously.
-
-    def queue_status(self, targets: Any = None, verbose: bool = False) -> dict:
-        """Per engine ``{"queue": n, "tasks": n}`` (msg_ids with ``verbose``), and
-        ``"unassigned"``: load-balanced tasks not on an engine yet."""
-        ids = self._build_targets(targets) if targets is not None else None
-        content = self._query("queue_request", {"targets": ids, "verbose": verbose})["content"]
-        status = {int(k) if k.isdigit() else k: v for k, v in content.items() if k != "status"}
-        if isinstance(targets, int):
-            return status[targets]
-        return status
+    # What the Hub's records answer (queue_status, above, asks about queues): status,
+    # results (also of tasks other clients submitted, or submitted before a controller
+    # restart), queries, purge, resubmit. Each is one request on the query socket,
+    # answered synchronously.
 
     def result_status(self, msg_ids: Any, status_only: bool = True) -> dict:
         """``{"pending": [...], "completed": [...]}`` of tasks (msg_ids, history indices or
