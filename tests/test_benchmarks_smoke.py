@@ -59,3 +59,18 @@ def test_quick_benchmark_prints_a_row_per_workload() -> None:
                 assert not value.startswith(("n/a", "—")), (label, value, proc.stderr[-3000:])
             else:
                 assert value.startswith("skipped"), (label, value)
+
+
+@pytest.mark.timeout(300)
+def test_hub_store_benchmark_runs():
+    """``python -m benchmarks.hub_store --quick``: both stores measured, every row there."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.hub_store", "--quick"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    for label in ("memory store, tasks/s", "sqlite store, tasks/s", "sqlite / memory"):
+        assert float(rows[label][1].replace(",", "")) > 0
+    assert sum("controller RSS after" in label for label in rows) == 4

@@ -92,3 +92,53 @@ def test_task_records_follow_request_and_reply():
     record = hub.store.get_record("m1")
     assert record["completed"].second == 2 and record["result_buffers"] == [b"result"]
     hub.finished("unknown", {}, {}, b"{}", [])  # replies to purged records are ignored
+
+
+def test_record_transitions_fill_every_key(tmp_path):
+    from ipyparallel_lite.controller.sqlitestore import SQLiteStore
+    from ipyparallel_lite.controller.store import RECORD_KEYS
+
+    for store in (MemoryStore(record_limit=0, spill_path=tmp_path / "spill.db"),
+                  SQLiteStore(tmp_path / "hub.db")):
+        hub = Hub(store=store)
+        header = {"msg_id": "m1", "msg_type": "apply_request", "date": "2026-11-24T10:00:00Z"}
+        hub.submitted("m1", header, {"label": "mine", "after": []}, "client-session", "task",
+                      None, b'{"x": 1}', [b"function", b"args"])
+        record = hub.store.get_record("m1")
+        assert set(record) == set(RECORD_KEYS)
+        assert record["label"] == "mine" and record["content"] == b'{"x": 1}'
+        assert [bytes(b) for b in record["buffers"]] == [b"function", b"args"]
+        assert record["engine_uuid"] is None and record["completed"] is None
+        hub.assigned("m1", "engine-uuid")
+        assert hub.store.get_record("m1")["engine_uuid"] == "engine-uuid"
+        hub.finished("m1", {"msg_id": "r1"}, {"engine": "engine-uuid", "status": "ok",
+                                              "started": "2026-11-24T10:00:01Z"}, b"{}", [b"42"])
+        record = hub.store.get_record("m1")
+        assert record["started"].second == 1 and record["completed"] is not None
+        assert record["received"] is not None and record["result_header"] == {"msg_id": "r1"}
+        hub.submitted("m2", {**header, "msg_id": "m2"}, {}, "other", "task")
+        hub.resubmitted("m1", "m2")
+        assert hub.store.get_record("m1")["resubmitted"] == "m2"
+        assert hub.store.get_record("m2")["resubmitted"] is not None
+        store.close()
+
+
+def test_unfinished_records_are_marked_lost(tmp_path):
+    from ipyparallel_lite.controller.sqlitestore import SQLiteStore
+
+    path = tmp_path / "hub.db"
+    hub = Hub(store=SQLiteStore(path))
+    for msg_id in ("done", "queued", "running"):
+        hub.submitted(msg_id, {"msg_id": msg_id, "date": "2026-11-24T10:00:00Z"}, {}, "c", "task")
+    hub.assigned("running", "e")
+    hub.finished("done", {"msg_id": "r"}, {"status": "ok"}, b"{}", [])
+    hub.store.close()  # as a controller killed after its last flush leaves it
+    restored = Hub(store=SQLiteStore(path))
+    assert sorted(restored.mark_lost("the controller died")) == ["queued", "running"]
+    record = restored.store.get_record("running")
+    assert record["completed"] is not None
+    assert record["result_content"]["ename"] == "EngineError"
+    assert record["result_content"]["evalue"] == "the controller died"
+    assert restored.store.get_record("done")["result_content"] == b"{}"
+    assert restored.mark_lost("again") == []
+    restored.store.close()

@@ -1,17 +1,22 @@
-"""Tests of the Hub's record store: queries, bookkeeping, eviction."""
+"""Tests of the Hub's record stores: the query matcher, the contract every store keeps
+(run against each), SQLite batching, and the memory store's spilling."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
+from ipyparallel_lite.controller.sqlitestore import SQLiteStore
 from ipyparallel_lite.controller.store import (
     BaseStore,
     MemoryStore,
+    NoStore,
     QueryError,
     RecordNotFound,
     compile_query,
+    make_store,
     match,
 )
 
@@ -233,17 +238,38 @@ def test_bad_query_fails_even_without_records():
         MemoryStore().drop_matching_records({"n": {"$bogus": 3}})
 
 
-# ---- MemoryStore basics --------------------------------------------------------------
+# ---- the contract every store keeps ---------------------------------------------------
 
 
-def test_is_a_base_store():
-    assert isinstance(MemoryStore(), BaseStore)
+@pytest.fixture(params=["memory", "spilling", "sqlite"])
+def make(request, tmp_path):
+    """A factory of empty stores of one kind: in memory, in memory spilling every
+    completed record at once, and SQLite."""
+    stores = []
+
+    def new() -> BaseStore:
+        if request.param == "memory":
+            store = MemoryStore()
+        elif request.param == "spilling":
+            store = MemoryStore(record_limit=0, spill_path=tmp_path / f"spill{len(stores)}.db")
+        else:
+            store = SQLiteStore(tmp_path / f"records{len(stores)}.db", batch_size=3)
+        stores.append(store)
+        return store
+
+    yield new
+    for store in stores:
+        store.close()
+
+
+def test_is_a_base_store(make):
+    assert isinstance(make(), BaseStore)
     with pytest.raises(TypeError):
         BaseStore()  # abstract
 
 
-def test_add_get_update():
-    store = MemoryStore()
+def test_add_get_update(make):
+    store = make()
     store.add_record("a", _rec("a", header={"msg_type": "apply_request"}))
     assert "a" in store and "b" not in store and len(store) == 1
     store.update_record("a", {"engine_uuid": "e1", "completed": T0})
@@ -251,10 +277,29 @@ def test_add_get_update():
     assert rec["engine_uuid"] == "e1"
     assert rec["completed"] == T0
     assert rec["header"] == {"msg_type": "apply_request"}
+    store.flush()
+    store.update_record("a", {"label": "again"})  # an update after the record was written
+    assert store.get_record("a")["label"] == "again"
+    assert store.get_record("a")["completed"] == T0
 
 
-def test_add_sets_msg_id():
-    store = MemoryStore()
+def test_values_round_trip(make):
+    store = make()
+    rec = _rec("a", completed=True, header={"date": T0, "n": [1, 2.5, None, True]},
+               result_content=b"{\"status\": \"ok\"}", buffers=[b"abc", memoryview(b"de")],
+               result_buffers=[bytearray(b"")], label="x")
+    store.add_record("a", rec)
+    store.flush()
+    got = store.get_record("a")
+    assert got["header"] == {"date": T0, "n": [1, 2.5, None, True]}
+    assert bytes(got["result_content"]) == b'{"status": "ok"}'
+    assert [bytes(b) for b in got["buffers"]] == [b"abc", b"de"]
+    assert [bytes(b) for b in got["result_buffers"]] == [b""]
+    assert got["label"] == "x" and got["submitted"] == T0 and got.get("stdout") is None
+
+
+def test_add_sets_msg_id(make):
+    store = make()
     store.add_record("a", {"submitted": T0})
     assert store.get_record("a")["msg_id"] == "a"
     with pytest.raises(ValueError):
@@ -263,20 +308,171 @@ def test_add_sets_msg_id():
         store.update_record("a", {"msg_id": "c"})
 
 
-def test_duplicate_add_raises():
-    store = MemoryStore()
-    store.add_record("a", _rec("a"))
+def test_duplicate_add_raises(make):
+    store = make()
+    store.add_record("a", _rec("a", completed=True))
+    store.flush()
     with pytest.raises(KeyError, match="already stored"):
         store.add_record("a", _rec("a"))
 
 
-def test_missing_records_raise_readable_key_errors():
-    store = MemoryStore()
+def test_missing_records_raise_readable_key_errors(make):
+    store = make()
     for call in (store.get_record, store.drop_record, lambda m: store.update_record(m, {})):
         with pytest.raises(KeyError) as info:
             call("nope")
         assert isinstance(info.value, RecordNotFound)
         assert str(info.value) == "no record with msg_id 'nope'"
+
+
+def test_find_records_and_keys_projection(make):
+    store = make()
+    for i in range(5):
+        store.add_record(f"m{i}", _rec(f"m{i}", seconds=i, completed=i % 2 == 0, n=i))
+    done = store.find_records({"completed": {"$ne": None}})
+    assert sorted(r["msg_id"] for r in done) == ["m0", "m2", "m4"]
+    assert set(done[0]) >= {"submitted", "buffers", "n"}
+    slim = store.find_records({"n": {"$gte": 3}}, keys=["n", "nonexistent"])
+    assert sorted(slim, key=lambda r: r["n"]) == [
+        {"msg_id": "m3", "n": 3, "nonexistent": None},
+        {"msg_id": "m4", "n": 4, "nonexistent": None},
+    ]
+    assert store.find_records({"n": 1}, keys=("msg_id",)) == [{"msg_id": "m1"}]
+    # None or empty keys: whole records, as in ipyparallel
+    assert store.find_records({"n": 1}, keys=[]) == store.find_records({"n": 1})
+
+
+def test_gt_and_lt_are_not_swapped_in_any_store(make):
+    """ipyparallel's in-memory store answers $gt with "less than": ours does not."""
+    store = make()
+    for i in range(4):
+        store.add_record(f"m{i}", _rec(f"m{i}", seconds=i, completed=True, n=i))
+    ids = lambda q: sorted(r["msg_id"] for r in store.find_records(q, ["n"]))  # noqa: E731
+    assert ids({"n": {"$gt": 1}}) == ["m2", "m3"]
+    assert ids({"n": {"$lt": 1}}) == ["m0"]
+    assert ids({"submitted": {"$gt": T0 + timedelta(seconds=2)}}) == ["m3"]
+    assert ids({"submitted": {"$lt": T0 + timedelta(seconds=1)}}) == ["m0"]
+
+
+def test_history_sorted_by_submitted(make):
+    store = make()
+    store.add_record("late", _rec("late", seconds=30))
+    store.add_record("unsubmitted", _rec("unsubmitted", submitted=None))
+    store.add_record("early", _rec("early", seconds=-30, completed=True))
+    store.add_record("tie1", _rec("tie1", seconds=0))
+    store.add_record("tie2", _rec("tie2", seconds=0))
+    naive = (T0 + timedelta(seconds=10)).astimezone().replace(tzinfo=None)
+    store.add_record("naive", _rec("naive", submitted=naive))
+    assert store.get_history() == ["early", "tie1", "tie2", "naive", "late"]
+
+
+def test_drop_record(make):
+    store = make()
+    store.add_record("a", _rec("a", buffers=[b"12345"]))
+    store.add_record("b", _rec("b", completed=True))
+    store.drop_record("a")
+    store.drop_record("b")
+    assert "a" not in store and "b" not in store and len(store) == 0
+    with pytest.raises(RecordNotFound):
+        store.get_record("a")
+
+
+def test_drop_matching_records(make):
+    store = make()
+    for i in range(6):
+        store.add_record(f"m{i}", _rec(f"m{i}", seconds=i, completed=i < 4, buffers=[b"x" * i]))
+    dropped = store.drop_matching_records(
+        {"completed": {"$exists": True}, "msg_id": {"$glob": "m[0-2]"}}
+    )
+    assert dropped == 3
+    assert sorted(r["msg_id"] for r in store.find_records({})) == ["m3", "m4", "m5"]
+    assert store.drop_matching_records({"msg_id": "none"}) == 0
+
+
+def test_bad_query_is_an_error_in_every_store(make):
+    store = make()
+    store.add_record("a", _rec("a", n=1))
+    for bad in ({"n": {"$bogus": 1}}, {"n": {"$in": 3}}, ["n"]):
+        with pytest.raises(QueryError):
+            store.find_records(bad)
+        with pytest.raises(QueryError):
+            store.drop_matching_records(bad)
+    assert len(store) == 1
+
+
+def test_base_store_default_drop_matching():
+    class Minimal(MemoryStore):
+        drop_matching_records = BaseStore.drop_matching_records
+
+    store = Minimal()
+    store.add_record("a", _rec("a", n=1))
+    store.add_record("b", _rec("b", n=2))
+    assert store.drop_matching_records({"n": 1}) == 1
+    assert list(store.get_history()) == ["b"]
+
+
+# ---- SQLite ----------------------------------------------------------------------------
+
+
+def test_sqlite_writes_in_batches_and_survives_reopening(tmp_path):
+    path = tmp_path / "hub.db"
+    store = SQLiteStore(path, batch_size=100)
+    for i in range(10):
+        store.add_record(f"m{i}", _rec(f"m{i}", i, completed=i < 5, result_buffers=[b"r%d" % i]))
+    store.update_record("m7", {"engine_uuid": "e7"})
+    other = SQLiteStore(path)  # another connection sees only what was flushed
+    assert len(other) == 0
+    # pending records wait one flush (most tasks finish by then: written once, not twice)
+    assert store.flush() == 5 and len(other) == 5
+    store.update_record("m9", {"completed": T0})
+    assert store.flush() == 5 and store.flush() == 0
+    assert len(other) == 10
+    assert other.get_record("m9")["completed"] == T0
+    store.close()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert other.get_record("m7")["engine_uuid"] == "e7"
+    assert other.get_record("m3")["result_buffers"] == [b"r3"]
+    assert other.find_records({"completed": None}, ["msg_id"]) == [
+        {"msg_id": f"m{i}"} for i in range(5, 9)]
+    other.close()
+
+
+def test_sqlite_flushes_itself_at_batch_size(tmp_path):
+    store = SQLiteStore(tmp_path / "hub.db", batch_size=4)
+    other = SQLiteStore(tmp_path / "hub.db")
+    for i in range(9):
+        store.add_record(f"m{i}", _rec(f"m{i}", i, completed=True))
+    assert len(other) == 8  # two batches of 4 written, one record waiting
+    assert store.get_record("m8")["msg_id"] == "m8"  # readable before it is written
+    store.close()
+    other.close()
+
+
+def test_none_store_keeps_nothing_but_checks_queries():
+    store = NoStore()
+    store.add_record("a", _rec("a"))
+    store.update_record("a", {"completed": T0})
+    assert len(store) == 0 and "a" not in store and store.get_history() == []
+    assert store.find_records({"n": {"$gt": 1}}) == []
+    with pytest.raises(RecordNotFound, match="keeps no task records"):
+        store.get_record("a")
+    with pytest.raises(QueryError):
+        store.find_records({"n": {"$gt": None}})
+
+
+def test_make_store(tmp_path):
+    assert isinstance(make_store("memory"), MemoryStore)
+    assert isinstance(make_store("none"), NoStore)
+    sqlite = make_store("sqlite", path=tmp_path / "x.db")
+    assert isinstance(sqlite, SQLiteStore)
+    sqlite.close()
+    with pytest.raises(ValueError, match="needs a database path"):
+        make_store("sqlite")
+    with pytest.raises(ValueError, match="choose one of memory, sqlite, none"):
+        make_store("mongodb")
+
+
+# ---- MemoryStore -----------------------------------------------------------------------
 
 
 def test_reads_are_copies_and_writes_are_owned():
@@ -287,7 +483,7 @@ def test_reads_are_copies_and_writes_are_owned():
     original = _rec("a", header=header, tags=["x"])
     store.add_record("a", original)
     original["header"] = {"msg_type": "replaced at top level"}  # the record itself was copied
-    assert store._stored("a")["header"] is header
+    assert store._records["a"]["header"] is header
     fetched = store.get_record("a")
     assert fetched["header"]["msg_type"] == "apply_request"
     assert fetched["tags"] == ["x"]
@@ -304,122 +500,79 @@ def test_buffers_are_shared_not_copied():
     assert store.get_record("a")["buffers"][0] is buf
 
 
-def test_find_records_and_keys_projection():
-    store = MemoryStore()
-    for i in range(5):
-        store.add_record(f"m{i}", _rec(f"m{i}", seconds=i, completed=i % 2 == 0, n=i))
-    done = store.find_records({"completed": {"$ne": None}})
-    assert [r["msg_id"] for r in done] == ["m0", "m2", "m4"]
-    assert set(done[0]) >= {"submitted", "buffers", "n"}
-    slim = store.find_records({"n": {"$gte": 3}}, keys=["n", "nonexistent"])
-    assert slim == [
-        {"msg_id": "m3", "n": 3, "nonexistent": None},
-        {"msg_id": "m4", "n": 4, "nonexistent": None},
-    ]
-    assert store.find_records({"n": 1}, keys=("msg_id",)) == [{"msg_id": "m1"}]
-    # None or empty keys: whole records, as in ipyparallel
-    assert store.find_records({"n": 1}, keys=[]) == store.find_records({"n": 1})
+# ---- spilling -------------------------------------------------------------------------
 
 
-def test_history_sorted_by_submitted():
-    store = MemoryStore()
-    store.add_record("late", _rec("late", seconds=30))
-    store.add_record("unsubmitted", _rec("unsubmitted", submitted=None))
-    store.add_record("early", _rec("early", seconds=-30))
-    store.add_record("tie1", _rec("tie1", seconds=0))
-    store.add_record("tie2", _rec("tie2", seconds=0))
-    naive = (T0 + timedelta(seconds=10)).astimezone().replace(tzinfo=None)
-    store.add_record("naive", _rec("naive", submitted=naive))
-    assert store.get_history() == ["early", "tie1", "tie2", "naive", "late"]
+@pytest.fixture
+def spilling(tmp_path):
+    stores = []
+
+    def new(**limits) -> MemoryStore:
+        store = MemoryStore(spill_path=tmp_path / f"spill{len(stores)}.db", **limits)
+        stores.append(store)
+        return store
+
+    yield new
+    for store in stores:
+        store.close()
 
 
-def test_drop_record():
-    store = MemoryStore()
-    store.add_record("a", _rec("a", buffers=[b"12345"]))
-    store.drop_record("a")
-    assert "a" not in store and len(store) == 0 and store.nbytes == 0
-    with pytest.raises(RecordNotFound):
-        store.get_record("a")
-
-
-def test_drop_matching_records():
-    store = MemoryStore()
-    for i in range(6):
-        store.add_record(f"m{i}", _rec(f"m{i}", seconds=i, completed=i < 4, buffers=[b"x" * i]))
-    dropped = store.drop_matching_records(
-        {"completed": {"$exists": True}, "msg_id": {"$glob": "m[0-2]"}}
-    )
-    assert dropped == 3
-    assert sorted(r["msg_id"] for r in store.find_records({})) == ["m3", "m4", "m5"]
-    assert store.nbytes == 3 + 4 + 5
-    assert store.drop_matching_records({"msg_id": "none"}) == 0
-
-
-def test_base_store_default_drop_matching():
-    class Minimal(MemoryStore):
-        drop_matching_records = BaseStore.drop_matching_records
-
-    store = Minimal()
-    store.add_record("a", _rec("a", n=1))
-    store.add_record("b", _rec("b", n=2))
-    assert store.drop_matching_records({"n": 1}) == 1
-    assert list(store.get_history()) == ["b"]
-
-
-# ---- eviction ------------------------------------------------------------------------
-
-
-def test_evicts_oldest_completed_by_count():
-    store = MemoryStore(record_limit=3)
+def test_spills_oldest_completed_by_count(spilling):
+    store = spilling(record_limit=3)
     store.add_record("p0", _rec("p0", 0))  # pending
     store.add_record("c1", _rec("c1", 1, completed=True))
     store.add_record("c2", _rec("c2", 2, completed=True))
     store.add_record("c3", _rec("c3", 3, completed=True))
-    assert len(store) == 3
-    assert "p0" in store and "c1" not in store
+    assert store.resident == 3 and len(store) == 4
+    assert store.is_resident("p0") and not store.is_resident("c1")
+    assert "c1" in store and store.get_record("c1")["completed"] == T0 + timedelta(seconds=2)
     store.add_record("p4", _rec("p4", 4))
-    assert sorted(store.get_history()) == ["c3", "p0", "p4"]
+    assert store.get_history() == ["p0", "c1", "c2", "c3", "p4"]
+    assert sorted(r["msg_id"] for r in store.find_records({"completed": {"$ne": None}})) == [
+        "c1", "c2", "c3"]
 
 
-def test_eviction_follows_completion_order():
-    store = MemoryStore(record_limit=2)
+def test_spilling_follows_completion_order(spilling):
+    store = spilling(record_limit=2)
     store.add_record("a", _rec("a", 0))
     store.add_record("b", _rec("b", 1))
     store.update_record("b", {"completed": T0})  # b completes before a
     store.update_record("a", {"completed": T0})
     store.add_record("c", _rec("c", 2))
-    assert "b" not in store and "a" in store and "c" in store
+    assert not store.is_resident("b") and store.is_resident("a") and store.is_resident("c")
 
 
-def test_pending_records_are_never_evicted():
-    store = MemoryStore(record_limit=2, size_limit=10)
+def test_pending_records_never_spill(spilling):
+    store = spilling(record_limit=2, size_limit=10)
     for i in range(5):
         store.add_record(f"p{i}", _rec(f"p{i}", i, buffers=[b"x" * 8]))
-    assert len(store) == 5
+    assert store.resident == 5
     assert store.nbytes == 40
-    # the first one to complete is over the limits at once, and goes
+    # the first one to complete is over the limits at once, and moves
     store.update_record("p2", {"completed": T0})
-    assert "p2" not in store and len(store) == 4
+    assert not store.is_resident("p2") and store.resident == 4 and len(store) == 5
+    assert store.get_record("p2")["buffers"] == [b"x" * 8]
 
 
-def test_pending_again_is_not_evictable():
-    store = MemoryStore(record_limit=1)
+def test_pending_again_stays_in_memory(spilling):
+    store = spilling(record_limit=1)
     store.add_record("a", _rec("a", 0))
     store.update_record("a", {"completed": None, "engine_uuid": "e"})
     store.add_record("b", _rec("b", 1))
-    assert "a" in store and "b" in store
+    assert store.is_resident("a") and store.is_resident("b")
 
 
-def test_evicts_by_bytes():
-    store = MemoryStore(size_limit=100)
+def test_spills_by_bytes(spilling):
+    store = spilling(size_limit=100)
     store.add_record("a", _rec("a", 0, completed=True, buffers=[b"x" * 40]))
     store.add_record("b", _rec("b", 1, buffers=[bytearray(30)]))
     store.add_record("c", _rec("c", 2, completed=True, result_buffers=[memoryview(b"y" * 20)]))
-    assert store.nbytes == 90 and len(store) == 3
+    assert store.nbytes == 90 and store.resident == 3
     # result buffers arriving on update count too
     store.update_record("b", {"result_buffers": [b"z" * 30], "completed": T0})
     assert store.nbytes == 80
-    assert "a" not in store and "b" in store and "c" in store
+    assert not store.is_resident("a") and store.is_resident("b") and store.is_resident("c")
+    assert store.get_record("a")["buffers"] == [b"x" * 40]
 
 
 def test_bytes_counted_with_nbytes_not_len():
@@ -439,35 +592,34 @@ def test_update_replacing_buffers_adjusts_bytes():
     assert store.nbytes == 0
 
 
-def test_evicted_record_error_says_so():
-    store = MemoryStore(record_limit=1)
+def test_spilled_records_can_be_updated_and_dropped(spilling):
+    store = spilling(record_limit=0)
     store.add_record("a", _rec("a", 0, completed=True))
-    store.add_record("b", _rec("b", 1, completed=True))
-    with pytest.raises(RecordNotFound, match="evicted.*record_limit=1"):
-        store.get_record("a")
-    # a re-added msg_id is no longer "evicted"
-    store.record_limit = 10
-    store.add_record("a", _rec("a", 2))
-    assert store.get_record("a")["msg_id"] == "a"
+    store.update_record("a", {"resubmitted": "b"})
+    assert store.get_record("a")["resubmitted"] == "b"
+    with pytest.raises(KeyError, match="already stored"):
+        store.add_record("a", _rec("a"))
+    store.drop_record("a")
+    assert "a" not in store and len(store) == 0
 
 
-def test_evicted_memory_is_bounded():
-    store = MemoryStore(record_limit=0)
-    store.evicted_memory = 5
-    for i in range(20):
-        store.add_record(f"m{i}", _rec(f"m{i}", i, completed=True))
-    assert len(store) == 0
-    assert len(store._evicted) == 5
-    assert "evicted" in str(pytest.raises(KeyError, store.get_record, "m19").value)
-    assert "no record" in str(pytest.raises(KeyError, store.get_record, "m0").value)
-
-
-def test_many_records_stay_bounded():
-    store = MemoryStore(record_limit=100)
+def test_many_records_stay_bounded_in_memory_and_all_stay_readable(spilling):
+    store = spilling(record_limit=100)
     for i in range(10_000):
         store.add_record(f"m{i}", _rec(f"m{i}", i, completed=True))
-    assert len(store) == 100
-    assert store.get_history()[0] == "m9900"
+    assert store.resident == 100 and len(store) == 10_000
+    history = store.get_history()
+    assert history[0] == "m0" and history[-1] == "m9999" and len(history) == 10_000
+    assert store.get_record("m0")["msg_id"] == "m0"
+
+
+def test_default_spill_file_is_private_and_removed_on_close():
+    store = MemoryStore(record_limit=0)
+    store.add_record("a", _rec("a", 0, completed=True))
+    path = Path(store.spill.path)
+    assert path.exists() and oct(path.stat().st_mode & 0o777) == "0o600"
+    store.close()
+    assert not path.exists()
 
 
 def test_negative_limits_rejected():
@@ -477,11 +629,11 @@ def test_negative_limits_rejected():
         MemoryStore(size_limit=-1)
 
 
-def test_updates_without_buffers_or_completion_keep_the_accounting():
-    store = MemoryStore(record_limit=2)
+def test_updates_without_buffers_or_completion_keep_the_accounting(spilling):
+    store = spilling(record_limit=2)
     store.add_record("a", _rec("a", 0, completed=True, buffers=[b"x" * 5]))
     store.update_record("a", {"engine_uuid": "e", "result_content": {"status": "ok"}})
     assert store.nbytes == 5
     store.add_record("b", _rec("b", 1))
-    store.add_record("c", _rec("c", 2))  # over the limit: "a" is still the evictable one
-    assert "a" not in store and store.nbytes == 0
+    store.add_record("c", _rec("c", 2))  # over the limit: "a" is still the one to move
+    assert not store.is_resident("a") and store.nbytes == 0

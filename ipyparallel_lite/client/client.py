@@ -119,6 +119,7 @@ class Client:
         query = self._sockets["query"]
         self._controller_link = query.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._controller_lost_since: float | None = None
+        self._controller_was_lost = False
         self.session.send(query, "connection_request", {})
         if not query.poll(int(timeout * 1000)):
             self._context.destroy(linger=0)
@@ -208,8 +209,12 @@ class Client:
         event = parse_monitor_message([bytes(f.bytes) for f in frames])["event"]
         if event == zmq.EVENT_DISCONNECTED:
             self._controller_lost_since = self._controller_lost_since or time.monotonic()
+            self._controller_was_lost = True
         elif event == zmq.EVENT_CONNECTED:
             self._controller_lost_since = None
+            if self._controller_was_lost:  # back (a restart): the queries block, not this thread
+                self._controller_was_lost = False
+                threading.Thread(target=self._resync_with_controller, daemon=True).start()
 
     def _check_controller(self) -> None:
         lost = self._controller_lost_since
@@ -222,6 +227,14 @@ class Client:
     def _fail_pending(self, reason: str) -> None:
         """Answer every waiting request with an EngineError, so nobody waits forever."""
         pending, self._pending = self._pending, {}
+        self._fail_requests(pending, reason)
+
+    def _fail_pending_ids(self, msg_ids: list[str], reason: str) -> None:
+        """Answer the waiting requests ``msg_ids`` with an EngineError."""
+        self._fail_requests({m: ar for m in msg_ids if (ar := self._pending.pop(m, None))}, reason)
+
+    @staticmethod
+    def _fail_requests(pending: dict[str, AsyncResult], reason: str) -> None:
         for msg_id, ar in pending.items():
             ar._receive(msg_id, {
                 "header": {}, "parent_header": {"msg_id": msg_id}, "buffers": [],
@@ -575,6 +588,119 @@ class Client:
         if hub:
             self._query("shutdown_request", {})
 
+    # ==== Hub queries ================================================================
+    # What the Hub's records answer (queue_status, above, asks about queues): status,
+    # results (also of tasks other clients submitted, or submitted before a controller
+    # restart), queries, purge, resubmit. Each is one request on the query socket,
+    # answered synchronously.
+
+    def result_status(self, msg_ids: Any, status_only: bool = True) -> dict:
+        """``{"pending": [...], "completed": [...]}`` of tasks (msg_ids, history indices or
+        AsyncResults); with ``status_only=False`` also each completed task's result (its
+        value, or the exception it raised) under its msg_id."""
+        from ipyparallel_lite.client.hubresult import AsyncHubResult, msg_ids_of, results_of
+
+        ids = msg_ids_of(self, msg_ids)
+        reply = self._query("result_request", {"msg_ids": ids, "status_only": status_only})
+        content = reply["content"]
+        status: dict[str, Any] = {"pending": content["pending"], "completed": content["completed"]}
+        for msg_id, msg in results_of(reply).items():
+            ar = AsyncHubResult(self, [msg_id], self._query, single=True)
+            ar._receive(msg_id, msg)
+            status[msg_id] = _value_or_error(ar)
+        return status
+
+    def get_result(self, indices_or_msg_ids: Any = None, block: bool | None = None) -> Any:
+        """An :class:`~.hubresult.AsyncHubResult` of earlier tasks (default: the last one
+        submitted here), fetched from the Hub: works for tasks another client submitted,
+        and after a controller restart. ``block=True`` returns the results instead."""
+        from ipyparallel_lite.client.hubresult import AsyncHubResult, msg_ids_of
+
+        if indices_or_msg_ids is None:
+            indices_or_msg_ids = -1
+        single = isinstance(indices_or_msg_ids, str | int)
+        ids = msg_ids_of(self, indices_or_msg_ids)
+        ar = AsyncHubResult(self, ids, self._query, single=single and len(ids) == 1)
+        ar.fetch()  # unknown msg_ids raise here
+        ar.start_polling()
+        return ar.get() if block else ar
+
+    def resubmit(self, indices_or_msg_ids: Any = None, block: bool | None = None) -> Any:
+        """Run finished tasks again (same function, arguments, dependencies, targets and
+        flags) under new msg_ids; an AsyncHubResult of the reruns."""
+        from ipyparallel_lite.client.hubresult import msg_ids_of
+
+        ids = msg_ids_of(self, -1 if indices_or_msg_ids is None else indices_or_msg_ids)
+        mapping = self._query("resubmit_request", {"msg_ids": ids})["content"]["resubmitted"]
+        return self.get_result([mapping[m] for m in ids], block=block)
+
+    def purge_results(self, jobs: Any = (), targets: Any = ()) -> None:
+        """Forget the Hub's records of finished tasks: ``jobs`` (msg_ids, history indices,
+        AsyncResults, or ``"all"``) and those that ran on ``targets`` (engine ids)."""
+        from ipyparallel_lite.client.hubresult import msg_ids_of
+
+        if not jobs and not targets:
+            raise ValueError("purge_results needs jobs (msg_ids or 'all') or targets (engine ids)")
+        msg_ids = "all" if jobs == "all" else (msg_ids_of(self, jobs) if jobs else [])
+        engine_ids = self._build_targets(targets) if targets else []
+        self._query("purge_request", {"msg_ids": msg_ids, "engine_ids": engine_ids})
+
+    purge_hub_results = purge_results
+
+    def db_query(self, query: dict, keys: list[str] | None = None) -> list[dict]:
+        """The Hub's task records matching a Mongo-style ``query`` (operators ``$lt $gt
+        $lte $gte $eq $ne $in $nin $all $exists $glob``), each with only ``keys`` (and
+        ``msg_id``) if given; buffers come back as bytes."""
+        from ipyparallel_lite.client.hubresult import parse_dates
+
+        reply = self._query("db_request", {"query": query, "keys": keys})
+        content, buffers = reply["content"], list(reply.get("buffers") or [])
+        at = 0
+        records = content["records"]
+        for record, nbuf, nres in zip(records, content["buffer_lens"], content["result_buffer_lens"]):
+            for key, n in (("buffers", nbuf), ("result_buffers", nres)):
+                if n is not None:
+                    record[key] = [bytes(b) for b in buffers[at:at + n]]
+                    at += n
+            parse_dates(record)
+        return records
+
+    def hub_history(self) -> list[str]:
+        """msg_ids of every task the Hub has a record of, oldest submitted first."""
+        return self._query("history_request", {})["content"]["history"]
+
+    def _resync_with_controller(self) -> None:
+        """After the controller came back (restarted with --restore): take its engine
+        list as it is now, and the results of requests still waited on here, which it
+        recorded as lost if it died before they finished."""
+        from ipyparallel_lite.client.hubresult import results_of
+
+        try:
+            engines = self._query("connection_request", {})["content"]
+            restarted = engines.get("controller_pid") != self.connection_info.get("controller_pid")
+            self.connection_info["controller_pid"] = engines.get("controller_pid")
+            with self._engines_changed:
+                self._engines.clear()
+                self._engine_infos.clear()
+            self._take_engines(engines)
+            waiting = [m for m in list(self._pending) if isinstance(m, str)]
+            if not waiting:
+                return
+            known = {r["msg_id"] for r in self.db_query({"msg_id": {"$in": waiting}}, ["msg_id"])}
+            if known:
+                reply = self._query("result_request", {"msg_ids": sorted(known)})
+                for msg_id, msg in results_of(reply).items():
+                    ar = self._pending.pop(msg_id, None)
+                    if ar is not None:
+                        ar._receive(msg_id, msg)
+            if restarted:  # sent to the old controller, which died before recording them
+                self._fail_pending_ids(
+                    [m for m in waiting if m not in known],
+                    "The controller died before it recorded this request; its result is lost. "
+                    "Resubmit it.")
+        except Exception as e:  # the controller went away again: the usual grace applies
+            warnings.warn(f"could not resynchronize with the controller: {e}", stacklevel=1)
+
     def close(self, linger: int | None = None) -> None:
         """Close the sockets and stop the I/O thread."""
         if self._closed:
@@ -603,3 +729,11 @@ def _ids_of(jobs: Iterable) -> list[str]:
     for job in jobs:
         out.extend(job.msg_ids if isinstance(job, AsyncResult) else [job])
     return out
+
+
+def _value_or_error(ar: AsyncResult) -> Any:
+    """The value of a finished one-task result, or the exception it raised."""
+    try:
+        return ar.get()
+    except Exception as e:
+        return e

@@ -110,6 +110,11 @@ class View:
         block = self.block if block is None else block
         return ar.get() if block else ar
 
+    def get_result(self, indices_or_msg_ids: Any = None, block: bool | None = None) -> Any:
+        """Results of earlier tasks from the Hub, as :meth:`Client.get_result` (indices
+        count in the client's history); blocks as this view does."""
+        return self.client.get_result(indices_or_msg_ids, block=self.block if block is None else block)
+
     # ---- decorators -------------------------------------------------------------------
 
     def remote(self, block: bool | None = None, **flags: Any) -> Callable:
@@ -404,7 +409,8 @@ class BroadcastView(DirectView):
 class LoadBalancedView(View):
     """The task farm: each request runs on whichever engine the scheduler picks."""
 
-    _flag_names = ("block", "targets", "after", "follow", "timeout", "retries", "chunksize", "ordered")
+    _flag_names = ("block", "targets", "after", "follow", "timeout", "retries", "chunksize", "ordered",
+                   "label")
     _channel = "task"
 
     def __init__(self, client: Client, targets: Any = None, block: bool = False, **flags: Any):
@@ -414,6 +420,7 @@ class LoadBalancedView(View):
         self.retries = 0
         self.chunksize = 1
         self.ordered = True
+        self.label: str | None = None
         super().__init__(client, targets, block, **flags)
 
     def _check_flag(self, name: str, value: Any) -> None:
@@ -438,6 +445,7 @@ class LoadBalancedView(View):
             "timeout": flags["timeout"],
             "retries": flags["retries"] or 0,
             "targets": targets,
+            "label": self.label,  # recorded by the Hub: rc.db_query({"label": ...})
         }
 
     def _submit_task(self, frame: bytes, args: Sequence, kwargs: dict | None, metadata: dict,

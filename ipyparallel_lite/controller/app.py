@@ -3,6 +3,12 @@
 Configured through traitlets like every Jupyter application: ``--ip``,
 ``--profile``, ``--cluster-id``, ``--scheme``, ``--hwm``, ``--hb-period`` on the
 command line, or ``c.ControllerApp.<name>`` in a config file.
+
+Task records: ``store_class`` ``memory`` (default, spilling to a temporary SQLite
+file when full), ``sqlite`` (``--sqlitedb``: durable, in ``sqlite_path``) or ``none``
+(``--nodb``). ``--restore`` (with ``--sqlitedb``) restarts a controller that died: the
+same ports and key as its connection files say, its records, and its unfinished tasks
+recorded as lost.
 """
 
 from __future__ import annotations
@@ -21,13 +27,15 @@ from ipyparallel_lite.applog import LevelFilteredLogging
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
     connection_file_path,
+    load_connection_file,
     make_session,
     new_key,
     write_connection_file,
 )
 from ipyparallel_lite.controller.hub import Hub
 from ipyparallel_lite.controller.scheduler import SCHEMES, TaskScheduler
-from ipyparallel_lite.controller.server import Controller
+from ipyparallel_lite.controller.server import Controller, PortTaken
+from ipyparallel_lite.controller.store import STORE_CLASSES, make_store
 
 
 class ControllerApp(LevelFilteredLogging, Application):
@@ -59,6 +67,19 @@ class ControllerApp(LevelFilteredLogging, Application):
                        "its replies wait in the Hub's records instead.",
     ).tag(config=True)
     write_files = Bool(True, help="Write connection files (off when info travels otherwise).").tag(config=True)
+    store_class = CaselessStrEnum(
+        STORE_CLASSES, default_value="memory",
+        help="Where the Hub keeps task records: memory (bounded, spills to SQLite), sqlite "
+        "(durable: needed for --restore; earlier records of the cluster stay), none.",
+    ).tag(config=True)
+    sqlite_path = Unicode(
+        "", help="SQLite file of the task records (default: the profile's security/ folder, "
+        "named after the cluster)."
+    ).tag(config=True)
+    restore = Bool(
+        False, help="Restart a controller that died: reuse the ports and key of its connection "
+        "files and its SQLite records (with store_class=sqlite)."
+    ).tag(config=True)
 
     aliases = {
         "ip": "ControllerApp.ip",
@@ -70,6 +91,15 @@ class ControllerApp(LevelFilteredLogging, Application):
         "hb-period": "ControllerApp.hb_period",
         "version-check": "ControllerApp.version_check",
         "log-level": "Application.log_level",
+        "store": "ControllerApp.store_class",
+    }
+    flags = {
+        **Application.flags,
+        "sqlitedb": ({"ControllerApp": {"store_class": "sqlite"}},
+                     "Keep task records in SQLite (durable; needed for --restore)."),
+        "nodb": ({"ControllerApp": {"store_class": "none"}}, "Keep no task records."),
+        "restore": ({"ControllerApp": {"restore": True}},
+                    "Restart a dead controller with its ports, key and SQLite records."),
     }
 
     def connection_files(self) -> dict[str, Path]:
@@ -78,17 +108,51 @@ class ControllerApp(LevelFilteredLogging, Application):
             for kind in ("client", "engine")
         }
 
-    def start(self) -> None:
-        from ipyparallel_lite.controller.store import MemoryStore
+    def database_path(self) -> Path:
+        if self.sqlite_path:
+            return Path(self.sqlite_path)
+        client_file = self.connection_files()["client"]
+        return client_file.with_name(client_file.name.replace("-client.json", "-tasks.db"))
 
-        session = make_session(new_key())
-        hub = Hub(MemoryStore(record_limit=self.record_limit), hb_period=self.hb_period,
-                  max_misses=self.hb_max_misses, version_check=self.version_check)
+    def previous_connection(self) -> tuple[str, dict] | None:
+        """The key and ports of the controller being restored, from its connection files."""
+        files = self.connection_files()
+        if not all(path.exists() for path in files.values()):
+            self.log.warning("--restore: no connection files of a previous controller in %s; "
+                             "new ports and key (clients and engines must be started again)",
+                             files["client"].parent)
+            return None
+        infos = {kind: load_connection_file(path) for kind, path in files.items()}
+        return infos["client"]["key"], {kind: info["ports"] for kind, info in infos.items()}
+
+    def start(self) -> None:
+        if self.restore and self.store_class != "sqlite":
+            self.log.critical("--restore needs the SQLite store (--sqlitedb): the %s store's "
+                              "records died with the previous controller", self.store_class)
+            sys.exit(2)
+        previous = self.previous_connection() if self.restore else None
+        session = make_session(previous[0] if previous else new_key())
+        path = self.database_path() if self.store_class == "sqlite" else None
+        store = make_store(self.store_class, path=path, record_limit=self.record_limit)
+        hub = Hub(store, hb_period=self.hb_period, max_misses=self.hb_max_misses,
+                  version_check=self.version_check)
         scheduler = TaskScheduler(scheme=self.scheme, hwm=self.hwm)
         controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
-                                remember_finished=self.remember_finished,
+                                remember_finished=self.remember_finished, restored=self.restore,
                                 peer_queue_bytes=self.peer_queue_bytes)
-        controller.bind()
+        try:
+            controller.bind(previous[1] if previous else None)
+        except PortTaken as e:  # before touching the records a live controller may own
+            self.log.critical("%s", e)
+            store.close()
+            sys.exit(1)
+        if path is not None and len(store):
+            # records of an earlier controller of this cluster stay queryable; what it
+            # never finished is lost, and its record must say so
+            lost = hub.mark_lost("The controller died while this task was queued or running; "
+                                 "its result is lost. Resubmit it (rc.resubmit).")
+            self.log.warning("restored %d task records from %s; %d unfinished tasks recorded as lost",
+                             len(store), path, len(lost))
         files = self.connection_files()
         try:
             asyncio.run(self._serve(controller, files))

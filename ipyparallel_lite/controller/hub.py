@@ -179,6 +179,15 @@ class Hub:
         return {e.id: e.info for e in self.engines.values() if e.state == "ready"}
 
     # ---- task records ----------------------------------------------------------
+    #
+    # One call per transition of a task, made by the server where the transition
+    # happens (submitted, assigned to an engine, finished or failed, resubmitted, lost):
+    # a dict update in the store, never a copy of the message and never disk I/O (a
+    # SQLite store writes in batches when the server flushes it on a timer). The
+    # request's and the reply's frames are kept as they arrived; they are unpacked only
+    # when a client asks for them. ``started`` comes with the reply's metadata, and the
+    # output keys (stdout, stderr, execute_input...) stay None: iopub is relayed by
+    # libzmq without passing through the Hub, and clients keep their own output.
 
     def submitted(
         self,
@@ -188,27 +197,20 @@ class Hub:
         client_uuid: str,
         queue: str,
         engine_uuid: str | None = None,
+        content: Any = None,
+        buffers: list | None = None,
     ) -> None:
-        self.store.add_record(
-            msg_id,
-            {
-                "msg_id": msg_id,
-                "header": header,
-                "metadata": metadata,
-                "client_uuid": client_uuid,
-                "engine_uuid": engine_uuid,
-                "queue": queue,
-                "submitted": _as_datetime(header.get("date")),
-                "started": None,
-                "completed": None,
-                "received": None,
-                "resubmitted": None,
-                "result_header": None,
-                "result_metadata": None,
-                "result_content": None,
-                "result_buffers": None,
-            },
-        )
+        # a literal: twice as fast as filling dict.fromkeys(RECORD_KEYS), on the hot path
+        self.store.add_record(msg_id, {
+            "msg_id": msg_id, "header": header, "metadata": metadata, "content": content,
+            "buffers": buffers, "submitted": as_datetime(header.get("date")),
+            "client_uuid": client_uuid, "engine_uuid": engine_uuid, "started": None,
+            "completed": None, "resubmitted": None, "received": None, "result_header": None,
+            "result_metadata": None, "result_content": None, "result_buffers": None,
+            "queue": queue, "execute_input": None, "execute_result": None, "error": None,
+            "stdout": None, "stderr": None,
+            "label": metadata.get("label") if isinstance(metadata, dict) else None,
+        })
 
     def assigned(self, msg_id: str, engine_uuid: str) -> None:
         if msg_id in self.store:
@@ -228,14 +230,41 @@ class Hub:
                 "result_content": content,
                 "result_buffers": buffers,
                 "engine_uuid": metadata.get("engine"),
-                "started": _as_datetime(metadata.get("started")),
-                "completed": _as_datetime(metadata.get("completed")) or utcnow(),
+                "started": as_datetime(metadata.get("started")),
+                "completed": as_datetime(metadata.get("completed")) or utcnow(),
                 "received": utcnow(),
             },
         )
 
+    def resubmitted(self, msg_id: str, new_msg_id: str, now: datetime | None = None) -> None:
+        """Note on the original record that it ran again as ``new_msg_id`` (when, in
+        the new record's ``resubmitted``)."""
+        self.store.update_record(msg_id, {"resubmitted": new_msg_id})
+        if new_msg_id in self.store:
+            self.store.update_record(new_msg_id, {"resubmitted": now or utcnow()})
 
-def _as_datetime(value: Any) -> datetime | None:
+    def mark_lost(self, reason: str) -> list[str]:
+        """Complete every record still pending with an error saying it was lost (a
+        controller restored from its records after it died); their msg_ids."""
+        lost = [rec["msg_id"] for rec in self.store.find_records({"completed": None}, ["msg_id"])]
+        now = utcnow()
+        for msg_id in lost:
+            content = {"status": "error", "ename": "EngineError", "evalue": reason,
+                       "traceback": [], "engine_info": {}}
+            self.store.update_record(msg_id, {
+                "result_header": {"msg_id": f"{msg_id}-lost", "msg_type": "apply_reply",
+                                  "date": now.isoformat()},
+                "result_metadata": {"status": "error", "engine_id": -1, "started": None,
+                                    "completed": now.isoformat(), "dependencies_met": True},
+                "result_content": content,
+                "result_buffers": [],
+                "completed": now,
+                "received": now,
+            })
+        return lost
+
+
+def as_datetime(value: Any) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
     try:

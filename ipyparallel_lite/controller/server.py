@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+from uuid import uuid4
 
 import zmq
 from jupyter_client.session import Session
@@ -35,9 +36,11 @@ from zmq.devices import ThreadDevice
 
 from ipyparallel_lite import fastzmq
 from ipyparallel_lite.connection import reply_type, unpack_message
-from ipyparallel_lite.controller.hub import Hub, RegistrationError, utcnow
+from ipyparallel_lite.controller.dependency import parse_dependency
+from ipyparallel_lite.controller.hub import Hub, RegistrationError, as_datetime, utcnow
 from ipyparallel_lite.controller.outbox import Outbox, Sent
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
+from ipyparallel_lite.controller.store import NoStore, RecordNotFound
 from ipyparallel_lite.controller.throttle import ThrottledLog
 
 DELIM = b"<IDS|MSG>"
@@ -70,6 +73,10 @@ class Pending:
     sends: int = 0  # times a load-balanced task went to an engine (reruns re-sign)
 
 
+class PortTaken(RuntimeError):
+    """A restored controller cannot have the port its predecessor had."""
+
+
 def _split(frames: list) -> tuple[list[bytes], list] | None:
     """Routing identities and the message frames from DELIM on, or None if malformed."""
     for i in range(min(len(frames), MAX_IDENTS + 1)):
@@ -97,6 +104,8 @@ class Controller:
         remember_finished: int = 10_000,
         peer_queue_bytes: int = 64 << 20,
         peer_queue_entries: int = 200_000,
+        flush_interval: float = 0.2,
+        restored: bool = False,
     ):
         self.session = session
         self.hub = hub or Hub()
@@ -108,6 +117,12 @@ class Controller:
         self.disconnect_grace = disconnect_grace
         #: finished tasks that later tasks may still name as dependencies
         self.remember_finished = remember_finished
+        #: seconds between writes of the Hub's store (batched, off the hot path)
+        self.flush_interval = flush_interval
+        #: restored from the records of a controller that died: engines that still
+        #: answer heartbeats registered with that one, and are told to start again
+        self.restored = restored
+        self._told_to_restart: set[str] = set()
         self._finished: collections.deque[str] = collections.deque()
         #: per-peer bounds on what waits for a peer that does not read (see outbox.py)
         self.peer_queue_bytes = peer_queue_bytes
@@ -131,11 +146,28 @@ class Controller:
         sock.linger = 0
         if kind == zmq.ROUTER:
             sock.router_mandatory = 1  # a send to a vanished peer raises instead of vanishing
-        ports[name] = sock.bind_to_random_port(f"tcp://{self.ip}")
+        ports[name] = self._bind_port(name, ports, lambda p: sock.bind(f"tcp://{self.ip}:{p}"),
+                                      lambda: sock.bind_to_random_port(f"tcp://{self.ip}"))
         self.sockets[f"{name}@{'engine' if ports is self.engine_ports else 'client'}"] = sock
         return sock
 
-    def bind(self) -> None:
+    def _bind_port(self, name: str, ports: dict, bind: Callable[[int], Any],
+                   bind_random: Callable[[], int]) -> int:
+        """Bind to the port a restored controller had (``self.wanted``), else any port."""
+        wanted = self.wanted["client" if ports is self.ports else "engine"].get(name)
+        if wanted is None:
+            return bind_random()
+        try:
+            bind(wanted)
+        except zmq.ZMQError as e:
+            raise PortTaken(f"cannot bind the {name} channel to port {wanted}, the previous "
+                            f"controller's ({e}). Is that controller still running?") from None
+        return wanted
+
+    def bind(self, ports: dict[str, dict[str, int]] | None = None) -> None:
+        """Bind every channel; ``ports`` (``{"client": {...}, "engine": {...}}``, as in
+        the connection files) asks for the ports of a controller being restored."""
+        self.wanted = {"client": {}, "engine": {}, **(ports or {})}
         c, e = self.ports, self.engine_ports
         self.registration = self._bind("registration", zmq.ROUTER, c)
         e["registration"] = c["registration"]
@@ -153,8 +185,11 @@ class Controller:
         self._iopub.setsockopt_in(zmq.SUBSCRIBE, b"")
         self._iopub.setsockopt_in(zmq.LINGER, 0)
         self._iopub.setsockopt_out(zmq.LINGER, 0)
-        e["iopub"] = self._iopub.bind_in_to_random_port(f"tcp://{self.ip}")
-        c["iopub"] = self._iopub.bind_out_to_random_port(f"tcp://{self.ip}")
+        iopub = self._iopub
+        e["iopub"] = self._bind_port("iopub", e, lambda p: iopub.bind_in(f"tcp://{self.ip}:{p}"),
+                                     lambda: iopub.bind_in_to_random_port(f"tcp://{self.ip}"))
+        c["iopub"] = self._bind_port("iopub", c, lambda p: iopub.bind_out(f"tcp://{self.ip}:{p}"),
+                                     lambda: iopub.bind_out_to_random_port(f"tcp://{self.ip}"))
         self._iopub.daemon = True
         self._iopub.start()
         self._monitor = self.engine_shell.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -196,6 +231,7 @@ class Controller:
             self._readers.append(reader)
             self._reader_of[sock] = reader
         self._heartbeat()
+        self._flush_store()
         self.log.info("controller ready: client ports %s", self.ports)
 
     def _guarded(self, handler: Callable[[list], None]) -> Callable[[list], None]:
@@ -205,6 +241,15 @@ class Controller:
             except Exception:
                 self.log.exception("error handling a message; the controller goes on")
         return handle
+
+    def _flush_store(self) -> None:
+        """Write the Hub's records that changed since the last time, then come back."""
+        try:
+            self.hub.store.flush()
+        except Exception:
+            self.log.exception("writing task records failed; they stay in memory for the next try")
+        self._timers = [t for t in self._timers if not t.cancelled()]
+        self._timers.append(self.loop.call_later(self.flush_interval, self._flush_store))
 
     def stop(self) -> None:
         if hasattr(self, "outbox"):
@@ -220,6 +265,10 @@ class Controller:
         except zmq.ZMQError:
             pass
         self.context.destroy(linger=0)
+        try:
+            self.hub.store.close()
+        except Exception:
+            self.log.exception("closing the task record store failed")
         self.stopped.set()
 
     # ---- sending ---------------------------------------------------------------
@@ -277,11 +326,11 @@ class Controller:
         if record is None or record.get("result_header") is None:
             header = record["header"] if record else {"msg_id": msg_id, "msg_type": "apply_request"}
             content = _error_content(
-                "EngineError", "This result was dropped: the client did not read its replies for "
-                "so long that the Hub's store had evicted it. Keep clients reading, or raise "
-                "the Hub's record limit.")
-            msg = self.session.msg(reply_type(header.get("msg_type", "apply_request")), content, parent=header,
-                                   metadata={"status": "error", "engine_id": -1})
+                "EngineError", "This result is lost: this client did not read its replies for a "
+                "long time, and meanwhile the Hub's record of it was purged (or the controller "
+                "keeps no records). Keep clients reading, or use a store that keeps records.")
+            msg = self.session.msg(reply_type(header.get("msg_type", "apply_request")), content,
+                                   parent=header, metadata={"status": "error", "engine_id": -1})
             return self.session.serialize(msg, ident=[client])
         content = record["result_content"]
         packed = [self.session.pack(record["result_header"]), self.session.pack(record["header"]),
@@ -382,6 +431,7 @@ class Controller:
             "engines": {str(k): v for k, v in self.hub.ready_engines().items()},
             "engine_info": {str(k): v for k, v in self.hub.engine_infos().items()},
             "task_scheme": self.scheduler.scheme,
+            "controller_pid": os.getpid(),  # a client reconnecting learns of a restart
         }
         self._reply(self.registration, idents, "connection_reply", reply, parent=msg["header"])
 
@@ -403,37 +453,168 @@ class Controller:
         reply["backlog"] = self.outbox.backlog()
         self._reply(self.registration, idents, "queue_reply", reply, parent=msg["header"])
 
+    # ---- Hub queries: result, db, history, purge, resubmit -------------------------
+    #
+    # Each reads or changes the Hub's records; a bad request raises, and
+    # on_registration answers it with ``status: error`` and the exception's message.
+
+    def _known_records(self, msg_ids: Any, request: str) -> list[str]:
+        """``msg_ids`` checked to be a list of str naming records; the unknown ones are
+        named in one error."""
+        if not isinstance(msg_ids, list) or not all(isinstance(m, str) for m in msg_ids):
+            raise TypeError(f"{request} needs 'msg_ids', a list of str, got {msg_ids!r}")
+        unknown = [m for m in msg_ids if m not in self.pending and m not in self.hub.store]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            if isinstance(self.hub.store, NoStore):
+                raise RecordNotFound(f"no record of {shown}: this controller keeps no task records "
+                                     "(store_class='none')")
+            raise RecordNotFound(f"no record of task(s) {shown}: never submitted to this "
+                                 "controller, or purged")
+        return msg_ids
+
+    def _is_pending(self, msg_id: str) -> bool:
+        return msg_id in self.pending or self.hub.store.get_record(msg_id).get("completed") is None
+
+    def _unpacked(self, value: Any) -> Any:
+        """A message part as a dict: stored frames are unpacked here, on query."""
+        if isinstance(value, (bytes, zmq.Frame)):
+            return self.session.unpack(_bytes(value))
+        return value
+
     def handle_result_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
-        msg_ids = content.get("msg_ids") or []
-        if not isinstance(msg_ids, list):
-            raise ValueError("result_request needs 'msg_ids', a list")
+        msg_ids = self._known_records(content.get("msg_ids"), "result_request")
         reply: dict[str, Any] = {"status": "ok", "pending": [], "completed": []}
         buffers: list = []
         for msg_id in msg_ids:
-            if msg_id in self.pending:
-                reply["pending"].append(msg_id)
-                continue
-            try:
-                record = self.hub.store.get_record(msg_id)
-            except KeyError:
-                raise KeyError(f"no record of task {msg_id!r} (never submitted, or purged)") from None
-            if record.get("completed") is None:
+            record = None if msg_id in self.pending else self.hub.store.get_record(msg_id)
+            if record is None or record.get("completed") is None:
                 reply["pending"].append(msg_id)
                 continue
             reply["completed"].append(msg_id)
             if not content.get("status_only"):
-                result_content = record["result_content"]
-                if isinstance(result_content, (bytes, zmq.Frame)):
-                    result_content = self.session.unpack(_bytes(result_content))
+                result_buffers = record["result_buffers"] or []
                 reply[msg_id] = {
                     "header": record["result_header"],
                     "metadata": record["result_metadata"],
-                    "content": result_content,
-                    "nbuffers": len(record["result_buffers"] or []),
+                    "content": self._unpacked(record["result_content"]),
+                    "nbuffers": len(result_buffers),
                 }
-                buffers.extend(record["result_buffers"] or [])
+                buffers.extend(result_buffers)
         msg_out = self.session.msg("result_reply", reply, parent=msg["header"])
         self._send(self.registration, self.session.serialize(msg_out, ident=idents) + buffers)
+
+    def handle_db_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
+        """``{query, keys}`` -> the matching records; their buffers travel as frames,
+        counted per record in ``buffer_lens`` and ``result_buffer_lens``."""
+        keys = content.get("keys")
+        if keys is not None and (not isinstance(keys, list)
+                                 or not all(isinstance(k, str) for k in keys)):
+            raise TypeError(f"db_request 'keys' must be a list of str or None, got {keys!r}")
+        query = _dates_in_query(content.get("query"))
+        records = self.hub.store.find_records(query, keys)
+        buffers: list = []
+        lens: dict[str, list] = {"buffers": [], "result_buffers": []}
+        for record in records:
+            for key in ("content", "result_content"):
+                if key in record:
+                    record[key] = self._unpacked(record[key])
+            for key, counts in lens.items():
+                bufs = record.pop(key, None)
+                counts.append(None if bufs is None else len(bufs))
+                buffers.extend(bufs or [])
+        reply = {"status": "ok", "records": records, "buffer_lens": lens["buffers"],
+                 "result_buffer_lens": lens["result_buffers"]}
+        msg_out = self.session.msg("db_reply", reply, parent=msg["header"])
+        self._send(self.registration, self.session.serialize(msg_out, ident=idents) + buffers)
+
+    def handle_history_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
+        self._reply(self.registration, idents, "history_reply",
+                    {"status": "ok", "history": self.hub.store.get_history()}, parent=msg["header"])
+
+    def handle_purge_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
+        """Forget completed records: ``msg_ids`` (a list, or ``"all"``) and the records of
+        ``engine_ids``. Pending tasks cannot be purged; nothing is purged then."""
+        msg_ids, engine_ids = content.get("msg_ids") or [], content.get("engine_ids") or []
+        if not isinstance(engine_ids, list) or not all(isinstance(e, int) for e in engine_ids):
+            raise TypeError(f"purge_request 'engine_ids' must be a list of engine ids, got {engine_ids!r}")
+        gone = [e for e in engine_ids if e not in self.hub.engines]
+        if gone:
+            raise ValueError(f"no engine {gone}; registered engines are {sorted(self.hub.engines)}")
+        store = self.hub.store
+        if msg_ids == "all":
+            store.drop_matching_records({"completed": {"$ne": None}})
+        else:
+            msg_ids = self._known_records(msg_ids, "purge_request")
+            pending = [m for m in msg_ids if self._is_pending(m)]
+            if pending:
+                raise ValueError(f"cannot purge pending task(s) {', '.join(pending[:5])}: wait for "
+                                 "them (or abort them) first; nothing was purged")
+            for msg_id in msg_ids:
+                store.drop_record(msg_id)
+        for eid in engine_ids:
+            store.drop_matching_records({"engine_uuid": self.hub.engines[eid].uuid,
+                                         "completed": {"$ne": None}})
+        self._reply(self.registration, idents, "purge_reply", {"status": "ok"}, parent=msg["header"])
+
+    def handle_resubmit_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
+        """Run completed tasks again as new load-balanced tasks: same function, arguments,
+        dependencies, targets and flags; a direct request keeps its engine. Replies to
+        ``{"resubmitted": {old_id: new_id}}``; the results are fetched from the Hub."""
+        msg_ids = self._known_records(content.get("msg_ids"), "resubmit_request")
+        pending = [m for m in msg_ids if self._is_pending(m)]
+        if pending:
+            raise ValueError(f"cannot resubmit pending task(s) {', '.join(pending[:5])}: they have "
+                             "not finished; nothing was resubmitted")
+        records = [self.hub.store.get_record(m) for m in msg_ids]
+        missing = [r["msg_id"] for r in records if not isinstance(r.get("header"), dict)
+                   or r.get("content") is None]
+        if missing:
+            raise ValueError(f"cannot resubmit {', '.join(missing[:5])}: the record does not hold "
+                             "the request")
+        resubmitted = {}
+        for record in records:
+            new_id = self._resubmit(record)
+            self.hub.resubmitted(record["msg_id"], new_id)
+            resubmitted[record["msg_id"]] = new_id
+        self._reply(self.registration, idents, "resubmit_reply",
+                    {"status": "ok", "resubmitted": resubmitted}, parent=msg["header"])
+
+    def _resubmit(self, record: dict) -> str:
+        """Submit the request of ``record`` again under a new msg_id; that msg_id."""
+        header = {**record["header"], "msg_id": str(uuid4()),
+                  "date": utcnow().isoformat()}
+        md = dict(record.get("metadata") or {})
+        if record.get("queue") != "task":
+            engine = self.hub.by_uuid(record.get("engine_uuid") or "")
+            md["targets"] = [engine.id] if engine is not None else [-1]  # gone: fails plainly
+        packed = [self.session.pack(header), self.session.pack({}), self.session.pack(md),
+                  _bytes(record["content"])]
+        rest = [DELIM, self.session.sign(packed), *packed, *(record.get("buffers") or [])]
+        self._recall_dependencies(md)
+        # nobody waits on the task socket: the result is read from the Hub
+        self._submit_task(b"", rest, header, md)
+        return header["msg_id"]
+
+    def _recall_dependencies(self, md: dict) -> None:
+        """Tell the scheduler how the finished tasks that ``md``'s ``after``/``follow``
+        name ended, from the Hub's records: it forgets finished tasks after a while (and
+        a restored controller never saw them), which would make them unknown ids."""
+        for key in ("after", "follow"):
+            try:
+                spec = parse_dependency(md.get(key) or None)
+            except ValueError:
+                continue  # the scheduler rejects it with the reason
+            for dep in spec.ids if spec is not None else ():
+                if dep in self.pending or dep not in self.hub.store:
+                    continue
+                record = self.hub.store.get_record(dep)
+                if record.get("completed") is None:
+                    continue
+                engine = self.hub.by_uuid(record.get("engine_uuid") or "")
+                status = (record.get("result_metadata") or {}).get("status")
+                self._apply(self.scheduler.record_result(dep, engine.id if engine else -1,
+                                                         status == "ok"))
 
     def handle_shutdown_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         self._reply(self.registration, idents, "shutdown_reply", {"status": "ok"}, parent=msg["header"])
@@ -520,8 +701,21 @@ class Controller:
             # none, so it should not linger unnoticed
             eid, reason = removed
             self.log.warning("engine %d answers again after it was removed (%s): told to exit", eid, reason)
-            msg = self.session.msg("removal_notification", {"id": eid, "reason": reason})
-            self._send(self.engine_control, [uuid.encode(), *self.session.serialize(msg, ident=[b"x", b"-"])])
+            self._tell_to_exit(uuid, eid, reason)
+        elif self.restored and uuid not in self._told_to_restart:
+            # registered with the controller that died: its id, and any task it ran, are
+            # gone with it; a plain message in its log beats an engine nobody can reach
+            if self._tell_to_exit(uuid, -1, "the controller was restarted and this engine's "
+                                  "registration was lost with it; start a new engine"):
+                self._told_to_restart.add(uuid)  # else its control channel is not back yet
+                self.log.warning("engine %s registered with the controller before its restart: "
+                                 "told to exit; start engines again", uuid)
+
+    def _tell_to_exit(self, uuid: str, eid: int, reason: str) -> bool:
+        """Send an engine ``removal_notification``; False if it cannot be reached."""
+        msg = self.session.msg("removal_notification", {"id": eid, "reason": reason})
+        return self._send(self.engine_control,
+                          [uuid.encode(), *self.session.serialize(msg, ident=[b"x", b"-"])])
 
     def on_monitor(self, frames: list) -> None:
         # an engine's connection dropped; the event does not say which engine, so a
@@ -582,7 +776,7 @@ class Controller:
         engine = self.hub.by_uuid(target_uuid)
         pending = self.pending[msg_id] = Pending(client, header, MUX, [], None)
         self.hub.submitted(msg_id, header, msg["metadata"], header.get("session", ""), "mux",
-                           target_uuid)
+                           target_uuid, rest[5], rest[6:])
         if engine is None or engine.state != "ready":
             self._fail(msg_id, "EngineError", f"No engine with uuid {target!r} is registered; "
                        "it may have died. Use rc.ids for the live engines.")
@@ -653,7 +847,7 @@ class Controller:
         for eid, (sub_header, engine) in copies.items():
             sub_id = sub_header["msg_id"]
             self.hub.submitted(sub_id, sub_header, md, session_id, queue,
-                               engine.uuid if engine is not None else None)
+                               engine.uuid if engine is not None else None, tail[2], tail[3:])
             self.pending[sub_id] = Pending(client, sub_header, tag, [], eid if eid in sent else None)
             if not work:
                 self._fail(sub_id, "ValueError", f"Request rejected: only {' and '.join(WORK_TYPES)} "
@@ -702,10 +896,17 @@ class Controller:
             self.warn(frames[0].bytes, "bad identities", "dropped a task request with unexpected "
                       "routing identities")
             return
-        header, md = msg["header"], msg["metadata"]
+        md = msg["metadata"]
+        if self.restored and isinstance(md, dict) and (md.get("after") or md.get("follow")):
+            self._recall_dependencies(md)  # tasks finished before the restart
+        self._submit_task(idents[0], rest, msg["header"], md)
+
+    def _submit_task(self, client: bytes, rest: list, header: dict, md: dict) -> None:
+        """Record a load-balanced task and hand it to the scheduler."""
         msg_id = header["msg_id"]
-        self.pending[msg_id] = Pending(idents[0], header, TASK, rest, None)
-        self.hub.submitted(msg_id, header, md, header.get("session", ""), "task")
+        self.pending[msg_id] = Pending(client, header, TASK, rest, None)
+        self.hub.submitted(msg_id, header, md, header.get("session", ""), "task", None,
+                           rest[5], rest[6:])
         if header.get("msg_type") not in WORK_TYPES:
             # an engine answers nothing else: the task would hold its slot forever
             self._fail(msg_id, "ValueError", f"Task rejected: only {' and '.join(WORK_TYPES)} can "
@@ -821,3 +1022,24 @@ def _error_content(ename: str, evalue: str) -> dict:
 
 def _bytes(value: Any) -> bytes:
     return value.bytes if isinstance(value, zmq.Frame) else bytes(value)
+
+
+#: record keys holding times: a query's ISO strings for them are read as datetimes
+DATE_KEYS = ("submitted", "started", "completed", "received", "resubmitted")
+
+
+def _dates_in_query(query: Any) -> Any:
+    """``query`` with ISO time strings on DATE_KEYS as datetimes (JSON carried them as str)."""
+    if not isinstance(query, dict):
+        return query
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, str):
+            return as_datetime(value) or value
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return {k: convert(v) if k in DATE_KEYS else v for k, v in query.items()}

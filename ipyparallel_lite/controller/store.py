@@ -1,9 +1,14 @@
-"""The Hub's task-record store, and the Mongo-style queries clients run against it.
+"""The Hub's task-record stores, and the Mongo-style queries clients run against it.
 
-A task record is a dict keyed by the task's ``msg_id``; its values may be str, int,
-float, bool, None, datetime, dicts, lists, or buffers (``"buffers"`` and
-``"result_buffers"`` are lists of bytes-like objects, which the store counts but
-never looks into).
+A task record is a dict keyed by the task's ``msg_id`` with the keys in
+:data:`RECORD_KEYS`; its values may be str, int, float, bool, None, datetime, dicts,
+lists, or buffers (``"buffers"`` and ``"result_buffers"`` are lists of bytes-like
+objects, which the store counts but never looks into).
+
+Stores: :class:`MemoryStore` (the default; bounded, spilling its oldest completed
+records to SQLite when full), :class:`~.sqlitestore.SQLiteStore` (durable, for a
+controller restart), and :class:`NoStore` (keeps nothing). :func:`make_store` builds
+one by name, as the controller's ``store_class`` setting names it.
 
 Queries (``match``, ``compile_query``) support a subset of MongoDB's language:
 ``{"key": value}`` for equality and ``{"key": {"$op": operand, ...}}`` with the
@@ -16,24 +21,37 @@ from __future__ import annotations
 import abc
 import fnmatch
 import re
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "OPERATORS",
+    "RECORD_KEYS",
     "BaseStore",
     "MemoryStore",
+    "NoStore",
     "QueryError",
     "RecordNotFound",
     "compile_query",
+    "make_store",
     "match",
 ]
 
 Record = dict[str, Any]
 Matcher = Callable[[Record], bool]
 _Test = Callable[[Any], bool]
+
+#: the keys of a Hub task record, as ipyparallel's users query them
+RECORD_KEYS = (
+    "msg_id", "header", "metadata", "content", "buffers", "submitted", "client_uuid",
+    "engine_uuid", "started", "completed", "resubmitted", "received", "result_header",
+    "result_metadata", "result_content", "result_buffers", "queue", "execute_input",
+    "execute_result", "error", "stdout", "stderr", "label",
+)
 
 #: record keys holding lists of buffers, counted against ``size_limit``
 BUFFER_KEYS = ("buffers", "result_buffers")
@@ -259,6 +277,14 @@ def _copy(value: Any) -> Any:
     return value
 
 
+def project(record: Record, keys: list[str] | None) -> Record:
+    """A copy of ``record`` with only ``keys`` (None where absent) and ``msg_id``;
+    the whole record when ``keys`` is None or empty, as in ipyparallel."""
+    if not keys:
+        return _copy(record)
+    return {"msg_id": record["msg_id"], **{k: _copy(record.get(k)) for k in keys}}
+
+
 def _buffer_bytes(record: Record) -> int:
     total = 0
     for key in BUFFER_KEYS:
@@ -327,6 +353,13 @@ class BaseStore(abc.ABC):
     def __contains__(self, msg_id: object) -> bool:
         """Whether a record with this msg_id is stored."""
 
+    def flush(self, everything: bool = False) -> int:
+        """Write what waits to be written (the controller calls this on a timer, off the
+        hot path); how many records were written. Without ``everything``, records of
+        tasks that just started pending may wait for the next call. Nothing to do by
+        default."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
         """Release resources (files, connections). The store is unusable afterwards."""
 
@@ -341,57 +374,110 @@ def _history_key(value: Any) -> tuple:
     return (1, 0.0, str(value))
 
 
-class MemoryStore(BaseStore):
-    """Records in a dict, bounded in count and in buffer bytes.
+def history_order(dated: list[tuple[Any, str]]) -> list[str]:
+    """msg_ids of ``(submitted, msg_id)`` pairs, oldest submitted first; ties keep
+    their order (sorted() is stable)."""
+    dated.sort(key=lambda pair: _history_key(pair[0]))
+    return [msg_id for _, msg_id in dated]
 
-    When there are more than ``record_limit`` records, or their buffers hold more
-    than ``size_limit`` bytes, the records completed longest ago are evicted until
-    both limits hold again. A record is completed once its ``"completed"`` value is
-    not None; pending records are never evicted, so the limits may be exceeded while
-    only pending records remain. Each eviction is O(1).
+
+class NoStore(BaseStore):
+    """Keeps no records (``store_class = "none"``): queries find nothing.
+
+    For clusters where nobody queries the Hub and every byte counts; results still
+    reach the clients that asked for them.
     """
 
-    #: how many evicted msg_ids are remembered, to explain a later lookup
-    evicted_memory = 10_000
+    def add_record(self, msg_id: str, rec: Record) -> None:
+        pass
 
-    def __init__(self, record_limit: int = 1024, size_limit: int = 1 << 30) -> None:
+    def update_record(self, msg_id: str, rec: Record) -> None:
+        pass
+
+    def get_record(self, msg_id: str) -> Record:
+        raise RecordNotFound(
+            f"no record with msg_id {msg_id!r}: this controller keeps no task records "
+            "(store_class='none'); start it with the memory or sqlite store to query them"
+        )
+
+    def find_records(self, query: dict, keys: Iterable[str] | None = None) -> list[Record]:
+        compile_query(query)  # a bad query is still an error
+        return []
+
+    def get_history(self) -> list[str]:
+        return []
+
+    def drop_record(self, msg_id: str) -> None:
+        self.get_record(msg_id)
+
+    def __len__(self) -> int:
+        return 0
+
+    def __contains__(self, msg_id: object) -> bool:
+        return False
+
+
+class MemoryStore(BaseStore):
+    """Records in a dict, bounded in count and in buffer bytes, spilling to SQLite.
+
+    When there are more than ``record_limit`` records in memory, or their buffers hold
+    more than ``size_limit`` bytes, the records completed longest ago move to an
+    SQLite file (``spill_path``; a private temporary file by default, made at the
+    first spill) until both limits hold again. Spilled records stay readable and
+    queryable: nothing is dropped, so a client waiting on an old result still gets it.
+    Pending records never spill, so the limits may be exceeded while only pending
+    records remain. Moving a record is O(1); the spill file is written in batches by
+    :meth:`flush`.
+    """
+
+    def __init__(self, record_limit: int = 1024, size_limit: int = 1 << 30,
+                 spill_path: str | Path | None = None) -> None:
         if record_limit < 0 or size_limit < 0:
             raise ValueError(
                 f"limits must be >= 0, got record_limit={record_limit}, size_limit={size_limit}"
             )
         self.record_limit = record_limit
         self.size_limit = size_limit
+        self.spill_path = spill_path
+        self._spill: BaseStore | None = None
+        self._spill_dir: tempfile.TemporaryDirectory | None = None
         self._records: dict[str, Record] = {}
         self._nbytes: dict[str, int] = {}  # buffer bytes of each record
         self._total_bytes = 0
-        # completed msg_ids, in order of completion: eviction pops from the front
+        # completed msg_ids, in order of completion: spilling pops from the front
         self._completed: OrderedDict[str, None] = OrderedDict()
-        self._evicted: OrderedDict[str, None] = OrderedDict()
 
     @property
     def nbytes(self) -> int:
-        """Total bytes of the stored records' buffers."""
+        """Total bytes of the buffers of the records in memory."""
         return self._total_bytes
 
-    def __len__(self) -> int:
+    @property
+    def resident(self) -> int:
+        """Number of records in memory (the rest are spilled)."""
         return len(self._records)
 
-    def __contains__(self, msg_id: object) -> bool:
+    def is_resident(self, msg_id: str) -> bool:
         return msg_id in self._records
 
-    def _missing(self, msg_id: str) -> RecordNotFound:
-        if msg_id in self._evicted:
-            return RecordNotFound(
-                f"record {msg_id!r} was evicted to keep the store within its limits"
-                f" (record_limit={self.record_limit}, size_limit={self.size_limit} bytes)"
-            )
-        return RecordNotFound(f"no record with msg_id {msg_id!r}")
+    @property
+    def spill(self) -> BaseStore:
+        """The SQLite store spilled records go to, made on first use."""
+        if self._spill is None:
+            from ipyparallel_lite.controller.sqlitestore import SQLiteStore
 
-    def _stored(self, msg_id: str) -> Record:
-        try:
-            return self._records[msg_id]
-        except KeyError:
-            raise self._missing(msg_id) from None
+            path = self.spill_path
+            if path is None:
+                self._spill_dir = tempfile.TemporaryDirectory(prefix="ipp-lite-spill-")
+                path = Path(self._spill_dir.name) / "records.db"
+            self._spill = SQLiteStore(path, table="spilled")
+        return self._spill
+
+    def __len__(self) -> int:
+        return len(self._records) + (len(self._spill) if self._spill is not None else 0)
+
+    def __contains__(self, msg_id: object) -> bool:
+        return msg_id in self._records or (self._spill is not None and msg_id in self._spill)
 
     def _account(self, msg_id: str, record: Record, changed: Record | None = None) -> None:
         """Refresh the byte count and completion state of a stored record.
@@ -405,60 +491,65 @@ class MemoryStore(BaseStore):
         if changed is not None and "completed" not in changed:
             return
         if record.get("completed") is None:
-            self._completed.pop(msg_id, None)  # pending (again): not evictable
+            self._completed.pop(msg_id, None)  # pending (again): stays in memory
         elif msg_id not in self._completed:
             self._completed[msg_id] = None
 
-    def _forget(self, msg_id: str) -> None:
-        del self._records[msg_id]
+    def _forget(self, msg_id: str) -> Record:
+        record = self._records.pop(msg_id)
         self._total_bytes -= self._nbytes.pop(msg_id)
         self._completed.pop(msg_id, None)
+        return record
 
-    def _evict(self) -> None:
-        """Evict the oldest completed records while over a limit."""
+    def _spill_over(self) -> None:
+        """Move the oldest completed records to the spill file while over a limit."""
         while self._completed and (
             len(self._records) > self.record_limit or self._total_bytes > self.size_limit
         ):
-            msg_id, _ = self._completed.popitem(last=False)
-            self._forget(msg_id)
-            self._evicted[msg_id] = None
-            if len(self._evicted) > self.evicted_memory:
-                self._evicted.popitem(last=False)
+            msg_id = next(iter(self._completed))
+            self.spill.add_record(msg_id, self._forget(msg_id))
 
     def add_record(self, msg_id: str, rec: Record) -> None:
-        if msg_id in self._records:
-            raise KeyError(f"a record with msg_id {msg_id!r} is already stored")
         if rec.get("msg_id", msg_id) != msg_id:
             raise ValueError(f"record's msg_id {rec['msg_id']!r} is not {msg_id!r}")
+        if msg_id in self._records or (self._spill is not None and msg_id in self._spill):
+            raise KeyError(f"a record with msg_id {msg_id!r} is already stored")
         # shallow: the store owns what it is given (see BaseStore.add_record); a deep
         # copy of every header on the hot path costs more than the rest of the record
         record = dict(rec)
         record["msg_id"] = msg_id
         self._records[msg_id] = record
-        self._evicted.pop(msg_id, None)
         self._account(msg_id, record)
-        self._evict()
+        self._spill_over()
 
     def update_record(self, msg_id: str, rec: Record) -> None:
-        record = self._stored(msg_id)
         if rec.get("msg_id", msg_id) != msg_id:
             raise ValueError(f"cannot change msg_id {msg_id!r} to {rec['msg_id']!r}")
+        record = self._records.get(msg_id)
+        if record is None:
+            self._spilled(msg_id).update_record(msg_id, rec)
+            return
         record.update(rec)
         self._account(msg_id, record, rec)
-        self._evict()
+        self._spill_over()
+
+    def _spilled(self, msg_id: str) -> BaseStore:
+        """The spill store, if it holds ``msg_id``; RecordNotFound otherwise."""
+        if self._spill is None or msg_id not in self._spill:
+            raise RecordNotFound(f"no record with msg_id {msg_id!r}")
+        return self._spill
 
     def get_record(self, msg_id: str) -> Record:
-        return _copy(self._stored(msg_id))
+        record = self._records.get(msg_id)
+        if record is None:
+            return self._spilled(msg_id).get_record(msg_id)
+        return _copy(record)
 
     def find_records(self, query: dict, keys: Iterable[str] | None = None) -> list[Record]:
         matcher = compile_query(query)
-        matched = [rec for rec in self._records.values() if matcher(rec)]
         wanted = list(keys) if keys else None
-        if not wanted:
-            return [_copy(rec) for rec in matched]
-        return [
-            {"msg_id": rec["msg_id"], **{k: _copy(rec.get(k)) for k in wanted}} for rec in matched
-        ]
+        older = self._spill.find_records(query, wanted) if self._spill is not None else []
+        return older + [project(rec, wanted) for rec in self._records.values() if matcher(rec)]
 
     def get_history(self) -> list[str]:
         dated = [
@@ -466,17 +557,52 @@ class MemoryStore(BaseStore):
             for msg_id, rec in self._records.items()
             if rec.get("submitted") is not None
         ]
-        # sorted() is stable: equal times keep the order they were added in
-        dated.sort(key=lambda pair: _history_key(pair[0]))
-        return [msg_id for _, msg_id in dated]
+        if self._spill is not None:
+            dated = [(rec["submitted"], rec["msg_id"])
+                     for rec in self._spill.find_records({"submitted": {"$exists": True}},
+                                                         ["submitted"])] + dated
+        return history_order(dated)
 
     def drop_record(self, msg_id: str) -> None:
-        self._stored(msg_id)
-        self._forget(msg_id)
+        if msg_id in self._records:
+            self._forget(msg_id)
+        else:
+            self._spilled(msg_id).drop_record(msg_id)
 
     def drop_matching_records(self, query: dict) -> int:
         matcher = compile_query(query)
         doomed = [msg_id for msg_id, rec in self._records.items() if matcher(rec)]
         for msg_id in doomed:
             self._forget(msg_id)
-        return len(doomed)
+        spilled = self._spill.drop_matching_records(query) if self._spill is not None else 0
+        return len(doomed) + spilled
+
+    def flush(self, everything: bool = False) -> int:
+        return self._spill.flush(everything) if self._spill is not None else 0
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+        if self._spill_dir is not None:
+            self._spill_dir.cleanup()
+
+
+#: the names ``store_class`` accepts
+STORE_CLASSES = ("memory", "sqlite", "none")
+
+
+def make_store(kind: str, *, path: str | Path | None = None, record_limit: int = 1024,
+               size_limit: int = 1 << 30) -> BaseStore:
+    """The store ``store_class`` names: ``memory`` (spilling to ``path``, a temporary
+    file by default), ``sqlite`` (the records in ``path``, required) or ``none``."""
+    if kind == "memory":
+        return MemoryStore(record_limit=record_limit, size_limit=size_limit, spill_path=path)
+    if kind == "sqlite":
+        if path is None:
+            raise ValueError("the sqlite store needs a database path")
+        from ipyparallel_lite.controller.sqlitestore import SQLiteStore
+
+        return SQLiteStore(path)
+    if kind == "none":
+        return NoStore()
+    raise ValueError(f"unknown store_class {kind!r}; choose one of {', '.join(STORE_CLASSES)}")

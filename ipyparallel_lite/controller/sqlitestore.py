@@ -1,0 +1,329 @@
+"""The durable task-record store: SQLite, written in batches off the hot path.
+
+:class:`SQLiteStore` keeps the records that changed since the last :meth:`flush` (and
+those not completed yet) in memory, and writes them with one ``executemany`` per
+flush. The controller flushes on a timer, so recording a task costs a dict update,
+never a disk write; the store also flushes itself when ``batch_size`` records are
+waiting, which bounds that memory. Reads see unflushed changes: lookups look in
+memory first, queries flush first.
+
+Each record key has its own column, so a query decodes only the columns it names.
+Values are stored as: NULL, str, int and float as they are; a BLOB tagged raw for
+bytes-like values (a reply's packed content); a framed BLOB for the buffer lists
+(``"buffers"``, ``"result_buffers"``); a BLOB tagged JSON for everything else, with
+datetimes and bytes marked inside so they come back as they went in. Keys outside :data:`RECORD_KEYS` share one JSON column. Nothing here is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import struct
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ipyparallel_lite.controller.store import (
+    BUFFER_KEYS,
+    RECORD_KEYS,
+    BaseStore,
+    Record,
+    RecordNotFound,
+    compile_query,
+    history_order,
+    project,
+)
+
+__all__ = ["SQLiteStore"]
+
+#: columns after msg_id; "extra" holds keys outside RECORD_KEYS as one JSON object
+COLUMNS = tuple(k for k in RECORD_KEYS if k != "msg_id")
+_KEY_SET = frozenset(RECORD_KEYS)
+_LEN = struct.Struct("<Q")
+
+
+# ---- value codec ----------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {"$date": value.isoformat()}
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    try:
+        return {"$bytes": base64.b64encode(memoryview(value)).decode("ascii")}
+    except TypeError:
+        raise TypeError(f"a task record cannot hold {type(value).__name__} values") from None
+
+
+def _json_hook(obj: dict) -> Any:
+    if len(obj) == 1:
+        if "$date" in obj:
+            return datetime.fromisoformat(obj["$date"])
+        if "$bytes" in obj:
+            return base64.b64decode(obj["$bytes"])
+    return obj
+
+
+def _is_buffer(value: Any) -> bool:
+    return isinstance(value, (bytes, bytearray, memoryview)) or hasattr(value, "buffer")
+
+
+_encode_json = json.JSONEncoder(default=_json_default, separators=(",", ":"),
+                                check_circular=False).encode
+#: BLOB prefixes: JSON text, or raw bytes
+_JSON, _RAW = b"\x00J", b"\x00B"
+_PLAIN = (str, int, float)
+
+
+def encode_value(value: Any) -> Any:
+    """A record value as SQLite stores it: None, str, int and float as they are (the
+    common case costs nothing), the rest as a tagged BLOB: raw bytes, or JSON."""
+    if value is None or type(value) in _PLAIN:
+        return value
+    if isinstance(value, datetime):
+        return b'%s{"$date":"%s"}' % (_JSON, value.isoformat().encode())
+    if _is_buffer(value):
+        return _RAW + memoryview(value.buffer if hasattr(value, "buffer") else value).cast("B")
+    return _JSON + _encode_json(value).encode()
+
+
+def decode_value(stored: Any) -> Any:
+    if type(stored) is not bytes:
+        return stored
+    if stored[:2] == _RAW:
+        return stored[2:]
+    return json.loads(stored[2:], object_hook=_json_hook)
+
+
+def encode_buffers(buffers: list | None) -> bytes | None:
+    """A list of buffers as one BLOB: each one's length, then its bytes."""
+    if buffers is None:
+        return None
+    parts = []
+    for buf in buffers:
+        view = memoryview(buf.buffer if hasattr(buf, "buffer") else buf).cast("B")
+        parts.append(_LEN.pack(view.nbytes))
+        parts.append(view)
+    return b"".join(parts)
+
+
+def decode_buffers(blob: bytes | None) -> list[bytes] | None:
+    if blob is None:
+        return None
+    view, out, at = memoryview(blob), [], 0
+    while at < len(view):
+        (n,) = _LEN.unpack_from(view, at)
+        at += _LEN.size
+        out.append(bytes(view[at:at + n]))
+        at += n
+    return out
+
+
+def _encode_column(key: str, value: Any) -> Any:
+    return encode_buffers(value) if key in BUFFER_KEYS else encode_value(value)
+
+
+def _decode_column(key: str, stored: Any) -> Any:
+    return decode_buffers(stored) if key in BUFFER_KEYS else decode_value(stored)
+
+
+# ---- the store ------------------------------------------------------------------------
+
+
+class SQLiteStore(BaseStore):
+    """Task records in an SQLite file (``":memory:"`` for a private in-memory database).
+
+    ``table`` names the table, so several stores can share a file. The file is created
+    with mode 0600: records hold the tasks' arguments and results.
+    """
+
+    def __init__(self, path: str | Path, table: str = "tasks", batch_size: int = 2000) -> None:
+        if not table.isidentifier():
+            raise ValueError(f"table must be a plain identifier, not {table!r}")
+        self.path = str(path)
+        self.table = table
+        self.batch_size = batch_size
+        if self.path != ":memory:" and not Path(self.path).exists():
+            Path(self.path).touch(mode=0o600)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        columns = ", ".join(f"{c}" for c in (*COLUMNS, "extra"))
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (msg_id TEXT PRIMARY KEY, {columns})")
+        names = ", ".join(("msg_id", *COLUMNS, "extra"))
+        marks = ", ".join("?" * (len(COLUMNS) + 2))
+        updates = ", ".join(f"{c}=excluded.{c}" for c in (*COLUMNS, "extra"))
+        self._upsert = (f"INSERT INTO {table} ({names}) VALUES ({marks}) "
+                        f"ON CONFLICT(msg_id) DO UPDATE SET {updates}")
+        #: records changed since the last flush, and records not completed yet
+        self._live: dict[str, Record] = {}
+        self._dirty: dict[str, None] = {}
+        #: new pending records the last flush left for the next one
+        self._held: dict[str, None] = {}
+
+    # ---- writing --------------------------------------------------------------------
+
+    def _row(self, record: Record) -> list:
+        get = record.get
+        row = [record["msg_id"]]
+        append = row.append
+        for key in COLUMNS:  # inlined: this loop is most of what a flush costs
+            value = get(key)
+            if value is None or type(value) in _PLAIN:
+                append(value)
+            else:
+                append(_encode_column(key, value))
+        extra = record.keys() - _KEY_SET
+        append(encode_value({k: record[k] for k in extra}) if extra else None)
+        return row
+
+    def flush(self, everything: bool = False) -> int:
+        """Write changed records in one transaction; how many were written.
+
+        A record still pending that was added since the last flush waits for the next
+        one (unless ``everything``): most tasks finish by then and are written once,
+        not twice. Every pending task is on disk within two flushes.
+        """
+        if not self._dirty:
+            return 0
+        live = self._live
+        held: dict[str, None] = {}
+        rows = []
+        for msg_id in self._dirty:
+            record = live[msg_id]
+            if not everything and record.get("completed") is None and msg_id not in self._held:
+                held[msg_id] = None
+            else:
+                rows.append(self._row(record))
+        if rows:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(self._upsert, rows)
+        for msg_id in self._dirty:
+            if msg_id not in held and live[msg_id].get("completed") is not None:
+                del live[msg_id]  # on disk now; pending records stay for their updates
+        self._dirty, self._held = dict(held), held
+        return len(rows)
+
+    def _touched(self, msg_id: str) -> None:
+        self._dirty[msg_id] = None
+        if len(self._dirty) >= self.batch_size:
+            self.flush()
+
+    def add_record(self, msg_id: str, rec: Record) -> None:
+        if rec.get("msg_id", msg_id) != msg_id:
+            raise ValueError(f"record's msg_id {rec['msg_id']!r} is not {msg_id!r}")
+        if msg_id in self:
+            raise KeyError(f"a record with msg_id {msg_id!r} is already stored")
+        record = dict(rec)
+        record["msg_id"] = msg_id
+        self._live[msg_id] = record
+        self._touched(msg_id)
+
+    def update_record(self, msg_id: str, rec: Record) -> None:
+        if rec.get("msg_id", msg_id) != msg_id:
+            raise ValueError(f"cannot change msg_id {msg_id!r} to {rec['msg_id']!r}")
+        record = self._live.get(msg_id)
+        if record is None:
+            record = self._live[msg_id] = self._load(msg_id)
+        record.update(rec)
+        self._touched(msg_id)
+
+    def drop_record(self, msg_id: str) -> None:
+        in_memory = self._live.pop(msg_id, None) is not None
+        self._dirty.pop(msg_id, None)
+        self._held.pop(msg_id, None)
+        deleted = self._db.execute(f"DELETE FROM {self.table} WHERE msg_id=?", (msg_id,)).rowcount
+        if not (in_memory or deleted):
+            raise RecordNotFound(f"no record with msg_id {msg_id!r}")
+
+    def drop_matching_records(self, query: dict) -> int:
+        doomed = [rec["msg_id"] for rec in self.find_records(query, keys=["msg_id"])]
+        for msg_id in doomed:
+            self._live.pop(msg_id, None)  # flushed by find_records: none is dirty
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(f"DELETE FROM {self.table} WHERE msg_id=?", [(m,) for m in doomed])
+        return len(doomed)
+
+    # ---- reading --------------------------------------------------------------------
+
+    def _load(self, msg_id: str) -> Record:
+        names = ", ".join((*COLUMNS, "extra"))
+        row = self._db.execute(f"SELECT {names} FROM {self.table} WHERE msg_id=?", (msg_id,)).fetchone()
+        if row is None:
+            raise RecordNotFound(f"no record with msg_id {msg_id!r}")
+        record = {"msg_id": msg_id, **{k: _decode_column(k, v) for k, v in zip(COLUMNS, row)}}
+        if row[-1] is not None:
+            record.update(decode_value(row[-1]))
+        return record
+
+    def get_record(self, msg_id: str) -> Record:
+        record = self._live.get(msg_id)
+        if record is not None:
+            return _decoded_copy(record)
+        return self._load(msg_id)
+
+    def _rows(self, keys: Iterable[str]) -> Iterable[Record]:
+        """Every stored record, oldest first, holding ``msg_id`` and ``keys`` only."""
+        self.flush(everything=True)
+        keys = list(dict.fromkeys(k for k in keys if k != "msg_id"))
+        columns = [k for k in keys if k in COLUMNS]
+        need_extra = any(k not in COLUMNS for k in keys)
+        names = ", ".join(("msg_id", *columns, *(["extra"] if need_extra else [])))
+        for row in self._db.execute(f"SELECT {names} FROM {self.table} ORDER BY rowid"):
+            record = {"msg_id": row[0], **{k: _decode_column(k, v) for k, v in zip(columns, row[1:])}}
+            if need_extra and row[-1] is not None:
+                extra = decode_value(row[-1])
+                record.update({k: extra[k] for k in keys if k in extra})
+            yield record
+
+    def find_records(self, query: dict, keys: Iterable[str] | None = None) -> list[Record]:
+        matcher = compile_query(query)
+        matched = [rec["msg_id"] for rec in self._rows(query) if matcher(rec)]
+        wanted = list(keys) if keys else None
+        if wanted == ["msg_id"]:
+            return [{"msg_id": m} for m in matched]
+        out = []
+        for msg_id in matched:
+            record = self._load(msg_id)
+            out.append(project(record, wanted))
+        return out
+
+    def get_history(self) -> list[str]:
+        dated = [(rec["submitted"], rec["msg_id"]) for rec in self._rows(["submitted"])
+                 if rec["submitted"] is not None]
+        return history_order(dated)
+
+    def __len__(self) -> int:
+        self.flush(everything=True)
+        return self._db.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]
+
+    def __contains__(self, msg_id: object) -> bool:
+        if msg_id in self._live:
+            return True
+        row = self._db.execute(f"SELECT 1 FROM {self.table} WHERE msg_id=?", (msg_id,)).fetchone()
+        return row is not None
+
+    def close(self) -> None:
+        try:
+            self.flush(everything=True)
+        finally:
+            self._db.close()
+
+
+def _decoded_copy(record: Record) -> Record:
+    """A record from memory as it would read back from disk (buffers as bytes)."""
+    out = {}
+    for key, value in record.items():
+        if key in BUFFER_KEYS:
+            out[key] = decode_buffers(encode_buffers(value))
+        elif _is_buffer(value):
+            out[key] = bytes(memoryview(value.buffer if hasattr(value, "buffer") else value))
+        else:
+            out[key] = decode_value(encode_value(value))
+    return out
