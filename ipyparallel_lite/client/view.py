@@ -63,11 +63,12 @@ class View:
 
     def set_flags(self, **kwargs: Any) -> None:
         """Set flags (``block``, ``track``, ``targets``, ``label``...) for later calls."""
-        for name, value in kwargs.items():
+        for name, value in kwargs.items():  # all checked before any is set
             if name not in self._flag_names:
                 raise InvalidFlag(f"Invalid flag {name!r} for a {type(self).__name__}; its flags "
                                   f"are {', '.join(self._flag_names)}")
             self._check_flag(name, value)
+        for name, value in kwargs.items():
             setattr(self, name, value)
 
     def _check_flag(self, name: str, value: Any) -> None:
@@ -92,8 +93,8 @@ class View:
     @contextlib.contextmanager
     def temp_flags(self, **kwargs: Any) -> Iterator[None]:
         """Flags that hold only inside a ``with`` block."""
-        saved = {name: getattr(self, name) for name in kwargs}
-        self.set_flags(**kwargs)
+        saved = {name: getattr(self, name) for name in kwargs if name in self._flag_names}
+        self.set_flags(**kwargs)  # an unknown flag raises here, before anything changed
         try:
             yield
         finally:
