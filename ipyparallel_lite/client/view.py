@@ -779,7 +779,7 @@ class ViewExecutor(concurrent.futures.Executor):
         if isinstance(view, LoadBalancedView):
             return view._imap(fn, iterables, True, "auto", False, track=self._track,
                               deadline=deadline)
-        ar = view.map_async(fn, *[it if hasattr(it, "__len__") else list(it) for it in iterables])
+        ar = view.map_async(fn, *iterables)
         self._track(ar)
         return _results_by(ar, deadline)
 
