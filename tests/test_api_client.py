@@ -68,6 +68,7 @@ def test_results_by_index_and_metadata_by_name(rc):
     for submitted, started, completed, received in zip(ar.submitted, ar.started, ar.completed, ar.received):
         assert submitted <= received and started <= completed
     assert ar.metadata[0]["engine_id"] == rc.ids[0]
+    assert len(set(ar.engine_uuid)) == 2 and all(isinstance(u, str) for u in ar.engine_uuid)
     assert ar.stdout == ["", ""] and ar.outputs == [[], []] and ar.error == [None, None]
     single = rc[rc.ids[0]].apply_async(engine_id)
     assert single.get(30) == rc.ids[0]
@@ -296,7 +297,7 @@ def test_map_iteration_ordered_and_unordered(lview):
 
 def test_execute_returns_finished_asyncresult(rc, dv):
     ar = dv.execute("x_api = 20\nprint('hi')\nx_api + 1", silent=False, block=True)
-    assert isinstance(ar, ipp.AsyncResult) and ar.done()
+    assert isinstance(ar, ipp.AsyncResult) and ar.done() and ar.wait_for_output(0)
     assert ar.stdout == ["hi\n", "hi\n"]
     assert [r["data"]["text/plain"] for r in ar.execute_result] == ["21", "21"]
     assert [[o["header"]["msg_type"] for o in outs] for outs in ar.outputs] == [["execute_result"]] * 2

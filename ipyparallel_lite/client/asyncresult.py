@@ -458,13 +458,16 @@ class AsyncResult(Future):
         return [self.metadata_by_id[m] for m in self.msg_ids]
 
     def _stamped_metadata(self) -> list[Metadata]:
-        """The metadata, with ``submitted`` filled in on first look (not on the submit path)."""
+        """The metadata, with ``submitted`` and ``engine_uuid`` (the reply's ``engine``)
+        filled in when looked at, not on the submit and receive paths."""
         mds = self._metadata_list()
-        if mds and mds[0]["submitted"] is None:
-            submitted = datetime.fromtimestamp(self._submitted).astimezone()
-            for md in mds:
-                if md["submitted"] is None:
-                    md["submitted"] = submitted
+        submitted = None
+        for md in mds:
+            if md["submitted"] is None:
+                submitted = submitted or datetime.fromtimestamp(self._submitted).astimezone()
+                md["submitted"] = submitted
+            if md["engine_uuid"] is None and md.get("engine") is not None:
+                md["engine_uuid"] = md["engine"]
         return mds
 
     @property

@@ -542,17 +542,16 @@ class Client:
         """:meth:`wait`, showing how many of the requests are done to a person; returns
         at ``timeout`` seconds even if not done."""
         results = self._results_of(jobs)
-        total = sum(len(ar.msg_ids) for ar in results)
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
-        with Progress(total=total, label="tasks", unit="tasks") as bar:
+        with Progress(total=sum(len(ar) for ar in results), label="tasks", unit="tasks") as bar:
             while True:
                 step = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
                 if self.wait(results, step):
                     break
-                bar.update(sum(len(ar._arrivals) for ar in results))
+                bar.update(sum(ar.progress for ar in results))
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-            bar.update(sum(len(ar._arrivals) for ar in results), force=True)
+            bar.update(sum(ar.progress for ar in results), force=True)
 
     @property
     def outstanding(self) -> set[str]:
@@ -579,6 +578,11 @@ class Client:
     def stop_spin_thread(self) -> None:
         """Kept for IPython parallel code (see :meth:`spin_thread`)."""
 
+    #: how long a blocking control request (clear, abort, signal) waits for the engines:
+    #: they answer on their control thread even while a task runs, so only an engine
+    #: that is gone (or stuck in C code holding the GIL) takes longer
+    CONTROL_TIMEOUT = 30.0
+
     def _control(self, msg_type: str, content: dict, targets: list[int], block: bool | None,
                  to_controller: bool = False) -> AsyncResult | None:
         """``msg_type`` to each engine of ``targets`` (and the controller): waits for the
@@ -589,10 +593,15 @@ class Client:
             messages.append(self._build(msg_type, content))
         ar = AsyncResult(self, [m for m, _ in messages], msg_type.replace("_request", ""), targets)
         self._submit("control", messages, ar, control=True)
-        if self.block if block is None else block:
-            ar.get()
-            return None
-        return ar
+        if not (self.block if block is None else block):
+            return ar
+        if not ar.wait(self.CONTROL_TIMEOUT):
+            silent = [eid for eid, (msg_id, _) in zip(targets, messages) if msg_id not in ar._replies]
+            raise error.TimeoutError(
+                f"engines {silent} did not answer {msg_type} within {self.CONTROL_TIMEOUT:g}s; "
+                "they may be gone (rc.ids lists those registered) or stuck in C code")
+        ar.get()
+        return None
 
     def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> AsyncResult | None:
         """Drop queued requests and interrupt running ones (``jobs``: AsyncResults or
@@ -646,9 +655,14 @@ class Client:
                        ident=[self._engine_uuid(eid).encode()])
         if hub:
             self._query("shutdown_request", {})
-        if self.block if block is None else block:
+        if (self.block if block is None else block) and ids:
             with self._engines_changed:
-                self._engines_changed.wait_for(lambda: not set(ids) & set(self._engines), 30)
+                gone = self._engines_changed.wait_for(lambda: not set(ids) & set(self._engines),
+                                                      self.CONTROL_TIMEOUT)
+            if not gone:
+                raise error.TimeoutError(
+                    f"engines {sorted(set(ids) & set(self._engines))} still registered "
+                    f"{self.CONTROL_TIMEOUT:g}s after shutdown_request")
 
     def close(self, linger: int | None = None) -> None:
         """Close the sockets and stop the I/O thread."""
