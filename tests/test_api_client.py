@@ -495,7 +495,7 @@ def test_client_control_on_own_cluster(own_cluster):
         with pytest.raises(ValueError, match="restart"):
             client.shutdown(restart=True)
         gone = client.ids[1]
-        client.shutdown(targets=gone, block=True)
+        client[gone].shutdown(block=True)  # the view's engines, through client.shutdown
         assert client.ids == [client.ids[0]] and gone not in client.ids
         client.close()
         with pytest.raises(RuntimeError, match="closed"):
