@@ -276,6 +276,15 @@ def test_display_outputs(rc, capsys):
     ar.display_outputs(groupby="engine")
     by_engine = capsys.readouterr().out
     assert by_engine.index("[stdout:0]") < by_engine.index("[stdout:1]")
+    with_result = rc[:].execute("print('side')\n6 * 7", silent=False, block=True)
+    with_result.display_outputs()
+    everything = capsys.readouterr().out
+    assert "[stdout:0] side" in everything and "Out[0:" in everything and "]: 42" in everything
+    with_result.display_outputs(result_only=True)
+    results = capsys.readouterr().out
+    assert "side" not in results and results.count("]: 42") == 2
+    with pytest.raises(ValueError, match="groupby must be"):
+        with_result.display_outputs(groupby="size")
 
 
 def test_map_iteration_ordered_and_unordered(lview):

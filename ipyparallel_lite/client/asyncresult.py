@@ -475,17 +475,17 @@ class AsyncResult(Future):
         mds = self._stamped_metadata()
         return mds[0] if self._single else mds
 
-    def display_outputs(self, groupby: str = "type") -> None:
+    def display_outputs(self, groupby: str = "type", result_only: bool = False) -> None:
         """Print each engine's stdout/stderr and show its rich outputs and results, as
         ``%px`` does (``[stdout:0]``, ``[output:0]``, ``Out[0:3]``); TimeoutError until done.
 
-        ``groupby``: ``"type"``, ``"engine"`` or ``"order"``.
+        ``groupby``: ``"type"``, ``"engine"`` or ``"order"``. ``result_only``: only the
+        results, for output that was already shown as it arrived.
         """
         from ipyparallel_lite.client.display import display_outputs
 
-        if not self.done():
-            raise error.TimeoutError(f"Result not ready ({self.progress}/{len(self)} done).")
-        display_outputs(self, groupby=groupby)
+        self._ready_or_raise()
+        display_outputs(self, groupby=groupby, result_only=result_only)
 
     # ---- timing and progress ----------------------------------------------------
 
