@@ -336,8 +336,11 @@ def test_label_flag_is_sent_with_requests(rc, dv, lview):
     lview.set_flags(label="task-label")
     assert lview.apply_sync(request_label) == "task-label"
     assert lview.map_sync(lambda _: request_label(), range(2)) == ["task-label"] * 2
+    assert lview.map_sync(lambda _: request_label(), range(2), label="per-call") == ["per-call"] * 2
     with pytest.raises(ValueError, match="label must be a str"):
         lview.set_flags(label=5)
+    with pytest.raises(TypeError, match="'lable'.*label"):
+        lview.map_sync(abs, range(2), lable="typo")
 
 
 def test_unknown_flags_are_one_readable_error(dv, lview):

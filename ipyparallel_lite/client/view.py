@@ -539,9 +539,18 @@ class LoadBalancedView(View):
         if name == "chunksize" and (not isinstance(value, int) or value < 1):
             raise ValueError(f"chunksize must be a positive int, not {value!r}")
 
+    #: the flags every task carries in its metadata, which a call (``map``) may override
+    _task_flags = ("after", "follow", "timeout", "retries", "targets", "label")
+
     def _metadata(self, **overrides: Any) -> dict:
-        flags = {name: getattr(self, name) for name in ("after", "follow", "timeout", "retries", "targets")}
-        flags.update({k: v for k, v in overrides.items() if k in flags})
+        flags = {name: getattr(self, name) for name in self._task_flags}
+        if overrides:
+            unknown = sorted(set(overrides) - set(flags))
+            if unknown:
+                raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                                f"per call a load-balanced view also takes {', '.join(self._task_flags)}")
+            self._check_flag("label", overrides.get("label"))
+            flags.update(overrides)
         for name in ("timeout", "retries"):
             self._check_flag(name, flags[name] if name != "retries" else (flags[name] or 0))
         targets = flags["targets"]
@@ -554,8 +563,8 @@ class LoadBalancedView(View):
             "retries": flags["retries"] or 0,
             "targets": targets,
         }
-        if self.label is not None:
-            metadata["label"] = self.label
+        if flags["label"] is not None:
+            metadata["label"] = flags["label"]
         return metadata
 
     def _submit_task(self, frame: bytes, args: Sequence, kwargs: dict | None, metadata: dict,
