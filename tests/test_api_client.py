@@ -514,3 +514,17 @@ def test_client_control_on_own_cluster(own_cluster):
             client[:].apply_async(nap, 0)
     finally:
         client.close()
+
+
+def test_client_abort_drops_queued_load_balanced_tasks(rc):
+    view = rc.load_balanced_view()
+    running = [view.apply_async(nap, 3) for _ in rc.ids]
+    queued = [view.apply_async(nap, 0.1) for _ in range(3)]
+    t0 = time.monotonic()
+    assert rc.abort(queued, block=True) is None
+    for ar in queued:
+        with pytest.raises(error.TaskAborted):
+            ar.get(30)
+    assert time.monotonic() - t0 < 2.5  # dropped from the queue, not run after the long ones
+    rc.abort(running, block=True)
+    assert rc.wait(running, 30)
