@@ -287,6 +287,20 @@ def test_display_outputs(rc, capsys):
         with_result.display_outputs(groupby="size")
 
 
+def test_stream_output(rc, capsys):
+    ar = rc[:].execute("import time\nfor i in range(3):\n    print('tick', i, flush=True)\n"
+                       "    time.sleep(0.4)", silent=False, block=False)
+    with ar.stream_output():
+        shown = ""
+        deadline = time.monotonic() + 20
+        while "[stdout:0] tick 0" not in shown and time.monotonic() < deadline:
+            time.sleep(0.02)
+            shown += capsys.readouterr().out
+        assert "[stdout:0] tick 0" in shown and not ar.done()  # shown as it arrived
+        ar.wait(30)
+    assert "tick 2" in shown + capsys.readouterr().out
+
+
 def test_map_iteration_ordered_and_unordered(lview):
     ordered = lview.map_async(nap, [1.0, 0.0, 0.0])
     assert list(ordered) == [1.0, 0.0, 0.0]

@@ -15,6 +15,8 @@ say when the messages left (for ``track=True`` sends: when zmq released their bu
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -486,6 +488,34 @@ class AsyncResult(Future):
 
         self._ready_or_raise()
         display_outputs(self, groupby=groupby, result_only=result_only)
+
+    @contextlib.contextmanager
+    def stream_output(self) -> Iterator[None]:
+        """Inside the block, show what the engines print and display as it arrives
+        (``[stdout:0] ...``): ``with ar.stream_output(): ar.wait()``.
+
+        The client's I/O thread only queues the messages; a helper thread shows them,
+        and has shown all that arrived by the end of the block.
+        """
+        from ipyparallel_lite.client.display import OutputRenderer
+
+        renderer = OutputRenderer(self, streaming=True)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        done = object()
+
+        def show() -> None:
+            while (event := events.get()) is not done:
+                renderer.on_event(*event)
+
+        shower = threading.Thread(target=show, name="ipp-lite-stream-output", daemon=True)
+        shower.start()
+        self._output_listener = lambda msg_id, msg: events.put((msg_id, msg))
+        try:
+            yield
+        finally:
+            self._output_listener = None
+            events.put(done)
+            shower.join()
 
     # ---- timing and progress ----------------------------------------------------
 
