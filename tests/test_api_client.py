@@ -392,6 +392,21 @@ def test_history_outstanding_results(rc):
     failed.wait(30)
     assert isinstance(rc.results[failed.msg_ids[0]], error.RemoteError)
 
+    running = view.apply_async(nap, 2)
+    with pytest.raises(RuntimeError, match="outstanding"):
+        rc.purge_local_results(running)
+    with pytest.raises(ValueError, match="jobs .* or targets"):
+        rc.purge_local_results()
+    rc.purge_local_results(ar)
+    assert msg_id not in rc.results and msg_id not in rc.metadata
+    assert ar.get() == 1.0  # the AsyncResult keeps its value
+    running.get(30)
+    rc.purge_local_results(targets=running.engine_id)
+    assert running.msg_ids[0] not in rc.metadata
+    assert rc.wait(timeout=30)  # "all" refuses while anything is outstanding
+    rc.purge_local_results("all")
+    assert len(rc.results) == 0
+
 
 def test_map_over_generators_and_unequal_lengths(dv, lview):
     def add(x, y):

@@ -569,6 +569,27 @@ class Client:
         """``{msg_id: Metadata}`` of the requests whose AsyncResult is still alive."""
         return ResultsByMsgId(self._outputs, metadata=True)
 
+    def purge_local_results(self, jobs: Any = (), targets: Any = ()) -> None:
+        """Forget finished requests in :attr:`results` and :attr:`metadata` (their
+        AsyncResults keep their values): ``jobs`` (AsyncResults or msg_ids, or ``"all"``)
+        and/or every request that ran on ``targets``. Outstanding requests cannot be
+        purged (RuntimeError)."""
+        if not jobs and (targets is None or (not isinstance(targets, int) and not targets)):
+            raise ValueError("purge_local_results needs jobs (AsyncResults, msg_ids or 'all') or targets")
+        if isinstance(jobs, str) and jobs == "all":
+            msg_ids = set(self._outputs.keys())
+        else:
+            msg_ids = set(_ids_of([jobs] if isinstance(jobs, AsyncResult | str) else jobs))
+        if targets is not None and (isinstance(targets, int) or targets):
+            engines = set(self._build_targets(targets))
+            msg_ids.update(m for m, md in self.metadata.items() if md["engine_id"] in engines)
+        running = msg_ids & set(self._pending)
+        if running:
+            raise RuntimeError(f"cannot purge outstanding requests {sorted(running)}; wait for them "
+                               "or abort them first")
+        for msg_id in msg_ids:
+            self._outputs.pop(msg_id, None)
+
     def spin(self) -> None:
         """Kept for IPython parallel code: this client's I/O thread receives all the time."""
 
