@@ -414,7 +414,7 @@ def test_broadcast_matches_direct_view(rc):
     assert bview.pull("shared", block=True) == dview.pull("shared", block=True) == [7, 7]
     assert bview.pull(["shared", "other"], block=True) == [[7, [1]], [7, [1]]]
     ar = bview.execute("print(shared * 6)")
-    assert ar.get(timeout=10) == dview.execute("pass", block=True) == [None, None]
+    assert ar.get(timeout=10) == dview.execute("pass", block=True).get() == [None, None]
     assert ar.stdout == ["42\n", "42\n"]
     # one message, one derived reply id per engine
     base = ar.msg_ids[0].rsplit("_", 1)[0]

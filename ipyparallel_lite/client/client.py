@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import zmq
@@ -74,6 +74,7 @@ class Client:
         self._engine_infos: dict[int, dict] = {}
         self._engines_changed = threading.Condition()
         self._pending: dict[str, AsyncResult] = {}
+        self._control_pending: dict[str, AsyncResult] = {}
         self._outputs: weakref.WeakValueDictionary[str, AsyncResult] = weakref.WeakValueDictionary()
         self._query_replies: dict[str, Any] = {}
         self._query_cond = threading.Condition()
@@ -81,7 +82,12 @@ class Client:
         self._wake_lock = threading.Lock()
         self._wake_pending = False
         self._stalled_on: zmq.Socket | None = None
+        self._queued = 0  # messages put in the outbox so far (under _wake_lock)
+        self._sent = 0  # messages the I/O thread handed to zmq so far
+        #: msg_ids of every request submitted, oldest first
         self.history: list[str] = []
+        #: default ``block`` of the control methods (``clear``, ``abort``, ``shutdown``...)
+        self.block = False
         self._output_deadlines: collections.deque = collections.deque()
         self._skew_warned: set[int] = set()
         self._connect(info, timeout)
@@ -227,7 +233,8 @@ class Client:
     def _fail_pending(self, reason: str) -> None:
         """Answer every waiting request with an EngineError, so nobody waits forever."""
         pending, self._pending = self._pending, {}
-        self._fail_requests(pending, reason)
+        control, self._control_pending = self._control_pending, {}
+        self._fail_requests({**pending, **control}, reason)
 
     def _fail_pending_ids(self, msg_ids: list[str], reason: str) -> None:
         """Answer the waiting requests ``msg_ids`` with an EngineError."""
@@ -267,27 +274,27 @@ class Client:
         thread from reading replies, and the controller may be waiting for us to read."""
         outbox, sockets = self._outbox, self._sockets
         while outbox:
-            channel, frames = outbox[0]
-            sock = sockets[channel]
+            entry = outbox[0]
+            sock = sockets[entry[0]]
             try:
-                sock.send_multipart(frames, NOBLOCK, copy=False)
+                if len(entry) == 2:
+                    sock.send_multipart(entry[1], NOBLOCK, copy=False)
+                else:  # (channel, frames, AsyncResult): a track=True send
+                    entry[2]._tracked(sock.send_multipart(entry[1], NOBLOCK, copy=False, track=True))
             except zmq.Again:
                 # the controller is not reading: wake when this socket can take more
                 self._stalled_on = sock
                 self._poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
                 return
             outbox.popleft()
+            self._sent += 1
         if self._stalled_on is not None:
             self._poller.modify(self._stalled_on, zmq.POLLIN)
             self._stalled_on = None
 
-    def _wake(self) -> None:
-        """Have the I/O thread look at the outbox (one wake-up for any number of messages)."""
-        with self._wake_lock:
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-            self._wake_push.send(b"")
+    def _sent_through(self, seq: int) -> bool:
+        """Whether the first ``seq`` messages queued have been handed to zmq."""
+        return self._sent >= seq
 
     def _deserialize(self, frames: list) -> dict:
         _, msg_frames = self.session.feed_identities(frames, copy=False)
@@ -297,6 +304,8 @@ class Client:
         msg = self._deserialize(frames)
         msg_id = msg["parent_header"].get("msg_id")
         ar = self._pending.pop(msg_id, None)
+        if ar is None:
+            ar = self._control_pending.pop(msg_id, None)
         if ar is not None:
             ar._receive(msg_id, msg)
 
@@ -350,21 +359,42 @@ class Client:
         return msg["header"]["msg_id"], frames
 
     def _submit(self, channel: str, messages: list[tuple[str, list]], result: AsyncResult | None,
-                *, reply_ids: list[str] | None = None) -> None:
+                *, reply_ids: list[str] | None = None, history: list[str] | None = None,
+                track: bool = False, control: bool = False) -> None:
         """Queue built messages; ``result`` is registered first so no reply is missed.
 
         ``reply_ids``: the parent msg_ids the replies will carry, when they are not the
         messages' own (a broadcast's one message gets one reply per engine).
+        ``history``: a view's history, which records the ids too (``self.history`` always
+        does). ``track``: have zmq track the sends, for ``result.sent`` (needs ``result``).
+        ``control``: requests to stop or clear engines, kept out of ``outstanding``,
+        ``history`` and ``wait()``.
         """
-        if result is not None:
+        if control:
+            for msg_id, _ in messages:
+                self._control_pending[msg_id] = result
+        elif result is not None:
             ids = [msg_id for msg_id, _ in messages] if reply_ids is None else reply_ids
             for msg_id in ids:
                 self._pending[msg_id] = result
                 self._outputs[msg_id] = result
             self.history.extend(ids)
-        for _, frames in messages:
-            self._outbox.append((channel, frames))
-        self._wake()
+            if history is not None:
+                history.extend(ids)
+        outbox = self._outbox
+        with self._wake_lock:  # one lock for queueing, counting and waking: sends stay in order
+            if track:
+                for _, frames in messages:
+                    outbox.append((channel, frames, result))
+            else:
+                for _, frames in messages:
+                    outbox.append((channel, frames))
+            self._queued += len(messages)
+            if result is not None:
+                result._send_seq = self._queued
+            if not self._wake_pending:  # one wake-up of the I/O thread for any number of messages
+                self._wake_pending = True
+                self._wake_push.send(b"")
 
     def _send(self, channel: str, msg_type: str, content: dict | None = None, **kwargs: Any) -> str:
         """Build and queue one message whose reply nobody waits for; its msg_id."""
@@ -540,36 +570,118 @@ class Client:
             self._results_of(jobs), None if timeout is None or timeout < 0 else timeout)
         return not not_done
 
+    def wait_interactive(self, jobs: Any = None, interval: float = 1.0, timeout: float = -1) -> None:
+        """:meth:`wait`, showing how many of the requests are done to a person; returns
+        at ``timeout`` seconds even if not done."""
+        results = self._results_of(jobs)
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        with Progress(total=sum(len(ar) for ar in results), label="tasks", unit="tasks") as bar:
+            while True:
+                step = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
+                if self.wait(results, step):
+                    break
+                bar.update(sum(ar.progress for ar in results))
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+            bar.update(sum(ar.progress for ar in results), force=True)
+
     @property
     def outstanding(self) -> set[str]:
+        """msg_ids of the requests submitted and not answered yet."""
         return set(self._pending)
 
-    def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> None:
-        """Drop queued requests and interrupt running ones (``jobs`` default: all outstanding)."""
+    @property
+    def results(self) -> ResultsByMsgId:
+        """``{msg_id: result}`` of the answered requests whose AsyncResult is still alive
+        (a failed request's value is its error)."""
+        return ResultsByMsgId(self._outputs, metadata=False)
+
+    @property
+    def metadata(self) -> ResultsByMsgId:
+        """``{msg_id: Metadata}`` of the requests whose AsyncResult is still alive."""
+        return ResultsByMsgId(self._outputs, metadata=True)
+
+    def purge_local_results(self, jobs: Any = (), targets: Any = ()) -> None:
+        """Forget finished requests in :attr:`results` and :attr:`metadata` (their
+        AsyncResults keep their values): ``jobs`` (AsyncResults or msg_ids, or ``"all"``)
+        and/or every request that ran on ``targets``. Outstanding requests cannot be
+        purged (RuntimeError)."""
+        if not jobs and (targets is None or (not isinstance(targets, int) and not targets)):
+            raise ValueError("purge_local_results needs jobs (AsyncResults, msg_ids or 'all') or targets")
+        if isinstance(jobs, str) and jobs == "all":
+            msg_ids = set(self._outputs.keys())
+        else:
+            msg_ids = set(_ids_of([jobs] if isinstance(jobs, AsyncResult | str) else jobs))
+        if targets is not None and (isinstance(targets, int) or targets):
+            engines = set(self._build_targets(targets))
+            msg_ids.update(m for m, md in self.metadata.items() if md["engine_id"] in engines)
+        running = msg_ids & set(self._pending)
+        if running:
+            raise RuntimeError(f"cannot purge outstanding requests {sorted(running)}; wait for them "
+                               "or abort them first")
+        for msg_id in msg_ids:
+            self._outputs.pop(msg_id, None)
+
+    def spin(self) -> None:
+        """Kept for IPython parallel code: this client's I/O thread receives all the time."""
+
+    def spin_thread(self, interval: float = 1) -> None:
+        """Kept for IPython parallel code: this client's I/O thread receives all the time."""
+
+    def stop_spin_thread(self) -> None:
+        """Kept for IPython parallel code (see :meth:`spin_thread`)."""
+
+    #: how long a blocking control request (clear, abort, signal) waits for the engines:
+    #: they answer on their control thread even while a task runs, so only an engine
+    #: that is gone (or stuck in C code holding the GIL) takes longer
+    CONTROL_TIMEOUT = 30.0
+
+    def _control(self, msg_type: str, content: dict, targets: list[int], block: bool | None,
+                 to_controller: bool = False) -> AsyncResult | None:
+        """``msg_type`` to each engine of ``targets`` (and the controller): waits for the
+        replies and raises their errors when blocking, else returns their AsyncResult."""
+        messages = [self._build(msg_type, content, ident=[self._engine_uuid(eid).encode()])
+                    for eid in targets]
+        if to_controller:
+            messages.append(self._build(msg_type, content))
+        ar = AsyncResult(self, [m for m, _ in messages], msg_type.replace("_request", ""), targets)
+        self._submit("control", messages, ar, control=True)
+        if not (self.block if block is None else block):
+            return ar
+        if not ar.wait(self.CONTROL_TIMEOUT):
+            silent = [eid for eid, (msg_id, _) in zip(targets, messages) if msg_id not in ar._replies]
+            raise error.TimeoutError(
+                f"engines {silent} did not answer {msg_type} within {self.CONTROL_TIMEOUT:g}s; "
+                "they may be gone (rc.ids lists those registered) or stuck in C code")
+        ar.get()
+        return None
+
+    def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> AsyncResult | None:
+        """Drop queued requests and interrupt running ones (``jobs``: AsyncResults or
+        msg_ids; default all outstanding) on ``targets`` (default all engines) and in the
+        controller's queue. ``block``: wait until the engines confirmed."""
         if jobs is None:
             msg_ids = list(self._pending)
         else:
             msg_ids = _ids_of([jobs] if isinstance(jobs, AsyncResult | str) else jobs)
         if not msg_ids:
-            return
-        content = {"msg_ids": msg_ids}
-        self._send("control", "abort_request", content)  # queued load-balanced tasks
-        for eid in self._build_targets(targets) if targets is not None else self.ids:
-            if eid in self._engines:
-                self._send("control", "abort_request", content, ident=[self._engines[eid].encode()])
+            return None
+        engines = self._build_targets(targets) if targets is not None else self.ids
+        return self._control("abort_request", {"msg_ids": msg_ids}, engines, block, to_controller=True)
 
-    def send_signal(self, sig: int | str, targets: Any = None, block: bool | None = None) -> None:
-        """Send a signal (e.g. ``signal.SIGINT``) to engines' processes."""
+    def send_signal(self, sig: int | str, targets: Any = None, block: bool | None = None) -> AsyncResult | None:
+        """Send a signal (``signal.SIGINT`` or its name) to engines' processes."""
         import signal as _signal
 
-        name = _signal.Signals(sig).name if isinstance(sig, int) else str(sig)
-        for eid in self._build_targets(targets):
-            self._send("control", "signal_request", {"sig": name}, ident=[self._engine_uuid(eid).encode()])
+        try:
+            name = _signal.Signals(sig).name if isinstance(sig, int) else _signal.Signals[str(sig)].name
+        except (KeyError, ValueError):
+            raise ValueError(f"unknown signal {sig!r}: pass a signal.Signals value or name such as 'SIGINT'") from None
+        return self._control("signal_request", {"sig": name}, self._build_targets(targets), block)
 
-    def clear(self, targets: Any = None, block: bool | None = None) -> None:
-        """Clear the namespace of the engines."""
-        for eid in self._build_targets(targets):
-            self._send("control", "clear_request", {}, ident=[self._engine_uuid(eid).encode()])
+    def clear(self, targets: Any = None, block: bool | None = None) -> AsyncResult | None:
+        """Clear the namespace of the engines (default all)."""
+        return self._control("clear_request", {}, self._build_targets(targets), block)
 
     def queue_status(self, targets: Any = None, verbose: bool = False) -> dict:
         ids = self._build_targets(targets) if targets is not None else None
@@ -579,14 +691,31 @@ class Client:
             return status[targets]
         return status
 
-    def shutdown(self, targets: Any = "all", hub: bool = False, block: bool | None = None) -> None:
-        """Stop engines (default all); with ``hub=True`` the controller too."""
+    def shutdown(self, targets: Any = "all", restart: bool = False, hub: bool = False,
+                 block: bool | None = None) -> None:
+        """Stop engines (default all); with ``hub=True`` the controller too.
+
+        ``restart=True`` is refused: an engine cannot bring itself back; restart the
+        engines of a cluster with ``cluster.restart_engines_sync()``. ``block``: wait
+        until the engines are unregistered.
+        """
+        if restart:
+            raise ValueError("shutdown(restart=True) is not supported: engines cannot restart "
+                             "themselves; use cluster.restart_engines_sync() on their Cluster")
         ids = self._build_targets(targets) if self._engines else []
         for eid in ids:
             self._send("control", "shutdown_request", {"restart": False},
                        ident=[self._engine_uuid(eid).encode()])
         if hub:
             self._query("shutdown_request", {})
+        if (self.block if block is None else block) and ids:
+            with self._engines_changed:
+                gone = self._engines_changed.wait_for(lambda: not set(ids) & set(self._engines),
+                                                      self.CONTROL_TIMEOUT)
+            if not gone:
+                raise error.TimeoutError(
+                    f"engines {sorted(set(ids) & set(self._engines))} still registered "
+                    f"{self.CONTROL_TIMEOUT:g}s after shutdown_request")
 
     # ==== Hub queries ================================================================
     # What the Hub's records answer (queue_status, above, asks about queues): status,
@@ -721,6 +850,32 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<Client {self.profile}: {len(self._engines)} engines>"
+
+
+class ResultsByMsgId(Mapping):
+    """``rc.results`` and ``rc.metadata``: read-only, by msg_id, over live AsyncResults.
+
+    IPython parallel keeps every result in a dict until purged; here a result lives
+    as long as its AsyncResult, so memory does not grow with the tasks run.
+    """
+
+    def __init__(self, by_msg_id: weakref.WeakValueDictionary, metadata: bool):
+        self._by_msg_id = by_msg_id
+        self._metadata = metadata
+
+    def __getitem__(self, msg_id: str) -> Any:
+        ar = self._by_msg_id.get(msg_id)
+        if ar is None or not (self._metadata or msg_id in ar._replies):
+            raise KeyError(msg_id)
+        return ar.metadata_by_id[msg_id] if self._metadata else ar._value_of(msg_id)
+
+    def __iter__(self) -> Iterator[str]:
+        for msg_id, ar in list(self._by_msg_id.items()):
+            if self._metadata or msg_id in ar._replies:
+                yield msg_id
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _ids_of(jobs: Iterable) -> list[str]:

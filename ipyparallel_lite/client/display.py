@@ -21,15 +21,17 @@ def _in_notebook() -> bool:
     return getattr(get_ipython(), "kernel", None) is not None
 
 
-def display_outputs(ar: Any, groupby: str = "type") -> None:
+def display_outputs(ar: Any, groupby: str = "type", result_only: bool = False) -> None:
     """Show each engine's stdout and stderr with an ``[stdout:N]`` prefix, then its outputs.
 
     ``groupby``: ``"type"`` (all stdout, then all stderr, then outputs), ``"engine"``
     (everything of one engine together) or ``"order"`` (outputs interleaved by engine).
+    ``result_only``: only the results (``Out[N:count]``), when the rest was streamed.
     """
     if groupby not in ("type", "engine", "order"):
         raise ValueError(f"groupby must be 'type', 'engine' or 'order', not {groupby!r}")
-    OutputRenderer(ar).show_rest(groupby)
+    # a streaming renderer's show_rest shows the results only: the rest was streamed
+    OutputRenderer(ar, streaming=result_only).show_rest(groupby)
 
 
 class OutputRenderer:

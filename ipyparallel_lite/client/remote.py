@@ -37,3 +37,14 @@ def pull(names: Any) -> Any:
 
 def execute_code(code: str) -> None:
     exec(compile(code, "<execute>", "exec"), user_namespace())
+
+
+def require_module(name: str) -> None:
+    """Import ``name`` here, or raise an ImportError saying which engine lacks it."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        raise ImportError(f"{name} is not installed on this engine ({e}); install it where the "
+                          "engines run") from None

@@ -2,9 +2,10 @@
 broadcast channel) and LoadBalancedView (the task farm), plus :class:`ViewExecutor`.
 A request for several engines is one message, which the controller fans out.
 
-A view holds flags (``block``, ``targets`` and, for load balancing, ``after``,
-``follow``, ``timeout``, ``retries``) and turns calls into messages. The function of a
-call is pickled once and its frame reused for every engine or chunk.
+A view holds flags (``block``, ``track``, ``targets``, ``label`` and, for load
+balancing, ``after``, ``follow``, ``timeout``, ``retries``, ``chunksize``, ``ordered``)
+and turns calls into messages. The function of a call is pickled once and its frame
+reused for every engine or chunk. A view remembers the msg_ids it sent (``history``).
 """
 
 from __future__ import annotations
@@ -30,37 +31,70 @@ def _fname(f: Any) -> str:
     return getattr(f, "__name__", None) or type(f).__name__
 
 
+class InvalidFlag(KeyError):
+    """A view flag that does not exist (a KeyError, as in IPython parallel, that prints
+    its message plainly)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class View:
     """What DirectView and LoadBalancedView share: flags, apply variants, waiting."""
 
-    _flag_names: tuple[str, ...] = ("block", "targets")
+    _flag_names: tuple[str, ...] = ("block", "track", "targets", "label")
     _channel = "mux"
 
     def __init__(self, client: Client, targets: Any = None, block: bool = False, **flags: Any):
         self.client = client
         self.targets = targets
         self.block = block
+        #: ``track=True``: zmq tracks each send, so ``ar.sent``/``ar.wait_for_send()`` say
+        #: when the arguments' buffers may be changed
+        self.track = False
+        #: a label sent in each request's metadata (the Hub records it)
+        self.label: str | None = None
+        #: msg_ids of the requests sent through this view, oldest first
+        self.history: list[str] = []
         self.set_flags(**flags)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.targets!r}>"
 
     def set_flags(self, **kwargs: Any) -> None:
-        """Set flags (``block``, ``targets``...) for later calls."""
-        for name, value in kwargs.items():
+        """Set flags (``block``, ``track``, ``targets``, ``label``...) for later calls."""
+        for name, value in kwargs.items():  # all checked before any is set
             if name not in self._flag_names:
-                raise KeyError(f"Invalid flag {name!r}; valid flags are {', '.join(self._flag_names)}")
+                raise InvalidFlag(f"Invalid flag {name!r} for a {type(self).__name__}; its flags "
+                                  f"are {', '.join(self._flag_names)}")
             self._check_flag(name, value)
+        for name, value in kwargs.items():
             setattr(self, name, value)
 
     def _check_flag(self, name: str, value: Any) -> None:
-        pass
+        if name == "label" and value is not None and not isinstance(value, str):
+            raise ValueError(f"label must be a str or None, not {value!r}")
+
+    def _request_metadata(self) -> dict | None:
+        """Metadata every request of this view carries: its label, if any."""
+        return None if self.label is None else {"label": self.label}
+
+    @property
+    def outstanding(self) -> set[str]:
+        """msg_ids sent through this view and not answered yet."""
+        pending = self.client.outstanding
+        return {m for m in self.history if m in pending}
+
+    @property
+    def results(self) -> Any:
+        """The client's ``{msg_id: result}`` (:attr:`Client.results`)."""
+        return self.client.results
 
     @contextlib.contextmanager
     def temp_flags(self, **kwargs: Any) -> Iterator[None]:
         """Flags that hold only inside a ``with`` block."""
-        saved = {name: getattr(self, name) for name in kwargs}
-        self.set_flags(**kwargs)
+        saved = {name: getattr(self, name) for name in kwargs if name in self._flag_names}
+        self.set_flags(**kwargs)  # an unknown flag raises here, before anything changed
         try:
             yield
         finally:
@@ -86,20 +120,21 @@ class View:
     def map(self, f: Callable, *sequences: Sequence, block: bool | None = None, **kwargs: Any) -> Any:
         raise NotImplementedError
 
-    def map_async(self, f: Callable, *sequences: Sequence, **kwargs: Any) -> AsyncMapResult:
+    def map_async(self, f: Callable, *sequences: Iterable, **kwargs: Any) -> AsyncMapResult:
         return self.map(f, *sequences, block=False, **kwargs)
 
-    def map_sync(self, f: Callable, *sequences: Sequence, **kwargs: Any) -> list:
+    def map_sync(self, f: Callable, *sequences: Iterable, **kwargs: Any) -> list:
         return self.map(f, *sequences, block=True, **kwargs)
 
-    def imap(self, f: Callable, *iterables: Iterable, **kwargs: Any) -> Iterator:
-        """Results of ``map_async(f, *iterables)`` one by one, as an iterator.
+    def imap(self, f: Callable, *iterables: Iterable, **kwargs: Any) -> MapIterator:
+        """Results of ``map_async(f, *iterables)`` one by one, as an iterator with
+        ``cancel()``.
 
         Iterables without a length are read into lists first (a direct map splits them
         by length); :meth:`LoadBalancedView.imap` consumes them lazily instead.
         """
-        sequences = [it if hasattr(it, "__len__") else list(it) for it in iterables]
-        return iter(self.map_async(f, *sequences, **kwargs))
+        ar = self.map_async(f, *iterables, **kwargs)
+        return MapIterator(iter(ar), ar.abort)
 
     @property
     def executor(self) -> ViewExecutor:
@@ -114,6 +149,12 @@ class View:
         """Results of earlier tasks from the Hub, as :meth:`Client.get_result` (indices
         count in the client's history); blocks as this view does."""
         return self.client.get_result(indices_or_msg_ids, block=self.block if block is None else block)
+
+    def _submit(self, channel: str, messages: list[tuple[str, list]], ar: AsyncResult,
+                reply_ids: list[str] | None = None, track: bool | None = None) -> None:
+        """Queue ``messages`` for ``ar``, recorded in this view's history, tracked if asked."""
+        self.client._submit(channel, messages, ar, reply_ids=reply_ids, history=self.history,
+                            track=self.track if track is None else track)
 
     # ---- decorators -------------------------------------------------------------------
 
@@ -145,16 +186,37 @@ class View:
     # ---- waiting and control ------------------------------------------------------------
 
     def wait(self, jobs: Any = None, timeout: float = -1) -> bool:
-        return self.client.wait(jobs, timeout)
+        """Wait for ``jobs`` (default: this view's outstanding requests); True if all done."""
+        return self.client.wait(self.outstanding if jobs is None else jobs, timeout)
 
-    def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> None:
-        self.client.abort(jobs, targets=targets, block=block)
+    def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> Any:
+        """Abort ``jobs`` (default: this view's outstanding requests) on ``targets``."""
+        jobs = self.outstanding if jobs is None else jobs
+        if not jobs:
+            return None
+        return self.client.abort(jobs, targets=targets, block=block)
 
     def queue_status(self, targets: Any = None, verbose: bool = False) -> dict:
         return self.client.queue_status(targets if targets is not None else self.targets, verbose)
 
-    def shutdown(self, targets: Any = None, hub: bool = False, block: bool | None = None) -> None:
-        self.client.shutdown(targets if targets is not None else self.targets, hub=hub, block=block)
+    def _engines(self, targets: Any) -> Any:
+        """``targets``, else this view's (a load-balanced view without targets: all)."""
+        if targets is not None:
+            return targets
+        return "all" if self.targets is None else self.targets
+
+    def shutdown(self, targets: Any = None, restart: bool = False, hub: bool = False,
+                 block: bool | None = None) -> None:
+        """Stop this view's engines (or ``targets``); ``hub=True`` also the controller."""
+        self.client.shutdown(self._engines(targets), restart=restart, hub=hub, block=block)
+
+    def clear(self, targets: Any = None, block: bool | None = None) -> Any:
+        """Clear the namespaces of this view's engines (or ``targets``)."""
+        return self.client.clear(self._engines(targets), block=self.block if block is None else block)
+
+    def spin(self) -> None:
+        """Kept for IPython parallel code: the client receives all the time."""
+        self.client.spin()
 
     def __len__(self) -> int:
         return len(self.client._build_targets(self.targets))
@@ -181,84 +243,106 @@ class DirectView(View):
         return self.client._build_targets(targets), single
 
     def _send_to_engines(self, msg_type: str, content: dict, per_engine: list[tuple[int, list | None]],
-                         make_result: Callable[[list[str]], AsyncResult]) -> AsyncResult:
+                         make_result: Callable[[list[str]], AsyncResult],
+                         track: bool | None = None) -> AsyncResult:
         """One direct request per ``(engine_id, buffers)``, gathered in one AsyncResult."""
         client = self.client
+        metadata = self._request_metadata()
         messages = [
-            client._build(msg_type, content, ident=[client._engine_uuid(eid).encode()], buffers=buffers)
+            client._build(msg_type, content, ident=[client._engine_uuid(eid).encode()], buffers=buffers,
+                          metadata=metadata)
             for eid, buffers in per_engine
         ]
         ar = make_result([msg_id for msg_id, _ in messages])
         for md, (eid, _) in zip(ar._metadata_list(), per_engine):
             md["engine_id"] = eid
-        client._submit("mux", messages, ar)
+        self._submit("mux", messages, ar, track=track)
         return ar
 
     def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
-                   fname: str, single: bool, listener: Callable | None = None) -> AsyncResult:
+                   fname: str, single: bool, listener: Callable | None = None,
+                   track: bool | None = None) -> AsyncResult:
         """The same request to every target; ``listener`` hears its output from the first message.
 
         Several distinct engines get one message, which the controller fans out (so
         the request and its buffers are serialized and sent once); a repeated target
         gets one message per mention, as each mention is a request of its own.
         """
+        track = self.track if track is None else track
         if len(targets) > 1 and len(set(targets)) == len(targets):
-            return self._fan_out("mux", msg_type, content, targets, buffers, fname, single, listener)
+            return self._fan_out("mux", msg_type, content, targets, buffers, fname, single, listener,
+                                 track=track)
 
         def make_result(msg_ids: list[str]) -> AsyncResult:
-            ar = AsyncResult(self.client, msg_ids, fname, targets, single=single)
+            ar = AsyncResult(self.client, msg_ids, fname, targets, single=single, track=track)
             ar._output_listener = listener
             return ar
 
-        return self._send_to_engines(msg_type, content, [(t, buffers) for t in targets], make_result)
+        return self._send_to_engines(msg_type, content, [(t, buffers) for t in targets], make_result,
+                                     track=track)
 
     def _fan_out(self, channel: str, msg_type: str, content: dict, targets: list[int],
                  buffers: list | None, fname: str, single: bool, listener: Callable | None,
-                 metadata: dict | None = None) -> AsyncResult:
+                 metadata: dict | None = None, track: bool = False) -> AsyncResult:
         """One message for all ``targets`` (distinct engine ids); the controller sends each
         engine a copy whose msg_id is ``f"{msg_id}_{engine_id}"``, the AsyncResult's ids."""
         client = self.client
         for t in targets:
             client._engine_uuid(t)  # a clear error for an engine that is gone, before sending
-        msg_id, frames = client._build(msg_type, content, buffers=buffers,
-                                       metadata={**(metadata or {}), "targets": targets})
+        msg_id, frames = client._build(msg_type, content, buffers=buffers, metadata={
+            **(metadata or {}), **(self._request_metadata() or {}), "targets": targets})
         reply_ids = [f"{msg_id}_{t}" for t in targets]
-        ar = AsyncResult(client, reply_ids, fname, targets, single=single)
+        ar = AsyncResult(client, reply_ids, fname, targets, single=single, track=track)
         ar._output_listener = listener
         for md, eid in zip(ar._metadata_list(), targets):
             md["engine_id"] = eid
-        client._submit(channel, [(msg_id, frames)], ar, reply_ids=reply_ids)
+        self._submit(channel, [(msg_id, frames)], ar, reply_ids=reply_ids, track=track)
         return ar
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
-                      block: bool | None = None, targets: Any = None, **options: Any) -> Any:
+                      block: bool | None = None, targets: Any = None, track: bool | None = None,
+                      **options: Any) -> Any:
         ids, single = self._resolve_targets(targets)
         buffers = pack_apply_message(f, args, kwargs)
-        ar = self._send_each("apply_request", {}, ids, buffers, _fname(f), single)
+        ar = self._send_each("apply_request", {}, ids, buffers, _fname(f), single, track=track)
         return self._finish(ar, block)
 
-    def map(self, f: Callable, *sequences: Sequence, block: bool | None = None, **kwargs: Any) -> Any:
-        """Split the sequences over the engines (one contiguous chunk each) and map ``f``."""
-        if not sequences:
-            raise ValueError("map needs at least one sequence")
+    def map(self, f: Callable, *sequences: Iterable, block: bool | None = None,
+            return_exceptions: bool = False, track: bool | None = None) -> Any:
+        """Map ``f`` over the sequences, split into one contiguous chunk per engine.
+
+        Iterables without a length (generators) are read into lists first; sequences of
+        unequal length stop at the shortest, as the builtin ``map`` does.
+        """
+        sequences = _as_sequences(sequences)
         ids = self.client._build_targets(self.targets)
-        length = _common_length(sequences)
+        length = min(len(s) for s in sequences)
         frame = serialize_function(MapTask(f))
-        per_engine = []
+        per_engine, sizes = [], []
         for i, eid in enumerate(ids):
             lo, hi = _partition_bounds(length, len(ids), i)
             if hi > lo:
                 chunks = [_slice(seq, lo, hi) for seq in sequences]
                 per_engine.append((eid, pack_apply_message(None, chunks, None, function_frame=frame)))
+                sizes.append(hi - lo)
         ar = self._send_to_engines("apply_request", {}, per_engine, lambda msg_ids: AsyncMapResult(
-            self.client, msg_ids, _fname(f), nitems=length,
-            return_exceptions=kwargs.get("return_exceptions", False),
-        ))
+            self.client, msg_ids, _fname(f), nitems=length, return_exceptions=return_exceptions,
+            chunk_sizes=sizes,
+        ), track=track)
         return self._finish(ar, block)
 
-    def execute(self, code: str, silent: bool = True, targets: Any = None, block: bool | None = None) -> Any:
-        """Run code in the engines' namespaces, as a notebook cell would."""
-        return self._finish(self._execute(code, silent, targets), block)
+    def execute(self, code: str, silent: bool = True, targets: Any = None,
+                block: bool | None = None) -> AsyncResult:
+        """Run code in the engines' namespaces, as a notebook cell would.
+
+        Returns the AsyncResult; with ``block`` (default: the view's) it is finished,
+        its output complete (``ar.stdout``, ``ar.outputs``, ``ar.execute_result``), and
+        an error on any engine is raised.
+        """
+        ar = self._execute(code, silent, targets)
+        if self.block if block is None else block:
+            ar.get()
+        return ar
 
     def _execute(self, code: str, silent: bool, targets: Any,
                  listener: Callable[[str, dict], None] | None = None) -> AsyncResult:
@@ -272,17 +356,17 @@ class DirectView(View):
             md["execute_input"] = code  # engines don't echo it back (docs/wire.md)
         return ar
 
-    def run(self, filename: str, targets: Any = None, block: bool | None = None) -> Any:
+    def run(self, filename: str, targets: Any = None, block: bool | None = None) -> AsyncResult:
         """Execute a local file's code on the engines."""
         with open(filename) as f:
             code = f.read()
         return self.execute(code, targets=targets, block=block)
 
-    def push(self, ns: dict, targets: Any = None, block: bool | None = None, track: bool = False) -> Any:
+    def push(self, ns: dict, targets: Any = None, block: bool | None = None, track: bool | None = None) -> Any:
         """Update the engines' namespaces with the dict ``ns``."""
         if not isinstance(ns, dict):
             raise TypeError(f"push needs a dict of names to values, not {type(ns).__name__}")
-        return self._really_apply(remote.push, (ns,), None, block=block, targets=targets)
+        return self._really_apply(remote.push, (ns,), None, block=block, targets=targets, track=track)
 
     def pull(self, names: str | Sequence[str], targets: Any = None, block: bool | None = None) -> Any:
         """Values of ``names`` (a name or a list of names) on the engines."""
@@ -303,7 +387,7 @@ class DirectView(View):
         return self.push(ns)
 
     def scatter(self, key: str, seq: Sequence, dist: str = "b", flatten: bool = False,
-                targets: Any = None, block: bool | None = None, track: bool = False) -> Any:
+                targets: Any = None, block: bool | None = None, track: bool | None = None) -> Any:
         """Split ``seq`` into one contiguous part per engine, pushed as ``key``."""
         if dist != "b":
             raise ValueError(f"only block distribution ('b') is supported, not {dist!r}")
@@ -316,8 +400,10 @@ class DirectView(View):
             if flatten and len(part) == 1:
                 part = part[0]
             per_engine.append((eid, pack_apply_message(None, ({key: part},), None, function_frame=frame)))
-        ar = self._send_to_engines("apply_request", {}, per_engine,
-                                   lambda msg_ids: AsyncResult(self.client, msg_ids, "scatter", ids))
+        track = self.track if track is None else track
+        ar = self._send_to_engines(
+            "apply_request", {}, per_engine,
+            lambda msg_ids: AsyncResult(self.client, msg_ids, "scatter", ids, track=track), track=track)
         return self._finish(ar, block)
 
     def gather(self, key: str, dist: str = "b", targets: Any = None, block: bool | None = None) -> Any:
@@ -331,6 +417,38 @@ class DirectView(View):
             lambda msg_ids: AsyncMapResult(self.client, msg_ids, "gather", joiner=_join_parts),
         )
         return self._finish(ar, block)
+
+    # ---- serialization: IPython parallel's switches ---------------------------------
+
+    def use_cloudpickle(self) -> Any:
+        """Kept for IPython parallel code: cloudpickle is always used here (functions,
+        lambdas and classes defined interactively travel by value). Checks that the
+        engines have it; an AsyncResult, or None when blocking."""
+        return self._require_module("cloudpickle")
+
+    def use_pickle(self) -> Any:
+        """Kept for IPython parallel code: objects importable on the engines are pickled
+        by reference exactly as ``pickle`` would, and the rest (interactively defined
+        functions) by value, so nothing needs to switch. See docs/compatibility.md."""
+        return self._require_module("pickle")
+
+    def use_dill(self) -> Any:
+        """Kept for IPython parallel code: needs ``dill`` here and on the engines (a
+        clear ImportError names where it is missing); serialization stays cloudpickle,
+        which sends what dill would (interactive functions, closures, lambdas)."""
+        try:
+            import dill  # noqa: F401
+        except ImportError:
+            raise ImportError("use_dill() needs the dill package, which is not installed in this "
+                              "Python: pip install dill (here and on the engines)") from None
+        return self._require_module("dill")
+
+    def _require_module(self, name: str) -> Any:
+        ar = self._really_apply(remote.require_module, (name,), None, block=False)
+        if self.block:
+            ar.get()
+            return None
+        return ar
 
     def activate(self, suffix: str = "") -> None:
         """Bind the magics ``%px{suffix}``, ``%%px{suffix}``, ``%autopx{suffix}``,
@@ -386,7 +504,7 @@ class BroadcastView(DirectView):
     per-engine direct requests. Repeated targets count once.
     """
 
-    _flag_names = ("block", "targets", "is_coalescing")
+    _flag_names = ("block", "track", "targets", "label", "is_coalescing")
 
     def __init__(self, client: Client, targets: Any = "all", block: bool = False,
                  is_coalescing: bool = False, **flags: Any):
@@ -395,7 +513,8 @@ class BroadcastView(DirectView):
         super().__init__(client, targets, block, **flags)
 
     def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
-                   fname: str, single: bool, listener: Callable | None = None) -> AsyncResult:
+                   fname: str, single: bool, listener: Callable | None = None,
+                   track: bool | None = None) -> AsyncResult:
         if "broadcast" not in self.client._sockets:
             raise RuntimeError("this controller has no broadcast channel (an older version?); "
                                "use a DirectView (rc[:]) instead")
@@ -403,14 +522,15 @@ class BroadcastView(DirectView):
         if not targets:  # nothing to fan out to: an empty result, as a DirectView gives
             return AsyncResult(self.client, [], fname, targets, single=single)
         return self._fan_out("broadcast", msg_type, content, targets, buffers, fname, single, listener,
-                             {"is_broadcast": True, "is_coalescing": self.is_coalescing})
+                             {"is_broadcast": True, "is_coalescing": self.is_coalescing},
+                             track=self.track if track is None else track)
 
 
 class LoadBalancedView(View):
     """The task farm: each request runs on whichever engine the scheduler picks."""
 
-    _flag_names = ("block", "targets", "after", "follow", "timeout", "retries", "chunksize", "ordered",
-                   "label")
+    _flag_names = ("block", "track", "targets", "label", "after", "follow", "timeout", "retries",
+                   "chunksize", "ordered")
     _channel = "task"
 
     def __init__(self, client: Client, targets: Any = None, block: bool = False, **flags: Any):
@@ -424,6 +544,7 @@ class LoadBalancedView(View):
         super().__init__(client, targets, block, **flags)
 
     def _check_flag(self, name: str, value: Any) -> None:
+        super()._check_flag(name, value)
         if name == "timeout" and value is not None and (not isinstance(value, int | float) or value < 0):
             raise ValueError(f"timeout must be a non-negative number of seconds or None, not {value!r}")
         if name == "retries" and (not isinstance(value, int) or value < 0):
@@ -431,25 +552,36 @@ class LoadBalancedView(View):
         if name == "chunksize" and (not isinstance(value, int) or value < 1):
             raise ValueError(f"chunksize must be a positive int, not {value!r}")
 
+    #: the flags every task carries in its metadata, which a call (``map``) may override
+    _task_flags = ("after", "follow", "timeout", "retries", "targets", "label")
+
     def _metadata(self, **overrides: Any) -> dict:
-        flags = {name: getattr(self, name) for name in ("after", "follow", "timeout", "retries", "targets")}
-        flags.update({k: v for k, v in overrides.items() if k in flags})
+        flags = {name: getattr(self, name) for name in self._task_flags}
+        if overrides:
+            unknown = sorted(set(overrides) - set(flags))
+            if unknown:
+                raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                                f"per call a load-balanced view also takes {', '.join(self._task_flags)}")
+            self._check_flag("label", overrides.get("label"))
+            flags.update(overrides)
         for name in ("timeout", "retries"):
             self._check_flag(name, flags[name] if name != "retries" else (flags[name] or 0))
         targets = flags["targets"]
         if targets is not None:
             targets = self.client._build_targets(targets)
-        return {
+        metadata = {
             "after": _dependency(flags["after"]),
             "follow": _dependency(flags["follow"]),
             "timeout": flags["timeout"],
             "retries": flags["retries"] or 0,
             "targets": targets,
-            "label": self.label,  # recorded by the Hub: rc.db_query({"label": ...})
         }
+        if flags["label"] is not None:
+            metadata["label"] = flags["label"]
+        return metadata
 
     def _submit_task(self, frame: bytes, args: Sequence, kwargs: dict | None, metadata: dict,
-                     fname: str, return_exceptions: bool = False) -> AsyncResult:
+                     fname: str, return_exceptions: bool = False, track: bool | None = None) -> AsyncResult:
         """Submit one load-balanced ``apply_request`` whose function is the pickled ``frame``.
 
         The one way this view sends a task: :meth:`_really_apply` pickles its function
@@ -458,42 +590,49 @@ class LoadBalancedView(View):
         """
         buffers = pack_apply_message(None, args, kwargs, function_frame=frame)
         message = self.client._build("apply_request", {}, buffers=buffers, metadata=metadata)
+        track = self.track if track is None else track
         ar = AsyncResult(self.client, [message[0]], fname, single=True,
-                         return_exceptions=return_exceptions)
-        self.client._submit("task", [message], ar)
+                         return_exceptions=return_exceptions, track=track)
+        self._submit("task", [message], ar, track=track)
         return ar
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
-                      block: bool | None = None, **options: Any) -> Any:
+                      block: bool | None = None, track: bool | None = None, **options: Any) -> Any:
         metadata = self._metadata(**options)
-        ar = self._submit_task(serialize_function(f), args, kwargs, metadata, _fname(f))
+        ar = self._submit_task(serialize_function(f), args, kwargs, metadata, _fname(f), track=track)
         return self._finish(ar, block)
 
-    def map(self, f: Callable, *sequences: Sequence, block: bool | None = None,
+    def map(self, f: Callable, *sequences: Iterable, block: bool | None = None,
             chunksize: int | None = None, ordered: bool | None = None,
-            return_exceptions: bool = False, **options: Any) -> Any:
-        """Map ``f`` over the sequences in load-balanced chunks of ``chunksize`` items."""
-        if not sequences:
-            raise ValueError("map needs at least one sequence")
+            return_exceptions: bool = False, track: bool | None = None, **options: Any) -> Any:
+        """Map ``f`` over the sequences in load-balanced chunks of ``chunksize`` items.
+
+        Iterables without a length (generators) are read into lists first (for lazy
+        reading use :meth:`imap`); sequences of unequal length stop at the shortest, as
+        the builtin ``map`` does.
+        """
         chunksize = self.chunksize if chunksize is None else chunksize
         self._check_flag("chunksize", chunksize)
         ordered = self.ordered if ordered is None else ordered
         metadata = self._metadata(**options)
-        length = _common_length(sequences)
+        sequences = _as_sequences(sequences)
+        length = min(len(s) for s in sequences)
         frame = serialize_function(MapTask(f))
         client = self.client
-        messages = []
+        messages, sizes = [], []
         for lo in range(0, length, chunksize):
-            chunks = [_slice(seq, lo, min(lo + chunksize, length)) for seq in sequences]
+            hi = min(lo + chunksize, length)
+            chunks = [_slice(seq, lo, hi) for seq in sequences]
             buffers = pack_apply_message(None, chunks, None, function_frame=frame)
             messages.append(client._build("apply_request", {}, buffers=buffers, metadata=metadata))
+            sizes.append(hi - lo)
         ar = AsyncMapResult(client, [m for m, _ in messages], _fname(f), ordered=ordered,
-                            return_exceptions=return_exceptions, nitems=length)
-        client._submit("task", messages, ar)
+                            return_exceptions=return_exceptions, nitems=length, chunk_sizes=sizes)
+        self._submit("task", messages, ar, track=track)
         return self._finish(ar, block)
 
     def imap(self, f: Callable, *iterables: Iterable, ordered: bool = True,
-             max_outstanding: int | str = "auto", return_exceptions: bool = False) -> Iterator:
+             max_outstanding: int | str = "auto", return_exceptions: bool = False) -> MapIterator:
         """Lazily map ``f`` over ``iterables``: one load-balanced task per item.
 
         Unlike :meth:`map`, the iterables are read only as results are consumed: at any
@@ -513,10 +652,11 @@ class LoadBalancedView(View):
 
         The function is pickled once. The view's flags (``after``, ``follow``,
         ``timeout``, ``retries``, ``targets``) apply to every task. Closing the
-        generator (``close()``, or dropping it, e.g. by breaking out of the ``for``
-        loop that holds it) aborts the tasks still outstanding.
+        iterator (``cancel()`` or ``close()``, or dropping it, e.g. by breaking out of
+        the ``for`` loop that holds it) aborts the tasks still outstanding.
         """
-        return self._imap(f, iterables, ordered, max_outstanding, return_exceptions)
+        gen = self._imap(f, iterables, ordered, max_outstanding, return_exceptions)
+        return MapIterator(gen, gen.close)
 
     def _auto_outstanding(self) -> int:
         engines = len(self.client._build_targets(self.targets)) if self.targets is not None \
@@ -661,7 +801,7 @@ class ViewExecutor(concurrent.futures.Executor):
         if isinstance(view, LoadBalancedView):
             return view._imap(fn, iterables, True, "auto", False, track=self._track,
                               deadline=deadline)
-        ar = view.map_async(fn, *[it if hasattr(it, "__len__") else list(it) for it in iterables])
+        ar = view.map_async(fn, *iterables)
         self._track(ar)
         return _results_by(ar, deadline)
 
@@ -705,11 +845,38 @@ def _dependency(dep: Any) -> Any:
     return ids
 
 
-def _common_length(sequences: Sequence[Sequence]) -> int:
-    lengths = {len(s) for s in sequences}
-    if len(lengths) != 1:
-        raise ValueError(f"map needs sequences of equal length, got lengths {sorted(lengths)}")
-    return lengths.pop()
+class MapIterator(Iterator):
+    """The results of ``imap``, one by one; ``cancel()`` stops it and aborts the tasks
+    still outstanding (``close()`` is the same)."""
+
+    def __init__(self, results: Iterator, abort: Callable[[], Any]):
+        self._results = results
+        self._abort = abort
+        self._cancelled = False
+
+    def __next__(self) -> Any:
+        if self._cancelled:
+            raise StopIteration
+        return next(self._results)
+
+    def cancel(self) -> None:
+        """Stop iterating and abort what is still queued or running."""
+        if not self._cancelled:
+            self._cancelled = True
+            self._abort()
+
+    close = cancel
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
+def _as_sequences(iterables: Sequence[Iterable]) -> list:
+    """The map's inputs as sequences: iterables without a length are read into lists."""
+    if not iterables:
+        raise ValueError("map needs at least one sequence")
+    return [it if hasattr(it, "__len__") else list(it) for it in iterables]
 
 
 def _partition_bounds(length: int, parts: int, index: int) -> tuple[int, int]:
