@@ -288,8 +288,9 @@ def test_display_outputs(rc, capsys):
 
 
 def test_stream_output(rc, capsys):
-    ar = rc[:].execute("import time\nfor i in range(3):\n    print('tick', i, flush=True)\n"
-                       "    time.sleep(0.4)", silent=False, block=False)
+    # the first tick waits a moment: stream_output shows what arrives from its start on
+    ar = rc[:].execute("import time\ntime.sleep(0.5)\nfor i in range(3):\n"
+                       "    print('tick', i, flush=True)\n    time.sleep(0.4)", silent=False, block=False)
     with ar.stream_output():
         shown = ""
         deadline = time.monotonic() + 20

@@ -35,9 +35,13 @@ class ParallelFunction(RemoteFunction):
             raise ValueError(f"only block distribution ('b') is supported, not {dist!r}")
         super().__init__(view, f, block=block, **flags)
         self.dist = dist
-        self.map_options: dict[str, Any] = {"ordered": ordered, "return_exceptions": return_exceptions}
+        # chunksize and ordered only mean something to a load-balanced view's map: passed
+        # on only when set, so that a DirectView's map is not handed options it refuses
+        self.map_options: dict[str, Any] = {"return_exceptions": return_exceptions}
         if chunksize is not None:
             self.map_options["chunksize"] = chunksize
+        if not ordered:
+            self.map_options["ordered"] = False
 
     def __call__(self, *sequences: Any, **kwargs: Any) -> Any:
         return self.map(*sequences, **kwargs)
