@@ -135,7 +135,7 @@ class AsyncHubResult(AsyncResult):
             stop.wait(interval)
             interval = min(interval * 2, self.POLL_MAX)
 
-    def _collect(self) -> Any:
+    def _collect(self, return_exceptions: bool) -> Any:
         if self._poll_error is not None:
             raise self._poll_error
-        return super()._collect()
+        return super()._collect(return_exceptions)
