@@ -75,10 +75,28 @@ class ParallelApp(LevelFilteredLogging, Configurable):
         """The classes whose traits this command's options and config file may set."""
         return [cls, *cls.classes]
 
+    def init_profile_dir(self) -> None:
+        Path(self.ipython_dir).mkdir(parents=True, exist_ok=True)  # IPython wants it to exist
+        super().init_profile_dir()  # type: ignore[misc]
+
     def init_crash_handler(self) -> None:
         """No crash-report files: a failure is one message on stderr (and in the log)."""
 
+    def check_options(self, argv: list[str]) -> None:
+        """Raise UsageError for an option that is neither ours nor ``--Class.trait=value``."""
+        names = {"help", "h", "help-all", "version", "show-config", "show-config-json"}
+        for key in [*self.aliases, *self.flags]:
+            names.update(key if isinstance(key, tuple) else [key])
+        for arg in argv:
+            if arg == "--":
+                break
+            option = arg.lstrip("-").split("=", 1)[0]
+            if arg.startswith("-") and not option[:1].isdigit() and "." not in option and option not in names:
+                raise UsageError(f"unrecognized arguments: {arg}")
+
     def parse_command_line(self, argv: list[str] | None = None) -> None:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        self.check_options(argv)
         super().parse_command_line(argv)  # type: ignore[misc]
         if self.subapp is not None:
             return

@@ -45,6 +45,7 @@ def find_profile_dir(profile: str = "default", ipython_dir: str | Path | None = 
         from IPython.paths import get_ipython_dir
 
         ipython_dir = get_ipython_dir()
+    Path(ipython_dir).mkdir(parents=True, exist_ok=True)
     return Path(ProfileDir.create_profile_dir_by_name(str(ipython_dir), profile).location)
 
 
