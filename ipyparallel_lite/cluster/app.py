@@ -61,7 +61,11 @@ from ipyparallel_lite.baseapp import (
     common_flags,
 )
 from ipyparallel_lite.cluster.cluster import Cluster, ClusterError
-from ipyparallel_lite.cluster.launcher import LocalControllerLauncher, LocalEngineLauncher
+from ipyparallel_lite.cluster.launcher import (
+    LocalControllerLauncher,
+    LocalEngineLauncher,
+    pid_running,
+)
 from ipyparallel_lite.config import ConfigFileError
 
 PROG = "ipcluster-lite"
@@ -147,8 +151,11 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _set_signals(handler: Any) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, handler)
 
 
@@ -195,7 +202,13 @@ class StartCommand(ClusterCommand):
              "daemonize": ({"StartCommand": {"daemonize": True}}, daemonize.help)}
 
     def start(self) -> None:
-        sys.exit(self.run())
+        previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+        try:
+            code = self.run()
+        finally:  # as they were, for a caller of main() in its own process
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        sys.exit(code)
 
     def run(self) -> int:
         """See the module docstring for the contract."""
@@ -459,7 +472,7 @@ class CleanCommand(ClusterCommand):
         for folder in _profile_dirs(ipython_dir, one):
             for log in (folder / "log").glob("*.log"):
                 pid = log_file_pid(log)
-                if log.name.startswith(".starting-") or (pid is not None and not psutil.pid_exists(pid)):
+                if log.name.startswith(".starting-") or (pid is not None and not pid_running(pid)):
                     log.unlink(missing_ok=True)
                     removed += 1
         print(f"Removed {removed} log files and {files - len(running)} files of stopped clusters; "
@@ -518,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as e:
         print(f"{(app.subapp or app).name}: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:  # subcommands are singletons: let main() run again in this process
+        for cls, _ in SUBCOMMANDS.values():
+            cls.clear_instance()
     return 0
 
 

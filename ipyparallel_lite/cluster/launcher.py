@@ -196,6 +196,11 @@ def _create_time(pid: int) -> float | None:
         return None
 
 
+def pid_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs (a zombie does not)."""
+    return _is_alive(pid, None)
+
+
 def _is_alive(pid: int, create_time: float | None) -> bool:
     """Whether ``pid`` is still the process we started: not a zombie, not a reused pid."""
     try:
