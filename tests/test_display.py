@@ -122,7 +122,8 @@ def test_reprs(cluster, rc, lview):
     assert repr(cluster) == "<Cluster(cluster_id='session', profile='default', controller=running, engines=2)>"
     html = cluster._repr_html_()
     assert "running (pid" in html and "2 running of n=2" in html
-    assert "all engines" in rc[:]._repr_html_() and "engine 1" in rc[1]._repr_html_()
+    assert "engines 0-1" in rc[:]._repr_html_() and "engine 1<" in rc[1]._repr_html_()
+    assert "all engines" in lview._repr_html_()
     assert lview._repr_html_().startswith("<div><strong>LoadBalancedView")
     ar = lview.map_async(abs, range(-4, 0))
     ar.get(timeout=30)
