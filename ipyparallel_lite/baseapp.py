@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Unicode, default
+from traitlets import Bool, Enum, Unicode, default
 from traitlets.config import Configurable
 
 from ipyparallel_lite.applog import LOG_DATEFMT, LOG_FORMAT, LevelFilteredLogging, log_file_name
@@ -29,12 +29,12 @@ common_aliases = {
     "profile": "BaseIPythonApplication.profile",
     "profile-dir": "ProfileDir.location",
     "ipython-dir": "BaseIPythonApplication.ipython_dir",
-    "log-level": "Application.log_level",
+    "log-level": "ParallelApp.log_level",
     "config": "BaseIPythonApplication.extra_config_file",
 }
 
 common_flags = {
-    "debug": ({"Application": {"log_level": logging.DEBUG}}, "log everything (log level DEBUG)"),
+    "debug": ({"ParallelApp": {"log_level": logging.DEBUG}}, "log everything (log level DEBUG)"),
     "log-to-file": ({"ParallelApp": {"log_to_file": True}},
                     "log to log/<command>-<cluster-id>-<pid>.log in the profile, not to stderr"),
 }
@@ -58,9 +58,9 @@ class ParallelApp(LevelFilteredLogging, Configurable):
     takes_extra_args = False
     auto_create = Bool(True)  # a cluster may name a profile that does not exist yet
 
-    @default("log_level")
-    def _log_level_default(self) -> int:
-        return logging.INFO
+    log_level = Enum((0, 10, 20, 30, 40, 50, "DEBUG", "INFO", "WARN", "ERROR", "CRITICAL"),
+                     default_value=logging.INFO, help="Set the log level by value or name.").tag(
+        config=True)
 
     @default("log_format")
     def _log_format_default(self) -> str:

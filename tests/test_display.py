@@ -110,7 +110,7 @@ def test_progress_ends_on_the_last_count_given(capsys):
         bar.update(10)
         bar.update(12)
     shown = screen(capsys.readouterr().err)
-    assert len(shown) == 1 and shown[0].startswith("tasks: 100%") and "12/12" in shown[0], shown
+    assert len(shown) == 1 and shown[0].startswith("tasks: 12/12 ") and "100%" in shown[0], shown
     with Progress(total=3, label="quiet", enabled=False) as bar:
         bar.update(3)
     assert capsys.readouterr().err == ""

@@ -1,7 +1,9 @@
 """Progress of long waits (engines starting, results arriving), shown only to a person.
 
 Drawn by ``tqdm.auto``, as ipyparallel does: a widget in Jupyter, a bar on stderr in a
-terminal, nothing under pytest, CI or a pipe. The bar opens at the first update, so a
+terminal, nothing under pytest, CI or a pipe. (``tqdm.auto`` alone takes any process
+that imported ipykernel for a notebook; only a process that *is* a kernel gets the
+widget here.) The bar reads ``label: done/total unit``, then the bar itself. The bar opens at the first update, so a
 wait that ends at once shows nothing, and always closes on the last count it was
 given, even when that update came faster than ``min_interval``.
 """
@@ -11,6 +13,11 @@ from __future__ import annotations
 import sys
 import time
 from typing import Any
+
+
+def _in_kernel() -> bool:
+    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    return getattr(shell, "kernel", None) is not None
 
 
 def is_interactive() -> bool:
@@ -53,10 +60,14 @@ class Progress:
             return
         self._last = now
         if self._bar is None:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total, desc=self.label, unit=self.unit or "it",
-                             file=sys.stderr, dynamic_ncols=True, leave=True)
+            if _in_kernel():
+                from tqdm.auto import tqdm
+            else:
+                from tqdm.std import tqdm
+            form = ("{desc}: " if self.label else "") + "{n}/{total}" + (" {unit}" if self.unit else "")
+            self._bar = tqdm(total=self.total, desc=self.label, unit=self.unit, file=sys.stderr,
+                             dynamic_ncols=True, leave=True,
+                             bar_format=form + " {bar} {percentage:3.0f}% [{elapsed}]")
         self._draw()
 
     def _draw(self) -> None:

@@ -227,7 +227,7 @@ class Cluster(LoggingConfigurable):
         self.controller = LocalControllerLauncher.for_cluster(
             args, self.profile_dir / "log", self.cluster_id, daemonize=self.daemonize, parent=self)
         self.controller.start()
-        self.log.info("cluster %s: controller started (pid %s)", self.cluster_id, self.controller.pid)
+        self.log.info("cluster %r: controller started (pid %s)", self.cluster_id, self.controller.pid)
         self.update_cluster_file()
 
     async def start_controller(self) -> None:
@@ -258,7 +258,7 @@ class Cluster(LoggingConfigurable):
     async def stop_controller(self) -> None:
         if self.controller is not None:
             await asyncio.to_thread(self.controller.stop)
-            self.log.info("cluster %s: controller stopped", self.cluster_id)
+            self.log.info("cluster %r: controller stopped", self.cluster_id)
         for kind in ("client", "engine"):
             self.connection_file(kind).unlink(missing_ok=True)
 
@@ -278,7 +278,7 @@ class Cluster(LoggingConfigurable):
         for launcher in launchers:
             launcher.start()
         self.engines.setdefault(engine_set_id, []).extend(launchers)
-        self.log.info("cluster %s: %d engines started (engine set %s)", self.cluster_id, n,
+        self.log.info("cluster %r: %d engines started (engine set %s)", self.cluster_id, n,
                       engine_set_id)
         self.update_cluster_file()
         return engine_set_id
@@ -297,7 +297,7 @@ class Cluster(LoggingConfigurable):
         launchers = [e for i in ids for e in self.engines.pop(i, [])]
         await asyncio.gather(*(asyncio.to_thread(e.stop) for e in launchers))
         if launchers:
-            self.log.info("cluster %s: %d engines stopped", self.cluster_id, len(launchers))
+            self.log.info("cluster %r: %d engines stopped", self.cluster_id, len(launchers))
         if self.controller is not None:
             self.update_cluster_file()
 
@@ -383,7 +383,7 @@ class Cluster(LoggingConfigurable):
 
         timeout = self.engine_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        with Progress(total=n, label="engines ready", unit="engine", enabled=progress) as bar:
+        with Progress(total=n, label="engines ready", enabled=progress) as bar:
             while True:
                 bar.update(len(client.ids))
                 try:
