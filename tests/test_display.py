@@ -7,14 +7,11 @@ The terminal is emulated just enough to read what a person would see: ``\\r``,
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import io
 import re
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
 
 from ipyparallel_lite.client.display import final_lines
 from ipyparallel_lite.client.progress import Progress
@@ -55,21 +52,6 @@ def screen(text: str) -> list[str]:
             lines[row] = line[:col] + chars + line[col + len(chars):]
             col += len(chars)
     return [line for line in lines if line]
-
-
-@pytest.fixture(scope="module")
-def shell():
-    if InteractiveShell.initialized():
-        yield InteractiveShell.instance()
-        return
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    ip = InteractiveShell.instance(config=config)
-    yield ip
-    atexit.unregister(ip.atexit_operations)
-    ip.atexit_operations()
-    ip.cleanup()
-    InteractiveShell.clear_instance()
 
 
 def test_screen_emulation():

@@ -8,7 +8,6 @@ the magics back in their default state (all engines, blocking, streaming).
 from __future__ import annotations
 
 import _thread
-import atexit
 import base64
 import contextlib
 import io
@@ -21,9 +20,7 @@ import time
 import zlib
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from traitlets.config import Config
 
 import ipyparallel_lite as ipp
 from ipyparallel_lite.magics import ParallelMagics, activate_view, get_magics
@@ -33,22 +30,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 # ---- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shell():
-    """A real InteractiveShell, removed again after the module (it is a process singleton)."""
-    if InteractiveShell.initialized():
-        yield InteractiveShell.instance()
-        return
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    ip = InteractiveShell.instance(config=config)
-    yield ip
-    atexit.unregister(ip.atexit_operations)
-    ip.atexit_operations()
-    ip.cleanup()
-    InteractiveShell.clear_instance()
 
 
 @pytest.fixture(scope="module")
