@@ -245,3 +245,18 @@ def test_ipcluster_engines_adds_to_a_running_cluster(ipython_dir, capsys):
         assert ipcluster_main(["stop", *args]) == 0
     assert "2 engines and the controller" in capsys.readouterr().out
     assert ipcluster_main(["engines", "-n", "1", *args]) == 11
+
+
+def test_cluster_left_running_is_stopped_when_the_process_exits(tmp_path):
+    """``shutdown_atexit`` (default): a script that forgets stop_cluster leaves nothing."""
+    script = ("import ipyparallel_lite as ipp\n"
+              "c = ipp.Cluster(n=1, cluster_id='forgotten')\n"
+              "rc = c.start_and_connect_sync()\n"
+              "print(c.controller.pid, *[e.pid for v in c.engines.values() for e in v])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
+                         env={**os.environ, "IPYTHONDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2 and not any(pid_running(p) for p in pids)
+    assert not list(Path(tmp_path, "profile_default", "security").glob("*.json"))

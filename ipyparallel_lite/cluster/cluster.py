@@ -20,9 +20,11 @@ so that ``ipcluster-lite stop`` or another ``Cluster`` can find them again.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,20 @@ def _sync_twins(cls: type) -> type:
     return cls
 
 
+async def _stop_processes(launchers: list[LocalProcessLauncher]) -> None:
+    """SIGTERM to all at once, SIGKILL to those still running after their stop_timeout.
+
+    No threads: this also runs from an atexit hook, when no new thread may start.
+    """
+    for launcher in launchers:
+        launcher.signal(signal.SIGTERM)
+    deadline = time.monotonic() + max((e.stop_timeout for e in launchers), default=0)
+    while any(e.running for e in launchers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    for launcher in launchers:
+        launcher.stop(timeout=0)  # SIGKILL if still running; reaps our children
+
+
 def _new_cluster_id() -> str:
     return f"{int(time.time())}-{secrets.token_hex(2)}"
 
@@ -101,6 +117,8 @@ class Cluster(LoggingConfigurable):
     engine_timeout = Float(60.0, help="Seconds engines may take to register.").tag(config=True)
     controller_timeout = Float(30.0, help="Seconds the controller may take to listen.").tag(config=True)
     load_profile = Bool(True, help="Read the profile's ipcluster_config.py.").tag(config=True)
+    shutdown_atexit = Bool(True, help="Stop the cluster when this process exits "
+                                      "(not a daemonized one).").tag(config=True)
 
     @default("cluster_id")
     def _cluster_id_default(self) -> str:
@@ -227,6 +245,10 @@ class Cluster(LoggingConfigurable):
         self.controller = LocalControllerLauncher.for_cluster(
             args, self.profile_dir / "log", self.cluster_id, daemonize=self.daemonize, parent=self)
         self.controller.start()
+        if self.shutdown_atexit and not self.daemonize:
+            # the children would exit anyway (they watch this process); this also removes
+            # the cluster's files and does not leave the engines waiting for it
+            atexit.register(self.stop_cluster_sync)
         self.log.info("cluster %r: controller started (pid %s)", self.cluster_id, self.controller.pid)
         self.update_cluster_file()
 
@@ -257,7 +279,7 @@ class Cluster(LoggingConfigurable):
 
     async def stop_controller(self) -> None:
         if self.controller is not None:
-            await asyncio.to_thread(self.controller.stop)
+            await _stop_processes([self.controller])
             self.log.info("cluster %r: controller stopped", self.cluster_id)
         for kind in ("client", "engine"):
             self.connection_file(kind).unlink(missing_ok=True)
@@ -295,7 +317,7 @@ class Cluster(LoggingConfigurable):
         """Stop one engine set, or every engine of the cluster."""
         ids = self._engine_sets(engine_set_id)
         launchers = [e for i in ids for e in self.engines.pop(i, [])]
-        await asyncio.gather(*(asyncio.to_thread(e.stop) for e in launchers))
+        await _stop_processes(launchers)
         if launchers:
             self.log.info("cluster %r: %d engines stopped", self.cluster_id, len(launchers))
         if self.controller is not None:
@@ -417,6 +439,7 @@ class Cluster(LoggingConfigurable):
 
     async def stop_cluster(self) -> None:
         """Stop the engines, then the controller, and remove the cluster's files."""
+        atexit.unregister(self.stop_cluster_sync)
         if self._client is not None:
             self._client.close()
             self._client = None
