@@ -260,3 +260,35 @@ def test_cluster_left_running_is_stopped_when_the_process_exits(tmp_path):
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 2 and not any(pid_running(p) for p in pids)
     assert not list(Path(tmp_path, "profile_default", "security").glob("*.json"))
+
+
+def test_commands_started_by_hand_use_the_named_profile(ipython_dir):
+    """``ipcontroller-lite --profile P`` and ``ipengine-lite --profile P``: that profile's
+    config files and startup files, not profile_default's."""
+    write_profile(ipython_dir, "byhand", {
+        "ipcontroller_config.py": "c = get_config()\nc.TaskScheduler.scheme_name = 'twobin'\n",
+        "ipengine_config.py": "c = get_config()\nc.EngineApp.startup_command = 'via = \"EngineApp\"'\n",
+        "startup/10-here.py": "profile_seen = 'byhand'\n",
+    })
+    args = ["--profile", "byhand", "--cluster-id", "h", "--ipython-dir", ipython_dir]
+    controller = subprocess.Popen([sys.executable, "-m", "ipyparallel_lite.controller", *args],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine = subprocess.Popen([sys.executable, "-m", "ipyparallel_lite.engine", *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        security = Path(ipython_dir, "profile_byhand", "security", "ipcontroller-h-client.json")
+        deadline = time.monotonic() + 30
+        while not security.exists():
+            assert time.monotonic() < deadline and controller.poll() is None
+            time.sleep(0.05)
+        rc = ipp.Client(profile="byhand", cluster_id="h")
+        try:
+            rc.wait_for_engines(1, timeout=60)
+            assert rc.connection_info["task_scheme"] == "twobin"
+            assert rc[0].pull(["via", "profile_seen"], block=True) == ["EngineApp", "byhand"]
+        finally:
+            rc.close()
+    finally:
+        for proc in (engine, controller):
+            proc.terminate()
+            proc.wait(10)
