@@ -54,8 +54,6 @@ class ParallelApp(LevelFilteredLogging, Configurable):
     log_file_prefix = "ipcluster"
     #: whether this command also reads the profile's ``ipython_config.py`` (engines do)
     read_ipython_config = False
-    #: whether arguments that are not options are allowed (``ipengine-lite`` takes none)
-    takes_extra_args = False
     auto_create = Bool(True)  # a cluster may name a profile that does not exist yet
 
     log_level = Enum((0, 10, 20, 30, 40, 50, "DEBUG", "INFO", "WARN", "ERROR", "CRITICAL"),
@@ -101,7 +99,7 @@ class ParallelApp(LevelFilteredLogging, Configurable):
         if self.subapp is not None:
             return
         problem = unknown_option(self.cli_config, self.checked_classes())
-        if problem is None and self.extra_args and not self.takes_extra_args:
+        if problem is None and self.extra_args:  # no command takes arguments
             problem = f"unrecognized arguments: {' '.join(self.extra_args)}"
         if problem:
             raise UsageError(problem)
