@@ -110,3 +110,14 @@ def test_reprs(cluster, rc, lview):
     ar = lview.map_async(abs, range(-4, 0))
     ar.get(timeout=30)
     assert "<progress value='4' max='4'>" in ar._repr_html_() and "finished" in ar._repr_html_()
+
+
+def test_wait_interactive_ends_on_the_full_count_of_a_map(rc, capsys, monkeypatch):
+    import ipyparallel_lite.client.progress as progress
+
+    monkeypatch.setattr(progress, "is_interactive", lambda: True)  # a person is watching
+    ar = rc[:].map_async(lambda x: __import__("time").sleep(0.3) or x, range(12))
+    ar.wait_interactive()
+    assert ar.get() == list(range(12))
+    shown = screen(capsys.readouterr().err)
+    assert shown and shown[-1].startswith("<lambda>: 12/12 ") and "100%" in shown[-1], shown

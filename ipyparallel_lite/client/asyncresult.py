@@ -361,7 +361,7 @@ class AsyncResult(Future):
                 bar.update(self.progress)
                 if deadline is not None and time.monotonic() > deadline:
                     break
-            bar.update(self.progress)
+            bar.update(len(self) if self.done() else self.progress)  # a map's progress counts chunks
 
     # ---- control ----------------------------------------------------------------
 
