@@ -86,15 +86,12 @@ def ipython_dir() -> Path:
     return Path(get_ipython_dir())
 
 
-def profile_dir(profile: str = "default", ipython_dir_path: str | Path | None = None) -> Path:
-    """The profile folder, created with a private ``security/`` sub folder."""
-    base = Path(ipython_dir_path) if ipython_dir_path else ipython_dir()
-    path = base / f"profile_{profile}"
-    security = path / "security"
-    security.mkdir(parents=True, exist_ok=True)
-    security.chmod(0o700)
-    (path / "log").mkdir(exist_ok=True)
-    return path
+def profile_dir(profile: str = "default", ipython_dir_path: str | Path | None = None,
+                profile_dir_path: str | Path | None = None) -> Path:
+    """The profile folder (IPython's ``ProfileDir``), created with a private ``security/``."""
+    from ipyparallel_lite.config import find_profile_dir
+
+    return find_profile_dir(profile, ipython_dir_path, profile_dir_path)
 
 
 def connection_file_path(
@@ -102,12 +99,13 @@ def connection_file_path(
     profile: str = "default",
     cluster_id: str = "",
     ipython_dir_path: str | Path | None = None,
+    profile_dir_path: str | Path | None = None,
 ) -> Path:
     """Where the ``client`` or ``engine`` connection file of a cluster lives."""
     if kind not in ("client", "engine"):
         raise ValueError(f"connection file kind must be 'client' or 'engine', not {kind!r}")
     name = f"ipcontroller-{cluster_id}-{kind}.json" if cluster_id else f"ipcontroller-{kind}.json"
-    return profile_dir(profile, ipython_dir_path) / "security" / name
+    return profile_dir(profile, ipython_dir_path, profile_dir_path) / "security" / name
 
 
 def write_private_file(path: str | Path, text: str) -> Path:

@@ -18,6 +18,8 @@ _IPYTHON_DIR = tempfile.mkdtemp(prefix="ipp-lite-tests-")
 os.environ["IPYTHONDIR"] = _IPYTHON_DIR
 
 import zmq  # noqa: E402
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from traitlets.config import Config  # noqa: E402
 
 import ipyparallel_lite as ipp  # noqa: E402
 from ipyparallel_lite.connection import url  # noqa: E402
@@ -51,6 +53,22 @@ def no_stray_processes():
 @pytest.fixture(scope="session")
 def ipython_dir() -> str:
     return _IPYTHON_DIR
+
+
+@pytest.fixture(scope="module")
+def shell():
+    """A real InteractiveShell, removed again after the module (it is a process singleton)."""
+    if InteractiveShell.initialized():
+        yield InteractiveShell.instance()
+        return
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    ip = InteractiveShell.instance(config=config)
+    yield ip
+    atexit.unregister(ip.atexit_operations)
+    ip.atexit_operations()
+    ip.cleanup()
+    InteractiveShell.clear_instance()
 
 
 @pytest.fixture(scope="session")
@@ -105,25 +123,6 @@ def pickle_test_module_by_value(request):
     cloudpickle.register_pickle_by_value(request.module)
     yield
     cloudpickle.unregister_pickle_by_value(request.module)
-
-
-@pytest.fixture(scope="module")
-def shell():
-    """A real InteractiveShell, removed again after the module (it is a process singleton)."""
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    if InteractiveShell.initialized():
-        yield InteractiveShell.instance()
-        return
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    ip = InteractiveShell.instance(config=config)
-    yield ip
-    atexit.unregister(ip.atexit_operations)
-    ip.atexit_operations()
-    ip.cleanup()
-    InteractiveShell.clear_instance()
 
 
 @pytest.fixture

@@ -201,10 +201,10 @@ def test_usage_errors_and_help(ipdir):
     assert cli(ipdir, "stop", "--all", "--cluster-id", "x").returncode == 2
     assert cli(ipdir, "start", "-n", "many").returncode == 2
     assert subprocess.run(CLI, capture_output=True).returncode == 2
-    for command in ("start", "stop", "list"):
+    for command in ("start", "stop", "list", "engines", "clean"):
         out = cli(ipdir, command, "--help")
         assert out.returncode == 0 and f"usage: ipcluster-lite {command}" in out.stdout
     script = shutil.which("ipcluster-lite", path=os.path.dirname(sys.executable))
     if script:
         out = subprocess.run([script, "--help"], capture_output=True, text=True)
-        assert out.returncode == 0 and "{start,stop,list}" in out.stdout
+        assert out.returncode == 0 and "{start,stop,list,engines,clean}" in out.stdout

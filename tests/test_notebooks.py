@@ -237,3 +237,31 @@ def test_one_engines_clear_output_keeps_the_others_output(tmp_path):
     assert "[stdout:0] engine 0 at step 2" in shown, shown
     assert "[stdout:1] engine 1 at step 7" in shown, shown
     assert "step 1" not in shown and "step 6" not in shown, shown
+
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def test_progress_and_reprs_outputs(executed):
+    nb = notebook(executed, "04-progress-and-reprs.ipynb")
+    # starting engines and wait_interactive() each show a progress widget...
+    for snippet in ("start_and_connect_sync", "ar.wait_interactive()"):
+        widgets = [o for o in cell_with(nb, snippet).outputs if WIDGET in o.get("data", {})]
+        assert len(widgets) == 1, cell_with(nb, snippet).outputs
+    # ...whose bars end on the right count
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    bars = sorted((m["state"]["value"], m["state"]["max"]) for m in state.values()
+                  if m["model_name"] == "FloatProgressModel")
+    assert bars == [(2, 2), (12, 12)], bars
+    # rich views
+    assert "<strong>Cluster</strong>" in output_text(nb, "rc = cluster.start_and_connect_sync")
+    [client_cell] = [c for c in nb.cells if c.source == "rc"]
+    assert "<strong>Client</strong>" in "".join(text_of(o) for o in client_cell.outputs)
+    assert "<strong>LoadBalancedView</strong>" in output_text(nb, "lview = rc.load_balanced_view()")
+    assert "<progress value='12' max='12'>" in output_text(nb, "ar.wait_interactive()")
+    # an engine's tqdm bar: one final line per engine, labelled
+    lines = [text_of(o) for o in cell_with(nb, "from tqdm import tqdm").outputs]
+    assert len(lines) == 2, lines
+    for eid in (0, 1):
+        [mine] = [line for line in lines if line.startswith(f"[stderr:{eid}] work: 100%")]
+        assert "6/6" in mine and "\r" not in mine

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ipyparallel_lite import error
+from ipyparallel_lite.client import reprs
 from ipyparallel_lite.serialization import deserialize_object
 
 if TYPE_CHECKING:
@@ -672,6 +673,8 @@ class AsyncResult(Future):
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(repr(self))
+
+    _repr_html_ = reprs.asyncresult_html
 
 
 class AsyncMapResult(AsyncResult):

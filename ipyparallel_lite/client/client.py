@@ -23,6 +23,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ipyparallel_lite import error, fastzmq
+from ipyparallel_lite.client import reprs
 from ipyparallel_lite.client.asyncresult import AsyncResult
 from ipyparallel_lite.client.progress import Progress
 from ipyparallel_lite.connection import (
@@ -848,8 +849,8 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"<Client {self.profile}: {len(self._engines)} engines>"
+    __repr__ = reprs.client_repr
+    _repr_html_ = reprs.client_html
 
 
 class ResultsByMsgId(Mapping):

@@ -2,11 +2,17 @@
 
 :class:`OutputRenderer` serves ``%px`` (streaming, then the rest) and
 ``AsyncResult.display_outputs`` (everything at once).
+
+A line an engine redraws with ``\r`` (a progress line, a tqdm bar) is one labelled line
+per engine that updates in place: in a notebook an updatable display per engine, in a
+terminal a block of lines at the bottom rewritten with ANSI cursor moves. Shown all at
+once, such a line is its final state.
 """
 
 from __future__ import annotations
 
 import sys
+import uuid
 from typing import Any
 
 from IPython import get_ipython
@@ -19,6 +25,18 @@ _SHOWN_OUTPUTS = ("display_data", "execute_result")
 def _in_notebook() -> bool:
     """Whether output goes to a Jupyter frontend (a kernel's shell), not a terminal."""
     return getattr(get_ipython(), "kernel", None) is not None
+
+
+#: ANSI: cursor up to the start of a line N lines above; erase to the end of the line
+_UP = "\x1b[{}F"
+_ERASE = "\x1b[K"
+
+
+def final_lines(text: str) -> str:
+    """``text`` as a terminal leaves it: of a line redrawn with ``\r``, its last state."""
+    if "\r" not in text:
+        return text
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n"))
 
 
 def display_outputs(ar: Any, groupby: str = "type", result_only: bool = False) -> None:
@@ -60,8 +78,15 @@ class OutputRenderer:
         self._output_engine: Any = None
         #: streaming in a notebook: each request's messages shown since its engine's last
         #: clear_output, to show again when another engine clears the output area
-        self._redraw = streaming and _in_notebook()
+        self._notebook = _in_notebook()
+        self._redraw = streaming and self._notebook
         self._live: dict[str, list[dict]] = {m: [] for m in ar.msg_ids}
+        #: lines redrawn with \r, by (msg_id, stream name): the unfinished text so far,
+        #: and where each is shown (a display id in a notebook, a row of the terminal block)
+        self._partial: dict[tuple[str, str], str] = {}
+        self._displays: dict[tuple[str, str], str] = {}
+        self._block: list[list[str]] = []  # [stream name, text] per row, bottom of the terminal
+        self._rows: dict[tuple[str, str], int] = {}
 
     # ---- streaming ----
 
@@ -92,6 +117,8 @@ class OutputRenderer:
 
     def _clear(self, msg_id: str, wait: bool) -> None:
         self._live[msg_id] = []
+        self._partial = {}  # rebuilt below from the messages shown again
+        self._displays = {}  # the clear removed them
         self._end_lines()
         clear_output(wait=wait)
         self._prefix = {"stdout": None, "stderr": None}
@@ -103,6 +130,7 @@ class OutputRenderer:
 
     def _note_error(self, msg_id: str, content: dict) -> None:
         """One line as an engine fails; the whole error is raised when all are done."""
+        self._end_block()
         self._end_lines()
         eid = self._mds[msg_id]["engine_id"]
         print(f"[{eid}:execute] {content.get('ename')}: {content.get('evalue')}", file=sys.stderr, flush=True)
@@ -153,10 +181,14 @@ class OutputRenderer:
         md, shown = self._mds[msg_id], self._shown[msg_id]
         text = (md.get(name) or "")[shown[name]:]
         shown[name] += len(text)
-        self._write(msg_id, name, text)
+        self._write(msg_id, name, final_lines(text))
 
     def _write(self, msg_id: str, name: str, text: str) -> None:
         if not text:
+            return
+        key = (msg_id, name)
+        if self._streaming and ("\r" in text or key in self._partial):
+            self._write_redrawn(msg_id, name, text.replace("\r\n", "\n"))
             return
         prefix = f"[{name}:{self._mds[msg_id]['engine_id']}] "
         head = ""
@@ -166,8 +198,76 @@ class OutputRenderer:
             self._prefix[name] = prefix
         self._line_start[name] = text.endswith("\n")
         out = sys.stdout if name == "stdout" else sys.stderr
+        if self._block:  # printed above the redrawn rows, which follow it again
+            block_out = self._block_stream()
+            block_out.write(_UP.format(len(self._block)))
+            block_out.flush()
+            out.write((head + text).rstrip("\n").replace("\n", _ERASE + "\n") + _ERASE + "\n")
+            out.flush()
+            self._line_start[name] = True
+            self._draw_block(block_out)
+            return
         out.write(head + text)
         out.flush()
+
+    # ---- lines redrawn with \r ----
+
+    def _write_redrawn(self, msg_id: str, name: str, text: str) -> None:
+        key = (msg_id, name)
+        *finished, rest = (self._partial.pop(key, "") + text).split("\n")
+        for line in finished:
+            self._show_line(msg_id, name, line.rsplit("\r", 1)[-1], final=True)
+        if rest:
+            self._partial[key] = rest
+            self._show_line(msg_id, name, rest.rsplit("\r", 1)[-1], final=False)
+
+    def _show_line(self, msg_id: str, name: str, text: str, final: bool) -> None:
+        """Show the current state of an engine's redrawn line; ``final``: it is done."""
+        key = (msg_id, name)
+        label = f"[{name}:{self._mds[msg_id]['engine_id']}] {text}"
+        if self._notebook:
+            display_id = self._displays.pop(key, None)
+            new = display_id is None
+            if new:
+                self._end_lines()
+                self._prefix = {"stdout": None, "stderr": None}
+                display_id = uuid.uuid4().hex
+            publish_display_data({"text/plain": label}, transient={"display_id": display_id},
+                                 update=not new)
+            if not final:
+                self._displays[key] = display_id
+            return
+        row = self._rows.get(key)
+        if row is None:
+            if self._block and self._block[0][0] != name:
+                self._end_block()  # one block per stream: the cursor moves within one
+            self._end_lines()
+            self._prefix = {"stdout": None, "stderr": None}
+            self._rows[key] = len(self._block)
+            self._block.append([name, label])
+            out = self._block_stream()
+            out.write(label + "\n")
+            out.flush()
+        else:
+            self._block[row][1] = label
+            out = self._block_stream()
+            out.write(_UP.format(len(self._block)))
+            self._draw_block(out)
+        if final:
+            del self._rows[key]  # the row stays as it is; a new line of this engine goes below
+
+    def _block_stream(self) -> Any:
+        return sys.stdout if self._block[0][0] == "stdout" else sys.stderr
+
+    def _draw_block(self, out: Any) -> None:
+        """Write the redrawn rows from where the cursor is (the block's first row)."""
+        out.write("".join(f"{line}{_ERASE}\n" for _, line in self._block))
+        out.flush()
+
+    def _end_block(self) -> None:
+        """Other output follows: the redrawn rows so far stay where they are."""
+        self._block = []
+        self._rows = {}
 
     def _take_outputs(self, msg_id: str) -> list[dict]:
         """Displays and results of ``msg_id`` not shown yet."""
@@ -188,6 +288,7 @@ class OutputRenderer:
     def _show_output(self, msg_id: str, msg: dict) -> None:
         eid = self._mds[msg_id]["engine_id"]
         content = msg["content"]
+        self._end_block()
         self._end_lines()
         self._prefix = {"stdout": None, "stderr": None}
         metadata = {**(content.get("metadata") or {}), "engine": eid}

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ipyparallel_lite.client import remote
+from ipyparallel_lite.client import remote, reprs
 from ipyparallel_lite.client.asyncresult import AsyncMapResult, AsyncResult
 from ipyparallel_lite.serialization import MapTask, pack_apply_message, serialize_function
 
@@ -60,6 +60,8 @@ class View:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.targets!r}>"
+
+    _repr_html_ = reprs.view_html
 
     def set_flags(self, **kwargs: Any) -> None:
         """Set flags (``block``, ``track``, ``targets``, ``label``...) for later calls."""

@@ -1,10 +1,14 @@
-"""``ipcluster-lite``: start, stop and list local clusters from a shell.
+"""``ipcluster-lite``: start, stop, list, grow and clean local clusters from a shell.
 
-Subcommands::
+Subcommands (each a traitlets application: ``--profile``, ``--profile-dir``,
+``--cluster-id``, ``--debug``, ``--Class.trait=value`` and the profile's
+``ipcluster_config.py``, e.g. ``c.Cluster.n = 8``)::
 
     ipcluster-lite start -n 4 [--profile P] [--cluster-id ID] [--daemonize] [--ip IP]
     ipcluster-lite stop [--profile P] [--cluster-id ID | --all]
     ipcluster-lite list [--profile P] [-o text|json]
+    ipcluster-lite engines -n 2 [--profile P] [--cluster-id ID]
+    ipcluster-lite clean [--profile P]
 
 Contracts:
 
@@ -12,24 +16,27 @@ Contracts:
   engines are registered with the controller. In the foreground it then stays until
   SIGINT (Ctrl-C), SIGTERM or SIGHUP and stops everything before exiting 0. A failure
   (an engine or the controller dies, or the engines time out) exits 1 with one message
-  that carries the relevant log tail, and leaves no process running.
+  that carries the relevant log tail, and leaves no process running. ``--debug``
+  raises the controller and every engine to DEBUG.
 * The default cluster id is ``""``, whose connection files are
   ``ipcontroller-client.json`` / ``ipcontroller-engine.json``, so that a plain
   ``ipp.Client()`` (or ``ipp.Client(profile=P)``) finds the cluster.
 * Every cluster, foreground or daemonized, has a cluster file
-  (``profile_<P>/security/cluster-<id>.json``) through which ``stop`` and ``list``
-  find its processes. A pid is acted on only while it still runs the command line the
-  file records, so a recycled pid is never signalled.
-* Exit codes: 0 success, 1 failure, 2 usage error, 10 the cluster is already running,
-  11 no such cluster (the codes ``ipcluster`` uses for the last two).
+  (``profile_<P>/security/cluster-<id>.json``) through which ``stop``, ``list`` and
+  ``engines`` find its processes. A pid is acted on only while it still runs the
+  command line the file records, so a recycled pid is never signalled.
+* ``clean`` removes the log files of processes that are gone and the files of
+  clusters that no longer run.
+* Exit codes: 0 success, 1 failure (a broken config file included), 2 usage error,
+  10 the cluster is already running, 11 no such cluster (the codes ``ipcluster`` uses
+  for the last two).
 
 All process handling is :class:`~ipyparallel_lite.cluster.Cluster`'s; this module
-only parses arguments, waits, reports and cleans up.
+only reads options, waits, reports and cleans up.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
@@ -38,16 +45,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+from IPython.core.application import BaseIPythonApplication
+from IPython.core.profiledir import ProfileDir
+from traitlets import Bool, CaselessStrEnum
+from traitlets.config import Application
+
 from ipyparallel_lite._version import __version__
-from ipyparallel_lite.client.progress import Progress
+from ipyparallel_lite.applog import log_file_pid
+from ipyparallel_lite.baseapp import (
+    EXIT_USAGE,
+    ParallelApp,
+    UsageError,
+    common_aliases,
+    common_flags,
+)
 from ipyparallel_lite.cluster.cluster import Cluster, ClusterError
+from ipyparallel_lite.cluster.launcher import (
+    LocalControllerLauncher,
+    LocalEngineLauncher,
+    pid_running,
+)
+from ipyparallel_lite.config import ConfigFileError
 
 PROG = "ipcluster-lite"
 EXIT_FAILURE = 1
 EXIT_ALREADY_STARTED = 10
 EXIT_NOT_RUNNING = 11
-
-_LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR", "CRITICAL")
 
 
 class _Stop(Exception):
@@ -57,23 +81,12 @@ class _Stop(Exception):
 # ---- finding clusters ---------------------------------------------------------------
 
 
-def _ipython_dir(arg: str | None) -> Path:
-    """``--ipython-dir``, else ``$IPYTHONDIR``, else ``~/.ipython`` (IPython's rule)."""
-    if arg:
-        return Path(arg).expanduser().resolve()
-    from ipyparallel_lite.connection import ipython_dir
-
-    return ipython_dir()
-
-
 def _show_id(cluster_id: str) -> str:
     return cluster_id if cluster_id else "''"
 
 
 def _owns(launcher: Any) -> bool:
     """True when ``launcher``'s pid is alive and still runs the command it launched."""
-    import psutil
-
     if launcher is None or launcher.pid is None or not launcher.running:
         return False  # ``running`` also compares the process start time (pid reuse)
     try:
@@ -98,19 +111,20 @@ def load_cluster(path: Path) -> Cluster | None:
     return cluster
 
 
-def _cluster_files(ipython_dir: Path, profile: str | None) -> Iterator[Path]:
-    """Cluster files of one profile, or of every profile when ``profile`` is None."""
-    if profile is not None:
-        dirs = [ipython_dir / f"profile_{profile}"]
-    else:
-        dirs = sorted(ipython_dir.glob("profile_*"))
-    for d in dirs:
+def _profile_dirs(ipython_dir: Path, profile_dir: Path | None) -> list[Path]:
+    """One profile's folder, or every profile's when ``profile_dir`` is None."""
+    return [profile_dir] if profile_dir is not None else sorted(ipython_dir.glob("profile_*"))
+
+
+def _cluster_files(ipython_dir: Path, profile_dir: Path | None) -> Iterator[Path]:
+    """Cluster files of one profile, or of every profile when ``profile_dir`` is None."""
+    for d in _profile_dirs(ipython_dir, profile_dir):
         yield from sorted((d / "security").glob("cluster-*.json"))
 
 
-def _cluster_file(ipython_dir: Path, profile: str, cluster_id: str) -> Path:
+def _cluster_file(profile_dir: Path, cluster_id: str) -> Path:
     """Where Cluster writes the file of ``cluster_id``."""
-    return Cluster(profile=profile, cluster_id=cluster_id, ipython_dir=str(ipython_dir)).cluster_file
+    return Cluster(profile_dir=profile_dir, cluster_id=cluster_id, load_profile=False).cluster_file
 
 
 def _describe(cluster: Cluster) -> str:
@@ -133,109 +147,130 @@ def _stop(cluster: Cluster) -> str:
 # ---- start --------------------------------------------------------------------------
 
 
-def _wait_for_engines(cluster: Cluster, client: Any, n: int, timeout: float,
-                      shown: Progress) -> None:
-    """Return once ``n`` engines are registered; raise ClusterError (with a log tail) on
-    a dead controller, a dead engine, or ``timeout`` seconds without all of them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        shown.update(len(client.ids))
-        try:
-            client.wait_for_engines(n, timeout=0.1, interactive=False)
-            shown.update(n, force=True)
-            return
-        except TimeoutError:
-            pass
-        controller = cluster.controller
-        if controller is None or not controller.running:
-            tail = controller.log_tail() if controller is not None else ""
-            raise ClusterError(
-                f"the controller exited while engines were starting. "
-                f"Its log ({controller.log_file if controller else '?'}):\n{tail}"
-            )
-        launchers = [e for v in cluster.engines.values() for e in v]
-        dead = [e for e in launchers if not e.running]
-        if dead:
-            raise ClusterError(
-                f"{len(dead)} of {len(launchers)} engines exited before all registered "
-                f"({len(client.ids)} registered). Log of the first "
-                f"({dead[0].log_file}):\n{dead[0].log_tail()}"
-            )
-        if time.monotonic() > deadline:
-            logs = [e for e in launchers if e.log_tail()] or [controller]
-            raise ClusterError(
-                f"only {len(client.ids)} of {n} engines registered within {timeout:g}s. "
-                f"Log of {logs[0].log_file}:\n{logs[0].log_tail() or '(empty)'}"
-            )
-
-
 def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _set_signals(handler: Any) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, handler)
 
 
-def cmd_start(args: argparse.Namespace) -> int:
-    """``start``: see the module docstring for the contract."""
-    ipython_dir = _ipython_dir(args.ipython_dir)
-    existing_path = _cluster_file(ipython_dir, args.profile, args.cluster_id)
-    if existing_path.exists():
-        existing = load_cluster(existing_path)
-        if existing is not None and existing.controller is not None:
-            print(
-                f"{PROG} start: {_describe(existing)} is already running "
-                f"(controller pid {existing.controller.pid}). Stop it with "
-                f"`{PROG} stop --profile {args.profile} --cluster-id {_show_id(args.cluster_id)}`"
-                " or pick another --cluster-id.",
-                file=sys.stderr,
-            )
-            return EXIT_ALREADY_STARTED
-        if existing is not None:  # a dead controller: clear what is left of it
-            existing.stop_cluster_sync()
-        existing_path.unlink(missing_ok=True)
+class ClusterCommand(ParallelApp, BaseIPythonApplication):
+    """What the subcommands share: options, the profile, usage errors."""
 
-    cluster = Cluster(
-        n=args.n, profile=args.profile, cluster_id=args.cluster_id,
-        ipython_dir=str(ipython_dir), controller_ip=args.ip, log_level=args.log_level,
-        daemonize=args.daemonize, engine_timeout=args.timeout,
-    )
-    n = cluster.n
-    # progress (on stderr) only for a person at a terminal
-    progress = sys.stdout.isatty() and sys.stderr.isatty()
-    # SIGINT too: the default KeyboardInterrupt may land inside asyncio's own handling
-    _set_signals(_raise_stop)
-    t0 = time.monotonic()
-    try:
-        with Progress(total=n, label="engines ready", enabled=progress) as shown:
+    version = __version__
+    #: ``usage:`` line of ``--help`` and of usage errors
+    usage = ""
+    classes = [ProfileDir, Cluster, LocalControllerLauncher, LocalEngineLauncher]
+    aliases = {**common_aliases, "cluster-id": "ParallelApp.cluster_id"}
+    flags = common_flags
+
+    def _config_file_name_default(self) -> str:
+        return "ipcluster_config.py"
+
+    def emit_description(self) -> Iterator[str]:
+        yield f"usage: {self.usage}"
+        yield ""
+        yield from super().emit_description()
+
+    @property
+    def location(self) -> Path:
+        return Path(self.profile_dir.location)
+
+    def option_given(self, trait: str) -> bool:
+        """Whether ``trait`` was set on the command line (under any class)."""
+        return any(trait in section for section in self.cli_config.values())
+
+    def say_error(self, message: str) -> None:
+        print(f"{self.name}: {message}", file=sys.stderr)
+
+
+class StartCommand(ClusterCommand):
+    name = f"{PROG} start"
+    usage = f"{PROG} start [-n N] [--profile P] [--cluster-id ID] [--daemonize] [--ip IP] [options]"
+    description = ("Start a controller and N engines; ready when all engines registered. "
+                   "In the foreground until Ctrl-C, or in the background with --daemonize.")
+    daemonize = Bool(False, help="Leave the cluster running in the background and exit once ready.").tag(
+        config=True)
+    aliases = {**ClusterCommand.aliases, "n": "Cluster.n", "ip": "Cluster.controller_ip",
+               "timeout": "Cluster.engine_timeout"}
+    flags = {**ClusterCommand.flags,
+             "daemonize": ({"StartCommand": {"daemonize": True}}, daemonize.help)}
+
+    def start(self) -> None:
+        previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+        try:
+            code = self.run()
+        finally:  # as they were, for a caller of main() in its own process
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        sys.exit(code)
+
+    def run(self) -> int:
+        """See the module docstring for the contract."""
+        existing_path = _cluster_file(self.location, self.cluster_id)
+        if existing_path.exists():
+            existing = load_cluster(existing_path)
+            if existing is not None and existing.controller is not None:
+                self.say_error(
+                    f"{_describe(existing)} is already running "
+                    f"(controller pid {existing.controller.pid}). Stop it with "
+                    f"`{PROG} stop --profile {self.profile} --cluster-id {_show_id(self.cluster_id)}`"
+                    " or pick another --cluster-id.")
+                return EXIT_ALREADY_STARTED
+            if existing is not None:  # a dead controller: clear what is left of it
+                existing.stop_cluster_sync()
+            existing_path.unlink(missing_ok=True)
+        try:
+            cluster = Cluster(parent=self, profile_dir=self.location, cluster_id=self.cluster_id,
+                              load_profile=False, log_level=self.log_level, daemonize=self.daemonize)
+        except Exception as e:  # a trait's value that does not fit: -n many
+            raise UsageError(str(e)) from None
+        try:
+            cluster.check_config_files()
+        except ConfigFileError as e:
+            self.say_error(f"error in config file {e}")
+            return EXIT_FAILURE
+        return self._start(cluster)
+
+    def _start(self, cluster: Cluster) -> int:
+        n = cluster.n
+        # progress only for a person at a terminal
+        progress = sys.stdout.isatty() and sys.stderr.isatty()
+        # SIGINT too: the default KeyboardInterrupt may land inside asyncio's own handling
+        _set_signals(_raise_stop)
+        t0 = time.monotonic()
+        try:
             cluster.start_cluster_sync()
             client = cluster.connect_client_sync()
-            _wait_for_engines(cluster, client, n, args.timeout, shown)
-    except BaseException as e:
-        _set_signals(signal.SIG_IGN)  # nothing may interrupt the clean-up
-        cluster.stop_cluster_sync()
-        if isinstance(e, _Stop | KeyboardInterrupt):
-            print(f"{PROG} start: interrupted; {_describe(cluster)} stopped.", file=sys.stderr)
-            return 130 if isinstance(e, KeyboardInterrupt) or str(e) == "SIGINT" else EXIT_FAILURE
-        if not isinstance(e, Exception):
-            raise
-        print(f"{PROG} start: {_describe(cluster)} failed to start: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    ready = (f"Cluster {_show_id(cluster.cluster_id)} (profile {cluster.profile}): "
-             f"{n} engines ready in {time.monotonic() - t0:.1f}s")
-    if not args.daemonize:
-        return _foreground(cluster, client, ready)
-    _set_signals(signal.SIG_DFL)  # ready: from here on a signal must not stop the cluster
-    client.close()
-    stop = f"{PROG} stop --profile {cluster.profile}"
-    if cluster.cluster_id:
-        stop += f" --cluster-id {cluster.cluster_id}"
-    print(ready, flush=True)
-    print(f"Running in the background (controller pid {cluster.controller.pid}); "
-          f"stop it with `{stop}`.", flush=True)
-    return 0
+            cluster.wait_for_engines(client, n, progress=progress)
+        except BaseException as e:
+            _set_signals(signal.SIG_IGN)  # nothing may interrupt the clean-up
+            cluster.stop_cluster_sync()
+            if isinstance(e, _Stop | KeyboardInterrupt):
+                self.say_error(f"interrupted; {_describe(cluster)} stopped.")
+                return 130 if isinstance(e, KeyboardInterrupt) or str(e) == "SIGINT" else EXIT_FAILURE
+            if not isinstance(e, Exception):
+                raise
+            self.say_error(f"{_describe(cluster)} failed to start: {e}")
+            return EXIT_FAILURE
+        ready = (f"Cluster {_show_id(cluster.cluster_id)} (profile {cluster.profile}): "
+                 f"{n} engines ready in {time.monotonic() - t0:.1f}s")
+        if not self.daemonize:
+            return _foreground(cluster, client, ready)
+        _set_signals(signal.SIG_DFL)  # ready: from here on a signal must not stop the cluster
+        client.close()
+        stop = f"{PROG} stop --profile {cluster.profile}"
+        if cluster.cluster_id:
+            stop += f" --cluster-id {cluster.cluster_id}"
+        print(ready, flush=True)
+        print(f"Running in the background (controller pid {cluster.controller.pid}); "
+              f"stop it with `{stop}`.", flush=True)
+        return 0
 
 
 def _foreground(cluster: Cluster, client: Any, ready: str) -> int:
@@ -267,58 +302,24 @@ def _foreground(cluster: Cluster, client: Any, ready: str) -> int:
     return code
 
 
-# ---- stop and list ------------------------------------------------------------------
+# ---- stop, list, engines, clean -----------------------------------------------------
 
 
-def _running_summary(ipython_dir: Path, profile: str) -> str:
+def _running_summary(ipython_dir: Path, profile_dir: Path) -> str:
     ids = []
-    for path in _cluster_files(ipython_dir, profile):
+    for path in _cluster_files(ipython_dir, profile_dir):
         cluster = load_cluster(path)
         if cluster is not None and cluster.controller is not None:
             ids.append(_show_id(cluster.cluster_id))
-    return f"Running in profile {profile}: {', '.join(ids)}." if ids else (
-        f"No cluster runs in profile {profile} (ipython dir {ipython_dir}).")
+    return f"Running in profile {profile_dir.name.removeprefix('profile_')}: {', '.join(ids)}." if ids else (
+        f"No cluster runs in profile {profile_dir.name.removeprefix('profile_')} (ipython dir {ipython_dir}).")
 
 
-def cmd_stop(args: argparse.Namespace) -> int:
-    """``stop``: stop one cluster (``--cluster-id``, default ``''``) or ``--all`` of a profile.
-
-    Exits 11 when the named cluster does not exist or no longer runs.
-    """
-    ipython_dir = _ipython_dir(args.ipython_dir)
-    if args.all:
-        paths = list(_cluster_files(ipython_dir, args.profile))
-    else:
-        paths = [_cluster_file(ipython_dir, args.profile, args.cluster_id)]
-        if not paths[0].exists():
-            print(f"{PROG} stop: no cluster {_show_id(args.cluster_id)} in profile "
-                  f"{args.profile}. {_running_summary(ipython_dir, args.profile)}", file=sys.stderr)
-            return EXIT_NOT_RUNNING
-    stopped = 0
-    for path in paths:
-        cluster = load_cluster(path)
-        if cluster is None:
-            print(f"{PROG} stop: skipping unreadable cluster file {path}", file=sys.stderr)
-            continue
-        if cluster.controller is None and cluster.engine_count == 0:
-            cluster.stop_cluster_sync()  # only removes the files
-            if not args.all:
-                print(f"{PROG} stop: {_describe(cluster)} was not running any more; "
-                      f"removed its stale files.", file=sys.stderr)
-                return EXIT_NOT_RUNNING
-            continue
-        print(f"Stopped {_describe(cluster)}: {_stop(cluster)}.", flush=True)
-        stopped += 1
-    if args.all and not stopped:
-        print(f"No running clusters to stop in profile {args.profile}.")
-    return 0
-
-
-def running_clusters(ipython_dir: Path, profile: str | None = None) -> list[Cluster]:
+def running_clusters(ipython_dir: Path, profile_dir: Path | None = None) -> list[Cluster]:
     """Clusters whose controller runs; files of dead ones are pruned (and orphaned
     engines of a dead controller stopped)."""
     found = []
-    for path in _cluster_files(ipython_dir, profile):
+    for path in _cluster_files(ipython_dir, profile_dir):
         cluster = load_cluster(path)
         if cluster is None:
             continue
@@ -329,121 +330,211 @@ def running_clusters(ipython_dir: Path, profile: str | None = None) -> list[Clus
     return found
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    """``list``: a table (or ``-o json``) of running clusters of one or every profile."""
-    clusters = running_clusters(_ipython_dir(args.ipython_dir), args.profile)
-    rows = [
-        {
-            "profile": c.profile,
-            "cluster_id": c.cluster_id,
-            "engines": c.engine_count,
-            "controller_pid": c.controller.pid,
-            "engine_pids": [e.pid for v in c.engines.values() for e in v],
-            "cluster_file": str(c.cluster_file),
-        }
-        for c in clusters
-    ]
-    if args.output == "json":
-        json.dump(rows, sys.stdout, indent=1)
-        print()
+class StopCommand(ClusterCommand):
+    name = f"{PROG} stop"
+    usage = f"{PROG} stop [--profile P] [--cluster-id ID | --all] [options]"
+    description = "Stop a cluster's engines, then its controller, and remove its files."
+    all = Bool(False, help="Stop every cluster of the profile.").tag(config=True)
+    flags = {**ClusterCommand.flags, "all": ({"StopCommand": {"all": True}}, all.help)}
+
+    def start(self) -> None:
+        sys.exit(self.run())
+
+    def run(self) -> int:
+        """Stop one cluster (``--cluster-id``, default ``''``) or ``--all`` of a profile.
+
+        Exits 11 when the named cluster does not exist or no longer runs.
+        """
+        ipython_dir = Path(self.ipython_dir)
+        if self.all and self.option_given("cluster_id"):
+            raise UsageError("--all and --cluster-id exclude each other")
+        if self.all:
+            paths = list(_cluster_files(ipython_dir, self.location))
+        else:
+            paths = [_cluster_file(self.location, self.cluster_id)]
+            if not paths[0].exists():
+                self.say_error(f"no cluster {_show_id(self.cluster_id)} in profile {self.profile}. "
+                               f"{_running_summary(ipython_dir, self.location)}")
+                return EXIT_NOT_RUNNING
+        stopped = 0
+        for path in paths:
+            cluster = load_cluster(path)
+            if cluster is None:
+                self.say_error(f"skipping unreadable cluster file {path}")
+                continue
+            if cluster.controller is None and cluster.engine_count == 0:
+                cluster.stop_cluster_sync()  # only removes the files
+                if not self.all:
+                    self.say_error(f"{_describe(cluster)} was not running any more; "
+                                   f"removed its stale files.")
+                    return EXIT_NOT_RUNNING
+                continue
+            print(f"Stopped {_describe(cluster)}: {_stop(cluster)}.", flush=True)
+            stopped += 1
+        if self.all and not stopped:
+            print(f"No running clusters to stop in profile {self.profile}.")
         return 0
-    header = ("PROFILE", "CLUSTER ID", "ENGINES", "CONTROLLER PID")
-    table = [header] + [
-        (r["profile"], _show_id(r["cluster_id"]), str(r["engines"]), str(r["controller_pid"]))
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return 0
 
 
-# ---- the command line ---------------------------------------------------------------
+class ListCommand(ClusterCommand):
+    name = f"{PROG} list"
+    usage = f"{PROG} list [--profile P] [-o text|json] [options]"
+    description = "List running clusters (pruning the files of dead ones)."
+    output = CaselessStrEnum(["text", "json"], default_value="text", help="Output format.").tag(
+        config=True)
+    aliases = {**ClusterCommand.aliases, "o": "ListCommand.output", "output": "ListCommand.output"}
+
+    def start(self) -> None:
+        sys.exit(self.run())
+
+    def run(self) -> int:
+        """A table (or ``-o json``) of running clusters of one profile (``--profile``) or all."""
+        one = self.location if self.option_given("profile") or self.option_given("location") else None
+        clusters = running_clusters(Path(self.ipython_dir), one)
+        rows = [
+            {
+                "profile": c.profile,
+                "cluster_id": c.cluster_id,
+                "engines": c.engine_count,
+                "controller_pid": c.controller.pid,
+                "engine_pids": [e.pid for v in c.engines.values() for e in v],
+                "cluster_file": str(c.cluster_file),
+            }
+            for c in clusters
+        ]
+        if self.output == "json":
+            json.dump(rows, sys.stdout, indent=1)
+            print()
+            return 0
+        header = ("PROFILE", "CLUSTER ID", "ENGINES", "CONTROLLER PID")
+        table = [header] + [
+            (r["profile"], _show_id(r["cluster_id"]), str(r["engines"]), str(r["controller_pid"]))
+            for r in rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        for row in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        return 0
 
 
-def _engine_count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of engines: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError("the number of engines cannot be negative")
-    return n
+class EnginesCommand(ClusterCommand):
+    name = f"{PROG} engines"
+    usage = f"{PROG} engines -n N [--profile P] [--cluster-id ID] [options]"
+    description = ("Add N engines to a running cluster; returns once they are registered. "
+                   "They run in the background and stop with the cluster.")
+    aliases = {**ClusterCommand.aliases, "n": "Cluster.n", "timeout": "Cluster.engine_timeout"}
+
+    def start(self) -> None:
+        sys.exit(self.run())
+
+    def run(self) -> int:
+        path = _cluster_file(self.location, self.cluster_id)
+        cluster = load_cluster(path) if path.exists() else None
+        if cluster is None or cluster.controller is None:
+            self.say_error(f"no running cluster {_show_id(self.cluster_id)} in profile {self.profile}. "
+                           f"{_running_summary(Path(self.ipython_dir), self.location)}")
+            return EXIT_NOT_RUNNING
+        cluster.update_config(self.config)
+        cluster.daemonize = True
+        cluster.log_level = self.log_level
+        n = self.config.Cluster.get("n", 1)
+        client = cluster.connect_client_sync()
+        try:
+            before = len(client.ids)
+            engine_set_id = cluster.start_engines_sync(n)
+            try:
+                cluster.wait_for_engines(client, before + n)
+            except ClusterError as e:
+                cluster.stop_engines_sync(engine_set_id)
+                self.say_error(f"the new engines failed to start: {e}")
+                return EXIT_FAILURE
+        finally:
+            client.close()
+        print(f"Added {n} engines to {_describe(cluster)}: {before + n} engines now.", flush=True)
+        return 0
 
 
-def _log_level(text: str) -> str | int:
-    if text.isdigit():
-        return int(text)
-    level = text.upper().replace("WARNING", "WARN")
-    if level not in _LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"{text!r} is none of {', '.join(_LOG_LEVELS)}")
-    return level
+class CleanCommand(ClusterCommand):
+    name = f"{PROG} clean"
+    usage = f"{PROG} clean [--profile P] [options]"
+    description = ("Remove the log files of processes that are gone and the files of clusters "
+                   "that no longer run, in one profile (--profile) or all.")
+
+    def start(self) -> None:
+        sys.exit(self.run())
+
+    def run(self) -> int:
+        one = self.location if self.option_given("profile") or self.option_given("location") else None
+        ipython_dir = Path(self.ipython_dir)
+        files = len(list(_cluster_files(ipython_dir, one)))
+        running = running_clusters(ipython_dir, one)  # prunes the files of dead clusters
+        removed = 0
+        for folder in _profile_dirs(ipython_dir, one):
+            for log in (folder / "log").glob("*.log"):
+                pid = log_file_pid(log)
+                if log.name.startswith(".starting-") or (pid is not None and not pid_running(pid)):
+                    log.unlink(missing_ok=True)
+                    removed += 1
+        print(f"Removed {removed} log files and {files - len(running)} files of stopped clusters; "
+              f"{len(running)} clusters still run.", flush=True)
+        return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``ipcluster-lite`` and its subcommands."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--ipython-dir", metavar="DIR",
-                        help="IPython directory (default: $IPYTHONDIR or ~/.ipython)")
+SUBCOMMANDS = {
+    "start": (StartCommand, "start a controller and engines"),
+    "stop": (StopCommand, "stop a running cluster"),
+    "list": (ListCommand, "list running clusters"),
+    "engines": (EnginesCommand, "add engines to a running cluster"),
+    "clean": (CleanCommand, "remove log files and files of stopped clusters"),
+}
 
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Start, stop and list ipyparallel_lite clusters.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{start,stop,list}", required=True)
-    parser.set_defaults(subparsers=sub.choices)
 
-    start = sub.add_parser(
-        "start", parents=[common], help="start a controller and engines",
-        description="Start a controller and N engines; ready when all engines registered. "
-                    "In the foreground until Ctrl-C, or in the background with --daemonize.")
-    start.add_argument("-n", "--n", type=_engine_count, default=None, metavar="N",
-                       help="number of engines (default: number of CPUs)")
-    start.add_argument("--profile", default="default", help="IPython profile (default: default)")
-    start.add_argument("--cluster-id", default="", metavar="ID",
-                       help="names the connection files (default: '', found by a plain Client())")
-    start.add_argument("--daemonize", action="store_true",
-                       help="leave the cluster running in the background and exit once ready")
-    start.add_argument("--ip", default="127.0.0.1", help="interface the controller listens on")
-    start.add_argument("--log-level", type=_log_level, default="WARN", metavar="LEVEL",
-                       help=f"log level of controller and engines ({', '.join(_LOG_LEVELS)})")
-    start.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                       help="how long engines may take to register (default: 60)")
-    start.set_defaults(func=cmd_start)
+class IPClusterApp(Application):
+    """``ipcluster-lite``: dispatches to its subcommands."""
 
-    stop = sub.add_parser(
-        "stop", parents=[common], help="stop a running cluster",
-        description="Stop a cluster's engines, then its controller, and remove its files.")
-    stop.add_argument("--profile", default="default", help="IPython profile (default: default)")
-    which = stop.add_mutually_exclusive_group()
-    which.add_argument("--cluster-id", default="", metavar="ID",
-                       help="the cluster to stop (default: '')")
-    which.add_argument("--all", action="store_true", help="stop every cluster of the profile")
-    stop.set_defaults(func=cmd_stop)
+    name = PROG
+    version = __version__
+    description = "Start, stop, list, grow and clean ipyparallel_lite clusters."
+    usage = f"{PROG} {{{','.join(SUBCOMMANDS)}}} [options]"
+    subcommands = {k: (cls, help) for k, (cls, help) in SUBCOMMANDS.items()}
 
-    lst = sub.add_parser(
-        "list", parents=[common], help="list running clusters",
-        description="List running clusters (pruning the files of dead ones).")
-    lst.add_argument("--profile", default=None, help="only this profile (default: all)")
-    lst.add_argument("-o", "--output", choices=("text", "json"), default="text",
-                     help="output format (default: text)")
-    lst.set_defaults(func=cmd_list)
-    return parser
+    def emit_description(self) -> Iterator[str]:
+        yield f"usage: {self.usage}"
+        yield ""
+        yield from super().emit_description()
+
+    def start(self) -> None:
+        if self.subapp is None:
+            raise UsageError("a subcommand is required: " + ", ".join(SUBCOMMANDS))
+        self.subapp.start()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``ipcluster-lite`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
 
-    Usage errors exit 2 (through argparse's ``SystemExit``).
+    Usage errors exit 2, with the subcommand's short usage.
     """
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # complain with the subcommand's own (short) usage
-        args.subparsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    app = IPClusterApp()
     try:
-        return args.func(args)
-    except ClusterError as e:
-        print(f"{PROG} {args.command}: {e}", file=sys.stderr)
+        try:
+            app.initialize(argv)
+            app.start()
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILURE)
+    except UsageError as e:
+        which = app.subapp or app
+        print(f"usage: {which.usage}\n{which.name}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigFileError as e:
+        print(f"{(app.subapp or app).name}: error in config file {e}", file=sys.stderr)
         return EXIT_FAILURE
+    except ClusterError as e:
+        print(f"{(app.subapp or app).name}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:  # subcommands are singletons: let main() run again in this process
+        for cls, _ in SUBCOMMANDS.values():
+            cls.clear_instance()
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ Every method is a coroutine with a ``_sync`` twin, as in IPython parallel::
     with ipp.Cluster(n=4) as rc:      # returns once 4 engines are registered
         rc[:].apply_sync(os.getpid)
 
+``Cluster`` is a traitlets ``Configurable``: ``Cluster(profile="p")`` reads
+``profile_p/ipcluster_config.py`` (``c.Cluster.n = 8``, ``c.LocalEngineLauncher...``)
+unless ``load_profile=False``; keyword arguments win over the file. Before any process
+starts, the profile's controller and engine config files are checked too, so a broken
+one stops the start with one message naming its file and line, not half a cluster.
+
 The controller and the engines start at the same moment: engines wait for the
 connection file while they import, so a cluster is ready in about the time one engine
 takes to start. A cluster file (``security/cluster-<id>.json``) records the processes
@@ -14,20 +20,26 @@ so that ``ipcluster-lite stop`` or another ``Cluster`` can find them again.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
+from traitlets import Bool, Float, Integer, List, Unicode, Union, default
+from traitlets.config import LoggingConfigurable
+
 from ipyparallel_lite.cluster.launcher import (
+    LocalControllerLauncher,
+    LocalEngineLauncher,
     LocalProcessLauncher,
-    controller_command,
-    engine_command,
     launcher_from_dict,
 )
-from ipyparallel_lite.connection import connection_file_path, profile_dir, write_private_file
+from ipyparallel_lite.config import find_profile_dir, load_config_file
+from ipyparallel_lite.connection import connection_file_path, write_private_file
 
 
 class ClusterError(RuntimeError):
@@ -63,121 +75,203 @@ def _sync_twins(cls: type) -> type:
     return cls
 
 
+async def _stop_processes(launchers: list[LocalProcessLauncher]) -> None:
+    """SIGTERM to all at once, SIGKILL to those still running after their stop_timeout.
+
+    No threads: this also runs from an atexit hook, when no new thread may start.
+    """
+    for launcher in launchers:
+        launcher.signal(signal.SIGTERM)
+    deadline = time.monotonic() + max((e.stop_timeout for e in launchers), default=0)
+    while any(e.running for e in launchers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    for launcher in launchers:
+        launcher.stop(timeout=0)  # SIGKILL if still running; reaps our children
+
+
+def _new_cluster_id() -> str:
+    return f"{int(time.time())}-{secrets.token_hex(2)}"
+
+
 @_sync_twins
-class Cluster:
+class Cluster(LoggingConfigurable):
     """A local cluster: one controller process and ``n`` engine processes.
 
     ``n`` defaults to the number of CPUs. ``cluster_id`` names the connection files
-    (a fresh one by default); ``profile`` picks the IPython profile folder.
+    (a fresh one by default); ``profile`` (or ``profile_dir``) picks the IPython profile.
     """
 
-    def __init__(
-        self,
-        n: int | None = None,
-        *,
-        profile: str = "default",
-        cluster_id: str | None = None,
-        ipython_dir: str | None = None,
-        controller_ip: str = "127.0.0.1",
-        controller_args: list[str] | None = None,
-        engine_args: list[str] | None = None,
-        engines: str = "local",
-        log_level: str = "WARN",
-        daemonize: bool = False,
-        engine_timeout: float = 60.0,
-        **kwargs: Any,
-    ):
+    n = Integer(None, allow_none=True, help="Number of engines (default: the number of CPUs).").tag(
+        config=True)
+    profile = Unicode("default", help="IPython profile of the cluster.").tag(config=True)
+    ipython_dir = Unicode(None, allow_none=True,
+                          help="IPython directory (default: $IPYTHONDIR or ~/.ipython).").tag(config=True)
+    cluster_id = Unicode(help="Names the cluster's files (default: a fresh id).").tag(config=True)
+    controller_ip = Unicode("127.0.0.1", help="Interface the controller listens on.").tag(config=True)
+    controller_args = List(Unicode(), help="Extra command-line arguments of the controller.").tag(
+        config=True)
+    engine_args = List(Unicode(), help="Extra command-line arguments of every engine.").tag(config=True)
+    log_level = Union([Integer(), Unicode()], default_value="INFO",
+                      help="Log level of the controller and engines.").tag(config=True)
+    daemonize = Bool(False, help="Let the processes outlive this one.").tag(config=True)
+    engine_timeout = Float(60.0, help="Seconds engines may take to register.").tag(config=True)
+    controller_timeout = Float(30.0, help="Seconds the controller may take to listen.").tag(config=True)
+    load_profile = Bool(True, help="Read the profile's ipcluster_config.py.").tag(config=True)
+    shutdown_atexit = Bool(True, help="Stop the cluster when this process exits "
+                                      "(not a daemonized one).").tag(config=True)
+
+    @default("cluster_id")
+    def _cluster_id_default(self) -> str:
+        return _new_cluster_id()
+
+    def __init__(self, n: int | None = None, *, profile_dir: str | Path | None = None,
+                 engines: str = "local", **kwargs: Any):
         if engines != "local":
             raise ValueError(f"unknown engine launcher {engines!r}; this release has 'local'")
         if n is not None and (not isinstance(n, int) or n < 0):
             raise ValueError(f"n must be a non-negative number of engines, not {n!r}")
-        self.n = n if n is not None else (os.cpu_count() or 1)
-        self.profile = profile
-        self.cluster_id = (
-            cluster_id if cluster_id is not None else f"{int(time.time())}-{secrets.token_hex(2)}"
-        )
-        self.ipython_dir = ipython_dir
-        self.controller_ip = controller_ip
-        self.controller_args = list(controller_args or [])
-        self.engine_args = list(engine_args or [])
-        self.log_level = log_level
-        self.daemonize = daemonize
-        self.engine_timeout = engine_timeout
+        self._profile_dir = find_profile_dir(kwargs.get("profile") or "default",
+                                              kwargs.get("ipython_dir"), profile_dir)
+        if kwargs.get("load_profile", True) and "config" not in kwargs:
+            kwargs["config"] = load_config_file(self._profile_dir / "ipcluster_config.py",
+                                                [Cluster, LocalControllerLauncher, LocalEngineLauncher])
+        if n is not None:
+            kwargs["n"] = n
+        super().__init__(**kwargs)
+        if self._profile_dir.name.startswith("profile_") and "profile" not in kwargs:
+            self.profile = self._profile_dir.name.removeprefix("profile_")
+        if self.n is None:
+            self.n = os.cpu_count() or 1
         self.controller: LocalProcessLauncher | None = None
         self.engines: dict[str, list[LocalProcessLauncher]] = {}
         self._client: Any = None
 
     def __repr__(self) -> str:
-        running = "running" if self.controller and self.controller.running else "stopped"
-        return f"<Cluster(cluster_id={self.cluster_id!r}, profile={self.profile!r}, {running}, {self.engine_count} engines)>"
+        from ipyparallel_lite.client.reprs import cluster_repr
+
+        return cluster_repr(self)
+
+    def _repr_html_(self) -> str:
+        from ipyparallel_lite.client.reprs import cluster_html
+
+        return cluster_html(self)
 
     # ---- files ------------------------------------------------------------------
 
     @property
     def profile_dir(self) -> Path:
-        return profile_dir(self.profile, self.ipython_dir)
+        """The profile's folder (``profile_<profile>`` in the IPython directory)."""
+        return self._profile_dir
 
     def connection_file(self, kind: str) -> Path:
-        return connection_file_path(kind, self.profile, self.cluster_id, self.ipython_dir)
+        return connection_file_path(kind, cluster_id=self.cluster_id, profile_dir_path=self.profile_dir)
 
     @property
     def cluster_file(self) -> Path:
         return self.profile_dir / "security" / f"cluster-{self.cluster_id}.json"
 
-    def _log_file(self, name: str) -> Path:
-        return self.profile_dir / "log" / f"ipp-lite-{self.cluster_id}-{name}.log"
-
     def _common_args(self) -> list[str]:
-        args = [f"--profile={self.profile}", f"--cluster-id={self.cluster_id}", f"--log-level={self.log_level}"]
-        if self.ipython_dir:
-            args.append(f"--ipython-dir={self.ipython_dir}")
-        return args
+        return [f"--profile-dir={self.profile_dir}", f"--cluster-id={self.cluster_id}",
+                f"--log-level={self.log_level}"]
 
     def to_dict(self) -> dict:
+        """What the cluster file records: enough for :meth:`from_dict` to find the processes."""
         return {
-            "cluster": {"cluster_id": self.cluster_id, "profile": self.profile, "n": self.n,
-                        "ipython_dir": self.ipython_dir},
+            "cluster": {"class": type(self).__name__, "cluster_id": self.cluster_id,
+                        "profile": self.profile, "profile_dir": str(self.profile_dir),
+                        "n": self.n, "ipython_dir": self.ipython_dir},
             "controller": self.controller.to_dict() if self.controller else None,
             "engines": {k: [e.to_dict() for e in v] for k, v in self.engines.items()},
         }
 
-    def _write_cluster_file(self) -> None:
+    def update_cluster_file(self) -> None:
+        """Write the cluster file (mode 0600)."""
         write_private_file(self.cluster_file, json.dumps(self.to_dict(), indent=2))
 
+    def remove_cluster_file(self) -> None:
+        self.cluster_file.unlink(missing_ok=True)
+
     @classmethod
-    def from_file(cls, path: str | Path) -> Cluster:
-        """A Cluster object for a cluster started elsewhere (by the CLI, say)."""
-        d = json.loads(Path(path).read_text())
+    def from_dict(cls, d: dict, **kwargs: Any) -> Cluster:
+        """A Cluster object for the processes recorded in ``d`` (see :meth:`to_dict`)."""
         c = d["cluster"]
         cluster = cls(n=c.get("n"), profile=c["profile"], cluster_id=c["cluster_id"],
-                      ipython_dir=c.get("ipython_dir"))
+                      ipython_dir=c.get("ipython_dir"), profile_dir=c.get("profile_dir"),
+                      load_profile=False, **kwargs)
         if d.get("controller"):
-            cluster.controller = launcher_from_dict(d["controller"])
-        cluster.engines = {k: [launcher_from_dict(e) for e in v] for k, v in d.get("engines", {}).items()}
+            cluster.controller = launcher_from_dict(d["controller"], parent=cluster)
+        cluster.engines = {k: [launcher_from_dict(e, parent=cluster) for e in v]
+                           for k, v in d.get("engines", {}).items()}
         return cluster
+
+    @classmethod
+    def from_file(cls, cluster_file: str | Path | None = None, *, profile: str | None = None,
+                  profile_dir: str | Path | None = None, cluster_id: str = "",
+                  **kwargs: Any) -> Cluster:
+        """A Cluster object for a cluster started elsewhere (by ``ipcluster-lite``, say).
+
+        Either the cluster file's path, or the profile (or profile folder) and cluster id.
+        """
+        if cluster_file is None:
+            folder = find_profile_dir(profile or "default", kwargs.get("ipython_dir"), profile_dir)
+            cluster_file = folder / "security" / f"cluster-{cluster_id}.json"
+        return cls.from_dict(json.loads(Path(cluster_file).read_text()), **kwargs)
+
+    def check_config_files(self) -> None:
+        """Raise ConfigFileError if the profile's controller or engine config file is broken.
+
+        Run before anything starts: a broken file must not leave half a cluster.
+        """
+        checks = {"ipython_config.py": list}
+        if (self.profile_dir / "ipcontroller_config.py").exists():
+            from ipyparallel_lite.controller.app import ControllerApp
+
+            checks["ipcontroller_config.py"] = ControllerApp.checked_classes
+        if (self.profile_dir / "ipengine_config.py").exists():
+            from ipyparallel_lite.engine.app import EngineApp
+
+            checks["ipengine_config.py"] = EngineApp.checked_classes
+        for name, classes in checks.items():
+            load_config_file(self.profile_dir / name, classes())
 
     # ---- controller ----------------------------------------------------------------
 
-    async def start_controller(self) -> None:
-        """Start the controller process (its connection files appear when it listens)."""
+    def _launch_controller(self) -> None:
         if self.controller is not None and self.controller.running:
             raise ClusterError(f"the controller of cluster {self.cluster_id!r} is already running")
         for kind in ("client", "engine"):
             self.connection_file(kind).unlink(missing_ok=True)
         args = [*self._common_args(), f"--ip={self.controller_ip}", *self.controller_args]
-        self.controller = LocalProcessLauncher(
-            controller_command(args), self._log_file("controller"), daemonize=self.daemonize
-        )
+        self.controller = LocalControllerLauncher.for_cluster(
+            args, self.profile_dir / "log", self.cluster_id, daemonize=self.daemonize, parent=self)
         self.controller.start()
-        self._write_cluster_file()
+        if self.shutdown_atexit and not self.daemonize:
+            # the children would exit anyway (they watch this process); this also removes
+            # the cluster's files and does not leave the engines waiting for it
+            atexit.register(self.stop_cluster_sync)
+        self.log.info("cluster %r: controller started (pid %s)", self.cluster_id, self.controller.pid)
+        self.update_cluster_file()
 
-    async def _wait_for_connection_file(self, timeout: float = 30) -> Path:
+    async def start_controller(self) -> None:
+        """Start the controller; return once a Client can connect to it."""
+        self.check_config_files()
+        self._launch_controller()
+        try:
+            await self._wait_for_connection_file()
+        except BaseException:
+            await self.stop_controller()
+            self.remove_cluster_file()
+            raise
+
+    async def _wait_for_connection_file(self) -> Path:
         path = self.connection_file("client")
+        timeout = self.controller_timeout
         deadline = time.monotonic() + timeout
         while not path.exists():
             if self.controller is None or not self.controller.running:
                 tail = self.controller.log_tail() if self.controller else ""
-                raise ClusterError(f"the controller exited before it was ready. Its log:\n{tail}")
+                log = self.controller.log_file if self.controller else "?"
+                raise ClusterError(f"the controller exited before it was ready. Its log ({log}):\n{tail}")
             if time.monotonic() > deadline:
                 raise ClusterError(f"the controller wrote no connection file within {timeout}s")
             await asyncio.sleep(0.01)
@@ -185,7 +279,8 @@ class Cluster:
 
     async def stop_controller(self) -> None:
         if self.controller is not None:
-            await asyncio.to_thread(self.controller.stop)
+            await _stop_processes([self.controller])
+            self.log.info("cluster %r: controller stopped", self.cluster_id)
         for kind in ("client", "engine"):
             self.connection_file(kind).unlink(missing_ok=True)
 
@@ -195,30 +290,60 @@ class Cluster:
         """Start ``n`` engines (default: the cluster's ``n``); returns the engine set's id."""
         n = self.n if n is None else n
         engine_set_id = engine_set_id or f"{int(time.time() * 1000)}-{secrets.token_hex(2)}"
-        args = [*self._common_args(), f"--EngineApp.registration_timeout={self.engine_timeout}",
+        args = [*self._common_args(), f"--IPEngine.registration_timeout={self.engine_timeout}",
                 *self.engine_args]
         launchers = [
-            LocalProcessLauncher(engine_command(args), self._log_file(f"engine-{engine_set_id}-{i}"),
-                                 daemonize=self.daemonize)
-            for i in range(n)
+            LocalEngineLauncher.for_cluster(args, self.profile_dir / "log", self.cluster_id,
+                                            daemonize=self.daemonize, parent=self)
+            for _ in range(n)
         ]
         for launcher in launchers:
             launcher.start()
-        self.engines[engine_set_id] = launchers
-        self._write_cluster_file()
+        self.engines.setdefault(engine_set_id, []).extend(launchers)
+        self.log.info("cluster %r: %d engines started (engine set %s)", self.cluster_id, n,
+                      engine_set_id)
+        self.update_cluster_file()
         return engine_set_id
 
+    def _engine_sets(self, engine_set_id: str | None) -> list[str]:
+        if engine_set_id is None:
+            return list(self.engines)
+        if engine_set_id not in self.engines:
+            raise KeyError(f"no engine set {engine_set_id!r} in cluster {self.cluster_id!r}; "
+                           f"its engine sets are {sorted(self.engines)}")
+        return [engine_set_id]
+
     async def stop_engines(self, engine_set_id: str | None = None) -> None:
-        ids = [engine_set_id] if engine_set_id else list(self.engines)
+        """Stop one engine set, or every engine of the cluster."""
+        ids = self._engine_sets(engine_set_id)
         launchers = [e for i in ids for e in self.engines.pop(i, [])]
-        await asyncio.gather(*(asyncio.to_thread(e.stop) for e in launchers))
-        self._write_cluster_file()
+        await _stop_processes(launchers)
+        if launchers:
+            self.log.info("cluster %r: %d engines stopped", self.cluster_id, len(launchers))
+        if self.controller is not None:
+            self.update_cluster_file()
+
+    async def stop_engine_set(self, engine_set_id: str) -> None:
+        await self.stop_engines(engine_set_id)
 
     async def signal_engines(self, signum: int, engine_set_id: str | None = None) -> None:
-        ids = [engine_set_id] if engine_set_id else list(self.engines)
-        for i in ids:
+        """Send signal ``signum`` to one engine set's processes, or to every engine."""
+        for i in self._engine_sets(engine_set_id):
             for launcher in self.engines.get(i, []):
                 launcher.signal(signum)
+
+    async def signal_engine_set(self, signum: int, engine_set_id: str) -> None:
+        await self.signal_engines(signum, engine_set_id)
+
+    async def restart_engines(self, engine_set_id: str | None = None) -> None:
+        """Stop and start again one engine set (or all), as many engines as each had."""
+        for i in self._engine_sets(engine_set_id):
+            n = len(self.engines[i])
+            await self.stop_engines(i)
+            await self.start_engines(n, i)
+
+    async def restart_engine_set(self, engine_set_id: str) -> None:
+        await self.restart_engines(engine_set_id)
 
     @property
     def engine_count(self) -> int:
@@ -227,11 +352,19 @@ class Cluster:
     # ---- the whole cluster --------------------------------------------------------
 
     async def start_cluster(self, n: int | None = None) -> Cluster:
-        """Start the controller and ``n`` engines together."""
-        await self.start_controller()
-        if (self.n if n is None else n) > 0:
-            await self.start_engines(n)
-        await self._wait_for_connection_file()
+        """Start the controller and ``n`` engines together; return once a Client can connect.
+
+        If the controller fails, nothing started is left running.
+        """
+        self.check_config_files()
+        self._launch_controller()
+        try:
+            if (self.n if n is None else n) > 0:
+                await self.start_engines(n)
+            await self._wait_for_connection_file()
+        except BaseException:
+            await self.stop_cluster()
+            raise
         return self
 
     async def connect_client(self, **kwargs: Any) -> Any:
@@ -252,7 +385,7 @@ class Cluster:
         try:
             await self.start_cluster(n)
             client = await self.connect_client()
-            await asyncio.to_thread(self._wait_for_engines, client, n)
+            await asyncio.to_thread(self.wait_for_engines, client, n)
         except BaseException:
             await self.stop_cluster()
             raise
@@ -260,52 +393,59 @@ class Cluster:
             client.activate()
         return client
 
-    def _wait_for_engines(self, client: Any, n: int) -> None:
-        """Wait for ``n`` engines, failing fast (with the logs) when processes die instead."""
+    def wait_for_engines(self, client: Any, n: int, timeout: float | None = None,
+                         progress: bool | None = None) -> None:
+        """Wait until ``n`` engines are registered with ``client``'s controller.
+
+        Fails fast, with the relevant log, when the controller or too many engines exit;
+        raises ClusterError after ``timeout`` seconds (default ``engine_timeout``).
+        ``progress``: show a bar (default: when someone is watching).
+        """
         from ipyparallel_lite.client.progress import Progress
 
-        deadline = time.monotonic() + self.engine_timeout
-        with Progress(total=n, label="engines ready") as progress:
+        timeout = self.engine_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with Progress(total=n, label="engines ready", enabled=progress) as bar:
             while True:
-                progress.update(len(client.ids))
+                bar.update(len(client.ids))
                 try:
-                    client.wait_for_engines(n, timeout=0.25, interactive=False)
-                    progress.update(len(client.ids), force=True)
+                    client.wait_for_engines(n, timeout=0.1, interactive=False)
+                    bar.update(len(client.ids), force=True)
                     return
                 except TimeoutError:
                     pass
                 self._check_processes(client, n)
                 if time.monotonic() > deadline:
+                    launchers = [e for v in self.engines.values() for e in v]
+                    logs = [e for e in launchers if e.log_tail()] or [self.controller]
                     raise ClusterError(
-                        f"only {len(client.ids)} of {n} engines registered within {self.engine_timeout}s"
+                        f"only {len(client.ids)} of {n} engines registered within {timeout:g}s. "
+                        f"Log of {logs[0].log_file}:\n{logs[0].log_tail() or '(empty)'}"
                     )
 
     def _check_processes(self, client: Any, n: int) -> None:
         if self.controller is None or not self.controller.running:
             tail = self.controller.log_tail() if self.controller else ""
-            raise ClusterError(f"the controller exited while engines were starting. Its log:\n{tail}")
+            log = self.controller.log_file if self.controller else "?"
+            raise ClusterError(f"the controller exited while engines were starting. Its log ({log}):\n{tail}")
         launchers = [e for v in self.engines.values() for e in v]
         dead = [e for e in launchers if not e.running]
         if len(launchers) - len(dead) < n - len(client.ids):
-            tail = dead[0].log_tail() if dead else ""
             raise ClusterError(
                 f"{len(dead)} of {len(launchers)} engines exited before registering; "
-                f"{len(client.ids)} registered. The first one's log:\n{tail}"
+                f"{len(client.ids)} registered. Log of the first ({dead[0].log_file}):\n"
+                f"{dead[0].log_tail()}"
             )
 
     async def stop_cluster(self) -> None:
         """Stop the engines, then the controller, and remove the cluster's files."""
+        atexit.unregister(self.stop_cluster_sync)
         if self._client is not None:
             self._client.close()
             self._client = None
         await self.stop_engines()
         await self.stop_controller()
-        self.cluster_file.unlink(missing_ok=True)
-
-    async def restart_engines(self, engine_set_id: str | None = None) -> None:
-        n = self.engine_count
-        await self.stop_engines(engine_set_id)
-        await self.start_engines(n)
+        self.remove_cluster_file()
 
     # ---- context managers -----------------------------------------------------------
 

@@ -1,9 +1,16 @@
 """Launchers: how controller and engine processes get started and stopped.
 
-A launcher is one small class per way of starting processes. This module has the
-local one (child processes of this machine); MPI, SSH and batch launchers follow the
-same interface: ``start()``, ``stop()``, ``signal(sig)``, ``running``, ``pids``,
+A launcher is one small ``Configurable`` class per way of starting processes. This
+module has the local ones (child processes of this machine): ``LocalControllerLauncher``
+and ``LocalEngineLauncher``, configured under ipyparallel's names
+(``c.LocalControllerLauncher.controller_cmd``, ``c.LocalEngineLauncher.engine_args``,
+``c.LocalProcessLauncher.stop_timeout``). MPI, SSH and batch launchers follow the same
+interface: ``start()``, ``stop()``, ``signal(sig)``, ``running``, ``pid``,
 ``to_dict()`` / ``from_dict()`` so a cluster file can find them again.
+
+A child's stdout and stderr go to its log file, ``log/<ipcontroller|ipengine>-<cluster
+id>-<pid>.log`` in the profile: what it logs and whatever it prints before logging
+works (an import error, say) end up in one file per process.
 
 Children started for a foreground owner watch it (``IPP_LITE_PARENT_PID``) and exit
 when it is gone, so no engine outlives the notebook or script that started it, even
@@ -13,6 +20,7 @@ when that process is killed.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from traitlets import Float, List, Unicode
+from traitlets.config import LoggingConfigurable
+
+from ipyparallel_lite.applog import log_file_name
 
 PARENT_PID_ENV = "IPP_LITE_PARENT_PID"
 
@@ -43,11 +55,20 @@ def watch_parent() -> None:
     threading.Thread(target=watch, name="ipp-lite-parent-watch", daemon=True).start()
 
 
-class LocalProcessLauncher:
-    """One child process on this machine, its output in a log file."""
+class LocalProcessLauncher(LoggingConfigurable):
+    """One child process on this machine, its output in a log file.
 
-    def __init__(self, args: list[str], log_file: Path, *, env: dict | None = None,
-                 daemonize: bool = False, pid: int | None = None, create_time: float | None = None):
+    ``log_file`` may contain ``{pid}``: the file is renamed to carry the child's pid
+    once it runs.
+    """
+
+    stop_timeout = Float(3.0, help="Seconds between SIGTERM and SIGKILL when stopping.").tag(
+        config=True)
+
+    def __init__(self, args: list[str], log_file: str | Path, *, env: dict | None = None,
+                 daemonize: bool = False, pid: int | None = None, create_time: float | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
         self.args = args
         self.log_file = Path(log_file)
         self.env = env or {}
@@ -66,12 +87,18 @@ class LocalProcessLauncher:
         if not self.daemonize:
             env[PARENT_PID_ENV] = str(os.getpid())
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "wb") as log:  # a fresh log per run: its tail explains this run
+        starting = self.log_file.with_name(f".starting-{secrets.token_hex(4)}.log")
+        with open(starting, "wb") as log:
             self.process = subprocess.Popen(
                 self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=self.daemonize, close_fds=True,
             )
+        # the child keeps writing to the renamed file: its descriptor follows the rename
+        self.log_file = self.log_file.with_name(self.log_file.name.format(pid=self.process.pid))
+        os.replace(starting, self.log_file)
         self.create_time = _create_time(self.process.pid)
+        self.log.debug("started pid %d: %s (log %s)", self.process.pid, " ".join(self.args),
+                       self.log_file)
 
     @property
     def running(self) -> bool:
@@ -88,8 +115,9 @@ class LocalProcessLauncher:
             except ProcessLookupError:
                 pass
 
-    def stop(self, timeout: float = 3.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds (default ``stop_timeout``)."""
+        timeout = self.stop_timeout if timeout is None else timeout
         self.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while self.running and time.monotonic() < deadline:
@@ -97,7 +125,7 @@ class LocalProcessLauncher:
         if self.running:
             self.signal(signal.SIGKILL)
             if self.process is not None:
-                self.process.wait(timeout)
+                self.process.wait(10)  # a SIGKILLed child ends at once; reap it
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -107,13 +135,58 @@ class LocalProcessLauncher:
         return "\n".join(text.splitlines()[-lines:])
 
     def to_dict(self) -> dict:
-        return {"args": self.args, "log_file": str(self.log_file), "pid": self.pid,
-                "daemonize": self.daemonize, "create_time": self.create_time}
+        return {"class": type(self).__name__, "args": self.args, "log_file": str(self.log_file),
+                "pid": self.pid, "daemonize": self.daemonize, "create_time": self.create_time}
 
     @classmethod
-    def from_dict(cls, d: dict) -> LocalProcessLauncher:
+    def from_dict(cls, d: dict, **kwargs: Any) -> LocalProcessLauncher:
         return cls(d["args"], Path(d["log_file"]), daemonize=d.get("daemonize", False), pid=d.get("pid"),
-                   create_time=d.get("create_time"))
+                   create_time=d.get("create_time"), **kwargs)
+
+
+    #: the start of the log file name of such a process
+    log_prefix = "ipcluster"
+
+    def command_line(self, args: list[str]) -> list[str]:
+        """The whole command line, given the cluster's arguments for this process."""
+        return list(args)
+
+    @classmethod
+    def for_cluster(cls, args: list[str], log_dir: Path, cluster_id: str, **kwargs: Any
+                    ) -> LocalProcessLauncher:
+        """A launcher of ``command_line(args)``, logging to ``log_dir``."""
+        launcher = cls([], log_dir / log_file_name(cls.log_prefix, cluster_id, "{pid}"), **kwargs)
+        launcher.args = launcher.command_line(args)
+        return launcher
+
+
+class LocalControllerLauncher(LocalProcessLauncher):
+    """The controller, as a child process."""
+
+    log_prefix = "ipcontroller"
+    controller_cmd = List(Unicode(), default_value=[sys.executable, "-m", "ipyparallel_lite.controller"],
+                          help="Command that starts a controller.").tag(config=True)
+    controller_args = List(Unicode(), help="Arguments added to every controller's command line.").tag(
+        config=True)
+
+    def command_line(self, args: list[str]) -> list[str]:
+        return [*self.controller_cmd, *args, *self.controller_args]
+
+
+class LocalEngineLauncher(LocalProcessLauncher):
+    """One engine, as a child process."""
+
+    log_prefix = "ipengine"
+    engine_cmd = List(Unicode(), default_value=[sys.executable, "-m", "ipyparallel_lite.engine"],
+                      help="Command that starts an engine.").tag(config=True)
+    engine_args = List(Unicode(), help="Arguments added to every engine's command line.").tag(
+        config=True)
+
+    def command_line(self, args: list[str]) -> list[str]:
+        return [*self.engine_cmd, *args, *self.engine_args]
+
+
+LAUNCHERS = {c.__name__: c for c in (LocalProcessLauncher, LocalControllerLauncher, LocalEngineLauncher)}
 
 
 def _create_time(pid: int) -> float | None:
@@ -121,6 +194,11 @@ def _create_time(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs (a zombie does not)."""
+    return _is_alive(pid, None)
 
 
 def _is_alive(pid: int, create_time: float | None) -> bool:
@@ -134,13 +212,6 @@ def _is_alive(pid: int, create_time: float | None) -> bool:
         return False
 
 
-def controller_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "ipyparallel_lite.controller", *args]
-
-
-def engine_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "ipyparallel_lite.engine", *args]
-
-
-def launcher_from_dict(d: dict) -> Any:
-    return LocalProcessLauncher.from_dict(d)
+def launcher_from_dict(d: dict, **kwargs: Any) -> LocalProcessLauncher:
+    """The launcher recorded by ``to_dict()`` (in a cluster file)."""
+    return LAUNCHERS.get(d.get("class", ""), LocalProcessLauncher).from_dict(d, **kwargs)

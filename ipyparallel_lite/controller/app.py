@@ -1,8 +1,10 @@
 """``ipcontroller-lite``: run a controller, writing its connection files.
 
-Configured through traitlets like every Jupyter application: ``--ip``,
-``--profile``, ``--cluster-id``, ``--scheme``, ``--hwm``, ``--hb-period`` on the
-command line, or ``c.ControllerApp.<name>`` in a config file.
+Configured as every command here (:mod:`ipyparallel_lite.baseapp`): ``--profile``,
+``--profile-dir``, ``--cluster-id``, ``--debug``, ``--Class.trait=value``, and the
+profile's ``ipcontroller_config.py``. The names follow ipyparallel where the concept is
+the same: ``c.IPController.ip``, ``c.TaskScheduler.scheme_name``,
+``c.TaskScheduler.hwm``; ``c.ControllerApp.<name>`` works too.
 
 Task records: ``store_class`` ``memory`` (default, spilling to a temporary SQLite
 file when full), ``sqlite`` (``--sqlitedb``: durable, in ``sqlite_path``) or ``none``
@@ -14,16 +16,17 @@ recorded as lost.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import sys
 from pathlib import Path
 
+from IPython.core.application import BaseIPythonApplication
+from IPython.core.profiledir import ProfileDir
 from traitlets import Bool, CaselessStrEnum, Float, Integer, Unicode
-from traitlets.config import Application
+from traitlets.config import Configurable
 
 from ipyparallel_lite._version import __version__
-from ipyparallel_lite.applog import LevelFilteredLogging
+from ipyparallel_lite.baseapp import ParallelApp, common_aliases, common_flags, run_app
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
     connection_file_path,
@@ -33,22 +36,27 @@ from ipyparallel_lite.connection import (
     write_connection_file,
 )
 from ipyparallel_lite.controller.hub import Hub
-from ipyparallel_lite.controller.scheduler import SCHEMES, TaskScheduler
+from ipyparallel_lite.controller.scheduler import SCHEMES
+from ipyparallel_lite.controller.scheduler import TaskScheduler as SchedulerCore
 from ipyparallel_lite.controller.server import Controller, PortTaken
 from ipyparallel_lite.controller.store import STORE_CLASSES, make_store
 
 
-class ControllerApp(LevelFilteredLogging, Application):
+class TaskScheduler(Configurable):
+    """Settings of the load-balancing scheduler, under ipyparallel's names."""
+
+    scheme_name = CaselessStrEnum(SCHEMES, default_value="leastload",
+                                  help="Task scheduling scheme.").tag(config=True)
+    hwm = Integer(1, help="Outstanding tasks allowed per engine (0: no limit).").tag(config=True)
+
+
+class IPController(ParallelApp, BaseIPythonApplication):
     name = "ipcontroller-lite"
     version = __version__
     description = "Start an ipyparallel_lite controller (Hub and schedulers in one process)."
+    log_file_prefix = "ipcontroller"
 
     ip = Unicode("127.0.0.1", help="Interface every channel binds to.").tag(config=True)
-    profile = Unicode("default", help="IPython profile whose security/ folder gets the files.").tag(config=True)
-    cluster_id = Unicode("", help="Names this cluster's connection files.").tag(config=True)
-    ipython_dir = Unicode("", help="IPython directory (default: $IPYTHONDIR or ~/.ipython).").tag(config=True)
-    scheme = CaselessStrEnum(SCHEMES, default_value="leastload", help="Task scheduling scheme.").tag(config=True)
-    hwm = Integer(1, help="Outstanding tasks allowed per engine (0: no limit).").tag(config=True)
     hb_period = Float(1.0, help="Heartbeat period in seconds.").tag(config=True)
     hb_max_misses = Integer(5, help="Missed heartbeats after which an engine is dead.").tag(config=True)
     record_limit = Integer(
@@ -81,30 +89,33 @@ class ControllerApp(LevelFilteredLogging, Application):
         "files and its SQLite records (with store_class=sqlite)."
     ).tag(config=True)
 
+    classes = [ProfileDir, TaskScheduler]
     aliases = {
-        "ip": "ControllerApp.ip",
-        "profile": "ControllerApp.profile",
-        "cluster-id": "ControllerApp.cluster_id",
-        "ipython-dir": "ControllerApp.ipython_dir",
-        "scheme": "ControllerApp.scheme",
-        "hwm": "ControllerApp.hwm",
-        "hb-period": "ControllerApp.hb_period",
-        "version-check": "ControllerApp.version_check",
-        "log-level": "Application.log_level",
-        "store": "ControllerApp.store_class",
+        **common_aliases,
+        "ip": "IPController.ip",
+        "cluster-id": "ParallelApp.cluster_id",
+        "scheme": "TaskScheduler.scheme_name",
+        "hwm": "TaskScheduler.hwm",
+        "hb-period": "IPController.hb_period",
+        "version-check": "IPController.version_check",
+        "store": "IPController.store_class",
     }
     flags = {
-        **Application.flags,
-        "sqlitedb": ({"ControllerApp": {"store_class": "sqlite"}},
+        **common_flags,
+        "sqlitedb": ({"IPController": {"store_class": "sqlite"}},
                      "Keep task records in SQLite (durable; needed for --restore)."),
-        "nodb": ({"ControllerApp": {"store_class": "none"}}, "Keep no task records."),
-        "restore": ({"ControllerApp": {"restore": True}},
+        "nodb": ({"IPController": {"store_class": "none"}}, "Keep no task records."),
+        "restore": ({"IPController": {"restore": True}},
                     "Restart a dead controller with its ports, key and SQLite records."),
     }
 
+    def _config_file_name_default(self) -> str:
+        return "ipcontroller_config.py"
+
     def connection_files(self) -> dict[str, Path]:
         return {
-            kind: connection_file_path(kind, self.profile, self.cluster_id, self.ipython_dir or None)
+            kind: connection_file_path(kind, cluster_id=self.cluster_id,
+                                       profile_dir_path=self.profile_dir.location)
             for kind in ("client", "engine")
         }
 
@@ -131,12 +142,13 @@ class ControllerApp(LevelFilteredLogging, Application):
                               "records died with the previous controller", self.store_class)
             sys.exit(2)
         previous = self.previous_connection() if self.restore else None
+        scheduling = TaskScheduler(parent=self)
         session = make_session(previous[0] if previous else new_key())
         path = self.database_path() if self.store_class == "sqlite" else None
         store = make_store(self.store_class, path=path, record_limit=self.record_limit)
         hub = Hub(store, hb_period=self.hb_period, max_misses=self.hb_max_misses,
                   version_check=self.version_check)
-        scheduler = TaskScheduler(scheme=self.scheme, hwm=self.hwm)
+        scheduler = SchedulerCore(scheme=scheduling.scheme_name, hwm=scheduling.hwm)
         controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
                                 remember_finished=self.remember_finished, restored=self.restore,
                                 peer_queue_bytes=self.peer_queue_bytes)
@@ -154,12 +166,15 @@ class ControllerApp(LevelFilteredLogging, Application):
             self.log.warning("restored %d task records from %s; %d unfinished tasks recorded as lost",
                              len(store), path, len(lost))
         files = self.connection_files()
+        self.log.info("controller of cluster %r (profile %s): scheme %s, hwm %d, listening on %s",
+                      self.cluster_id, self.profile, scheduling.scheme_name, scheduling.hwm, self.ip)
         try:
             asyncio.run(self._serve(controller, files))
         finally:
             if self.write_files:
                 for path in files.values():
                     path.unlink(missing_ok=True)
+            self.log.info("controller stopped")
 
     async def _serve(self, controller: Controller, files: dict[str, Path]) -> None:
         controller.start()
@@ -174,11 +189,14 @@ class ControllerApp(LevelFilteredLogging, Application):
         await controller.stopped.wait()
 
 
+class ControllerApp(IPController):
+    """The ``ipcontroller-lite`` command (``c.ControllerApp`` and ``c.IPController`` both apply)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     watch_parent()
-    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     app = ControllerApp.instance()
-    app.initialize(argv)
+    run_app(app, argv)
     app.start()
 
 

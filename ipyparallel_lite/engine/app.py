@@ -24,13 +24,15 @@ import uuid
 from typing import Any
 
 import zmq
-from ipykernel.kernelapp import IPKernelApp, kernel_aliases
+from ipykernel.kernelapp import IPKernelApp
+from IPython.core.profiledir import ProfileDir
 from traitlets import DottedObjectName, Float, Integer, Type, Unicode
 from zmq.devices import ThreadDevice
 from zmq.utils.monitor import recv_monitor_message
 
 from ipyparallel_lite import fastzmq
-from ipyparallel_lite.applog import LevelFilteredLogging
+from ipyparallel_lite._version import __version__
+from ipyparallel_lite.baseapp import ParallelApp, common_aliases, common_flags, run_app
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
     CONNECTION_INFO_ENV,
@@ -58,42 +60,65 @@ class RegistrationFailed(RuntimeError):
     pass
 
 
-class EngineApp(LevelFilteredLogging, IPKernelApp):
+class IPEngine(ParallelApp, IPKernelApp):
+    """An engine: ``c.IPEngine.<name>`` (ipyparallel's name) or ``c.EngineApp.<name>``.
+
+    It reads the profile's ``ipython_config.py`` and ``ipengine_config.py`` and runs
+    the profile's ``startup/`` files, ``startup_command`` and ``startup_script``.
+    """
+
     name = "ipengine-lite"
+    version = __version__
     description = "Start an ipyparallel_lite engine connected to a running controller."
+    log_file_prefix = "ipengine"
+    read_ipython_config = True
 
     kernel_class = Type(EngineKernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)
     outstream_class = DottedObjectName("ipyparallel_lite.engine.kernel.EngineOutStream").tag(config=True)
     url_file = Unicode("", help="Engine connection file of the controller.").tag(config=True)
-    profile_name = Unicode("default", help="Profile to find the connection file in.").tag(config=True)
-    cluster_id = Unicode("", help="Cluster whose connection file to use.").tag(config=True)
     engine_id = Integer(-1, help="Engine id to ask for (-1: the controller picks).").tag(config=True)
     registration_timeout = Float(30.0, help="Seconds to wait for the controller.").tag(config=True)
     controller_timeout = Float(
         30.0, help="Seconds an engine waits for a lost controller to come back before it exits."
     ).tag(config=True)
+    startup_command = Unicode("", help="Code every engine runs once it is connected.").tag(config=True)
+    startup_script = Unicode("", help="A script every engine runs once it is connected.").tag(config=True)
 
+    classes = [ProfileDir]
+    subcommands = {}
     aliases = {
-        **kernel_aliases,
-        "file": "EngineApp.url_file",
-        "profile": "EngineApp.profile_name",
-        "cluster-id": "EngineApp.cluster_id",
-        "id": "EngineApp.engine_id",
-        "log-level": "Application.log_level",
+        **common_aliases,
+        "file": "IPEngine.url_file",
+        "cluster-id": "ParallelApp.cluster_id",
+        "id": "IPEngine.engine_id",
+        "timeout": "IPEngine.registration_timeout",
     }
+    flags = common_flags
+
+    def _config_file_name_default(self) -> str:
+        return "ipengine_config.py"
 
     def load_info(self) -> dict:
         env = os.environ.get(CONNECTION_INFO_ENV)
         if env and not self.url_file:
             return json.loads(env)
         path = self.url_file or connection_file_path(
-            "engine", self.profile_name, self.cluster_id, self.ipython_dir or None
+            "engine", cluster_id=self.cluster_id, profile_dir_path=self.profile_dir.location
         )
         # a cluster starts engines and controller together: wait for the controller's file
         deadline = time.monotonic() + self.registration_timeout
         while not os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.01)
-        return load_connection_file(path)
+        if not os.path.exists(path):
+            raise RegistrationFailed(
+                f"no controller: its connection file {path} did not appear within "
+                f"{self.registration_timeout:g}s. Start one (`ipcluster-lite start` or "
+                "`ipcontroller-lite`), or name its file with --file."
+            )
+        try:
+            return load_connection_file(path)
+        except ValueError as e:
+            raise RegistrationFailed(str(e)) from None
 
     # IPKernelApp writes and binds its own connection: an engine connects instead
     def init_connection_file(self) -> None:
@@ -199,6 +224,11 @@ class EngineApp(LevelFilteredLogging, IPKernelApp):
         self.heart.start()
 
     def init_kernel(self) -> None:
+        # run by IPKernelApp's init_code after the profile's startup/ files
+        if self.startup_command:
+            self.exec_lines = [*self.exec_lines, self.startup_command]
+        if self.startup_script:
+            self.exec_files = [*self.exec_files, self.startup_script]
         if "hist_file" not in self.config.HistoryManager:
             # engines are many and short-lived: one shared history.sqlite written after
             # every cell by each of them costs more than the cell (%history still works)
@@ -321,11 +351,15 @@ def _remove_at_exit(path: str) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+class EngineApp(IPEngine):
+    """The ``ipengine-lite`` command (``c.EngineApp`` and ``c.IPEngine`` both apply)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     watch_parent()
     app = EngineApp.instance()
     try:
-        app.initialize(argv)
+        run_app(app, argv)
     except RegistrationFailed as e:
         print(f"ipengine-lite: {e}", file=sys.__stderr__)
         sys.exit(1)
