@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import psutil
@@ -17,8 +18,13 @@ import pytest
 
 import ipyparallel_lite as ipp
 from ipyparallel_lite import error
-from ipyparallel_lite.cluster.launcher import LocalProcessLauncher, controller_command
+from ipyparallel_lite.cluster.launcher import LocalProcessLauncher
 from ipyparallel_lite.connection import load_connection_file
+
+
+def controller_command(args: list[str]) -> list[str]:
+    """The command line of a controller started by hand, as ``ipcontroller-lite ARGS``."""
+    return [sys.executable, "-m", "ipyparallel_lite.controller", *args]
 
 
 def square(x):
