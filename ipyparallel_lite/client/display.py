@@ -16,10 +16,20 @@ import uuid
 from typing import Any
 
 from IPython import get_ipython
-from IPython.display import clear_output, publish_display_data
+from IPython.display import clear_output
+from IPython.display import publish_display_data as _publish_in_ipython
 
 #: iopub messages that are shown as outputs (errors are raised at the end instead)
 _SHOWN_OUTPUTS = ("display_data", "execute_result")
+
+
+def publish_display_data(data: dict, **kwargs: Any) -> None:
+    """IPython's ``publish_display_data`` inside IPython; elsewhere (a script) the text:
+    IPython's would create an InteractiveShell singleton just to print it."""
+    if get_ipython() is not None:
+        _publish_in_ipython(data, **kwargs)
+    elif not kwargs.get("update"):
+        print(data.get("text/plain", ""), flush=True)
 
 
 def _in_notebook() -> bool:
