@@ -365,6 +365,13 @@ class Client:
     def __len__(self) -> int:
         return len(self._engines)
 
+    @property
+    def engine_info(self) -> dict[int, dict]:
+        """What each registered engine said of itself when it registered:
+        ``hostname``, ``pid``, and its Python and package versions."""
+        with self._engines_changed:
+            return {eid: dict(self._engine_infos.get(eid, {})) for eid in sorted(self._engines)}
+
     def _engine_uuid(self, eid: int) -> str:
         try:
             return self._engines[eid]
