@@ -60,30 +60,48 @@ def lab_env(tmp_path) -> dict:
         "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
         "JUPYTER_CONFIG_PATH": str(REPO / "jupyter-config"),
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
         "IPYTHONDIR": str(tmp_path / "ipython"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    (tmp_path / "notebooks").mkdir()
+    # no "get notified about Jupyter news?" toast in the screenshots
+    notification = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
+    notification.mkdir(parents=True)
+    (notification / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    (notebooks / "work.ipynb").write_text(json.dumps({
+        "cells": [{"cell_type": "code", "id": "first", "metadata": {}, "source": "",
+                   "outputs": [], "execution_count": None}],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                    "language": "python"}},
+        "nbformat": 4, "nbformat_minor": 5}))
+    assert Path(CHROMIUM).exists(), (
+        f"the browser tests need Debian's chromium at {CHROMIUM}: `make chromium` installs it")
     return env
 
 
 @pytest.fixture
 def lab(lab_env, tmp_path) -> Iterator[str]:
     """A JupyterLab server on 127.0.0.1; yields its URL with the token."""
+    yield from _server("jupyterlab", "lab", lab_env, tmp_path)
+
+
+@pytest.fixture
+def notebook7(lab_env, tmp_path) -> Iterator[str]:
+    """A Notebook 7 server on 127.0.0.1; yields its URL with the token."""
+    yield from _server("notebook", "tree", lab_env, tmp_path)
+
+
+def _server(module: str, page: str, env: dict, tmp_path: Path) -> Iterator[str]:
     port, token = _free_port(), secrets.token_hex(16)
-    args = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path / 'notebooks'}",
-            f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
-            f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
-            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    args = [sys.executable, "-m", module, "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path / 'notebooks'}"]
     if os.geteuid() == 0:
         args.append("--allow-root")
-    # no "get notified about Jupyter news?" toast in the screenshots
-    notification = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
-    notification.mkdir(parents=True)
-    (notification / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     log = open(tmp_path / "lab.log", "wb")  # noqa: SIM115 -- closed after the server
-    server = subprocess.Popen(args, env=lab_env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -96,7 +114,7 @@ def lab(lab_env, tmp_path) -> Iterator[str]:
                     raise AssertionError(
                         "JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text()) from None
                 time.sleep(0.2)
-        yield f"{base}/lab?token={token}"
+        yield f"{base}/{page}?token={token}"
     finally:
         children = psutil.Process(server.pid).children(recursive=True)
         server.send_signal(signal.SIGTERM)  # the server extension stops its clusters
@@ -108,7 +126,7 @@ def lab(lab_env, tmp_path) -> Iterator[str]:
             if child.is_running():
                 child.kill()
         log.close()
-        shutil.copy(tmp_path / "lab.log", _artifacts() / "lab.log")
+        shutil.copy(tmp_path / "lab.log", _artifacts() / f"{module}.log")
 
 
 def _artifacts() -> Path:
@@ -159,12 +177,6 @@ def test_panel_creates_starts_watches_scales_stops_and_can_be_disabled(lab, lab_
     from playwright.sync_api import expect, sync_playwright
 
     shots = _artifacts()
-    (tmp_path / "notebooks" / "work.ipynb").write_text(json.dumps({
-        "cells": [{"cell_type": "code", "metadata": {}, "source": "", "outputs": [],
-                   "execution_count": None}],
-        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                    "language": "python"}},
-        "nbformat": 4, "nbformat_minor": 5}))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         try:
@@ -239,5 +251,29 @@ def test_panel_creates_starts_watches_scales_stops_and_can_be_disabled(lab, lab_
                 _labextension("enable", lab_env)
             page.reload()
             expect(page.locator(PANEL_TAB)).to_be_visible()
+        finally:
+            browser.close()
+
+
+def test_notebook7_loads_the_panel_and_its_palette_commands(notebook7):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(WAIT_MS)
+            expect.set_options(timeout=WAIT_MS)
+            page.goto(notebook7.replace("/tree?", "/notebooks/work.ipynb?"))
+            expect(page.locator(".jp-Notebook .jp-Cell").first).to_be_visible()
+            page.locator(".jp-Notebook .jp-Cell").first.click()
+            _palette(page, "Parallel: insert a %%px cell")
+            expect(page.locator(".jp-Notebook .jp-Cell")).to_have_count(2)
+            expect(page.locator(".jp-Notebook .jp-Cell").nth(1)).to_contain_text("%%px")
+            _palette(page, "Parallel: show the clusters panel")
+            panel = page.locator("#ipyparallel-lite-panel")
+            expect(panel).to_be_visible()
+            expect(panel.locator(".ipp-lite-empty")).to_be_visible()
+            page.screenshot(path=str(_artifacts() / "notebook7.png"))
         finally:
             browser.close()
