@@ -86,10 +86,10 @@ class ClusterManager:
             key: cluster for cluster in found
             if (key := cluster_key(cluster.profile, cluster.cluster_id)) not in self._created
         }
-        for key in list(self._connections):
-            if key not in self._created and key not in self._found:
-                self._disconnect(key)
         clusters = {**self._found, **self._created}
+        for key in list(self._connections):
+            if key not in clusters or not _is_running(clusters[key]):
+                self._disconnect(key)
         return [self.model(key) for key in sorted(clusters)]
 
     def get(self, key: str) -> Cluster:
