@@ -168,8 +168,20 @@ def _widen_sidebar(page, pixels: int) -> None:
 
 
 def _palette(page, label: str) -> None:
-    page.keyboard.press("Control+Shift+c")
-    page.locator(".lm-CommandPalette-input").fill(label)
+    """Run a command through the palette (its shortcut is retried: a page still loading
+    under load may drop the first key press)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    palette = page.locator(".lm-CommandPalette-input")
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not palette.is_visible():
+        page.keyboard.press("Control+Shift+c")
+        try:
+            palette.wait_for(state="visible", timeout=2000)
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
+    palette.fill(label)
     page.locator(".lm-CommandPalette-item", has_text=label).first.click()
 
 
