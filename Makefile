@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean chromium
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,15 +18,24 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/python -m ipyparallel_lite.demo
 
-test: $(BIN)/.installed
-	$(BIN)/python -m ruff check ipyparallel_lite tests benchmarks
+test: $(BIN)/.installed chromium
+	$(BIN)/python -m ruff check ipyparallel_lite tests benchmarks hatch_build.py
 	$(BIN)/python -m pytest
+
+# the JupyterLab panel's browser test drives Debian's chromium: installed here when absent
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "make test needs chromium for its browser test: sudo apt-get install chromium" >&2; exit 1; \
+	  fi; }
 
 bench: $(BIN)/.bench-installed
 	$(BIN)/python -m benchmarks
 
 lint: $(BIN)/.installed
-	$(BIN)/python -m ruff check ipyparallel_lite tests benchmarks
+	$(BIN)/python -m ruff check ipyparallel_lite tests benchmarks hatch_build.py
 
 clean:
 	rm -rf $(VENV)

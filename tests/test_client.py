@@ -262,7 +262,26 @@ def test_flags(lview, dv):
 def test_queue_status(rc):
     status = rc.queue_status()
     assert set(status) >= {0, 1, "unassigned"}
-    assert status[0] == {"queue": 0, "tasks": 0}
+    assert status[0]["queue"] == 0 and status[0]["tasks"] == 0
+
+
+def test_queue_status_counts_completed_per_engine(rc):
+    before = rc.queue_status()[1]["completed"]
+    rc[1].apply_sync(lambda: None)
+    rc.load_balanced_view(targets=[1]).apply_sync(lambda: None)
+    after = rc.queue_status(verbose=True)[1]
+    assert after == {"queue": [], "tasks": [], "completed": before + 2}
+
+
+def test_engine_info_names_host_and_pid(rc):
+    import socket
+
+    infos = rc.engine_info()
+    assert sorted(infos) == rc.ids
+    pids = {info["pid"] for info in infos.values()}
+    assert len(pids) == len(rc.ids) and all(info["hostname"] == socket.gethostname()
+                                             for info in infos.values())
+    assert pids == set(rc[:].apply_sync(os.getpid))
 
 
 def test_numpy_100mb_push_pull(rc):

@@ -46,7 +46,7 @@ def test_bad_messages_are_dropped_and_logged(cluster, rc, channel, raw_socket):
         assert rc[:].apply_sync(abs, -3) == [3, 3]
         assert rc.load_balanced_view().apply_sync(abs, -4) == 4
         status = rc.queue_status()
-        assert (status[0], status[1]) == ({"queue": 0, "tasks": 0}, {"queue": 0, "tasks": 0})
+        assert [(status[e]["queue"], status[e]["tasks"]) for e in (0, 1)] == [(0, 0), (0, 0)]
     finally:
         ctx.destroy(linger=0)
     log = controller_log(cluster)

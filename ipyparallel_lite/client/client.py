@@ -168,7 +168,8 @@ class Client:
     def engine_info(self, targets: Any = None) -> dict[int, dict]:
         """What each engine said of itself at registration: versions, hostname, pid."""
         ids = self.ids if targets is None else self._build_targets(targets)
-        return {eid: dict(self._engine_infos.get(eid, {})) for eid in ids}
+        with self._engines_changed:
+            return {eid: dict(self._engine_infos.get(eid, {})) for eid in ids}
 
     # ---- the I/O thread -----------------------------------------------------------
 

@@ -447,6 +447,45 @@ class Cluster(LoggingConfigurable):
         await self.stop_controller()
         self.remove_cluster_file()
 
+    async def scale(self, n: int) -> None:
+        """Add or remove engines of a running cluster until ``n`` run.
+
+        Returns once the controller counts ``n`` engines: new ones registered, removed
+        ones (the newest first) stopped and unregistered.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n must be a non-negative number of engines, not {n!r}")
+        if self.controller is None or not self.controller.running:
+            raise ClusterError(
+                f"cluster {self.cluster_id!r} is not running; start it before scaling it")
+        from ipyparallel_lite.client.client import Client
+
+        client = Client(await self._wait_for_connection_file())
+        self.n = n
+        try:
+            extra = self.engine_count - n
+            if extra < 0:
+                await self.start_engines(-extra)
+                await asyncio.to_thread(self.wait_for_engines, client, n)
+            elif extra > 0:
+                running = [(set_id, e) for set_id, launchers in self.engines.items()
+                           for e in launchers if e.running]
+                leaving = running[-extra:]
+                await asyncio.gather(*(asyncio.to_thread(e.stop) for _, e in leaving))
+                for set_id, launcher in leaving:
+                    self.engines[set_id].remove(launcher)
+                self.engines = {k: v for k, v in self.engines.items() if v}
+                self.update_cluster_file()
+                deadline = time.monotonic() + self.engine_timeout
+                while len(client.ids) > n:
+                    if time.monotonic() > deadline:
+                        raise ClusterError(
+                            f"{len(client.ids)} engines are still registered "
+                            f"{self.engine_timeout}s after stopping all but {n}")
+                    await asyncio.sleep(0.05)
+        finally:
+            client.close()
+
     # ---- context managers -----------------------------------------------------------
 
     def __enter__(self) -> Any:

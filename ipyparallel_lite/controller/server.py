@@ -132,6 +132,8 @@ class Controller:
         self.ports: dict[str, int] = {}
         self.engine_ports: dict[str, int] = {}
         self.pending: dict[str, Pending] = {}
+        #: replies each engine has sent, by engine uuid: ``completed`` of a ``queue_reply``
+        self.completed: dict[bytes, int] = {}
         self._readers: list[fastzmq.Drainer] = []
         self._timers: list[asyncio.TimerHandle] = []
         self._deadline: asyncio.TimerHandle | None = None
@@ -444,10 +446,11 @@ class Controller:
             mine = [m for m, p in self.pending.items() if p.engine_id == eid]
             queue = [m for m in mine if self.pending[m].tag in (MUX, BROADCAST)]
             tasks = [m for m in mine if self.pending[m].tag == TASK]
+            completed = self.completed.get(self.hub.engines[eid].ident, 0)
             if content.get("verbose"):
-                reply[str(eid)] = {"queue": queue, "tasks": tasks}
+                reply[str(eid)] = {"queue": queue, "tasks": tasks, "completed": completed}
             else:
-                reply[str(eid)] = {"queue": len(queue), "tasks": len(tasks)}
+                reply[str(eid)] = {"queue": len(queue), "tasks": len(tasks), "completed": completed}
         unassigned = [m for m, p in self.pending.items() if p.tag == TASK and p.engine_id is None]
         reply["unassigned"] = unassigned if content.get("verbose") else len(unassigned)
         reply["backlog"] = self.outbox.backlog()
@@ -678,6 +681,7 @@ class Controller:
                 parent_id, engine.id if engine else -1, md.get("status") == "ok"
             ))
         self.pending.pop(parent_id, None)
+        self.completed[engine_ident] = self.completed.get(engine_ident, 0) + 1
         self._forget_later(parent_id)
         self.hub.finished(parent_id, msg["header"], md, rest[5], rest[6:])
 

@@ -1,0 +1,266 @@
+"""The clusters the JupyterLab panel shows, and what it may do with them.
+
+:class:`ClusterManager` holds the clusters created from the panel and finds, through
+the profiles' cluster files (as ``ipcluster-lite list`` does), the ones started from
+notebooks and from the shell. It starts, stops and scales them through
+:class:`~ipyparallel_lite.cluster.Cluster`, and reads what their engines are doing
+from the Hub over a client connection, so the state lives in the cluster, not in the
+page or here. No HTTP in this module: the handlers translate its errors to statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ipyparallel_lite.client.client import Client
+from ipyparallel_lite.cluster.app import running_clusters
+from ipyparallel_lite.cluster.cluster import Cluster
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]*")
+
+
+class UnknownCluster(KeyError):
+    """No cluster has this id (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class Conflict(RuntimeError):
+    """The cluster's state forbids the request, e.g. scaling a stopped cluster (HTTP 409)."""
+
+
+def cluster_key(profile: str, cluster_id: str) -> str:
+    """The id the REST API and the panel use for a cluster: ``profile:cluster_id``."""
+    return f"{profile}:{cluster_id}"
+
+
+def engine_count_arg(value: Any, what: str = "n") -> int:
+    """``value`` as a number of engines; ValueError (HTTP 400) with a reason otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be a whole number of engines, not {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be 0 or more engines, not {value}")
+    return value
+
+
+@dataclass
+class _Connection:
+    """A client of one run of a cluster (a restarted controller needs a new one)."""
+
+    controller_pid: int | None
+    client: Client
+
+
+class ClusterManager:
+    """Clusters of every profile under ``ipython_dir`` (None: IPython's rule)."""
+
+    def __init__(self, ipython_dir: str | None = None):
+        self.ipython_dir = ipython_dir
+        #: clusters created from the panel, stopped or running, by key
+        self._created: dict[str, Cluster] = {}
+        #: running clusters found through their cluster files, refreshed by :meth:`list`
+        self._found: dict[str, Cluster] = {}
+        #: what a cluster is busy with while a start, stop or scale request runs
+        self._busy: dict[str, str] = {}
+        self._errors: dict[str, str] = {}
+        self._connections: dict[str, _Connection] = {}
+
+    def _ipython_dir(self) -> Path:
+        if self.ipython_dir:
+            return Path(self.ipython_dir).expanduser()
+        from ipyparallel_lite.connection import ipython_dir
+
+        return ipython_dir()
+
+    # ---- listing ----------------------------------------------------------------------
+
+    async def list(self) -> list[dict]:
+        """Every cluster: the panel's own, and those whose cluster files show them running."""
+        found = await asyncio.to_thread(running_clusters, self._ipython_dir())
+        self._found = {
+            key: cluster for cluster in found
+            if (key := cluster_key(cluster.profile, cluster.cluster_id)) not in self._created
+        }
+        clusters = {**self._found, **self._created}
+        for key in list(self._connections):
+            if key not in clusters or not _is_running(clusters[key]):
+                self._disconnect(key)
+        return [self.model(key) for key in sorted(clusters)]
+
+    def get(self, key: str) -> Cluster:
+        cluster = self._created.get(key) or self._found.get(key)
+        if cluster is None:
+            raise UnknownCluster(f"no cluster {key!r}; list them with GET .../clusters")
+        return cluster
+
+    async def describe(self, key: str) -> dict:
+        """The model of one cluster, after looking for clusters started elsewhere."""
+        await self.list()
+        return self.model(key)
+
+    def model(self, key: str) -> dict:
+        """What the panel shows of one cluster."""
+        cluster = self.get(key)
+        running = _is_running(cluster)
+        return {
+            "id": key,
+            "profile": cluster.profile,
+            "cluster_id": cluster.cluster_id,
+            "state": self._busy.get(key) or ("running" if running else "stopped"),
+            "n": cluster.n,
+            "engines": cluster.engine_count if running else 0,
+            "controller_pid": cluster.controller.pid if running else None,
+            "created_here": key in self._created,
+            "error": self._errors.get(key),
+        }
+
+    # ---- actions ----------------------------------------------------------------------
+
+    async def create(self, profile: str = "default", cluster_id: str | None = None,
+                     n: int | None = None) -> dict:
+        """A new (stopped) cluster of ``profile``; a fresh id unless ``cluster_id`` is given."""
+        for what, value in (("profile", profile), ("cluster_id", cluster_id or "")):
+            if not isinstance(value, str) or not _NAME.fullmatch(value):
+                raise ValueError(f"{what} may hold letters, digits and . _ - only, not {value!r}")
+        if not profile:
+            raise ValueError("profile must not be empty")
+        if n is not None:
+            engine_count_arg(n)
+        cluster = Cluster(n=n, profile=profile, cluster_id=cluster_id,
+                          ipython_dir=str(self._ipython_dir()))
+        key = cluster_key(profile, cluster.cluster_id)
+        await self.list()
+        if key in self._created or key in self._found:
+            raise Conflict(f"cluster {key!r} exists already; pick another cluster_id")
+        self._created[key] = cluster
+        return self.model(key)
+
+    def _claim(self, key: str, doing: str) -> Cluster:
+        cluster = self.get(key)
+        if key in self._busy:
+            raise Conflict(f"cluster {key!r} is {self._busy[key]}; try again when it is done")
+        self._busy[key] = doing
+        self._errors.pop(key, None)
+        return cluster
+
+    async def start(self, key: str, n: int | None = None) -> dict:
+        """Start the controller and ``n`` engines (default: the cluster's ``n``); returns
+        once they are registered."""
+        if n is not None:
+            engine_count_arg(n)
+        cluster = self.get(key)
+        if _is_running(cluster):
+            raise Conflict(f"cluster {key!r} is running already")
+        self._claim(key, "starting")
+        try:
+            client = await cluster.start_and_connect(n)
+            cluster.n = cluster.n if n is None else n
+            self._connections[key] = _Connection(cluster.controller.pid, client)
+        except Exception as e:
+            self._errors[key] = str(e)
+            raise
+        finally:
+            self._busy.pop(key, None)
+        return self.model(key)
+
+    async def stop(self, key: str) -> dict | None:
+        """Stop the engines and the controller. A cluster found elsewhere leaves the list
+        (None is returned); one created here stays, stopped, to be started again."""
+        cluster = self._claim(key, "stopping")
+        try:
+            self._disconnect(key)
+            await cluster.stop_cluster()
+        finally:
+            self._busy.pop(key, None)
+        if key not in self._created:
+            self._found.pop(key, None)
+            return None
+        return self.model(key)
+
+    async def remove(self, key: str) -> None:
+        """Stop the cluster if it runs, and forget it."""
+        if _is_running(self.get(key)):
+            await self.stop(key)
+        self._created.pop(key, None)
+        self._found.pop(key, None)
+        self._errors.pop(key, None)
+
+    async def scale(self, key: str, n: Any) -> dict:
+        """Add or remove engines until ``n`` run; returns once the Hub counts ``n``."""
+        n = engine_count_arg(n)
+        cluster = self.get(key)
+        if not _is_running(cluster):
+            raise Conflict(f"cluster {key!r} is stopped; start it before scaling it")
+        self._claim(key, "scaling")
+        try:
+            await cluster.scale(n)
+        except Exception as e:
+            self._errors[key] = str(e)
+            raise
+        finally:
+            self._busy.pop(key, None)
+        return self.model(key)
+
+    async def stop_all(self) -> None:
+        """When the server stops: stop the clusters started here, leave the others."""
+        for key in list(self._connections):
+            self._disconnect(key)
+        running = [c for c in self._created.values() if _is_running(c)]
+        await asyncio.gather(*(c.stop_cluster() for c in running), return_exceptions=True)
+
+    # ---- what the engines do -------------------------------------------------------
+
+    async def _client(self, key: str, cluster: Cluster) -> Client:
+        pid = cluster.controller.pid if cluster.controller else None
+        connection = self._connections.get(key)
+        if connection is None or connection.controller_pid != pid:
+            self._disconnect(key)
+            client = await asyncio.to_thread(Client, cluster.connection_file("client"))
+            connection = self._connections[key] = _Connection(pid, client)
+        return connection.client
+
+    def _disconnect(self, key: str) -> None:
+        connection = self._connections.pop(key, None)
+        if connection is not None:
+            connection.client.close()
+
+    async def engines(self, key: str) -> dict:
+        """Per engine its id, state, host, pid and tasks queued/running/done, and totals,
+        as the Hub knows them now."""
+        cluster = self.get(key)
+        if not _is_running(cluster):
+            raise Conflict(f"cluster {key!r} is stopped; start it to see its engines")
+        client = await self._client(key, cluster)
+        status = await asyncio.to_thread(client.queue_status)
+        infos = client.engine_info()
+        engines = []
+        for eid in sorted(k for k in status if isinstance(k, int)):
+            queue = status[eid]
+            pending = queue["queue"] + queue["tasks"]
+            running = min(pending, 1)  # an engine runs one request at a time
+            info = infos.get(eid, {})
+            engines.append({
+                "id": eid,
+                "state": "busy" if pending else "idle",
+                "host": info.get("hostname"),
+                "pid": info.get("pid"),
+                "queued": pending - running,
+                "running": running,
+                "done": queue["completed"],
+            })
+        totals = {
+            "engines": len(engines),
+            "queued": sum(e["queued"] for e in engines) + status.get("unassigned", 0),
+            "running": sum(e["running"] for e in engines),
+            "done": sum(e["done"] for e in engines),
+        }
+        return {"cluster": self.model(key), "engines": engines, "totals": totals}
+
+
+def _is_running(cluster: Cluster) -> bool:
+    return cluster.controller is not None and cluster.controller.running
