@@ -36,7 +36,8 @@ def test_queue_status_shows_running_and_waiting_tasks(rc):
     deadline = time.monotonic() + 10
     while rc.queue_status(eid)["tasks"] != 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert rc.queue_status(eid) == {"queue": 0, "tasks": 1}
+    status = rc.queue_status(eid)
+    assert (status["queue"], status["tasks"]) == (0, 1)
     verbose = rc.queue_status(verbose=True)
     assert verbose[eid]["tasks"] == running.msg_ids
     assert verbose["unassigned"] == waiting.msg_ids

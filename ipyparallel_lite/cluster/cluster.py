@@ -130,6 +130,8 @@ class Cluster(LoggingConfigurable):
             raise ValueError(f"unknown engine launcher {engines!r}; this release has 'local'")
         if n is not None and (not isinstance(n, int) or n < 0):
             raise ValueError(f"n must be a non-negative number of engines, not {n!r}")
+        # None means "the default", as in IPython parallel (Cluster(cluster_id=None))
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         self._profile_dir = find_profile_dir(kwargs.get("profile") or "default",
                                               kwargs.get("ipython_dir"), profile_dir)
         if kwargs.get("load_profile", True) and "config" not in kwargs:
