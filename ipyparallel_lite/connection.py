@@ -7,6 +7,13 @@ only (mode 0600). They hold the interface, every channel's port, the HMAC key, t
 signature scheme and the task scheme. The same engine information can travel in the
 ``IPP_LITE_CONNECTION_INFO`` environment variable as JSON, for machines that share no
 file system.
+
+CurveZMQ (opt-in, ``IPController.enable_curve``): the controller's sockets are CURVE
+servers with a keypair made at its start, and the files carry its public key as
+``curve_serverkey``. A client or engine that finds one makes its own keypair at
+connect time (:func:`curve_client_options`) and encrypts every connection with it. The
+files hold no client secret: the controller authenticates messages by their HMAC
+signature, not by CURVE client keys, so a stored client key would protect nothing more.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from hmac import compare_digest
 from pathlib import Path
 from typing import Any
 
+import zmq
 from jupyter_client.session import Session
 
 CONNECTION_INFO_ENV = "IPP_LITE_CONNECTION_INFO"
@@ -25,6 +33,55 @@ CONNECTION_INFO_ENV = "IPP_LITE_CONNECTION_INFO"
 #: channels a client connects to, and the engine-facing ones
 CLIENT_CHANNELS = ("registration", "notification", "mux", "task", "broadcast", "control", "iopub")
 ENGINE_CHANNELS = ("registration", "shell", "control", "iopub", "hb_ping", "hb_pong")
+
+
+#: the connection-file field holding the controller's CURVE public key (Z85 text)
+CURVE_SERVERKEY = "curve_serverkey"
+
+
+def require_curve() -> None:
+    """Raise RuntimeError, saying what to do, if libzmq was built without CURVE."""
+    if not zmq.has("curve"):
+        raise RuntimeError(
+            f"CurveZMQ encryption is asked for (--curve / enable_curve, or a connection file "
+            f"with a {CURVE_SERVERKEY}), but the libzmq {zmq.zmq_version()} under pyzmq "
+            f"{zmq.__version__} was built without CURVE. Install pyzmq from its wheels (they "
+            "bundle a libzmq with CURVE), or build libzmq with libsodium."
+        )
+
+
+def curve_server_options(secret_key: bytes) -> dict[int, Any]:
+    """Socket options making a socket a CURVE server with ``secret_key`` (set before bind)."""
+    return {zmq.CURVE_SERVER: 1, zmq.CURVE_SECRETKEY: secret_key}
+
+
+def curve_client_options(info: dict) -> dict[int, Any]:
+    """Socket options making a socket a CURVE client of the controller ``info`` names.
+
+    Empty when the controller does not encrypt. A fresh client keypair per call: call
+    once per process and apply the result to each socket (set before connect).
+    """
+    server_key = info.get(CURVE_SERVERKEY)
+    if not server_key:
+        return {}
+    require_curve()
+    public, secret = zmq.curve_keypair()
+    return {zmq.CURVE_SERVERKEY: server_key.encode("ascii"), zmq.CURVE_PUBLICKEY: public,
+            zmq.CURVE_SECRETKEY: secret}
+
+
+def set_options(sock: zmq.Socket, options: dict[int, Any]) -> zmq.Socket:
+    """Apply socket options (such as the CURVE ones above); returns ``sock``."""
+    for option, value in options.items():
+        sock.setsockopt(option, value)
+    return sock
+
+
+def set_device_options(device: Any, options: dict[int, Any]) -> None:
+    """Apply socket options to both sides of a ``zmq.devices`` device (before it starts)."""
+    for option, value in options.items():
+        device.setsockopt_in(option, value)
+        device.setsockopt_out(option, value)
 
 
 def new_key() -> str:

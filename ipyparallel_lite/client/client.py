@@ -28,8 +28,10 @@ from ipyparallel_lite.client.asyncresult import AsyncResult
 from ipyparallel_lite.client.progress import Progress
 from ipyparallel_lite.connection import (
     connection_file_path,
+    curve_client_options,
     load_connection_file,
     make_session,
+    set_options,
     unpack_message,
     url,
 )
@@ -69,6 +71,8 @@ class Client:
         self.cluster = cluster
         self.profile = profile or "default"
         self.session = make_session(info["key"])
+        #: CURVE options of every socket to the controller (empty if it does not encrypt)
+        self._curve = curve_client_options(info)
         self._context = zmq.Context()
         self._closed = False
         self._engines: dict[int, str] = {}
@@ -99,7 +103,7 @@ class Client:
     # ---- connection ---------------------------------------------------------------
 
     def _socket(self, kind: int, channel: str) -> zmq.Socket:
-        sock = fastzmq.socket(self._context, kind)
+        sock = set_options(fastzmq.socket(self._context, kind), self._curve)
         sock.linger = 0
         sock.connect(url(self.connection_info, channel))
         return sock

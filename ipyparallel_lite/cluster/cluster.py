@@ -110,6 +110,8 @@ class Cluster(LoggingConfigurable):
     controller_ip = Unicode("127.0.0.1", help="Interface the controller listens on.").tag(config=True)
     controller_args = List(Unicode(), help="Extra command-line arguments of the controller.").tag(
         config=True)
+    enable_curve = Bool(False, help="Encrypt the cluster's traffic with CurveZMQ (the "
+                                    "controller's --curve).").tag(config=True)
     engine_args = List(Unicode(), help="Extra command-line arguments of every engine.").tag(config=True)
     log_level = Union([Integer(), Unicode()], default_value="INFO",
                       help="Log level of the controller and engines.").tag(config=True)
@@ -243,7 +245,8 @@ class Cluster(LoggingConfigurable):
             raise ClusterError(f"the controller of cluster {self.cluster_id!r} is already running")
         for kind in ("client", "engine"):
             self.connection_file(kind).unlink(missing_ok=True)
-        args = [*self._common_args(), f"--ip={self.controller_ip}", *self.controller_args]
+        args = [*self._common_args(), f"--ip={self.controller_ip}",
+                *(["--curve"] if self.enable_curve else []), *self.controller_args]
         self.controller = LocalControllerLauncher.for_cluster(
             args, self.profile_dir / "log", self.cluster_id, daemonize=self.daemonize, parent=self)
         self.controller.start()

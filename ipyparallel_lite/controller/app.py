@@ -11,6 +11,10 @@ file when full), ``sqlite`` (``--sqlitedb``: durable, in ``sqlite_path``) or ``n
 (``--nodb``). ``--restore`` (with ``--sqlitedb``) restarts a controller that died: the
 same ports and key as its connection files say, its records, and its unfinished tasks
 recorded as lost.
+
+``--curve`` (``c.IPController.enable_curve``) encrypts every channel with CurveZMQ: a
+server keypair made at start, its public key in both connection files (see
+docs/security.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
+import zmq
 from IPython.core.application import BaseIPythonApplication
 from IPython.core.profiledir import ProfileDir
 from traitlets import Bool, CaselessStrEnum, Float, Integer, Unicode
@@ -33,6 +38,7 @@ from ipyparallel_lite.connection import (
     load_connection_file,
     make_session,
     new_key,
+    require_curve,
     write_connection_file,
 )
 from ipyparallel_lite.controller.hub import Hub
@@ -74,6 +80,10 @@ class IPController(ParallelApp, BaseIPythonApplication):
         64 << 20, help="Bytes that may wait for one client or engine that does not read, before "
                        "its replies wait in the Hub's records instead.",
     ).tag(config=True)
+    enable_curve = Bool(
+        False, help="Encrypt every channel with CurveZMQ: the controller's public key goes into "
+                    "the connection files; clients and engines pick it up from there.",
+    ).tag(config=True)
     write_files = Bool(True, help="Write connection files (off when info travels otherwise).").tag(config=True)
     store_class = CaselessStrEnum(
         STORE_CLASSES, default_value="memory",
@@ -104,6 +114,8 @@ class IPController(ParallelApp, BaseIPythonApplication):
         **common_flags,
         "sqlitedb": ({"IPController": {"store_class": "sqlite"}},
                      "Keep task records in SQLite (durable; needed for --restore)."),
+        "curve": ({"IPController": {"enable_curve": True}},
+                  "Encrypt every channel with CurveZMQ (keys in the connection files)."),
         "nodb": ({"IPController": {"store_class": "none"}}, "Keep no task records."),
         "restore": ({"IPController": {"restore": True}},
                     "Restart a dead controller with its ports, key and SQLite records."),
@@ -141,6 +153,16 @@ class IPController(ParallelApp, BaseIPythonApplication):
             self.log.critical("--restore needs the SQLite store (--sqlitedb): the %s store's "
                               "records died with the previous controller", self.store_class)
             sys.exit(2)
+        curve_keypair = None
+        if self.enable_curve:
+            try:
+                require_curve()
+            except RuntimeError as e:
+                self.log.critical("%s", e)
+                sys.exit(1)
+            # a restored controller gets a new keypair too: its secret key was never
+            # written anywhere, so clients and engines must reconnect with the new files
+            curve_keypair = zmq.curve_keypair()
         previous = self.previous_connection() if self.restore else None
         scheduling = TaskScheduler(parent=self)
         session = make_session(previous[0] if previous else new_key())
@@ -151,7 +173,7 @@ class IPController(ParallelApp, BaseIPythonApplication):
         scheduler = SchedulerCore(scheme=scheduling.scheme_name, hwm=scheduling.hwm)
         controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
                                 remember_finished=self.remember_finished, restored=self.restore,
-                                peer_queue_bytes=self.peer_queue_bytes)
+                                peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair)
         try:
             controller.bind(previous[1] if previous else None)
         except PortTaken as e:  # before touching the records a live controller may own
@@ -166,8 +188,9 @@ class IPController(ParallelApp, BaseIPythonApplication):
             self.log.warning("restored %d task records from %s; %d unfinished tasks recorded as lost",
                              len(store), path, len(lost))
         files = self.connection_files()
-        self.log.info("controller of cluster %r (profile %s): scheme %s, hwm %d, listening on %s",
-                      self.cluster_id, self.profile, scheduling.scheme_name, scheduling.hwm, self.ip)
+        self.log.info("controller of cluster %r (profile %s): scheme %s, hwm %d, listening on %s%s",
+                      self.cluster_id, self.profile, scheduling.scheme_name, scheduling.hwm, self.ip,
+                      " (CurveZMQ encrypted)" if curve_keypair else "")
         try:
             asyncio.run(self._serve(controller, files))
         finally:

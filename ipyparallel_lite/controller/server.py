@@ -35,7 +35,14 @@ from jupyter_client.session import Session
 from zmq.devices import ThreadDevice
 
 from ipyparallel_lite import fastzmq
-from ipyparallel_lite.connection import reply_type, unpack_message
+from ipyparallel_lite.connection import (
+    CURVE_SERVERKEY,
+    curve_server_options,
+    reply_type,
+    set_device_options,
+    set_options,
+    unpack_message,
+)
 from ipyparallel_lite.controller.dependency import parse_dependency
 from ipyparallel_lite.controller.hub import Hub, RegistrationError, as_datetime, utcnow
 from ipyparallel_lite.controller.outbox import Outbox, Sent
@@ -89,6 +96,8 @@ class Controller:
     """One controller process: Hub, schedulers and relays over zmq.
 
     ``ip`` is the interface every socket binds to (127.0.0.1 unless told otherwise).
+    ``curve_keypair`` (public, secret), from ``zmq.curve_keypair()``, makes every socket
+    a CURVE server: all traffic encrypted, clients and engines need the public key.
     Call :meth:`bind` then :meth:`start` inside a running loop; :meth:`connection_info`
     gives what the connection files hold.
     """
@@ -106,8 +115,12 @@ class Controller:
         peer_queue_entries: int = 200_000,
         flush_interval: float = 0.2,
         restored: bool = False,
+        curve_keypair: tuple[bytes, bytes] | None = None,
     ):
         self.session = session
+        self.curve_keypair = curve_keypair
+        #: options every bound socket gets before binding (none without CURVE)
+        self._server_options = curve_server_options(curve_keypair[1]) if curve_keypair else {}
         self.hub = hub or Hub()
         self.scheduler = scheduler or TaskScheduler()
         self.ip = ip
@@ -144,7 +157,7 @@ class Controller:
     # ---- set-up ----------------------------------------------------------------
 
     def _bind(self, name: str, kind: int, ports: dict) -> zmq.Socket:
-        sock = fastzmq.socket(self.context, kind)
+        sock = set_options(fastzmq.socket(self.context, kind), self._server_options)
         sock.linger = 0
         if kind == zmq.ROUTER:
             sock.router_mandatory = 1  # a send to a vanished peer raises instead of vanishing
@@ -187,6 +200,7 @@ class Controller:
         self._iopub.setsockopt_in(zmq.SUBSCRIBE, b"")
         self._iopub.setsockopt_in(zmq.LINGER, 0)
         self._iopub.setsockopt_out(zmq.LINGER, 0)
+        set_device_options(self._iopub, self._server_options)
         iopub = self._iopub
         e["iopub"] = self._bind_port("iopub", e, lambda p: iopub.bind_in(f"tcp://{self.ip}:{p}"),
                                      lambda: iopub.bind_in_to_random_port(f"tcp://{self.ip}"))
@@ -198,7 +212,7 @@ class Controller:
 
     def connection_info(self, kind: str) -> dict:
         ports = self.ports if kind == "client" else self.engine_ports
-        return {
+        info = {
             "interface": f"tcp://{self.ip}",
             "ports": dict(ports),
             "key": self.session.key.decode(),
@@ -210,6 +224,9 @@ class Controller:
             "hb_period": self.hub.hb_period,
             "controller_pid": os.getpid(),
         }
+        if self.curve_keypair:
+            info[CURVE_SERVERKEY] = self.curve_keypair[0].decode("ascii")
+        return info
 
     def start(self) -> None:
         loop = self.loop = asyncio.get_running_loop()

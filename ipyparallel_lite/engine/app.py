@@ -37,8 +37,11 @@ from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
     CONNECTION_INFO_ENV,
     connection_file_path,
+    curve_client_options,
     load_connection_file,
     make_session,
+    set_device_options,
+    set_options,
     url,
 )
 from ipyparallel_lite.engine.kernel import EngineKernel, MainThreadShell
@@ -125,6 +128,11 @@ class IPEngine(ParallelApp, IPKernelApp):
         self.info = self.load_info()
         self.session = make_session(self.info["key"], session_class=EngineSession)
         self.session.session = self.ident = str(uuid.uuid4())
+        try:
+            #: CURVE options of every socket to the controller (empty if it does not encrypt)
+            self.curve = curve_client_options(self.info)
+        except RuntimeError as e:
+            raise RegistrationFailed(str(e)) from None
 
     def write_connection_file(self, **kwargs: Any) -> None:
         pass
@@ -136,7 +144,7 @@ class IPEngine(ParallelApp, IPKernelApp):
         self.poller = None
 
     def register(self) -> dict:
-        sock = self.context.socket(zmq.DEALER)
+        sock = set_options(self.context.socket(zmq.DEALER), self.curve)
         sock.linger = 0
         sock.connect(url(self.info, "registration"))
         requested = self.engine_id if self.engine_id >= 0 else None
@@ -161,8 +169,8 @@ class IPEngine(ParallelApp, IPKernelApp):
         info = reply.get("connection_info") or self.info
         ident = self.ident.encode()
 
-        self.shell_socket = fastzmq.socket(ctx, zmq.DEALER)
-        self.control_socket = fastzmq.socket(ctx, zmq.DEALER)
+        self.shell_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), self.curve)
+        self.control_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), self.curve)
         for sock, channel in ((self.shell_socket, "shell"), (self.control_socket, "control")):
             sock.identity = ident
             sock.linger = 1000
@@ -176,7 +184,7 @@ class IPEngine(ParallelApp, IPKernelApp):
 
         self.control_thread = ControlThread(daemon=True)
         self.shell_channel_thread = MainThreadShell()
-        iopub = fastzmq.socket(ctx, zmq.PUB)
+        iopub = set_options(fastzmq.socket(ctx, zmq.PUB), self.curve)
         iopub.linger = 1000
         iopub.connect(url(info, "iopub"))
         self.iopub_thread = IOPubThread(iopub, pipe=True, session=self.session)
@@ -219,6 +227,7 @@ class IPEngine(ParallelApp, IPKernelApp):
         self.heart.setsockopt_in(zmq.LINGER, 0)
         self.heart.setsockopt_out(zmq.IDENTITY, self.ident.encode())
         self.heart.setsockopt_out(zmq.LINGER, 0)
+        set_device_options(self.heart, self.curve)
         self.heart.connect_in(url(info, "hb_ping"))
         self.heart.connect_out(url(info, "hb_pong"))
         self.heart.start()
@@ -320,7 +329,7 @@ class IPEngine(ParallelApp, IPKernelApp):
     def unregister(self) -> None:
         """Tell the controller this engine leaves, so its tasks fail over at once."""
         try:
-            sock = self.context.socket(zmq.DEALER)
+            sock = set_options(self.context.socket(zmq.DEALER), self.curve)
             sock.linger = 200
             sock.connect(url(self.controller_info, "registration"))
             self.session.send(sock, "unregistration_request", {"id": self.eid})
