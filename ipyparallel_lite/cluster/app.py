@@ -4,7 +4,7 @@ Subcommands (each a traitlets application: ``--profile``, ``--profile-dir``,
 ``--cluster-id``, ``--debug``, ``--Class.trait=value`` and the profile's
 ``ipcluster_config.py``, e.g. ``c.Cluster.n = 8``)::
 
-    ipcluster-lite start -n 4 [--profile P] [--cluster-id ID] [--daemonize] [--ip IP]
+    ipcluster-lite start -n 4 [--profile P] [--cluster-id ID] [--daemonize] [--ip IP] [--curve]
     ipcluster-lite stop [--profile P] [--cluster-id ID | --all]
     ipcluster-lite list [--profile P] [-o text|json]
     ipcluster-lite engines -n 2 [--profile P] [--cluster-id ID]
@@ -191,7 +191,8 @@ class ClusterCommand(ParallelApp, BaseIPythonApplication):
 
 class StartCommand(ClusterCommand):
     name = f"{PROG} start"
-    usage = f"{PROG} start [-n N] [--profile P] [--cluster-id ID] [--daemonize] [--ip IP] [options]"
+    usage = (f"{PROG} start [-n N] [--profile P] [--cluster-id ID] [--daemonize] [--ip IP] "
+             "[--curve] [options]")
     description = ("Start a controller and N engines; ready when all engines registered. "
                    "In the foreground until Ctrl-C, or in the background with --daemonize.")
     daemonize = Bool(False, help="Leave the cluster running in the background and exit once ready.").tag(
@@ -199,7 +200,8 @@ class StartCommand(ClusterCommand):
     aliases = {**ClusterCommand.aliases, "n": "Cluster.n", "ip": "Cluster.controller_ip",
                "timeout": "Cluster.engine_timeout"}
     flags = {**ClusterCommand.flags,
-             "daemonize": ({"StartCommand": {"daemonize": True}}, daemonize.help)}
+             "daemonize": ({"StartCommand": {"daemonize": True}}, daemonize.help),
+             "curve": ({"Cluster": {"enable_curve": True}}, Cluster.enable_curve.help)}
 
     def start(self) -> None:
         previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
