@@ -14,6 +14,8 @@ servers with a keypair made at its start, and the files carry its public key as
 connect time (:func:`curve_client_options`) and encrypts every connection with it. The
 files hold no client secret: the controller authenticates messages by their HMAC
 signature, not by CURVE client keys, so a stored client key would protect nothing more.
+The controller keeps its own keypair in a third 0600 file, ``...-curve.json``, so that
+``--restore`` comes back with the key clients and engines know.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ CONNECTION_INFO_ENV = "IPP_LITE_CONNECTION_INFO"
 CLIENT_CHANNELS = ("registration", "notification", "mux", "task", "broadcast", "control", "iopub")
 ENGINE_CHANNELS = ("registration", "shell", "control", "iopub", "hb_ping", "hb_pong")
 
+
+#: a controller's files in its profile's ``security/`` folder: the two connection files,
+#: and (with CURVE) its own keypair, kept for ``--restore`` and never given to anyone
+CONTROLLER_FILES = ("client", "engine", "curve")
 
 #: the connection-file field holding the controller's CURVE public key (Z85 text)
 CURVE_SERVERKEY = "curve_serverkey"
@@ -158,9 +164,10 @@ def connection_file_path(
     ipython_dir_path: str | Path | None = None,
     profile_dir_path: str | Path | None = None,
 ) -> Path:
-    """Where the ``client`` or ``engine`` connection file of a cluster lives."""
-    if kind not in ("client", "engine"):
-        raise ValueError(f"connection file kind must be 'client' or 'engine', not {kind!r}")
+    """Where the ``client`` or ``engine`` connection file of a cluster lives, or (``curve``)
+    the controller's CURVE keypair."""
+    if kind not in CONTROLLER_FILES:
+        raise ValueError(f"connection file kind must be one of {CONTROLLER_FILES}, not {kind!r}")
     name = f"ipcontroller-{cluster_id}-{kind}.json" if cluster_id else f"ipcontroller-{kind}.json"
     return profile_dir(profile, ipython_dir_path, profile_dir_path) / "security" / name
 

@@ -6,8 +6,11 @@ so the heartbeat test proves that encrypted heartbeats keep engines registered.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import stat
+import sys
 import time
 
 import psutil
@@ -16,6 +19,7 @@ import zmq
 
 import ipyparallel_lite as ipp
 from ipyparallel_lite import error
+from ipyparallel_lite.cluster.launcher import LocalProcessLauncher
 from ipyparallel_lite.connection import (
     CURVE_SERVERKEY,
     load_connection_file,
@@ -99,6 +103,10 @@ def test_connection_files_are_private_and_carry_only_the_public_key(curve_cluste
         assert not [k for k in info if "secret" in k]
         keys.add(info[CURVE_SERVERKEY])
     assert len(keys) == 1
+    # the controller's own keypair, for --restore: private as well
+    own = cluster.connection_file("curve")
+    assert stat.S_IMODE(own.stat().st_mode) == 0o600
+    assert {json.loads(own.read_text())["public"]} == keys
 
 
 def test_the_encrypted_controller_listens_on_127_0_0_1_only(curve_cluster):
@@ -119,6 +127,52 @@ def test_the_cluster_trait_starts_an_encrypted_controller():
         assert load_connection_file(c.connection_file("client"))[CURVE_SERVERKEY]
     finally:
         c.stop_cluster_sync()
+
+
+def square(x):
+    return x * x
+
+
+@pytest.mark.timeout(180)
+def test_a_restored_encrypted_controller_keeps_its_keypair(ipython_dir):
+    """Killed and restarted with --restore, the controller takes back its keypair: the
+    client connected before the kill gets its results from the new controller, and the
+    old engine is told to start again (both need the same server key to be reached)."""
+    cluster = ipp.Cluster(n=1, cluster_id=f"curve-restore-{os.getpid()}",
+                          controller_args=["--curve", "--sqlitedb"])
+    rc = cluster.start_and_connect_sync()
+    try:
+        rc.wait_for_engines(1, timeout=60)
+        old_engine = next(la for ls in cluster.engines.values() for la in ls)
+        done = rc.load_balanced_view().apply_async(square, 12)
+        assert done.get(30) == 144
+        time.sleep(1.0)  # the store writes on a timer (0.2 s)
+        before = load_connection_file(cluster.connection_file("client"))
+
+        os.kill(cluster.controller.pid, signal.SIGKILL)
+        cluster.controller.process.wait(10)
+        restored = LocalProcessLauncher(
+            [sys.executable, "-m", "ipyparallel_lite.controller", *cluster._common_args(),
+             "--curve", "--sqlitedb", "--restore"],
+            cluster.profile_dir / "log" / f"restored-{cluster.cluster_id}.log",
+        )
+        restored.start()
+        cluster.controller = restored  # stop_cluster_sync stops this one
+
+        deadline = time.monotonic() + 30
+        while (not cluster.connection_file("client").exists()
+               or load_connection_file(cluster.connection_file("client"))["controller_pid"]
+               != restored.pid):
+            assert time.monotonic() < deadline, "the restored controller wrote no connection file"
+            time.sleep(0.05)
+        after = load_connection_file(cluster.connection_file("client"))
+        assert after[CURVE_SERVERKEY] == before[CURVE_SERVERKEY]
+        assert rc.result_status(done.msg_ids)["completed"] == done.msg_ids  # a Hub query
+        old_engine.process.wait(60)  # told that the controller was restarted
+        assert "controller was restarted" in old_engine.log_file.read_text()
+    finally:
+        rc.close()
+        cluster.stop_cluster_sync()
 
 
 def test_libzmq_without_curve_is_named_in_one_error(monkeypatch):

@@ -39,7 +39,7 @@ from ipyparallel_lite.cluster.launcher import (
     launcher_from_dict,
 )
 from ipyparallel_lite.config import find_profile_dir, load_config_file
-from ipyparallel_lite.connection import connection_file_path, write_private_file
+from ipyparallel_lite.connection import CONTROLLER_FILES, connection_file_path, write_private_file
 
 
 class ClusterError(RuntimeError):
@@ -243,7 +243,7 @@ class Cluster(LoggingConfigurable):
     def _launch_controller(self) -> None:
         if self.controller is not None and self.controller.running:
             raise ClusterError(f"the controller of cluster {self.cluster_id!r} is already running")
-        for kind in ("client", "engine"):
+        for kind in CONTROLLER_FILES:
             self.connection_file(kind).unlink(missing_ok=True)
         args = [*self._common_args(), f"--ip={self.controller_ip}",
                 *(["--curve"] if self.enable_curve else []), *self.controller_args]
@@ -286,7 +286,7 @@ class Cluster(LoggingConfigurable):
         if self.controller is not None:
             await _stop_processes([self.controller])
             self.log.info("cluster %r: controller stopped", self.cluster_id)
-        for kind in ("client", "engine"):
+        for kind in CONTROLLER_FILES:
             self.connection_file(kind).unlink(missing_ok=True)
 
     # ---- engines ------------------------------------------------------------------

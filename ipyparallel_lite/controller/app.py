@@ -13,13 +13,14 @@ same ports and key as its connection files say, its records, and its unfinished 
 recorded as lost.
 
 ``--curve`` (``c.IPController.enable_curve``) encrypts every channel with CurveZMQ: a
-server keypair made at start, its public key in both connection files (see
-docs/security.md).
+server keypair made at start (taken back by ``--restore``), its public key in both
+connection files (see docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 from pathlib import Path
@@ -34,12 +35,14 @@ from ipyparallel_lite._version import __version__
 from ipyparallel_lite.baseapp import ParallelApp, common_aliases, common_flags, run_app
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
+    CONTROLLER_FILES,
     connection_file_path,
     load_connection_file,
     make_session,
     new_key,
     require_curve,
     write_connection_file,
+    write_private_file,
 )
 from ipyparallel_lite.controller.hub import Hub
 from ipyparallel_lite.controller.scheduler import SCHEMES
@@ -128,7 +131,7 @@ class IPController(ParallelApp, BaseIPythonApplication):
         return {
             kind: connection_file_path(kind, cluster_id=self.cluster_id,
                                        profile_dir_path=self.profile_dir.location)
-            for kind in ("client", "engine")
+            for kind in CONTROLLER_FILES
         }
 
     def database_path(self) -> Path:
@@ -137,9 +140,21 @@ class IPController(ParallelApp, BaseIPythonApplication):
         client_file = self.connection_files()["client"]
         return client_file.with_name(client_file.name.replace("-client.json", "-tasks.db"))
 
+    def curve_keypair(self) -> tuple[bytes, bytes]:
+        """A new CURVE keypair, or with ``--restore`` the one clients and engines know."""
+        path = self.connection_files()["curve"]
+        if self.restore and path.exists():
+            keys = json.loads(path.read_text())
+            return keys["public"].encode("ascii"), keys["secret"].encode("ascii")
+        if self.restore:
+            self.log.warning("--restore --curve: no CURVE keypair of a previous controller at %s; "
+                             "a new one (clients and engines must be started again)", path)
+        return zmq.curve_keypair()
+
     def previous_connection(self) -> tuple[str, dict] | None:
         """The key and ports of the controller being restored, from its connection files."""
         files = self.connection_files()
+        files.pop("curve")
         if not all(path.exists() for path in files.values()):
             self.log.warning("--restore: no connection files of a previous controller in %s; "
                              "new ports and key (clients and engines must be started again)",
@@ -160,9 +175,7 @@ class IPController(ParallelApp, BaseIPythonApplication):
             except RuntimeError as e:
                 self.log.critical("%s", e)
                 sys.exit(1)
-            # a restored controller gets a new keypair too: its secret key was never
-            # written anywhere, so clients and engines must reconnect with the new files
-            curve_keypair = zmq.curve_keypair()
+            curve_keypair = self.curve_keypair()
         previous = self.previous_connection() if self.restore else None
         scheduling = TaskScheduler(parent=self)
         session = make_session(previous[0] if previous else new_key())
@@ -192,6 +205,9 @@ class IPController(ParallelApp, BaseIPythonApplication):
                       self.cluster_id, self.profile, scheduling.scheme_name, scheduling.hwm, self.ip,
                       " (CurveZMQ encrypted)" if curve_keypair else "")
         try:
+            if self.write_files and curve_keypair:
+                public, secret = (key.decode("ascii") for key in curve_keypair)
+                write_private_file(files["curve"], json.dumps({"public": public, "secret": secret}))
             asyncio.run(self._serve(controller, files))
         finally:
             if self.write_files:
@@ -206,9 +222,9 @@ class IPController(ParallelApp, BaseIPythonApplication):
             loop.add_signal_handler(sig, controller.stop)
         if self.write_files:
             # written after the sockets listen, so whoever finds a file can connect
-            for kind, path in files.items():
-                write_connection_file(path, controller.connection_info(kind))
-            self.log.info("connection files: %s", ", ".join(str(p) for p in files.values()))
+            for kind in ("client", "engine"):
+                write_connection_file(files[kind], controller.connection_info(kind))
+            self.log.info("connection files: %s", ", ".join(str(files[k]) for k in ("client", "engine")))
         await controller.stopped.wait()
 
 
