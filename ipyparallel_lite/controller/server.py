@@ -24,6 +24,7 @@ import asyncio
 import collections
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +36,7 @@ from jupyter_client.session import Session
 from zmq.devices import ThreadDevice
 
 from ipyparallel_lite import fastzmq
+from ipyparallel_lite.cluster.launcher import process_alive, process_start_time
 from ipyparallel_lite.connection import reply_type, unpack_message
 from ipyparallel_lite.controller.dependency import parse_dependency
 from ipyparallel_lite.controller.hub import Hub, RegistrationError, as_datetime, utcnow
@@ -123,6 +125,9 @@ class Controller:
         #: answer heartbeats registered with that one, and are told to start again
         self.restored = restored
         self._told_to_restart: set[str] = set()
+        #: engine id -> (pid, start time) of engines running on this machine: when a
+        #: connection drops, their processes say at once which one died
+        self._local_processes: dict[int, tuple[int, float]] = {}
         self._finished: collections.deque[str] = collections.deque()
         #: per-peer bounds on what waits for a peer that does not read (see outbox.py)
         self.peer_queue_bytes = peer_queue_bytes
@@ -412,6 +417,7 @@ class Controller:
             reply = _error_content("RegistrationError", str(e))
         else:
             self.log.info("engine %d registering (uuid %s)", engine.id, engine.uuid)
+            self._note_local_process(engine.id, engine.info)
             reply = {
                 "status": "ok",
                 "id": engine.id,
@@ -419,6 +425,15 @@ class Controller:
                 "connection_info": self.connection_info("engine"),
             }
         self._reply(self.registration, idents, "registration_reply", reply, parent=msg["header"])
+
+    def _note_local_process(self, eid: int, info: dict) -> None:
+        """Remember the process of an engine that runs here (same host, pid running now)."""
+        pid = info.get("pid")
+        if info.get("hostname") != socket.gethostname() or not isinstance(pid, int):
+            return
+        started = process_start_time(pid)
+        if started is not None:
+            self._local_processes[eid] = (pid, started)
 
     def handle_unregistration_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         eid = content.get("id")
@@ -722,8 +737,12 @@ class Controller:
                           [uuid.encode(), *self.session.serialize(msg, ident=[b"x", b"-"])])
 
     def on_monitor(self, frames: list) -> None:
-        # an engine's connection dropped; the event does not say which engine, so a
+        # an engine's connection dropped; the event does not say which engine. Engines
+        # on this machine whose process is gone are removed now; for the others a
         # heartbeat round right now finds out instead of waiting out the missed beats
+        for eid, (pid, started) in list(self._local_processes.items()):
+            if not process_alive(pid, started):
+                self.remove_engine(eid, f"its process (pid {pid}) exited")
         probe_start = self.loop.time()
         self._ping()
         self.loop.call_later(self.disconnect_grace, self._reap, probe_start)
@@ -747,6 +766,7 @@ class Controller:
 
     def remove_engine(self, eid: int, reason: str) -> None:
         engine = self.hub.remove(eid, None if reason == "unregistered" else reason)
+        self._local_processes.pop(eid, None)
         if engine is None:
             return
         self.log.warning("engine %d removed: %s", eid, reason)
