@@ -77,6 +77,8 @@ class LocalProcessLauncher(LoggingConfigurable):
         self._pid = pid
         #: when the process started: a pid reused by another process has another start time
         self.create_time = create_time
+        #: stopped on purpose: its exit is no crash, and it is not restarted
+        self.stop_requested = False
 
     @property
     def pid(self) -> int | None:
@@ -101,6 +103,11 @@ class LocalProcessLauncher(LoggingConfigurable):
                        self.log_file)
 
     @property
+    def exit_code(self) -> int | None:
+        """The exit code of a child that ended (negative: the signal that ended it)."""
+        return self.process.poll() if self.process is not None else None
+
+    @property
     def running(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
@@ -118,6 +125,7 @@ class LocalProcessLauncher(LoggingConfigurable):
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds (default ``stop_timeout``)."""
         timeout = self.stop_timeout if timeout is None else timeout
+        self.stop_requested = True
         self.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while self.running and time.monotonic() < deadline:

@@ -740,12 +740,21 @@ class Controller:
         # an engine's connection dropped; the event does not say which engine. Engines
         # on this machine whose process is gone are removed now; for the others a
         # heartbeat round right now finds out instead of waiting out the missed beats
-        for eid, (pid, started) in list(self._local_processes.items()):
-            if not process_alive(pid, started):
-                self.remove_engine(eid, f"its process (pid {pid}) exited")
+        # (a killed process drops its connections a moment before it is gone: look again)
+        self._remove_exited_engines()
+        for delay in self.PROCESS_RECHECKS:
+            self.loop.call_later(delay, self._remove_exited_engines)
         probe_start = self.loop.time()
         self._ping()
         self.loop.call_later(self.disconnect_grace, self._reap, probe_start)
+
+    #: seconds after a dropped connection when the engines' processes are checked again
+    PROCESS_RECHECKS = (0.01, 0.05, 0.2, 0.5)
+
+    def _remove_exited_engines(self) -> None:
+        for eid, (pid, started) in list(self._local_processes.items()):
+            if not process_alive(pid, started):
+                self.remove_engine(eid, f"its process (pid {pid}) exited")
 
     def _ping(self) -> None:
         self._hb_counter += 1
