@@ -50,6 +50,32 @@ def test_a_silent_engine_is_removed_within_the_configured_heartbeat_window(own_c
     assert psutil.Process(pid).wait(20) is not None or not psutil.pid_exists(pid)
 
 
+def test_a_late_answer_from_a_removed_engine_is_not_a_second_answer(own_cluster):
+    # engine 1 stalls mid-task past its heartbeats: the task runs again on engine 0; when
+    # engine 1 resumes, its answer is the second one and is dropped, and the scheduler's
+    # books (one task in flight per engine) stay right
+    cluster, rc = own_cluster(2, controller_args=["--IPController.hb_period=0.2",
+                                                  "--IPController.hb_max_misses=3"])
+    pids = rc[:].apply_sync(os.getpid)
+    lview = rc.load_balanced_view()
+    with lview.temp_flags(retries=1, targets=[0, 1], after=None):
+        probes = [lview.apply_async(task, i, 0.5) for i in range(2)]
+    wait_until(lambda: all(rc.queue_status(verbose=True)[e]["tasks"] for e in (0, 1)), 10,
+               "a task running on each engine")
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        wait_until(lambda: 1 not in rc.ids, 10, "the stalled engine's removal")
+        time.sleep(1.0)  # its task's sleep is over: it answers the moment it resumes
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    answers = [ar.get(timeout=30) for ar in probes]
+    assert sorted(i for i, _ in answers) == [0, 1]
+    assert all(pid == pids[0] for _, pid in answers)
+    assert psutil.Process(pids[1]).wait(20) is not None or not psutil.pid_exists(pids[1])
+    assert lview.map_sync(abs, [-1, -2, -3, -4]) == [1, 2, 3, 4]
+    assert all(rc.get_result(ar.msg_ids[0]).get(timeout=10)[1] == pids[0] for ar in probes)
+
+
 def task(i: int, pause: float) -> tuple[int, int]:
     import os
     import time

@@ -672,14 +672,20 @@ class Controller:
             return
         tag, client = idents
         parent_id = msg["parent_header"].get("msg_id")
+        engine = self.hub.by_uuid(engine_ident.decode())
+        if engine is None:
+            # removed (it stalled past its heartbeats) and back: everything it held was
+            # failed with EngineError or runs elsewhere, so this would be a second answer
+            self.warn(engine_ident, "late reply", "dropped the reply to %s from an engine "
+                      "removed before it answered; its client had its answer already", parent_id)
+            return
         pending = self.pending.get(parent_id)
         md = msg["metadata"]
         if tag == TASK and pending is not None:
-            engine = self.hub.by_uuid(engine_ident.decode())
             success = md.get("status") == "ok"
             unmet = md.get("dependencies_met") is False
             actions = self.scheduler.task_done(
-                parent_id, engine.id if engine else -1, success=success, now=self.loop.time(), unmet=unmet
+                parent_id, engine.id, success=success, now=self.loop.time(), unmet=unmet
             )
             rerun = self.scheduler.is_pending(parent_id)  # retries, or an unmet dependency
             overruled = any(isinstance(a, Fail) and a.msg_id == parent_id for a in actions)
@@ -691,10 +697,7 @@ class Controller:
         # the client first: what follows only records the result
         self._to_client(tag, client, [client, *rest], parent_id)
         if tag == MUX or tag == BROADCAST:
-            engine = self.hub.by_uuid(engine_ident.decode())
-            self._apply(self.scheduler.record_result(
-                parent_id, engine.id if engine else -1, md.get("status") == "ok"
-            ))
+            self._apply(self.scheduler.record_result(parent_id, engine.id, md.get("status") == "ok"))
         self.pending.pop(parent_id, None)
         self.completed[engine_ident] = self.completed.get(engine_ident, 0) + 1
         self._forget_later(parent_id)
