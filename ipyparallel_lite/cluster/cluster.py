@@ -15,6 +15,9 @@ The controller and the engines start at the same moment: engines wait for the
 connection file while they import, so a cluster is ready in about the time one engine
 takes to start. A cluster file (``security/cluster-<id>.json``) records the processes
 so that ``ipcluster-lite stop`` or another ``Cluster`` can find them again.
+
+With ``restart_engines=True`` a watcher thread starts engines again that exit unasked,
+with exponential back-off, and stops (reporting a crash loop) after too many restarts.
 """
 
 from __future__ import annotations
