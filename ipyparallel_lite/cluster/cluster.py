@@ -15,6 +15,9 @@ The controller and the engines start at the same moment: engines wait for the
 connection file while they import, so a cluster is ready in about the time one engine
 takes to start. A cluster file (``security/cluster-<id>.json``) records the processes
 so that ``ipcluster-lite stop`` or another ``Cluster`` can find them again.
+
+With ``restart_engines=True`` a watcher thread starts engines again that exit unasked,
+with exponential back-off, and stops (reporting a crash loop) after too many restarts.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import json
 import os
 import secrets
 import signal
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Float, Integer, List, Unicode, Union, default
+from traitlets import Bool, Float, Integer, List, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
 
 from ipyparallel_lite.cluster.launcher import (
@@ -81,6 +86,7 @@ async def _stop_processes(launchers: list[LocalProcessLauncher]) -> None:
     No threads: this also runs from an atexit hook, when no new thread may start.
     """
     for launcher in launchers:
+        launcher.stop_requested = True
         launcher.signal(signal.SIGTERM)
     deadline = time.monotonic() + max((e.stop_timeout for e in launchers), default=0)
     while any(e.running for e in launchers) and time.monotonic() < deadline:
@@ -121,13 +127,31 @@ class Cluster(LoggingConfigurable):
     load_profile = Bool(True, help="Read the profile's ipcluster_config.py.").tag(config=True)
     shutdown_atexit = Bool(True, help="Stop the cluster when this process exits "
                                       "(not a daemonized one).").tag(config=True)
+    auto_restart_engines = Bool(
+        False, help="Start an engine again when its process exits unasked (also "
+                    "Cluster(restart_engines=True)).").tag(config=True)
+    engine_restart_limit = Integer(
+        5, help="Restarts allowed within engine_restart_window; an engine exiting once more "
+                "is a crash loop: restarting stops, and restart_stopped says why.").tag(config=True)
+    engine_restart_window = Float(60.0, help="Seconds over which engine restarts are counted.").tag(
+        config=True)
+    engine_restart_delay = Float(
+        0.5, help="Seconds before restarting an engine; doubled for each restart already in "
+                  "the window (back-off), at most 30 s.").tag(config=True)
 
     @default("cluster_id")
     def _cluster_id_default(self) -> str:
         return _new_cluster_id()
 
+    @validate("engine_restart_limit", "engine_restart_window", "engine_restart_delay")
+    def _non_negative(self, proposal: Any) -> Any:
+        if proposal["value"] < 0:
+            raise ValueError(f"{proposal['trait'].name} must not be negative, "
+                             f"not {proposal['value']!r}")
+        return proposal["value"]
+
     def __init__(self, n: int | None = None, *, profile_dir: str | Path | None = None,
-                 engines: str = "local", **kwargs: Any):
+                 engines: str = "local", restart_engines: bool | None = None, **kwargs: Any):
         if engines != "local":
             raise ValueError(f"unknown engine launcher {engines!r}; this release has 'local'")
         if n is not None and (not isinstance(n, int) or n < 0):
@@ -141,6 +165,8 @@ class Cluster(LoggingConfigurable):
                                                 [Cluster, LocalControllerLauncher, LocalEngineLauncher])
         if n is not None:
             kwargs["n"] = n
+        if restart_engines is not None:
+            kwargs["auto_restart_engines"] = restart_engines
         super().__init__(**kwargs)
         if self._profile_dir.name.startswith("profile_") and "profile" not in kwargs:
             self.profile = self._profile_dir.name.removeprefix("profile_")
@@ -149,6 +175,13 @@ class Cluster(LoggingConfigurable):
         self.controller: LocalProcessLauncher | None = None
         self.engines: dict[str, list[LocalProcessLauncher]] = {}
         self._client: Any = None
+        #: engines started again after their process exited unasked
+        self.engine_restarts = 0
+        #: why automatic restarts stopped (a crash loop), or None while they go on
+        self.restart_stopped: str | None = None
+        self._engines_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self._stop_watching = threading.Event()
 
     def __repr__(self) -> str:
         from ipyparallel_lite.client.reprs import cluster_repr
@@ -295,20 +328,73 @@ class Cluster(LoggingConfigurable):
         """Start ``n`` engines (default: the cluster's ``n``); returns the engine set's id."""
         n = self.n if n is None else n
         engine_set_id = engine_set_id or f"{int(time.time() * 1000)}-{secrets.token_hex(2)}"
-        args = [*self._common_args(), f"--IPEngine.registration_timeout={self.engine_timeout}",
-                *self.engine_args]
-        launchers = [
-            LocalEngineLauncher.for_cluster(args, self.profile_dir / "log", self.cluster_id,
-                                            daemonize=self.daemonize, parent=self)
-            for _ in range(n)
-        ]
+        launchers = [self._engine_launcher() for _ in range(n)]
         for launcher in launchers:
             launcher.start()
-        self.engines.setdefault(engine_set_id, []).extend(launchers)
+        with self._engines_lock:
+            self.engines.setdefault(engine_set_id, []).extend(launchers)
         self.log.info("cluster %r: %d engines started (engine set %s)", self.cluster_id, n,
                       engine_set_id)
         self.update_cluster_file()
+        if self.auto_restart_engines and (self._watcher is None or not self._watcher.is_alive()):
+            self._stop_watching.clear()
+            self._watcher = threading.Thread(target=self._watch_engines, daemon=True,
+                                             name=f"ipp-lite-engine-watch-{self.cluster_id}")
+            self._watcher.start()
         return engine_set_id
+
+    def _engine_launcher(self) -> LocalProcessLauncher:
+        args = [*self._common_args(), f"--IPEngine.registration_timeout={self.engine_timeout}",
+                *self.engine_args]
+        return LocalEngineLauncher.for_cluster(args, self.profile_dir / "log", self.cluster_id,
+                                               daemonize=self.daemonize, parent=self)
+
+    def _watch_engines(self) -> None:
+        """Thread: start again engines that exit unasked, with back-off; stop at a crash loop.
+
+        The controller notices a dead engine by itself (its connection drops and its
+        process is gone); this only brings the capacity back.
+        """
+        restarts: deque[float] = deque()  # times of the restarts within the window
+        due: dict[LocalProcessLauncher, float] = {}  # dead engine -> when to restart it
+        while not self._stop_watching.wait(0.05):
+            now = time.monotonic()
+            restarted = False
+            while restarts and now - restarts[0] > self.engine_restart_window:
+                restarts.popleft()
+            with self._engines_lock:
+                dead = [(set_id, i, e) for set_id, launchers in self.engines.items()
+                        for i, e in enumerate(launchers) if not e.stop_requested and not e.running]
+                for set_id, i, launcher in dead:
+                    if len(restarts) >= self.engine_restart_limit:
+                        self._give_up_restarts(launcher, len(restarts))
+                        return
+                    if launcher not in due:
+                        delay = min(self.engine_restart_delay * 2 ** len(restarts), 30.0)
+                        due[launcher] = now + delay
+                        self.log.warning("cluster %r: engine pid %s exited (code %s); restarting "
+                                         "it in %.1fs", self.cluster_id, launcher.pid,
+                                         launcher.exit_code, delay)
+                    elif now >= due[launcher]:
+                        del due[launcher]
+                        replacement = self._engine_launcher()
+                        replacement.start()
+                        self.engines[set_id][i] = replacement
+                        restarts.append(now)
+                        self.engine_restarts += 1
+                        restarted = True
+                        self.log.warning("cluster %r: engine restarted as pid %s (restart %d)",
+                                         self.cluster_id, replacement.pid, self.engine_restarts)
+                due = {e: t for e, t in due.items() if any(e is d for _, _, d in dead)}
+            if restarted:
+                self.update_cluster_file()
+
+    def _give_up_restarts(self, launcher: LocalProcessLauncher, count: int) -> None:
+        self.restart_stopped = (
+            f"engine restarts stopped: {count} restarts within {self.engine_restart_window:g}s "
+            f"and an engine exited again (code {launcher.exit_code}), a crash loop. Its log "
+            f"({launcher.log_file}):\n{launcher.log_tail() or '(empty)'}")
+        self.log.error("cluster %r: %s", self.cluster_id, self.restart_stopped)
 
     def _engine_sets(self, engine_set_id: str | None) -> list[str]:
         if engine_set_id is None:
@@ -321,7 +407,8 @@ class Cluster(LoggingConfigurable):
     async def stop_engines(self, engine_set_id: str | None = None) -> None:
         """Stop one engine set, or every engine of the cluster."""
         ids = self._engine_sets(engine_set_id)
-        launchers = [e for i in ids for e in self.engines.pop(i, [])]
+        with self._engines_lock:
+            launchers = [e for i in ids for e in self.engines.pop(i, [])]
         await _stop_processes(launchers)
         if launchers:
             self.log.info("cluster %r: %d engines stopped", self.cluster_id, len(launchers))
@@ -445,6 +532,9 @@ class Cluster(LoggingConfigurable):
     async def stop_cluster(self) -> None:
         """Stop the engines, then the controller, and remove the cluster's files."""
         atexit.unregister(self.stop_cluster_sync)
+        self._stop_watching.set()
+        if self._watcher is not None:
+            self._watcher.join()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -477,9 +567,10 @@ class Cluster(LoggingConfigurable):
                            for e in launchers if e.running]
                 leaving = running[-extra:]
                 await asyncio.gather(*(asyncio.to_thread(e.stop) for _, e in leaving))
-                for set_id, launcher in leaving:
-                    self.engines[set_id].remove(launcher)
-                self.engines = {k: v for k, v in self.engines.items() if v}
+                with self._engines_lock:
+                    for set_id, launcher in leaving:
+                        self.engines[set_id].remove(launcher)
+                    self.engines = {k: v for k, v in self.engines.items() if v}
                 self.update_cluster_file()
                 deadline = time.monotonic() + self.engine_timeout
                 while len(client.ids) > n:

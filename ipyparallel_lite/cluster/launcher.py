@@ -77,6 +77,8 @@ class LocalProcessLauncher(LoggingConfigurable):
         self._pid = pid
         #: when the process started: a pid reused by another process has another start time
         self.create_time = create_time
+        #: stopped on purpose: its exit is no crash, and it is not restarted
+        self.stop_requested = False
 
     @property
     def pid(self) -> int | None:
@@ -96,9 +98,14 @@ class LocalProcessLauncher(LoggingConfigurable):
         # the child keeps writing to the renamed file: its descriptor follows the rename
         self.log_file = self.log_file.with_name(self.log_file.name.format(pid=self.process.pid))
         os.replace(starting, self.log_file)
-        self.create_time = _create_time(self.process.pid)
+        self.create_time = process_start_time(self.process.pid)
         self.log.debug("started pid %d: %s (log %s)", self.process.pid, " ".join(self.args),
                        self.log_file)
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code of a child that ended (negative: the signal that ended it)."""
+        return self.process.poll() if self.process is not None else None
 
     @property
     def running(self) -> bool:
@@ -106,7 +113,7 @@ class LocalProcessLauncher(LoggingConfigurable):
             return self.process.poll() is None
         if self._pid is None:
             return False
-        return _is_alive(self._pid, self.create_time)
+        return process_alive(self._pid, self.create_time)
 
     def signal(self, sig: int) -> None:
         if self.running and self.pid is not None:
@@ -118,6 +125,7 @@ class LocalProcessLauncher(LoggingConfigurable):
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds (default ``stop_timeout``)."""
         timeout = self.stop_timeout if timeout is None else timeout
+        self.stop_requested = True
         self.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while self.running and time.monotonic() < deadline:
@@ -189,7 +197,8 @@ class LocalEngineLauncher(LocalProcessLauncher):
 LAUNCHERS = {c.__name__: c for c in (LocalProcessLauncher, LocalControllerLauncher, LocalEngineLauncher)}
 
 
-def _create_time(pid: int) -> float | None:
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (None if there is none): with the pid, names one process."""
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
@@ -198,11 +207,12 @@ def _create_time(pid: int) -> float | None:
 
 def pid_running(pid: int) -> bool:
     """Whether a process ``pid`` runs (a zombie does not)."""
-    return _is_alive(pid, None)
+    return process_alive(pid, None)
 
 
-def _is_alive(pid: int, create_time: float | None) -> bool:
-    """Whether ``pid`` is still the process we started: not a zombie, not a reused pid."""
+def process_alive(pid: int, create_time: float | None) -> bool:
+    """Whether ``pid`` is still the process that started at ``create_time``: not a zombie,
+    not a reused pid (``create_time`` None: any process with that pid)."""
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:

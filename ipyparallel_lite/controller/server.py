@@ -24,6 +24,7 @@ import asyncio
 import collections
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +36,7 @@ from jupyter_client.session import Session
 from zmq.devices import ThreadDevice
 
 from ipyparallel_lite import fastzmq
+from ipyparallel_lite.cluster.launcher import process_alive, process_start_time
 from ipyparallel_lite.connection import (
     CURVE_SERVERKEY,
     curve_server_options,
@@ -136,6 +138,9 @@ class Controller:
         #: answer heartbeats registered with that one, and are told to start again
         self.restored = restored
         self._told_to_restart: set[str] = set()
+        #: engine id -> (pid, start time) of engines running on this machine: when a
+        #: connection drops, their processes say at once which one died
+        self._local_processes: dict[int, tuple[int, float]] = {}
         self._finished: collections.deque[str] = collections.deque()
         #: per-peer bounds on what waits for a peer that does not read (see outbox.py)
         self.peer_queue_bytes = peer_queue_bytes
@@ -429,6 +434,7 @@ class Controller:
             reply = _error_content("RegistrationError", str(e))
         else:
             self.log.info("engine %d registering (uuid %s)", engine.id, engine.uuid)
+            self._note_local_process(engine.id, engine.info)
             reply = {
                 "status": "ok",
                 "id": engine.id,
@@ -436,6 +442,15 @@ class Controller:
                 "connection_info": self.connection_info("engine"),
             }
         self._reply(self.registration, idents, "registration_reply", reply, parent=msg["header"])
+
+    def _note_local_process(self, eid: int, info: dict) -> None:
+        """Remember the process of an engine that runs here (same host, pid running now)."""
+        pid = info.get("pid")
+        if info.get("hostname") != socket.gethostname() or not isinstance(pid, int):
+            return
+        started = process_start_time(pid)
+        if started is not None:
+            self._local_processes[eid] = (pid, started)
 
     def handle_unregistration_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         eid = content.get("id")
@@ -674,14 +689,20 @@ class Controller:
             return
         tag, client = idents
         parent_id = msg["parent_header"].get("msg_id")
+        engine = self.hub.by_uuid(engine_ident.decode())
+        if engine is None:
+            # removed (it stalled past its heartbeats) and back: everything it held was
+            # failed with EngineError or runs elsewhere, so this would be a second answer
+            self.warn(engine_ident, "late reply", "dropped the reply to %s from an engine "
+                      "removed before it answered; its client had its answer already", parent_id)
+            return
         pending = self.pending.get(parent_id)
         md = msg["metadata"]
         if tag == TASK and pending is not None:
-            engine = self.hub.by_uuid(engine_ident.decode())
             success = md.get("status") == "ok"
             unmet = md.get("dependencies_met") is False
             actions = self.scheduler.task_done(
-                parent_id, engine.id if engine else -1, success=success, now=self.loop.time(), unmet=unmet
+                parent_id, engine.id, success=success, now=self.loop.time(), unmet=unmet
             )
             rerun = self.scheduler.is_pending(parent_id)  # retries, or an unmet dependency
             overruled = any(isinstance(a, Fail) and a.msg_id == parent_id for a in actions)
@@ -693,10 +714,7 @@ class Controller:
         # the client first: what follows only records the result
         self._to_client(tag, client, [client, *rest], parent_id)
         if tag == MUX or tag == BROADCAST:
-            engine = self.hub.by_uuid(engine_ident.decode())
-            self._apply(self.scheduler.record_result(
-                parent_id, engine.id if engine else -1, md.get("status") == "ok"
-            ))
+            self._apply(self.scheduler.record_result(parent_id, engine.id, md.get("status") == "ok"))
         self.pending.pop(parent_id, None)
         self.completed[engine_ident] = self.completed.get(engine_ident, 0) + 1
         self._forget_later(parent_id)
@@ -739,11 +757,24 @@ class Controller:
                           [uuid.encode(), *self.session.serialize(msg, ident=[b"x", b"-"])])
 
     def on_monitor(self, frames: list) -> None:
-        # an engine's connection dropped; the event does not say which engine, so a
+        # an engine's connection dropped; the event does not say which engine. Engines
+        # on this machine whose process is gone are removed now; for the others a
         # heartbeat round right now finds out instead of waiting out the missed beats
+        # (a killed process drops its connections a moment before it is gone: look again)
+        self._remove_exited_engines()
+        for delay in self.PROCESS_RECHECKS:
+            self.loop.call_later(delay, self._remove_exited_engines)
         probe_start = self.loop.time()
         self._ping()
         self.loop.call_later(self.disconnect_grace, self._reap, probe_start)
+
+    #: seconds after a dropped connection when the engines' processes are checked again
+    PROCESS_RECHECKS = (0.01, 0.05, 0.2, 0.5)
+
+    def _remove_exited_engines(self) -> None:
+        for eid, (pid, started) in list(self._local_processes.items()):
+            if not process_alive(pid, started):
+                self.remove_engine(eid, f"its process (pid {pid}) exited")
 
     def _ping(self) -> None:
         self._hb_counter += 1
@@ -764,6 +795,7 @@ class Controller:
 
     def remove_engine(self, eid: int, reason: str) -> None:
         engine = self.hub.remove(eid, None if reason == "unregistered" else reason)
+        self._local_processes.pop(eid, None)
         if engine is None:
             return
         self.log.warning("engine %d removed: %s", eid, reason)
