@@ -23,8 +23,8 @@ from conftest import our_processes
 
 import ipyparallel_lite as ipp
 from ipyparallel_lite.cluster.app import main as ipcluster_main
-from ipyparallel_lite.cluster.launcher import pid_running
 from ipyparallel_lite.config import ConfigFileError
+from ipyparallel_lite.processes import pid_running
 
 pytestmark = pytest.mark.timeout(120)
 

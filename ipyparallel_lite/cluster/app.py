@@ -61,12 +61,9 @@ from ipyparallel_lite.baseapp import (
     common_flags,
 )
 from ipyparallel_lite.cluster.cluster import Cluster, ClusterError
-from ipyparallel_lite.cluster.launcher import (
-    LocalControllerLauncher,
-    LocalEngineLauncher,
-    pid_running,
-)
+from ipyparallel_lite.cluster.launcher import LocalControllerLauncher, LocalEngineLauncher
 from ipyparallel_lite.config import ConfigFileError
+from ipyparallel_lite.processes import pid_running
 
 PROG = "ipcluster-lite"
 EXIT_FAILURE = 1

@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 from traitlets import Float, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ipyparallel_lite.applog import log_file_name
+from ipyparallel_lite.processes import process_alive, process_start_time
 
 PARENT_PID_ENV = "IPP_LITE_PARENT_PID"
 
@@ -195,31 +195,6 @@ class LocalEngineLauncher(LocalProcessLauncher):
 
 
 LAUNCHERS = {c.__name__: c for c in (LocalProcessLauncher, LocalControllerLauncher, LocalEngineLauncher)}
-
-
-def process_start_time(pid: int) -> float | None:
-    """When process ``pid`` started (None if there is none): with the pid, names one process."""
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def pid_running(pid: int) -> bool:
-    """Whether a process ``pid`` runs (a zombie does not)."""
-    return process_alive(pid, None)
-
-
-def process_alive(pid: int, create_time: float | None) -> bool:
-    """Whether ``pid`` is still the process that started at ``create_time``: not a zombie,
-    not a reused pid (``create_time`` None: any process with that pid)."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < 0.01
-    except psutil.Error:
-        return False
 
 
 def launcher_from_dict(d: dict, **kwargs: Any) -> LocalProcessLauncher:

@@ -36,7 +36,6 @@ from jupyter_client.session import Session
 from zmq.devices import ThreadDevice
 
 from ipyparallel_lite import fastzmq
-from ipyparallel_lite.cluster.launcher import process_alive, process_start_time
 from ipyparallel_lite.connection import (
     CURVE_SERVERKEY,
     curve_server_options,
@@ -51,6 +50,7 @@ from ipyparallel_lite.controller.outbox import Outbox, Sent
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
 from ipyparallel_lite.controller.store import NoStore, RecordNotFound
 from ipyparallel_lite.controller.throttle import ThrottledLog
+from ipyparallel_lite.processes import process_alive, process_start_time
 
 DELIM = b"<IDS|MSG>"
 MUX, TASK, CONTROL = b"m", b"t", b"c"
