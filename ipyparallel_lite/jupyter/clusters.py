@@ -17,7 +17,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ipyparallel_lite import error
 from ipyparallel_lite.client.client import Client
 from ipyparallel_lite.cluster.app import running_clusters
 from ipyparallel_lite.cluster.cluster import Cluster
@@ -291,18 +290,15 @@ class ClusterManager:
             raise Conflict(f"cluster {key!r} is stopped; start it to see its tasks")
         client = await self._client(key, cluster)
         connection = self._connections[key]
-        try:
-            records = await asyncio.to_thread(_recent_records, client, connection, limit)
-            errors = [r["msg_id"] for r in records
-                      if (r.get("result_metadata") or {}).get("status") == "error"]
-            # the error's name tells a failure from an abort or a loss; asked only for
-            # the failed tasks listed, as their contents may hold tracebacks
-            enames = {r["msg_id"]: (r.get("result_content") or {}).get("ename")
-                      for r in await asyncio.to_thread(
-                          client.db_query, {"msg_id": {"$in": errors}}, ["result_content"])
-                      } if errors else {}
-        except error.RemoteError as e:  # e.g. a controller started with --nodb
-            raise Conflict(f"cluster {key!r} cannot list its tasks: {e.evalue}") from None
+        records = await asyncio.to_thread(_recent_records, client, connection, limit)
+        errors = [r["msg_id"] for r in records
+                  if (r.get("result_metadata") or {}).get("status") == "error"]
+        # the error's name tells a failure from an abort or a loss; asked only for the
+        # failed tasks listed, as their contents may hold tracebacks
+        enames = {r["msg_id"]: (r.get("result_content") or {}).get("ename")
+                  for r in await asyncio.to_thread(
+                      client.db_query, {"msg_id": {"$in": errors}}, ["result_content"])
+                  } if errors else {}
         engine_ids = client.engine_ids_by_uuid()
         return {"cluster": self.model(key),
                 "tasks": [_task(r, engine_ids, enames.get(r["msg_id"])) for r in records]}

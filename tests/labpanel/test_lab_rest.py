@@ -146,7 +146,8 @@ async def test_create_start_watch_scale_stop_delete(api, lab_ipython_dir):
 
 
 async def test_lists_and_stops_clusters_started_from_notebooks_and_the_shell(api, lab_ipython_dir):
-    notebook = ipp.Cluster(n=1, cluster_id="nb", ipython_dir=str(lab_ipython_dir))
+    notebook = ipp.Cluster(n=1, cluster_id="nb", ipython_dir=str(lab_ipython_dir),
+                           controller_args=["--nodb"])
     shell = subprocess.run(
         [sys.executable, "-m", "ipyparallel_lite.cluster", "start", "-n", "1", "--daemonize",
          "--profile", "other", "--ipython-dir", str(lab_ipython_dir)],
@@ -162,6 +163,10 @@ async def test_lists_and_stops_clusters_started_from_notebooks_and_the_shell(api
         assert one["controller_pid"] == listed["other:"]["controller_pid"]
         view = await api("GET", "clusters", "other:", "engines")
         assert view["totals"]["engines"] == 1
+        # a controller that keeps no task records lists no tasks, without an error
+        with notebook.connect_client_sync() as rc:
+            rc[:].apply_sync(int, 1)
+        assert (await api("GET", "clusters", "default:nb", "tasks"))["tasks"] == []
         stopped = await api("POST", "clusters", "other:", "stop")
         assert stopped == {"id": "other:", "state": "stopped"}
         assert [c["id"] for c in (await api("GET", "clusters"))["clusters"]] == ["default:nb"]
