@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 from tornado.httpclient import HTTPClientError
@@ -100,7 +101,9 @@ async def test_create_start_watch_scale_stop_delete(api, lab_ipython_dir):
         assert listed[1]["state"] == "error" and listed[1]["error"] == "ZeroDivisionError"
         assert all(t["state"] == "done" and t["error"] is None for t in listed[2:])
         assert all(t["engine"] in (0, 1) and 0 <= t["duration"] < 10 for t in listed[1:])
-        assert all(t["submitted"] <= t["started"] <= t["completed"] for t in listed[1:])
+        times = [[datetime.fromisoformat(t[k]) for k in ("submitted", "started", "completed")]
+                 for t in listed[1:]]
+        assert all(submitted <= started <= completed for submitted, started, completed in times)
         assert [t["label"] for t in listed[5:]] == [None] * 10
         newest = (await api("GET", "clusters", "default:rest", "tasks", params={"limit": "2"}))["tasks"]
         assert newest == listed[:2]
@@ -165,6 +168,7 @@ async def test_lists_and_stops_clusters_started_from_notebooks_and_the_shell(api
         assert view["totals"]["engines"] == 1
         # a controller that keeps no task records lists no tasks, without an error
         with notebook.connect_client_sync() as rc:
+            rc.wait_for_engines(1, timeout=60)
             rc[:].apply_sync(int, 1)
         assert (await api("GET", "clusters", "default:nb", "tasks"))["tasks"] == []
         stopped = await api("POST", "clusters", "other:", "stop")
