@@ -300,8 +300,16 @@ class ClusterManager:
                       client.db_query, {"msg_id": {"$in": errors}}, ["result_content"])
                   } if errors else {}
         engine_ids = client.engine_ids_by_uuid()
-        return {"cluster": self.model(key),
-                "tasks": [_task(r, engine_ids, enames.get(r["msg_id"])) for r in records]}
+        tasks = [_task(r, engine_ids, enames.get(r["msg_id"])) for r in records]
+        # an engine runs one request at a time: the oldest it was given runs, the
+        # requests queued behind it wait (a record only says "sent to its engine")
+        busy: set[int] = set()
+        for task in reversed(tasks):
+            if task["state"] == "running":
+                if task["engine"] in busy:
+                    task["state"] = "pending"
+                busy.add(task["engine"])
+        return {"cluster": self.model(key), "tasks": tasks}
 
 
 def _recent_records(client: Client, connection: _Connection, limit: int) -> list[dict]:

@@ -107,11 +107,19 @@ async def test_create_start_watch_scale_stop_delete(api, lab_ipython_dir):
         assert [t["label"] for t in listed[5:]] == [None] * 10
         newest = (await api("GET", "clusters", "default:rest", "tasks", params={"limit": "2"}))["tasks"]
         assert newest == listed[:2]
-        # aborted, as the record says
+        # a request queued on the slow task's engine waits behind it
+        engine = listed[0]["engine"]
+        behind = rc[engine].apply_async(int, 2)
+        await _until(lambda: rc.db_query({"msg_id": behind.msg_ids[0]}, ["msg_id"]) != [])
+        waiting = (await api("GET", "clusters", "default:rest", "tasks", params={"limit": "2"}))["tasks"]
+        assert [(t["msg_id"], t["state"], t["engine"]) for t in waiting] == [
+            (behind.msg_ids[0], "pending", engine), (slow.msg_ids[0], "running", engine)]
+        # aborted, as the record says; then the one behind it runs
         slow.abort()
-        await _until(lambda: rc.result_status(slow.msg_ids)["completed"])
+        assert behind.get(30) == 2
         listed = (await api("GET", "clusters", "default:rest", "tasks", params={"limit": "500"}))["tasks"]
-        assert len(listed) == 15 and listed[0]["state"] == "aborted"
+        assert len(listed) == 16 and [t["state"] for t in listed[:2]] == ["done", "aborted"]
+        assert listed[1]["msg_id"] == slow.msg_ids[0] and listed[1]["error"] == "TaskAborted"
         assert (await api("GET", "clusters", "default:rest", "tasks", params={"limit": "3"}))["tasks"] == listed[:3]
         # a full list bounds the next one by its oldest task's submission: still exact
         five = (await api("GET", "clusters", "default:rest", "tasks", params={"limit": "5"}))["tasks"]
