@@ -241,12 +241,12 @@ def test_panel_creates_starts_watches_scales_stops_and_can_be_disabled(lab, lab_
 
             # labelled tasks from the notebook: the recent tasks list them, running then done
             _run_cell(page, "lv = rc.load_balanced_view()\nlv.label = 'squares'\n"
-                            "ar = lv.map_async(lambda x: time.sleep(0.3) or x * x, range(20))")
+                            "ar = lv.map_async(lambda x: time.sleep(0.3) or x * x, range(30))")
             squares = card.locator(".ipp-lite-task", has_text="squares")
             expect(squares.and_(card.locator("[data-state='running']"))).not_to_have_count(0)
             expect(squares.and_(card.locator("[data-state='done']"))).not_to_have_count(0)
             page.screenshot(path=str(shots / "3-tasks.png"))
-            expect(card.locator(".ipp-lite-totals")).to_contain_text(f"{before + 80} done")
+            expect(card.locator(".ipp-lite-totals")).to_contain_text(f"{before + 90} done")
             # the list holds the 20 newest: all of them squares, done, on an engine
             expect(card.locator(".ipp-lite-task[data-state='done']", has_text="squares")).to_have_count(20)
             rows = [r.split("\t") for r in card.locator(".ipp-lite-task").all_inner_texts()]

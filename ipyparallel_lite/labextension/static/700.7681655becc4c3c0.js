@@ -78,7 +78,7 @@
 }
 
 .ipp-lite-tasks-scroll {
-  max-height: 240px;
+  max-height: 360px;
   overflow-y: auto;
 }
 
