@@ -175,6 +175,12 @@ class Client:
         with self._engines_changed:
             return {eid: dict(self._engine_infos.get(eid, {})) for eid in ids}
 
+    def engine_ids_by_uuid(self) -> dict[str, int]:
+        """``{uuid: id}`` of the engines registered now: names the engine of a Hub
+        record (its ``engine_uuid``) that has no reply yet."""
+        with self._engines_changed:
+            return {uuid: eid for eid, uuid in self._engines.items()}
+
     # ---- the I/O thread -----------------------------------------------------------
 
     def _io_loop(self) -> None:

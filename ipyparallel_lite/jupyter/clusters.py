@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,32 @@ def engine_count_arg(value: Any, what: str = "n") -> int:
     return value
 
 
+def task_limit_arg(value: Any) -> int:
+    """``value`` (a query argument, so a string) as a number of tasks to list, 1 to
+    :data:`MAX_TASKS`; ValueError (HTTP 400) with a reason otherwise."""
+    if not (isinstance(value, str) and value.isascii() and value.isdigit() and 0 < int(value) <= MAX_TASKS):
+        raise ValueError(f"limit must be a whole number of tasks from 1 to {MAX_TASKS}, not {value!r}")
+    return int(value)
+
+
+#: the most recent tasks one request may list
+MAX_TASKS = 500
+#: how far back the recent tasks are first looked for, widened until enough are found
+_TASK_WINDOWS = (timedelta(minutes=1), timedelta(hours=1), timedelta(days=1), None)
+#: the record keys the task list needs: no request or result bodies, no buffers
+_TASK_KEYS = ["msg_id", "label", "engine_uuid", "submitted", "started", "completed",
+              "result_metadata"]
+
+
 @dataclass
 class _Connection:
     """A client of one run of a cluster (a restarted controller needs a new one)."""
 
     controller_pid: int | None
     client: Client
+    #: the last task list's length and the ``submitted`` of its oldest task (None: it
+    #: held every record), so that the next list asks only for tasks that recent
+    tasks_bound: tuple[int, datetime | None] | None = None
 
 
 class ClusterManager:
@@ -260,6 +281,89 @@ class ClusterManager:
             "done": sum(e["done"] for e in engines),
         }
         return {"cluster": self.model(key), "engines": engines, "totals": totals}
+
+    async def tasks(self, key: str, limit: int = 20) -> dict:
+        """The ``limit`` tasks submitted last, newest first, each with its label, state,
+        engine, times and duration, from the Hub's records."""
+        cluster = self.get(key)
+        if not _is_running(cluster):
+            raise Conflict(f"cluster {key!r} is stopped; start it to see its tasks")
+        client = await self._client(key, cluster)
+        connection = self._connections[key]
+        records = await asyncio.to_thread(_recent_records, client, connection, limit)
+        errors = [r["msg_id"] for r in records
+                  if (r.get("result_metadata") or {}).get("status") == "error"]
+        # the error's name tells a failure from an abort or a loss; asked only for the
+        # failed tasks listed, as their contents may hold tracebacks
+        enames = {r["msg_id"]: (r.get("result_content") or {}).get("ename")
+                  for r in await asyncio.to_thread(
+                      client.db_query, {"msg_id": {"$in": errors}}, ["result_content"])
+                  } if errors else {}
+        engine_ids = client.engine_ids_by_uuid()
+        tasks = [_task(r, engine_ids, enames.get(r["msg_id"])) for r in records]
+        # an engine runs one request at a time: the oldest it was given runs, the
+        # requests queued behind it wait (a record only says "sent to its engine")
+        busy: set[int] = set()
+        for task in reversed(tasks):
+            if task["state"] == "running":
+                if task["engine"] in busy:
+                    task["state"] = "pending"
+                busy.add(task["engine"])
+        return {"cluster": self.model(key), "tasks": tasks}
+
+
+def _recent_records(client: Client, connection: _Connection, limit: int) -> list[dict]:
+    """The ``limit`` records submitted last, newest first. Asks first for the tasks
+    since the oldest one the last list showed (only a poll's worth of new ones come on
+    top), else for a window widened from a minute until it holds ``limit`` tasks: a
+    busy Hub's thousands of older records do not travel once a second."""
+    now = datetime.now(timezone.utc)
+    bounds: list[datetime | None] = [now - w if w else None for w in _TASK_WINDOWS]
+    if connection.tasks_bound is not None and connection.tasks_bound[0] >= limit:
+        bounds.insert(0, connection.tasks_bound[1])
+    for since in bounds:
+        records = client.db_query({} if since is None else {"submitted": {"$gte": since}},
+                                  _TASK_KEYS)
+        if len(records) >= limit or since is None:
+            break
+    records.sort(key=lambda r: r.get("submitted") or now, reverse=True)
+    del records[limit:]
+    # a full list bounds the next one by its oldest task; a short one held every record
+    connection.tasks_bound = (limit, records[-1]["submitted"] if len(records) == limit else None)
+    return records
+
+
+def _task(record: dict, engine_ids: dict[str, int], ename: str | None) -> dict:
+    """What the panel shows of one task record."""
+    metadata = record.get("result_metadata") or {}
+    status = metadata.get("status")
+    if record.get("completed") is None:
+        state = "running" if record.get("engine_uuid") else "pending"
+    elif status == "aborted" or ename == "TaskAborted":
+        state = "aborted"
+    elif ename == "EngineError":  # its engine or the controller died under it
+        state = "lost"
+    else:
+        state = "done" if status == "ok" else "error"
+    engine = metadata.get("engine_id")
+    if engine is None or engine < 0:
+        engine = engine_ids.get(record.get("engine_uuid"))
+    started, completed = record.get("started"), record.get("completed")
+    return {
+        "msg_id": record["msg_id"],
+        "label": record.get("label"),
+        "state": state,
+        "error": ename,
+        "engine": engine,
+        "submitted": _iso(record.get("submitted")),
+        "started": _iso(started),
+        "completed": _iso(completed),
+        "duration": (completed - started).total_seconds() if started and completed else None,
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
 
 
 def _is_running(cluster: Cluster) -> bool:

@@ -9,6 +9,8 @@
 ``POST   clusters/<id>/stop``              stop engines and controller
 ``POST   clusters/<id>/scale`` ``{n}``     add or remove engines until ``n`` run
 ``GET    clusters/<id>/engines``           engines and totals, read from the Hub
+``GET    clusters/<id>/tasks?limit=20``    the tasks submitted last (1 to 500), newest
+                                           first: label, state, engine, times, duration
 =========================================  ==========================================
 
 ``<id>`` is ``profile:cluster_id``. Every handler is authenticated like any Jupyter
@@ -26,7 +28,12 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from ipyparallel_lite.cluster.cluster import ClusterError
-from ipyparallel_lite.jupyter.clusters import ClusterManager, Conflict, UnknownCluster
+from ipyparallel_lite.jupyter.clusters import (
+    ClusterManager,
+    Conflict,
+    UnknownCluster,
+    task_limit_arg,
+)
 
 URL_PREFIX = "ipyparallel-lite"
 _KEY = r"(?P<key>[^/]+)"
@@ -118,6 +125,16 @@ class EnginesHandler(_ClusterHandler):
         self.send(await self.run(self.manager.engines(key)))
 
 
+class TasksHandler(_ClusterHandler):
+    @web.authenticated
+    async def get(self, key: str) -> None:
+        try:
+            limit = task_limit_arg(self.get_query_argument("limit", "20"))
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
+        self.send(await self.run(self.manager.tasks(key, limit)))
+
+
 def handlers() -> list[tuple[str, type]]:
     base = f"/{URL_PREFIX}/clusters"
     return [
@@ -125,4 +142,5 @@ def handlers() -> list[tuple[str, type]]:
         (f"{base}/{_KEY}", ClusterHandler),
         (f"{base}/{_KEY}/(?P<action>start|stop|scale)", ClusterActionHandler),
         (f"{base}/{_KEY}/engines", EnginesHandler),
+        (f"{base}/{_KEY}/tasks", TasksHandler),
     ]

@@ -4,7 +4,8 @@
  * A left-sidebar panel lists the clusters the server extension knows (started here,
  * from notebooks or from the shell) with New / Start / Stop / Scale, and for each
  * running cluster its engines (state, host, pid, tasks queued/running/done), task
- * totals and rate, polled once a second while the panel is visible. Two palette
+ * totals and rate, and its recent tasks (label, state, engine, duration), polled
+ * once a second while the panel is visible. Two palette
  * commands insert the client connection code and a %%px cell into the active
  * notebook. State lives in the clusters; the page only shows what the server says.
  */
@@ -23,6 +24,8 @@ import { Widget } from '@lumino/widgets';
 const PLUGIN_ID = 'ipyparallel-lite:panel';
 const API = 'ipyparallel-lite';
 const POLL_MS = 1000;
+/** How many of a cluster's recent tasks the live view lists. */
+const RECENT_TASKS = 20;
 
 const CommandIds = {
   insertClient: 'ipyparallel-lite:insert-client',
@@ -67,14 +70,27 @@ interface IEnginesView {
   totals: { engines: number; queued: number; running: number; done: number };
 }
 
+interface ITask {
+  msg_id: string;
+  label: string | null;
+  state: 'pending' | 'running' | 'done' | 'error' | 'aborted' | 'lost';
+  error: string | null;
+  engine: number | null;
+  submitted: string | null;
+  started: string | null;
+  completed: string | null;
+  duration: number | null;
+}
+
 /** Calls the server extension; failures raise an Error with the server's reason. */
-async function requestAPI<T>(path: string[], init: RequestInit = {}): Promise<T> {
+async function requestAPI<T>(
+  path: string[],
+  init: RequestInit = {},
+  query = ''
+): Promise<T> {
   const settings = ServerConnection.makeSettings();
-  const url = URLExt.join(
-    settings.baseUrl,
-    API,
-    ...path.map(p => encodeURIComponent(p))
-  );
+  const url =
+    URLExt.join(settings.baseUrl, API, ...path.map(p => encodeURIComponent(p))) + query;
   const response = await ServerConnection.makeRequest(url, init, settings);
   const text = await response.text();
   const data = text ? JSON.parse(text) : null;
@@ -109,6 +125,52 @@ function numberInput(value: number, label: string): HTMLInputElement {
   input.title = label;
   input.setAttribute('aria-label', label);
   return input;
+}
+
+/** ``seconds`` as the task list shows a duration: 0.12 s, 3.4 s, 2 min 5 s. */
+function formatDuration(seconds: number | null): string {
+  if (seconds === null) {
+    return '…';
+  }
+  if (seconds < 1) {
+    return `${seconds.toFixed(2)} s`;
+  }
+  if (seconds < 60) {
+    return `${seconds.toFixed(1)} s`;
+  }
+  return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
+}
+
+/** A compact table; ``rows`` give each row's class and cells (null shows as '?'). */
+function table(
+  className: string,
+  headers: string[],
+  rows: {
+    className: string;
+    data: Record<string, string>;
+    title?: string;
+    cells: (string | number | null)[];
+  }[]
+): HTMLElement {
+  const node = element('table', className);
+  const head = node.createTHead().insertRow();
+  for (const label of headers) {
+    head.append(element('th', '', label));
+  }
+  const body = node.createTBody();
+  for (const r of rows) {
+    const row = body.insertRow();
+    row.className = r.className;
+    Object.assign(row.dataset, r.data);
+    for (const value of r.cells) {
+      const cell = row.insertCell();
+      cell.textContent = value === null ? '?' : String(value);
+      cell.title = r.title ?? cell.textContent;
+    }
+  }
+  const scroller = element('div', `ipp-lite-table-scroll ${className}-scroll`);
+  scroller.append(node);
+  return scroller;
 }
 
 /** Python that connects a notebook to ``cluster`` and activates %px. */
@@ -221,14 +283,18 @@ class ClusterCard {
     }
   }
 
-  /** Fetch and show the engines of a running cluster. */
+  /** Fetch and show the engines and the recent tasks of a running cluster. */
   async poll(): Promise<void> {
     if (this.model.state !== 'running') {
       return;
     }
     let view: IEnginesView;
+    let tasks: ITask[];
     try {
-      view = await requestAPI<IEnginesView>([...this.path, 'engines']);
+      [view, { tasks }] = await Promise.all([
+        requestAPI<IEnginesView>([...this.path, 'engines']),
+        requestAPI<{ tasks: ITask[] }>([...this.path, 'tasks'], {}, `?limit=${RECENT_TASKS}`)
+      ]);
     } catch {
       return; // stopped meanwhile: the next refresh says so
     }
@@ -245,24 +311,37 @@ class ClusterCard {
       'ipp-lite-totals',
       `tasks: ${t.done} done · ${t.running} running · ${t.queued} queued${rate}`
     );
-    const table = element('table', 'ipp-lite-engines');
-    const head = table.createTHead().insertRow();
-    for (const label of ['id', 'state', 'host', 'pid', 'queued', 'running', 'done']) {
-      head.append(element('th', '', label));
+    const engines = table(
+      'ipp-lite-engines',
+      ['id', 'state', 'host', 'pid', 'queued', 'running', 'done'],
+      view.engines.map(e => ({
+        className: `ipp-lite-engine ipp-lite-${e.state}`,
+        data: { engine: String(e.id) },
+        cells: [e.id, e.state, e.host, e.pid, e.queued, e.running, e.done]
+      }))
+    );
+    const heading = element('div', 'ipp-lite-tasks-title', 'recent tasks');
+    let recent: HTMLElement;
+    if (tasks.length === 0) {
+      recent = element('div', 'ipp-lite-tasks-empty', 'none recorded yet');
+    } else {
+      recent = table(
+        'ipp-lite-tasks',
+        ['label', 'state', 'engine', 'duration'],
+        tasks.map(t => ({
+          className: `ipp-lite-task ipp-lite-task-${t.state}`,
+          data: { msgId: t.msg_id, state: t.state },
+          title: `${t.label ?? 'no label'} · ${t.msg_id} · submitted ${t.submitted}`,
+          cells: [
+            t.label ?? '',
+            t.error && t.state === 'error' ? `error: ${t.error}` : t.state,
+            t.engine ?? '',
+            formatDuration(t.duration)
+          ]
+        }))
+      );
     }
-    const body = table.createTBody();
-    for (const e of view.engines) {
-      const row = body.insertRow();
-      row.className = `ipp-lite-engine ipp-lite-${e.state}`;
-      row.dataset.engine = String(e.id);
-      for (const value of [e.id, e.state, e.host, e.pid, e.queued, e.running, e.done]) {
-        const cell = row.insertCell();
-        cell.textContent = cell.title = value === null ? '?' : String(value);
-      }
-    }
-    const scroller = element('div', 'ipp-lite-engines-scroll');
-    scroller.append(table);
-    this.live.replaceChildren(totals, scroller);
+    this.live.replaceChildren(totals, engines, heading, recent);
   }
 }
 

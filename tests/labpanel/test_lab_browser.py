@@ -3,8 +3,9 @@
 
 One walk through what a user does: open the panel, create and start a cluster, watch
 its engines, run tasks from a notebook (with the palette's connection code and
-``%%px`` cell), scale, stop, then ``jupyter labextension disable`` and reload. The
-screenshots land in ``test-artifacts/lab/`` (or ``$IPP_LITE_ARTIFACTS``).
+``%%px`` cell) and find them by their label in the recent tasks, scale, stop, then
+``jupyter labextension disable`` and reload. The screenshots land in
+``test-artifacts/lab/`` (or ``$IPP_LITE_ARTIFACTS``).
 """
 
 from __future__ import annotations
@@ -238,16 +239,30 @@ def test_panel_creates_starts_watches_scales_stops_and_can_be_disabled(lab, lab_
             done = [int(t) for t in card.locator(".ipp-lite-engine td:nth-child(7)").all_inner_texts()]
             assert sum(done) == before + 60 and all(d > 0 for d in done)
 
+            # labelled tasks from the notebook: the recent tasks list them, running then done
+            _run_cell(page, "lv = rc.load_balanced_view()\nlv.label = 'squares'\n"
+                            "ar = lv.map_async(lambda x: time.sleep(0.3) or x * x, range(30))")
+            squares = card.locator(".ipp-lite-task", has_text="squares")
+            expect(squares.and_(card.locator("[data-state='running']"))).not_to_have_count(0)
+            expect(squares.and_(card.locator("[data-state='done']"))).not_to_have_count(0)
+            page.screenshot(path=str(shots / "3-tasks.png"))
+            expect(card.locator(".ipp-lite-totals")).to_contain_text(f"{before + 90} done")
+            # the list holds the 20 newest: all of them squares, done, on an engine
+            expect(card.locator(".ipp-lite-task[data-state='done']", has_text="squares")).to_have_count(20)
+            rows = [r.split("\t") for r in card.locator(".ipp-lite-task").all_inner_texts()]
+            assert all(r[0] == "squares" and r[1] == "done" and r[2] in ("0", "1")
+                       and r[3].endswith(" s") for r in rows), rows
+
             # scale to 3 engines, then stop
             card.locator(".ipp-lite-controls .ipp-lite-n").fill("3")
             card.get_by_role("button", name="Scale").click()
             expect(card.locator(".ipp-lite-engine")).to_have_count(3)
             expect(card.locator(".ipp-lite-cluster-status")).to_contain_text("3 engines")
-            page.screenshot(path=str(shots / "3-scaled.png"))
+            page.screenshot(path=str(shots / "4-scaled.png"))
             card.get_by_role("button", name="Stop").click()
             expect(card).to_have_attribute("data-state", "stopped")
             expect(card.locator(".ipp-lite-engine")).to_have_count(0)
-            page.screenshot(path=str(shots / "4-stopped.png"))
+            page.screenshot(path=str(shots / "5-stopped.png"))
 
             # disabled: after a reload the panel is gone; enabled again, it is back
             _labextension("disable", lab_env)
@@ -258,7 +273,7 @@ def test_panel_creates_starts_watches_scales_stops_and_can_be_disabled(lab, lab_
                 assert page.locator(PANEL_TAB).count() == 0
                 config = json.loads(page.locator("#jupyter-config-data").text_content())
                 assert LABEXTENSION_NAME in config["disabledExtensions"]
-                page.screenshot(path=str(shots / "5-disabled.png"))
+                page.screenshot(path=str(shots / "6-disabled.png"))
             finally:
                 _labextension("enable", lab_env)
             page.reload()
