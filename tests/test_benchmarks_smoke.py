@@ -74,3 +74,16 @@ def test_hub_store_benchmark_runs():
     for label in ("memory store, tasks/s", "sqlite store, tasks/s", "sqlite / memory"):
         assert float(rows[label][1].replace(",", "")) > 0
     assert sum("controller RSS after" in label for label in rows) == 4
+
+
+@pytest.mark.timeout(300)
+def test_load_benchmark_runs():
+    """``python -m benchmarks.load --quick``: several client processes, every result checked."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.load", "--quick"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "| all 900 results correct | yes |" in proc.stdout
+    assert "tasks/s" in proc.stdout and "controller RSS" in proc.stdout
