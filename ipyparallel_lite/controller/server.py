@@ -37,7 +37,13 @@ from zmq.devices import ThreadDevice
 from ipyparallel_lite import fastzmq
 from ipyparallel_lite.connection import reply_type, unpack_message
 from ipyparallel_lite.controller.dependency import parse_dependency
-from ipyparallel_lite.controller.hub import Hub, RegistrationError, as_datetime, utcnow
+from ipyparallel_lite.controller.hub import (
+    OUTPUT_TYPES,
+    Hub,
+    RegistrationError,
+    as_datetime,
+    utcnow,
+)
 from ipyparallel_lite.controller.outbox import Outbox, Sent
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
 from ipyparallel_lite.controller.store import NoStore, RecordNotFound
@@ -55,6 +61,11 @@ DIRECT_TYPES = (*WORK_TYPES, "kernel_info_request", "complete_request", "inspect
                 "is_complete_request", "history_request", "comm_info_request")
 #: how far into a message the delimiter may sit; anything deeper is garbage
 MAX_IDENTS = 4
+#: iopub messages that may wait for the Hub's reader (beyond the relay's own 1,000):
+#: a PUB drops what a subscriber cannot take, so a busy controller would miss output
+IOPUB_RECORD_HWM = 100_000
+#: record keys an engine's iopub fills, sent along with results from the Hub
+OUTPUT_KEYS = ("execute_input", "execute_result", "error", "stdout", "stderr")
 #: messages handled per socket before other sockets get their turn: small enough that a
 #: client flooding one socket delays others' requests by milliseconds (256 let a flood of
 #: 40,000 requests delay them by up to 1.3 s on a loaded machine; 64: at most 71 ms)
@@ -106,6 +117,7 @@ class Controller:
         peer_queue_entries: int = 200_000,
         flush_interval: float = 0.2,
         restored: bool = False,
+        record_output: bool = True,
     ):
         self.session = session
         self.hub = hub or Hub()
@@ -122,6 +134,9 @@ class Controller:
         #: restored from the records of a controller that died: engines that still
         #: answer heartbeats registered with that one, and are told to start again
         self.restored = restored
+        #: subscribe to the iopub relay and record output in the Hub (off: faster %px)
+        self.record_output = record_output and not isinstance(self.hub.store, NoStore)
+        self._iopub_record: zmq.Socket | None = None
         self._told_to_restart: set[str] = set()
         self._finished: collections.deque[str] = collections.deque()
         #: per-peer bounds on what waits for a peer that does not read (see outbox.py)
@@ -192,8 +207,19 @@ class Controller:
                                      lambda: iopub.bind_in_to_random_port(f"tcp://{self.ip}"))
         c["iopub"] = self._bind_port("iopub", c, lambda p: iopub.bind_out(f"tcp://{self.ip}:{p}"),
                                      lambda: iopub.bind_out_to_random_port(f"tcp://{self.ip}"))
+        if self.record_output:
+            # the Hub reads the relay's output side over inproc: the device's context
+            # is zmq's global instance, so this socket lives there too
+            inproc = f"inproc://ipp-lite-iopub-record-{uuid4()}"
+            self._iopub.bind_out(inproc)
+            self._iopub_record = fastzmq.socket(zmq.Context.instance(), zmq.SUB)
+            self._iopub_record.linger = 0
+            self._iopub_record.rcvhwm = IOPUB_RECORD_HWM
+            self._iopub_record.subscribe(b"")
         self._iopub.daemon = True
         self._iopub.start()
+        if self._iopub_record is not None:
+            self._iopub_record.connect(inproc)
         self._monitor = self.engine_shell.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     def connection_info(self, kind: str) -> dict:
@@ -224,6 +250,8 @@ class Controller:
             self.hb_pong: self.on_pong,
             self._monitor: self.on_monitor,
         }
+        if self._iopub_record is not None:
+            handlers[self._iopub_record] = self.on_iopub
         self._reader_of = {}
         self.outbox = Outbox(loop, max_bytes=self.peer_queue_bytes,
                              max_entries=self.peer_queue_entries, on_gone=self._peer_gone,
@@ -267,6 +295,8 @@ class Controller:
         except zmq.ZMQError:
             pass
         self.context.destroy(linger=0)
+        if self._iopub_record is not None:
+            self._iopub_record.close(linger=0)
         try:
             self.hub.store.close()
         except Exception:
@@ -376,6 +406,35 @@ class Controller:
             self.warn(peer, "no msg_id", "dropped a message without a header msg_id")
             return None
         return idents, rest, msg
+
+    # ---- output, for the Hub's records ------------------------------------------
+
+    def on_iopub(self, frames: list) -> None:
+        """An engine's iopub message, as the relay forwards it to clients: verified,
+        then recorded by the Hub if it is output of a task it has a record of."""
+        parsed = self._parse(frames, peer=b"iopub")
+        if parsed is None:
+            return
+        _, rest, msg = parsed
+        if msg["msg_type"] not in OUTPUT_TYPES:
+            return
+        parent = msg["parent_header"]
+        parent_id = parent.get("msg_id") if isinstance(parent, dict) else None
+        if not isinstance(parent_id, str):
+            return
+        raw = msg["content"]
+        self.hub.output(parent_id, msg["msg_type"], self.session.unpack(raw), len(raw))
+
+    def _record_input(self, msg_id: str) -> None:
+        """execute_input of an execute request the engine ran without echoing its code."""
+        try:
+            if self.hub.store.get_value(msg_id, "execute_input") is not None:
+                return
+            content = self._unpacked(self.hub.store.get_value(msg_id, "content"))
+        except (KeyError, ValueError):
+            return  # purged meanwhile, or a request that was never valid
+        if isinstance(content, dict):
+            self.hub.input_from_request(msg_id, content.get("code"))
 
     # ---- registration and queries ----------------------------------------------
 
@@ -502,6 +561,7 @@ class Controller:
                     "metadata": record["result_metadata"],
                     "content": self._unpacked(record["result_content"]),
                     "nbuffers": len(result_buffers),
+                    "outputs": {k: record.get(k) for k in OUTPUT_KEYS if record.get(k) is not None},
                 }
                 buffers.extend(result_buffers)
         msg_out = self.session.msg("result_reply", reply, parent=msg["header"])
@@ -684,6 +744,8 @@ class Controller:
         self.completed[engine_ident] = self.completed.get(engine_ident, 0) + 1
         self._forget_later(parent_id)
         self.hub.finished(parent_id, msg["header"], md, rest[5], rest[6:])
+        if self.record_output and msg["msg_type"] == "execute_reply":
+            self._record_input(parent_id)
 
     def on_engine_control(self, frames: list) -> None:
         parsed = self._engine_message(frames, "control")
