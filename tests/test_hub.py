@@ -216,9 +216,15 @@ def test_output_text_counts_against_the_memory_store_size_limit(tmp_path):
 
 
 def test_input_from_request_only_when_the_engine_echoed_none():
+    import json
+
     hub = _hub_with_task()
-    assert hub.input_from_request("m1", "a = 1")
+    hub.store.update_record("m1", {"content": b'{"code": "a = 1", "silent": true}'})
+    assert hub.input_from_request("m1", json.loads)
     assert hub.store.get_value("m1", "execute_input") == "a = 1"
-    assert not hub.input_from_request("m1", "b = 2")  # the engine's echo (or ours) stays
-    assert not hub.input_from_request("unknown", "a = 1")
-    assert not hub.input_from_request("m1", None)
+    hub.store.update_record("m1", {"content": b'{"code": "b = 2"}'})
+    assert not hub.input_from_request("m1", json.loads)  # the engine's echo (or ours) stays
+    assert hub.store.get_value("m1", "execute_input") == "a = 1"
+    assert not hub.input_from_request("unknown", json.loads)
+    hub.store.update_record("m1", {"content": b'{"no": "code"}', "execute_input": None})
+    assert not hub.input_from_request("m1", json.loads)

@@ -18,6 +18,7 @@ remembered, so that the controller can tell it when its heartbeat shows up again
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -275,14 +276,18 @@ class Hub:
         store.update_record(msg_id, {key: value})
         return True
 
-    def input_from_request(self, msg_id: str, code: Any) -> bool:
-        """Set ``execute_input`` from the request's code, when the engine published
-        none (its fast path does not echo the code); whether it did."""
-        if not isinstance(code, str) or msg_id not in self.store:
+    def input_from_request(self, msg_id: str, unpack: Callable[[Any], Any]) -> bool:
+        """Set ``execute_input`` from the code of the recorded request, when the engine
+        published none (its fast path does not echo the code); whether it did.
+        ``unpack`` turns the stored request content (frames as they came) into a dict."""
+        store = self.store
+        if msg_id not in store or store.get_value(msg_id, "execute_input") is not None:
             return False
-        if self.store.get_value(msg_id, "execute_input") is not None:
+        content = unpack(store.get_value(msg_id, "content"))
+        code = content.get("code") if isinstance(content, dict) else None
+        if not isinstance(code, str):
             return False
-        self.store.update_record(msg_id, {"execute_input": self._bounded(None, code)})
+        store.update_record(msg_id, {"execute_input": self._bounded(None, code)})
         return True
 
     def _truncation_marker(self) -> str:

@@ -425,17 +425,6 @@ class Controller:
         raw = msg["content"]
         self.hub.output(parent_id, msg["msg_type"], self.session.unpack(raw), len(raw))
 
-    def _record_input(self, msg_id: str) -> None:
-        """execute_input of an execute request the engine ran without echoing its code."""
-        try:
-            if self.hub.store.get_value(msg_id, "execute_input") is not None:
-                return
-            content = self._unpacked(self.hub.store.get_value(msg_id, "content"))
-        except (KeyError, ValueError):
-            return  # purged meanwhile, or a request that was never valid
-        if isinstance(content, dict):
-            self.hub.input_from_request(msg_id, content.get("code"))
-
     # ---- registration and queries ----------------------------------------------
 
     def on_registration(self, frames: list) -> None:
@@ -745,7 +734,7 @@ class Controller:
         self._forget_later(parent_id)
         self.hub.finished(parent_id, msg["header"], md, rest[5], rest[6:])
         if self.record_output and msg["msg_type"] == "execute_reply":
-            self._record_input(parent_id)
+            self.hub.input_from_request(parent_id, self._unpacked)
 
     def on_engine_control(self, frames: list) -> None:
         parsed = self._engine_message(frames, "control")
