@@ -64,6 +64,8 @@ MAX_IDENTS = 4
 #: iopub messages that may wait for the Hub's reader (beyond the relay's own 1,000):
 #: a PUB drops what a subscriber cannot take, so a busy controller would miss output
 IOPUB_RECORD_HWM = 100_000
+#: the prefix of every topic engines publish on iopub
+ENGINE_TOPIC = b"engine."
 #: record keys an engine's iopub fills, sent along with results from the Hub
 OUTPUT_KEYS = ("execute_input", "execute_result", "error", "stdout", "stderr")
 #: messages handled per socket before other sockets get their turn: small enough that a
@@ -215,7 +217,9 @@ class Controller:
             self._iopub_record = fastzmq.socket(zmq.Context.instance(), zmq.SUB)
             self._iopub_record.linger = 0
             self._iopub_record.rcvhwm = IOPUB_RECORD_HWM
-            self._iopub_record.subscribe(b"")
+            # engines publish under topics "engine.<id>.<kind>" (stdout, error...):
+            # the relay filters anything else out before it reaches this socket
+            self._iopub_record.subscribe(ENGINE_TOPIC)
         self._iopub.daemon = True
         self._iopub.start()
         if self._iopub_record is not None:
