@@ -41,7 +41,7 @@ MAX_GROWTH_MB = 20.0
 STORES = {"memory": [], "sqlite": ["--sqlitedb"]}
 
 
-def _run_tasks(rc: ipp.Client, count: int, batch: int) -> float:
+def run_tasks(rc: ipp.Client, count: int, batch: int) -> float:
     """Run ``count`` load-balanced no-ops, ``batch`` in flight at a time; tasks/s."""
     view = rc.load_balanced_view()
     start = time.perf_counter()
@@ -55,7 +55,7 @@ def _run_tasks(rc: ipp.Client, count: int, batch: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def _cluster(stack: ExitStack, args: list[str], engines: int = 2) -> tuple[ipp.Cluster, ipp.Client]:
+def start_cluster(stack: ExitStack, args: list[str], engines: int = 2) -> tuple[ipp.Cluster, ipp.Client]:
     cluster = ipp.Cluster(n=engines, controller_args=args)
     rc = cluster.start_and_connect_sync()
     stack.callback(cluster.stop_cluster_sync)
@@ -68,12 +68,12 @@ def throughput(tasks: int, repeat: int, log: Callable[[str], None]) -> dict[str,
     """Tasks/s of each store, ``repeat`` turns each, measured alternately."""
     rates: dict[str, list[float]] = {name: [] for name in STORES}
     with ExitStack() as stack:
-        clients = {name: _cluster(stack, args)[1] for name, args in STORES.items()}
+        clients = {name: start_cluster(stack, args)[1] for name, args in STORES.items()}
         for rc in clients.values():
-            _run_tasks(rc, min(tasks, 1000), 500)  # warm-up: imports, first records
+            run_tasks(rc, min(tasks, 1000), 500)  # warm-up: imports, first records
         for turn in range(repeat):
             for name, rc in clients.items():
-                rates[name].append(_run_tasks(rc, tasks, tasks))
+                rates[name].append(run_tasks(rc, tasks, tasks))
                 log(f"turn {turn + 1}/{repeat} {name}: {rates[name][-1]:,.0f} tasks/s")
     return rates
 
@@ -81,11 +81,11 @@ def throughput(tasks: int, repeat: int, log: Callable[[str], None]) -> dict[str,
 def rss_growth(args: list[str], warmup: int, tasks: int, batch: int) -> tuple[float, float]:
     """Controller RSS (MB) after the warm-up and after ``tasks`` more."""
     with ExitStack() as stack:
-        cluster, rc = _cluster(stack, args)
+        cluster, rc = start_cluster(stack, args)
         pid = cluster.controller.pid
-        _run_tasks(rc, warmup, batch)
+        run_tasks(rc, warmup, batch)
         warm = tree_rss_mb(pid)
-        _run_tasks(rc, tasks, batch)
+        run_tasks(rc, tasks, batch)
         return warm, tree_rss_mb(pid)
 
 

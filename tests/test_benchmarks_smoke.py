@@ -87,3 +87,20 @@ def test_load_benchmark_runs():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "| all 900 results correct | yes |" in proc.stdout
     assert "tasks/s" in proc.stdout and "controller RSS" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_hub_output_benchmark_runs():
+    """``python -m benchmarks.hub_output --quick``: both settings measured, both rows there."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.hub_output", "--quick"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    measured = [cells for label, cells in rows.items() if label.startswith(("%px", "load-balanced"))]
+    assert len(measured) == 2
+    for cells in measured:
+        off, on = (float(cell.replace(",", "")) for cell in cells[1:3])
+        assert off > 0 and on > 0

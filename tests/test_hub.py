@@ -142,3 +142,89 @@ def test_unfinished_records_are_marked_lost(tmp_path):
     assert restored.store.get_record("done")["result_content"] == b"{}"
     assert restored.mark_lost("again") == []
     restored.store.close()
+
+
+def _hub_with_task(store=None, output_limit=1 << 20) -> Hub:
+    hub = Hub(store=store or MemoryStore(), output_limit=output_limit)
+    hub.submitted("m1", {"msg_id": "m1", "msg_type": "execute_request",
+                         "date": "2026-11-24T10:00:00Z"}, {}, "client-session", "mux", "e")
+    return hub
+
+
+def test_output_fills_the_record_from_iopub_messages(tmp_path):
+    from ipyparallel_lite.controller.sqlitestore import SQLiteStore
+
+    for store in (MemoryStore(), SQLiteStore(tmp_path / "hub.db")):
+        hub = _hub_with_task(store)
+        assert hub.output("m1", "execute_input", {"code": "print('hi')", "execution_count": 1})
+        assert hub.output("m1", "stream", {"name": "stdout", "text": "hi\n"})
+        store.flush(everything=True)  # appends work on a record already written too
+        assert hub.output("m1", "stream", {"name": "stdout", "text": "there\n"})
+        assert hub.output("m1", "stream", {"name": "stderr", "text": "warned\n"})
+        result = {"execution_count": 1, "data": {"text/plain": "42"}, "metadata": {}}
+        assert hub.output("m1", "execute_result", result, size=70)
+        error = {"ename": "ZeroDivisionError", "evalue": "division by zero", "traceback": ["tb"]}
+        assert hub.output("m1", "error", error, size=80)
+        record = hub.store.get_record("m1")
+        assert record["stdout"] == "hi\nthere\n" and record["stderr"] == "warned\n"
+        assert record["execute_input"] == "print('hi')"
+        assert record["execute_result"] == result and record["error"] == error
+        store.close()
+
+
+def test_output_ignores_what_it_does_not_record():
+    hub = _hub_with_task()
+    assert not hub.output("unknown", "stream", {"name": "stdout", "text": "x"})  # no record
+    assert not hub.output("m1", "status", {"execution_state": "idle"})
+    assert not hub.output("m1", "display_data", {"data": {}})
+    assert not hub.output("m1", "stream", {"name": "stdin", "text": "x"})
+    assert not hub.output("m1", "stream", {"name": "stdout", "text": b"bytes"})
+    assert not hub.output("m1", "execute_result", ["not", "a", "dict"])
+    record = hub.store.get_record("m1")
+    assert [record[k] for k in ("stdout", "stderr", "execute_input", "execute_result")] == [None] * 4
+
+
+def test_output_is_cut_at_the_limit_with_a_marker():
+    hub = _hub_with_task(output_limit=10)
+    assert hub.output("m1", "stream", {"name": "stdout", "text": "0123456"})
+    assert hub.output("m1", "stream", {"name": "stdout", "text": "789abc"})
+    kept = hub.store.get_value("m1", "stdout")
+    assert kept.startswith("0123456789") and "truncated" in kept and "abc" not in kept
+    assert not hub.output("m1", "stream", {"name": "stdout", "text": "more"})  # already cut
+    assert hub.store.get_value("m1", "stdout") == kept
+    assert hub.output("m1", "execute_input", {"code": "x = 1 + 2 + 3 + 4"})
+    assert hub.store.get_value("m1", "execute_input").startswith("x = 1 + 2 ")
+    big = {"execution_count": 3, "data": {"text/plain": "y" * 100}, "metadata": {}}
+    assert hub.output("m1", "execute_result", big, size=150)
+    kept = hub.store.get_value("m1", "execute_result")
+    assert kept["execution_count"] == 3 and "150 bytes not kept" in kept["data"]["text/plain"]
+    error = {"ename": "ValueError", "evalue": "bad", "traceback": ["z" * 100]}
+    assert hub.output("m1", "error", error, size=120)
+    kept = hub.store.get_value("m1", "error")
+    assert kept["ename"] == "ValueError" and kept["evalue"] == "bad"
+    assert "120 bytes not kept" in kept["traceback"][0]
+
+
+def test_output_text_counts_against_the_memory_store_size_limit(tmp_path):
+    store = MemoryStore(size_limit=1000, spill_path=tmp_path / "spill.db")
+    hub = _hub_with_task(store)
+    hub.finished("m1", {"msg_id": "r1"}, {"status": "ok"}, b"{}", [])
+    hub.output("m1", "stream", {"name": "stdout", "text": "x" * 2000})
+    assert not store.is_resident("m1")  # spilled, not dropped
+    assert hub.store.get_value("m1", "stdout") == "x" * 2000
+    store.close()
+
+
+def test_input_from_request_only_when_the_engine_echoed_none():
+    import json
+
+    hub = _hub_with_task()
+    hub.store.update_record("m1", {"content": b'{"code": "a = 1", "silent": true}'})
+    assert hub.input_from_request("m1", json.loads)
+    assert hub.store.get_value("m1", "execute_input") == "a = 1"
+    hub.store.update_record("m1", {"content": b'{"code": "b = 2"}'})
+    assert not hub.input_from_request("m1", json.loads)  # the engine's echo (or ours) stays
+    assert hub.store.get_value("m1", "execute_input") == "a = 1"
+    assert not hub.input_from_request("unknown", json.loads)
+    hub.store.update_record("m1", {"content": b'{"no": "code"}', "execute_input": None})
+    assert not hub.input_from_request("m1", json.loads)

@@ -298,6 +298,19 @@ def test_values_round_trip(make):
     assert got["label"] == "x" and got["submitted"] == T0 and got.get("stdout") is None
 
 
+def test_get_value_reads_one_key(make):
+    store = make()
+    store.add_record("a", _rec("a", completed=True, stdout="printed\n", label="x"))
+    for _ in range(2):  # in memory, then written (or spilled)
+        assert store.get_value("a", "stdout") == "printed\n"
+        assert store.get_value("a", "label") == "x" and store.get_value("a", "stderr") is None
+        store.flush(everything=True)
+    store.update_record("a", {"stdout": "printed\nmore\n"})
+    assert store.get_value("a", "stdout") == "printed\nmore\n"
+    with pytest.raises(RecordNotFound):
+        store.get_value("nope", "stdout")
+
+
 def test_add_sets_msg_id(make):
     store = make()
     store.add_record("a", {"submitted": T0})
@@ -318,7 +331,8 @@ def test_duplicate_add_raises(make):
 
 def test_missing_records_raise_readable_key_errors(make):
     store = make()
-    for call in (store.get_record, store.drop_record, lambda m: store.update_record(m, {})):
+    for call in (store.get_record, store.drop_record, lambda m: store.update_record(m, {}),
+                 lambda m: store.get_value(m, "stdout")):
         with pytest.raises(KeyError) as info:
             call("nope")
         assert isinstance(info.value, RecordNotFound)

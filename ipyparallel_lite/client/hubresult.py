@@ -62,7 +62,8 @@ def parse_dates(record: dict) -> dict:
 
 def results_of(reply: dict) -> dict[str, dict]:
     """``{msg_id: message}`` of the completed results in a ``result_reply``, as the
-    messages ``AsyncResult._receive`` takes (each with its buffers)."""
+    messages ``AsyncResult._receive`` takes (each with its buffers, and the recorded
+    output keys in its metadata)."""
     content, buffers = reply["content"], list(reply.get("buffers") or [])
     out = {}
     at = 0
@@ -74,7 +75,9 @@ def results_of(reply: dict) -> dict[str, dict]:
         out[msg_id] = {
             "header": part.get("header") or {},
             "parent_header": {"msg_id": msg_id},
-            "metadata": part.get("metadata") or {},
+            # what the task printed and returned, as the Hub recorded it: read as
+            # ar.stdout, ar.execute_result... like the output an AsyncResult collects
+            "metadata": {**(part.get("metadata") or {}), **(part.get("outputs") or {})},
             "content": part.get("content") or {},
             "buffers": buffers[at:at + n],
         }

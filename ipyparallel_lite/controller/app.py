@@ -97,6 +97,15 @@ class IPController(ParallelApp, BaseIPythonApplication):
         "", help="SQLite file of the task records (default: the profile's security/ folder, "
         "named after the cluster)."
     ).tag(config=True)
+    record_output = Bool(
+        True, help="Record what tasks print and return (stdout, stderr, execute_input, "
+        "execute_result, error) in the Hub's task records, from the engines' iopub; off "
+        "leaves those keys None and saves the controller reading every output message."
+    ).tag(config=True)
+    output_limit = Integer(
+        1 << 20, help="Characters of stdout, stderr and execute_input (and bytes of an "
+        "execute_result or error) the Hub keeps per task; more is cut, with a marker."
+    ).tag(config=True)
     restore = Bool(
         False, help="Restart a controller that died: reuse the ports and key of its connection "
         "files and its SQLite records (with store_class=sqlite)."
@@ -182,10 +191,11 @@ class IPController(ParallelApp, BaseIPythonApplication):
         path = self.database_path() if self.store_class == "sqlite" else None
         store = make_store(self.store_class, path=path, record_limit=self.record_limit)
         hub = Hub(store, hb_period=self.hb_period, max_misses=self.hb_max_misses,
-                  version_check=self.version_check)
+                  version_check=self.version_check, output_limit=self.output_limit)
         scheduler = SchedulerCore(scheme=scheduling.scheme_name, hwm=scheduling.hwm)
         controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
                                 remember_finished=self.remember_finished, restored=self.restore,
+                                record_output=self.record_output,
                                 peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair)
         try:
             controller.bind(previous[1] if previous else None)

@@ -18,6 +18,7 @@ remembered, so that the controller can tell it when its heartbeat shows up again
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -27,6 +28,11 @@ from ipyparallel_lite.versions import conflicts, versions
 
 #: the channels an engine must confirm before it is ready
 ENGINE_READY_CHANNELS = frozenset({"shell", "control"})
+#: iopub message types whose content :meth:`Hub.output` records
+OUTPUT_TYPES = frozenset({"stream", "execute_input", "execute_result", "error"})
+#: characters of text (stdout, stderr, execute_input) a record keeps, and bytes of an
+#: execute_result or error: a chatty task cannot fill the controller's memory
+OUTPUT_LIMIT = 1 << 20
 
 
 def utcnow() -> datetime:
@@ -70,10 +76,12 @@ class Hub:
         max_misses: int = 5,
         registration_timeout: float = 30.0,
         version_check: str = "refuse",
+        output_limit: int = OUTPUT_LIMIT,
     ):
         if version_check not in ("refuse", "warn", "off"):
             raise ValueError(f"version_check must be 'refuse', 'warn' or 'off', not {version_check!r}")
         self.version_check = version_check
+        self.output_limit = output_limit
         self.store: BaseStore = store if store is not None else MemoryStore()
         self.hb_period = hb_period
         self.max_misses = max_misses
@@ -185,9 +193,9 @@ class Hub:
     # a dict update in the store, never a copy of the message and never disk I/O (a
     # SQLite store writes in batches when the server flushes it on a timer). The
     # request's and the reply's frames are kept as they arrived; they are unpacked only
-    # when a client asks for them. ``started`` comes with the reply's metadata, and the
-    # output keys (stdout, stderr, execute_input...) stay None: iopub is relayed by
-    # libzmq without passing through the Hub, and clients keep their own output.
+    # when a client asks for them. ``started`` comes with the reply's metadata. The
+    # output keys (stdout, stderr, execute_input, execute_result, error) come from the
+    # engines' iopub messages, one :meth:`output` call each.
 
     def submitted(
         self,
@@ -235,6 +243,76 @@ class Hub:
                 "received": utcnow(),
             },
         )
+
+    def output(self, msg_id: str, msg_type: str, content: Any, size: int = 0) -> bool:
+        """Record an iopub message of task ``msg_id`` (its parent): stream text appends
+        to ``stdout``/``stderr``, ``execute_input`` sets the code, ``execute_result``
+        and ``error`` their content. ``size``: the bytes the content arrived as.
+
+        Text is cut at ``output_limit`` characters with a marker saying so; an
+        execute_result or error larger than ``output_limit`` bytes keeps its names and
+        a marker instead of its data. Whether the record changed (False for other
+        message types, records the store lacks, and text past the limit).
+        """
+        if msg_type not in OUTPUT_TYPES or not isinstance(content, dict):
+            return False
+        store = self.store
+        if msg_id not in store:
+            return False
+        if msg_type == "stream":
+            key = content.get("name")
+            text = content.get("text")
+            if key not in ("stdout", "stderr") or not isinstance(text, str):
+                return False
+            value = self._bounded(store.get_value(msg_id, key), text)
+        elif msg_type == "execute_input":
+            key, code = msg_type, content.get("code")
+            value = self._bounded(None, code) if isinstance(code, str) else None
+        else:
+            key = msg_type
+            value = content if size <= self.output_limit else self._too_big(msg_type, content, size)
+        if value is None:
+            return False
+        store.update_record(msg_id, {key: value})
+        return True
+
+    def input_from_request(self, msg_id: str, unpack: Callable[[Any], Any]) -> bool:
+        """Set ``execute_input`` from the code of the recorded request, when the engine
+        published none (its fast path does not echo the code); whether it did.
+        ``unpack`` turns the stored request content (frames as they came) into a dict."""
+        store = self.store
+        if msg_id not in store or store.get_value(msg_id, "execute_input") is not None:
+            return False
+        content = unpack(store.get_value(msg_id, "content"))
+        code = content.get("code") if isinstance(content, dict) else None
+        if not isinstance(code, str):
+            return False
+        store.update_record(msg_id, {"execute_input": self._bounded(None, code)})
+        return True
+
+    def _truncation_marker(self) -> str:
+        return (f"\n[... truncated: the Hub keeps {self.output_limit:,} characters of this "
+                "output per task; the client that ran it has all of it ...]\n")
+
+    def _bounded(self, kept: str | None, text: str) -> str | None:
+        """``kept + text``, cut at the limit with a marker; None if ``kept`` was cut already."""
+        kept = kept or ""
+        if len(kept) + len(text) <= self.output_limit:
+            return kept + text
+        marker = self._truncation_marker()
+        if kept.endswith(marker):
+            return None
+        return (kept + text)[: self.output_limit] + marker
+
+    def _too_big(self, msg_type: str, content: dict, size: int) -> dict:
+        """What an execute_result or error over the limit is recorded as."""
+        marker = (f"[{msg_type} of {size:,} bytes not kept: over the Hub's limit of "
+                  f"{self.output_limit:,} per task]")
+        if msg_type == "error":
+            return {"ename": str(content.get("ename"))[:200],
+                    "evalue": str(content.get("evalue"))[:1000], "traceback": [marker]}
+        return {"execution_count": content.get("execution_count"),
+                "data": {"text/plain": marker}, "metadata": {}}
 
     def resubmitted(self, msg_id: str, new_msg_id: str, now: datetime | None = None) -> None:
         """Note on the original record that it ran again as ``new_msg_id`` (when, in

@@ -45,7 +45,13 @@ from ipyparallel_lite.connection import (
     unpack_message,
 )
 from ipyparallel_lite.controller.dependency import parse_dependency
-from ipyparallel_lite.controller.hub import Hub, RegistrationError, as_datetime, utcnow
+from ipyparallel_lite.controller.hub import (
+    OUTPUT_TYPES,
+    Hub,
+    RegistrationError,
+    as_datetime,
+    utcnow,
+)
 from ipyparallel_lite.controller.outbox import Outbox, Sent
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
 from ipyparallel_lite.controller.store import NoStore, RecordNotFound
@@ -64,6 +70,13 @@ DIRECT_TYPES = (*WORK_TYPES, "kernel_info_request", "complete_request", "inspect
                 "is_complete_request", "history_request", "comm_info_request")
 #: how far into a message the delimiter may sit; anything deeper is garbage
 MAX_IDENTS = 4
+#: iopub messages that may wait for the Hub's reader (beyond the relay's own 1,000):
+#: a PUB drops what a subscriber cannot take, so a busy controller would miss output
+IOPUB_RECORD_HWM = 100_000
+#: the prefix of every topic engines publish on iopub
+ENGINE_TOPIC = b"engine."
+#: record keys an engine's iopub fills, sent along with results from the Hub
+OUTPUT_KEYS = ("execute_input", "execute_result", "error", "stdout", "stderr")
 #: messages handled per socket before other sockets get their turn: small enough that a
 #: client flooding one socket delays others' requests by milliseconds (256 let a flood of
 #: 40,000 requests delay them by up to 1.3 s on a loaded machine; 64: at most 71 ms)
@@ -118,6 +131,7 @@ class Controller:
         flush_interval: float = 0.2,
         restored: bool = False,
         curve_keypair: tuple[bytes, bytes] | None = None,
+        record_output: bool = True,
     ):
         self.session = session
         self.curve_keypair = curve_keypair
@@ -137,6 +151,9 @@ class Controller:
         #: restored from the records of a controller that died: engines that still
         #: answer heartbeats registered with that one, and are told to start again
         self.restored = restored
+        #: subscribe to the iopub relay and record output in the Hub (off: faster %px)
+        self.record_output = record_output and not isinstance(self.hub.store, NoStore)
+        self._iopub_record: zmq.Socket | None = None
         self._told_to_restart: set[str] = set()
         #: engine id -> (pid, start time) of engines running on this machine: when a
         #: connection drops, their processes say at once which one died
@@ -211,8 +228,21 @@ class Controller:
                                      lambda: iopub.bind_in_to_random_port(f"tcp://{self.ip}"))
         c["iopub"] = self._bind_port("iopub", c, lambda p: iopub.bind_out(f"tcp://{self.ip}:{p}"),
                                      lambda: iopub.bind_out_to_random_port(f"tcp://{self.ip}"))
+        if self.record_output:
+            # the Hub reads the relay's output side over inproc: the device's context
+            # is zmq's global instance, so this socket lives there too
+            inproc = f"inproc://ipp-lite-iopub-record-{uuid4()}"
+            self._iopub.bind_out(inproc)
+            self._iopub_record = fastzmq.socket(zmq.Context.instance(), zmq.SUB)
+            self._iopub_record.linger = 0
+            self._iopub_record.rcvhwm = IOPUB_RECORD_HWM
+            # engines publish under topics "engine.<id>.<kind>" (stdout, error...):
+            # the relay filters anything else out before it reaches this socket
+            self._iopub_record.subscribe(ENGINE_TOPIC)
         self._iopub.daemon = True
         self._iopub.start()
+        if self._iopub_record is not None:
+            self._iopub_record.connect(inproc)
         self._monitor = self.engine_shell.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     def connection_info(self, kind: str) -> dict:
@@ -246,6 +276,8 @@ class Controller:
             self.hb_pong: self.on_pong,
             self._monitor: self.on_monitor,
         }
+        if self._iopub_record is not None:
+            handlers[self._iopub_record] = self.on_iopub
         self._reader_of = {}
         self.outbox = Outbox(loop, max_bytes=self.peer_queue_bytes,
                              max_entries=self.peer_queue_entries, on_gone=self._peer_gone,
@@ -289,6 +321,8 @@ class Controller:
         except zmq.ZMQError:
             pass
         self.context.destroy(linger=0)
+        if self._iopub_record is not None:
+            self._iopub_record.close(linger=0)
         try:
             self.hub.store.close()
         except Exception:
@@ -398,6 +432,24 @@ class Controller:
             self.warn(peer, "no msg_id", "dropped a message without a header msg_id")
             return None
         return idents, rest, msg
+
+    # ---- output, for the Hub's records ------------------------------------------
+
+    def on_iopub(self, frames: list) -> None:
+        """An engine's iopub message, as the relay forwards it to clients: verified,
+        then recorded by the Hub if it is output of a task it has a record of."""
+        parsed = self._parse(frames, peer=b"iopub")
+        if parsed is None:
+            return
+        _, rest, msg = parsed
+        if msg["msg_type"] not in OUTPUT_TYPES:
+            return
+        parent = msg["parent_header"]
+        parent_id = parent.get("msg_id") if isinstance(parent, dict) else None
+        if not isinstance(parent_id, str):
+            return
+        raw = msg["content"]
+        self.hub.output(parent_id, msg["msg_type"], self.session.unpack(raw), len(raw))
 
     # ---- registration and queries ----------------------------------------------
 
@@ -534,6 +586,7 @@ class Controller:
                     "metadata": record["result_metadata"],
                     "content": self._unpacked(record["result_content"]),
                     "nbuffers": len(result_buffers),
+                    "outputs": {k: record.get(k) for k in OUTPUT_KEYS if record.get(k) is not None},
                 }
                 buffers.extend(result_buffers)
         msg_out = self.session.msg("result_reply", reply, parent=msg["header"])
@@ -719,6 +772,8 @@ class Controller:
         self.completed[engine_ident] = self.completed.get(engine_ident, 0) + 1
         self._forget_later(parent_id)
         self.hub.finished(parent_id, msg["header"], md, rest[5], rest[6:])
+        if self.record_output and msg["msg_type"] == "execute_reply":
+            self.hub.input_from_request(parent_id, self._unpacked)
 
     def on_engine_control(self, frames: list) -> None:
         parsed = self._engine_message(frames, "control")

@@ -268,6 +268,12 @@ class SQLiteStore(BaseStore):
             return _decoded_copy(record)
         return self._load(msg_id)
 
+    def get_value(self, msg_id: str, key: str) -> Any:
+        record = self._live.get(msg_id)
+        if record is not None:
+            return record.get(key)
+        return self._load(msg_id).get(key)
+
     def _rows(self, keys: Iterable[str]) -> Iterable[Record]:
         """Every stored record, oldest first, holding ``msg_id`` and ``keys`` only."""
         self.flush(everything=True)

@@ -55,6 +55,10 @@ RECORD_KEYS = (
 
 #: record keys holding lists of buffers, counted against ``size_limit``
 BUFFER_KEYS = ("buffers", "result_buffers")
+#: record keys holding text an engine printed or ran, also counted against ``size_limit``
+TEXT_KEYS = ("stdout", "stderr", "execute_input")
+#: what changes a record's size
+SIZED_KEYS = (*BUFFER_KEYS, *TEXT_KEYS)
 
 
 class QueryError(ValueError):
@@ -286,7 +290,12 @@ def project(record: Record, keys: list[str] | None) -> Record:
 
 
 def _buffer_bytes(record: Record) -> int:
+    """Bytes of a record's buffers, plus the length of its output text."""
     total = 0
+    for key in TEXT_KEYS:
+        text = record.get(key)
+        if isinstance(text, str):
+            total += len(text)
     for key in BUFFER_KEYS:
         for buf in record.get(key) or ():
             try:
@@ -321,6 +330,12 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def get_record(self, msg_id: str) -> Record:
         """A copy of the record. RecordNotFound (a KeyError) if missing."""
+
+    def get_value(self, msg_id: str, key: str) -> Any:
+        """One value of a record (None if the record lacks the key), without copying
+        the record: for immutable values such as the output text the Hub appends to.
+        RecordNotFound if missing."""
+        return self.get_record(msg_id).get(key)
 
     @abc.abstractmethod
     def find_records(self, query: dict, keys: Iterable[str] | None = None) -> list[Record]:
@@ -418,11 +433,11 @@ class NoStore(BaseStore):
 
 
 class MemoryStore(BaseStore):
-    """Records in a dict, bounded in count and in buffer bytes, spilling to SQLite.
+    """Records in a dict, bounded in count and in bytes, spilling to SQLite.
 
-    When there are more than ``record_limit`` records in memory, or their buffers hold
-    more than ``size_limit`` bytes, the records completed longest ago move to an
-    SQLite file (``spill_path``; a private temporary file by default, made at the
+    When there are more than ``record_limit`` records in memory, or their buffers and
+    output text (:data:`TEXT_KEYS`) hold more than ``size_limit`` bytes, the records
+    completed longest ago move to an SQLite file (``spill_path``; a private temporary file by default, made at the
     first spill) until both limits hold again. Spilled records stay readable and
     queryable: nothing is dropped, so a client waiting on an old result still gets it.
     Pending records never spill, so the limits may be exceeded while only pending
@@ -442,7 +457,7 @@ class MemoryStore(BaseStore):
         self._spill: BaseStore | None = None
         self._spill_dir: tempfile.TemporaryDirectory | None = None
         self._records: dict[str, Record] = {}
-        self._nbytes: dict[str, int] = {}  # buffer bytes of each record
+        self._nbytes: dict[str, int] = {}  # buffer and text bytes of each record
         self._total_bytes = 0
         # completed msg_ids, in order of completion: spilling pops from the front
         self._completed: OrderedDict[str, None] = OrderedDict()
@@ -484,7 +499,7 @@ class MemoryStore(BaseStore):
 
         ``changed``: the update just applied, when only its keys can have changed them.
         """
-        if changed is None or any(key in changed for key in BUFFER_KEYS):
+        if changed is None or any(key in changed for key in SIZED_KEYS):
             nbytes = _buffer_bytes(record)
             self._total_bytes += nbytes - self._nbytes.get(msg_id, 0)
             self._nbytes[msg_id] = nbytes
@@ -544,6 +559,12 @@ class MemoryStore(BaseStore):
         if record is None:
             return self._spilled(msg_id).get_record(msg_id)
         return _copy(record)
+
+    def get_value(self, msg_id: str, key: str) -> Any:
+        record = self._records.get(msg_id)
+        if record is None:
+            return self._spilled(msg_id).get_value(msg_id, key)
+        return record.get(key)
 
     def find_records(self, query: dict, keys: Iterable[str] | None = None) -> list[Record]:
         matcher = compile_query(query)
