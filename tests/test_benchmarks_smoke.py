@@ -61,14 +61,19 @@ def test_quick_benchmark_prints_a_row_per_workload() -> None:
                 assert value.startswith("skipped"), (label, value)
 
 
-@pytest.mark.timeout(300)
-def test_hub_store_benchmark_runs():
-    """``python -m benchmarks.hub_store --quick``: both stores measured, every row there."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.hub_store", "--quick"],
+def run_quick(module: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE --quick`` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, "--quick"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=280,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
+
+
+@pytest.mark.timeout(300)
+def test_hub_store_benchmark_runs():
+    """``python -m benchmarks.hub_store --quick``: both stores measured, every row there."""
+    proc = run_quick("benchmarks.hub_store")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _table_rows(proc.stdout)
     for label in ("memory store, tasks/s", "sqlite store, tasks/s", "sqlite / memory"):
@@ -79,11 +84,7 @@ def test_hub_store_benchmark_runs():
 @pytest.mark.timeout(300)
 def test_load_benchmark_runs():
     """``python -m benchmarks.load --quick``: several client processes, every result checked."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.load", "--quick"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
+    proc = run_quick("benchmarks.load")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "| all 900 results correct | yes |" in proc.stdout
     assert "tasks/s" in proc.stdout and "controller RSS" in proc.stdout
@@ -92,11 +93,7 @@ def test_load_benchmark_runs():
 @pytest.mark.timeout(300)
 def test_hub_output_benchmark_runs():
     """``python -m benchmarks.hub_output --quick``: both settings measured, both rows there."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.hub_output", "--quick"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
+    proc = run_quick("benchmarks.hub_output")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _table_rows(proc.stdout)
     measured = [cells for label, cells in rows.items() if label.startswith(("%px", "load-balanced"))]
