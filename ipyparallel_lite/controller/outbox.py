@@ -11,8 +11,8 @@ on a short timer until they drain, and released as soon as their peer is gone.
 A queue is bounded by ``max_bytes``. Past that, a message that can be rebuilt later
 (a reply whose result the Hub keeps) waits as a small callable that rebuilds it when
 its turn comes; one that cannot is refused, and the caller answers for it. A peer that
-reaches ``max_entries`` even so is cut off: its queue is dropped and logged, and what
-it would have received stays in the Hub.
+reaches ``max_entries`` even so is cut off: its queue is dropped and logged (what it
+would have received stays in the Hub), and its next message starts a new queue.
 
 This module knows sockets and bytes, nothing of messages: the controller decides what
 a refusal means.
@@ -85,7 +85,6 @@ class Outbox:
         self.after_send = after_send or (lambda sock: None)
         self.log = log or logging.getLogger("ipyparallel_lite.controller")
         self._queues: dict[tuple[zmq.Socket, bytes], _Queue] = {}
-        self._cut: set[tuple[zmq.Socket, bytes]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._delay = self.RETRY_MIN
 
@@ -134,8 +133,6 @@ class Outbox:
 
     def _enqueue(self, key: tuple, queue: _Queue, frames: list,
                  later: Callable[[], list | None] | None) -> Sent:
-        if key in self._cut:
-            return Sent.FULL
         size = _size(frames)
         if queue.nbytes + size <= self.max_bytes:
             queue.entries.append(frames)
@@ -153,7 +150,6 @@ class Outbox:
             "peer %r has not read its last %d messages (%d MB waiting): cut off; what it "
             "would have received stays in the Hub", key[1], len(queue.entries), queue.nbytes >> 20)
         self._queues.pop(key, None)
-        self._cut.add(key)
 
     def _arm(self) -> None:
         if self._timer is None and self._queues:
