@@ -390,11 +390,17 @@ class Controller:
             msg = self.session.msg(reply_type(header.get("msg_type", "apply_request")), content,
                                    parent=header, metadata={"status": "error", "engine_id": -1})
             return self.session.serialize(msg, ident=[client])
-        content = record["result_content"]
-        packed = [self.session.pack(record["result_header"]), self.session.pack(record["header"]),
-                  self.session.pack(record["result_metadata"]),
-                  _bytes(content) if isinstance(content, bytes | zmq.Frame) else self.session.pack(content)]
-        return [client, DELIM, self.session.sign(packed), *packed, *(record["result_buffers"] or [])]
+        return self._signed([client], record["result_header"], record["header"],
+                            record["result_metadata"], record["result_content"],
+                            record["result_buffers"] or [])
+
+    def _signed(self, idents: list[bytes], header: dict, parent: dict, metadata: dict,
+                content: Any, buffers: list) -> list:
+        """A message rebuilt from stored parts, signed anew: ``content`` may stay the packed
+        frame it arrived as (it is forwarded as is), or be a dict."""
+        body = _bytes(content) if isinstance(content, bytes | zmq.Frame) else self.session.pack(content)
+        packed = [self.session.pack(header), self.session.pack(parent), self.session.pack(metadata), body]
+        return [*idents, DELIM, self.session.sign(packed), *packed, *buffers]
 
     def _reply(self, sock: zmq.Socket, ident: list[bytes], msg_type: str, content: dict,
                parent: dict | None = None, metadata: dict | None = None) -> None:
@@ -676,9 +682,7 @@ class Controller:
         if record.get("queue") != "task":
             engine = self.hub.by_uuid(record.get("engine_uuid") or "")
             md["targets"] = [engine.id] if engine is not None else [-1]  # gone: fails plainly
-        packed = [self.session.pack(header), self.session.pack({}), self.session.pack(md),
-                  _bytes(record["content"])]
-        rest = [DELIM, self.session.sign(packed), *packed, *(record.get("buffers") or [])]
+        rest = self._signed([], header, {}, md, record["content"], record.get("buffers") or [])
         self._recall_dependencies(md)
         # nobody waits on the task socket: the result is read from the Hub
         self._submit_task(b"", rest, header, md)
