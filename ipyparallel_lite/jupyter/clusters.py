@@ -11,7 +11,9 @@ page or here. No HTTP in this module: the handlers translate its errors to statu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -161,13 +163,23 @@ class ClusterManager:
         self._created[key] = cluster
         return self.model(key)
 
-    def _claim(self, key: str, doing: str) -> Cluster:
+    @contextlib.contextmanager
+    def _working(self, key: str, doing: str, *, keep_error: bool = True) -> Iterator[Cluster]:
+        """The cluster, marked busy ``doing`` for the block (another action on it meanwhile
+        is a Conflict); an error of the block is kept for its model if ``keep_error``."""
         cluster = self.get(key)
         if key in self._busy:
             raise Conflict(f"cluster {key!r} is {self._busy[key]}; try again when it is done")
         self._busy[key] = doing
         self._errors.pop(key, None)
-        return cluster
+        try:
+            yield cluster
+        except Exception as e:
+            if keep_error:
+                self._errors[key] = str(e)
+            raise
+        finally:
+            self._busy.pop(key, None)
 
     async def start(self, key: str, n: int | None = None) -> dict:
         """Start the controller and ``n`` engines (default: the cluster's ``n``); returns
@@ -177,27 +189,18 @@ class ClusterManager:
         cluster = self.get(key)
         if _is_running(cluster):
             raise Conflict(f"cluster {key!r} is running already")
-        self._claim(key, "starting")
-        try:
+        with self._working(key, "starting"):
             client = await cluster.start_and_connect(n)
             cluster.n = cluster.n if n is None else n
             self._connections[key] = _Connection(cluster.controller.pid, client)
-        except Exception as e:
-            self._errors[key] = str(e)
-            raise
-        finally:
-            self._busy.pop(key, None)
         return self.model(key)
 
     async def stop(self, key: str) -> dict | None:
         """Stop the engines and the controller. A cluster found elsewhere leaves the list
         (None is returned); one created here stays, stopped, to be started again."""
-        cluster = self._claim(key, "stopping")
-        try:
+        with self._working(key, "stopping", keep_error=False) as cluster:
             self._disconnect(key)
             await cluster.stop_cluster()
-        finally:
-            self._busy.pop(key, None)
         if key not in self._created:
             self._found.pop(key, None)
             return None
@@ -217,14 +220,8 @@ class ClusterManager:
         cluster = self.get(key)
         if not _is_running(cluster):
             raise Conflict(f"cluster {key!r} is stopped; start it before scaling it")
-        self._claim(key, "scaling")
-        try:
+        with self._working(key, "scaling"):
             await cluster.scale(n)
-        except Exception as e:
-            self._errors[key] = str(e)
-            raise
-        finally:
-            self._busy.pop(key, None)
         return self.model(key)
 
     async def stop_all(self) -> None:
