@@ -52,7 +52,7 @@ def cluster_repr(cluster: Any) -> str:
 def cluster_html(cluster: Any) -> str:
     controller = cluster.controller
     pid = controller.pid if controller is not None and controller.running else None
-    sets = "".join(f"<li>{escape(k)}: {sum(e.running for e in v)} running</li>"
+    sets = "".join(f"<li>{escape(k)}: {sum(e.n for e in v if e.running)} running</li>"
                    for k, v in cluster.engines.items())
     return _table("Cluster", [
         ("cluster id", escape(repr(cluster.cluster_id))),

@@ -4,10 +4,11 @@ Subcommands (each a traitlets application: ``--profile``, ``--profile-dir``,
 ``--cluster-id``, ``--debug``, ``--Class.trait=value`` and the profile's
 ``ipcluster_config.py``, e.g. ``c.Cluster.n = 8``)::
 
-    ipcluster-lite start -n 4 [--profile P] [--cluster-id ID] [--daemonize] [--ip IP] [--curve]
+    ipcluster-lite start -n 4 [--engines local|mpi|...] [--controller local|...]
+                         [--profile P] [--cluster-id ID] [--daemonize] [--ip IP] [--curve]
     ipcluster-lite stop [--profile P] [--cluster-id ID | --all]
     ipcluster-lite list [--profile P] [-o text|json]
-    ipcluster-lite engines -n 2 [--profile P] [--cluster-id ID]
+    ipcluster-lite engines -n 2 [--engines local|mpi|...] [--profile P] [--cluster-id ID]
     ipcluster-lite clean [--profile P]
 
 Contracts:
@@ -31,8 +32,9 @@ Contracts:
   10 the cluster is already running, 11 no such cluster (the codes ``ipcluster`` uses
   for the last two).
 
-All process handling is :class:`~ipyparallel_lite.cluster.Cluster`'s; this module
-only reads options, waits, reports and cleans up.
+All process handling is :class:`~ipyparallel_lite.cluster.Cluster`'s and its launchers'
+(``--engines`` picks them by name, see ``cluster/launcher.py``); finding clusters again
+is ``cluster/discovery.py``'s; this module only reads options, waits, reports and cleans up.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 from IPython.core.application import BaseIPythonApplication
 from IPython.core.profiledir import ProfileDir
 from traitlets import Bool, CaselessStrEnum
@@ -61,7 +62,17 @@ from ipyparallel_lite.baseapp import (
     common_flags,
 )
 from ipyparallel_lite.cluster.cluster import Cluster, ClusterError
-from ipyparallel_lite.cluster.launcher import LocalControllerLauncher, LocalEngineLauncher
+from ipyparallel_lite.cluster.discovery import (
+    cluster_file,
+    cluster_files,
+    describe,
+    load_cluster,
+    profile_dirs,
+    running_clusters,
+    show_id,
+    stop_and_describe,
+)
+from ipyparallel_lite.cluster.launcher import launcher_classes
 from ipyparallel_lite.config import ConfigFileError
 from ipyparallel_lite.processes import pid_running
 
@@ -73,72 +84,6 @@ EXIT_NOT_RUNNING = 11
 
 class _Stop(Exception):
     """Raised by our SIGINT/SIGTERM/SIGHUP handler: unwind and stop the cluster."""
-
-
-# ---- finding clusters ---------------------------------------------------------------
-
-
-def _show_id(cluster_id: str) -> str:
-    return cluster_id if cluster_id else "''"
-
-
-def _owns(launcher: Any) -> bool:
-    """True when ``launcher``'s pid is alive and still runs the command it launched."""
-    if launcher is None or launcher.pid is None or not launcher.running:
-        return False  # ``running`` also compares the process start time (pid reuse)
-    try:
-        cmdline = psutil.Process(launcher.pid).cmdline()
-    except psutil.Error:
-        return False
-    return cmdline[1:] == list(launcher.args)[1:]
-
-
-def load_cluster(path: Path) -> Cluster | None:
-    """The cluster recorded in ``path``, with launchers whose pid is gone or reused dropped.
-
-    ``None`` when the file is unreadable (half-written or not a cluster file).
-    """
-    try:
-        cluster = Cluster.from_file(path)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not _owns(cluster.controller):
-        cluster.controller = None
-    cluster.engines = {k: [e for e in v if _owns(e)] for k, v in cluster.engines.items()}
-    return cluster
-
-
-def _profile_dirs(ipython_dir: Path, profile_dir: Path | None) -> list[Path]:
-    """One profile's folder, or every profile's when ``profile_dir`` is None."""
-    return [profile_dir] if profile_dir is not None else sorted(ipython_dir.glob("profile_*"))
-
-
-def _cluster_files(ipython_dir: Path, profile_dir: Path | None) -> Iterator[Path]:
-    """Cluster files of one profile, or of every profile when ``profile_dir`` is None."""
-    for d in _profile_dirs(ipython_dir, profile_dir):
-        yield from sorted((d / "security").glob("cluster-*.json"))
-
-
-def _cluster_file(profile_dir: Path, cluster_id: str) -> Path:
-    """Where Cluster writes the file of ``cluster_id``."""
-    return Cluster(profile_dir=profile_dir, cluster_id=cluster_id, load_profile=False).cluster_file
-
-
-def _describe(cluster: Cluster) -> str:
-    return f"cluster {_show_id(cluster.cluster_id)} (profile {cluster.profile})"
-
-
-def _stop(cluster: Cluster) -> str:
-    """Stop ``cluster`` (engines, then controller; its files go) and say what was stopped
-    ("" when nothing was running any more)."""
-    engines = cluster.engine_count
-    ctl = cluster.controller
-    controller = ctl.pid if ctl is not None and ctl.running else None
-    cluster.stop_cluster_sync()
-    what = [f"{engines} engine{'s' if engines != 1 else ''}"] if engines else []
-    if controller is not None:
-        what.append(f"the controller (pid {controller})")
-    return " and ".join(what)
 
 
 # ---- start --------------------------------------------------------------------------
@@ -162,7 +107,7 @@ class ClusterCommand(ParallelApp, BaseIPythonApplication):
     version = __version__
     #: ``usage:`` line of ``--help`` and of usage errors
     usage = ""
-    classes = [ProfileDir, Cluster, LocalControllerLauncher, LocalEngineLauncher]
+    classes = [ProfileDir, Cluster, *launcher_classes()]
     aliases = {**common_aliases, "cluster-id": "ParallelApp.cluster_id"}
     flags = common_flags
 
@@ -188,14 +133,15 @@ class ClusterCommand(ParallelApp, BaseIPythonApplication):
 
 class StartCommand(ClusterCommand):
     name = f"{PROG} start"
-    usage = (f"{PROG} start [-n N] [--profile P] [--cluster-id ID] [--daemonize] [--ip IP] "
-             "[--curve] [options]")
+    usage = (f"{PROG} start [-n N] [--engines NAME] [--profile P] [--cluster-id ID] [--daemonize] "
+             "[--ip IP] [--curve] [options]")
     description = ("Start a controller and N engines; ready when all engines registered. "
                    "In the foreground until Ctrl-C, or in the background with --daemonize.")
     daemonize = Bool(False, help="Leave the cluster running in the background and exit once ready.").tag(
         config=True)
     aliases = {**ClusterCommand.aliases, "n": "Cluster.n", "ip": "Cluster.controller_ip",
-               "timeout": "Cluster.engine_timeout"}
+               "timeout": "Cluster.engine_timeout", "engines": "Cluster.engine_launcher_class",
+               "controller": "Cluster.controller_launcher_class"}
     flags = {**ClusterCommand.flags,
              "daemonize": ({"StartCommand": {"daemonize": True}}, daemonize.help),
              "curve": ({"Cluster": {"enable_curve": True}}, Cluster.enable_curve.help)}
@@ -211,14 +157,14 @@ class StartCommand(ClusterCommand):
 
     def run(self) -> int:
         """See the module docstring for the contract."""
-        existing_path = _cluster_file(self.location, self.cluster_id)
+        existing_path = cluster_file(self.location, self.cluster_id)
         if existing_path.exists():
             existing = load_cluster(existing_path)
             if existing is not None and existing.controller is not None:
                 self.say_error(
-                    f"{_describe(existing)} is already running "
+                    f"{describe(existing)} is already running "
                     f"(controller pid {existing.controller.pid}). Stop it with "
-                    f"`{PROG} stop --profile {self.profile} --cluster-id {_show_id(self.cluster_id)}`"
+                    f"`{PROG} stop --profile {self.profile} --cluster-id {show_id(self.cluster_id)}`"
                     " or pick another --cluster-id.")
                 return EXIT_ALREADY_STARTED
             if existing is not None:  # a dead controller: clear what is left of it
@@ -251,13 +197,13 @@ class StartCommand(ClusterCommand):
             _set_signals(signal.SIG_IGN)  # nothing may interrupt the clean-up
             cluster.stop_cluster_sync()
             if isinstance(e, _Stop | KeyboardInterrupt):
-                self.say_error(f"interrupted; {_describe(cluster)} stopped.")
+                self.say_error(f"interrupted; {describe(cluster)} stopped.")
                 return 130 if isinstance(e, KeyboardInterrupt) or str(e) == "SIGINT" else EXIT_FAILURE
             if not isinstance(e, Exception):
                 raise
-            self.say_error(f"{_describe(cluster)} failed to start: {e}")
+            self.say_error(f"{describe(cluster)} failed to start: {e}")
             return EXIT_FAILURE
-        ready = (f"Cluster {_show_id(cluster.cluster_id)} (profile {cluster.profile}): "
+        ready = (f"Cluster {show_id(cluster.cluster_id)} (profile {cluster.profile}): "
                  f"{n} engines ready in {time.monotonic() - t0:.1f}s")
         if not self.daemonize:
             return _foreground(cluster, client, ready)
@@ -282,22 +228,21 @@ def _foreground(cluster: Cluster, client: Any, ready: str) -> int:
         while cluster.controller is not None and cluster.controller.running:
             time.sleep(0.2)
         # the controller went away on its own (or by `ipcluster-lite stop`)
-        process = cluster.controller.process if cluster.controller else None
-        returncode = process.returncode if process is not None else None
+        returncode = cluster.controller.exit_code if cluster.controller else None
         if returncode:
             code = EXIT_FAILURE
             print(f"{PROG}: the controller exited with code {returncode}. "
-                  f"Its log ({cluster.controller.log_file}):\n{cluster.controller.log_tail()}",
+                  f"Its log ({cluster.controller.log_file}):\n{cluster.controller.output()}",
                   file=sys.stderr)
         else:
-            print(f"The controller of {_describe(cluster)} was stopped.", flush=True)
+            print(f"The controller of {describe(cluster)} was stopped.", flush=True)
     except (_Stop, KeyboardInterrupt):
         pass
     finally:
         _set_signals(signal.SIG_IGN)
-        what = _stop(cluster)
+        what = stop_and_describe(cluster)
     if what:
-        print(f"Stopped {_describe(cluster)}: {what}.", flush=True)
+        print(f"Stopped {describe(cluster)}: {what}.", flush=True)
     return code
 
 
@@ -306,27 +251,12 @@ def _foreground(cluster: Cluster, client: Any, ready: str) -> int:
 
 def _running_summary(ipython_dir: Path, profile_dir: Path) -> str:
     ids = []
-    for path in _cluster_files(ipython_dir, profile_dir):
+    for path in cluster_files(ipython_dir, profile_dir):
         cluster = load_cluster(path)
         if cluster is not None and cluster.controller is not None:
-            ids.append(_show_id(cluster.cluster_id))
+            ids.append(show_id(cluster.cluster_id))
     return f"Running in profile {profile_dir.name.removeprefix('profile_')}: {', '.join(ids)}." if ids else (
         f"No cluster runs in profile {profile_dir.name.removeprefix('profile_')} (ipython dir {ipython_dir}).")
-
-
-def running_clusters(ipython_dir: Path, profile_dir: Path | None = None) -> list[Cluster]:
-    """Clusters whose controller runs; files of dead ones are pruned (and orphaned
-    engines of a dead controller stopped)."""
-    found = []
-    for path in _cluster_files(ipython_dir, profile_dir):
-        cluster = load_cluster(path)
-        if cluster is None:
-            continue
-        if cluster.controller is None:
-            _stop(cluster)
-            continue
-        found.append(cluster)
-    return found
 
 
 class StopCommand(ClusterCommand):
@@ -348,11 +278,11 @@ class StopCommand(ClusterCommand):
         if self.all and self.option_given("cluster_id"):
             raise UsageError("--all and --cluster-id exclude each other")
         if self.all:
-            paths = list(_cluster_files(ipython_dir, self.location))
+            paths = list(cluster_files(ipython_dir, self.location))
         else:
-            paths = [_cluster_file(self.location, self.cluster_id)]
+            paths = [cluster_file(self.location, self.cluster_id)]
             if not paths[0].exists():
-                self.say_error(f"no cluster {_show_id(self.cluster_id)} in profile {self.profile}. "
+                self.say_error(f"no cluster {show_id(self.cluster_id)} in profile {self.profile}. "
                                f"{_running_summary(ipython_dir, self.location)}")
                 return EXIT_NOT_RUNNING
         stopped = 0
@@ -364,11 +294,11 @@ class StopCommand(ClusterCommand):
             if cluster.controller is None and cluster.engine_count == 0:
                 cluster.stop_cluster_sync()  # only removes the files
                 if not self.all:
-                    self.say_error(f"{_describe(cluster)} was not running any more; "
+                    self.say_error(f"{describe(cluster)} was not running any more; "
                                    f"removed its stale files.")
                     return EXIT_NOT_RUNNING
                 continue
-            print(f"Stopped {_describe(cluster)}: {_stop(cluster)}.", flush=True)
+            print(f"Stopped {describe(cluster)}: {stop_and_describe(cluster)}.", flush=True)
             stopped += 1
         if self.all and not stopped:
             print(f"No running clusters to stop in profile {self.profile}.")
@@ -407,7 +337,7 @@ class ListCommand(ClusterCommand):
             return 0
         header = ("PROFILE", "CLUSTER ID", "ENGINES", "CONTROLLER PID")
         table = [header] + [
-            (r["profile"], _show_id(r["cluster_id"]), str(r["engines"]), str(r["controller_pid"]))
+            (r["profile"], show_id(r["cluster_id"]), str(r["engines"]), str(r["controller_pid"]))
             for r in rows
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -421,16 +351,17 @@ class EnginesCommand(ClusterCommand):
     usage = f"{PROG} engines -n N [--profile P] [--cluster-id ID] [options]"
     description = ("Add N engines to a running cluster; returns once they are registered. "
                    "They run in the background and stop with the cluster.")
-    aliases = {**ClusterCommand.aliases, "n": "Cluster.n", "timeout": "Cluster.engine_timeout"}
+    aliases = {**ClusterCommand.aliases, "n": "Cluster.n", "timeout": "Cluster.engine_timeout",
+               "engines": "Cluster.engine_launcher_class"}
 
     def start(self) -> None:
         sys.exit(self.run())
 
     def run(self) -> int:
-        path = _cluster_file(self.location, self.cluster_id)
+        path = cluster_file(self.location, self.cluster_id)
         cluster = load_cluster(path) if path.exists() else None
         if cluster is None or cluster.controller is None:
-            self.say_error(f"no running cluster {_show_id(self.cluster_id)} in profile {self.profile}. "
+            self.say_error(f"no running cluster {show_id(self.cluster_id)} in profile {self.profile}. "
                            f"{_running_summary(Path(self.ipython_dir), self.location)}")
             return EXIT_NOT_RUNNING
         cluster.update_config(self.config)
@@ -449,7 +380,7 @@ class EnginesCommand(ClusterCommand):
                 return EXIT_FAILURE
         finally:
             client.close()
-        print(f"Added {n} engines to {_describe(cluster)}: {before + n} engines now.", flush=True)
+        print(f"Added {n} engines to {describe(cluster)}: {before + n} engines now.", flush=True)
         return 0
 
 
@@ -465,10 +396,10 @@ class CleanCommand(ClusterCommand):
     def run(self) -> int:
         one = self.location if self.option_given("profile") or self.option_given("location") else None
         ipython_dir = Path(self.ipython_dir)
-        files = len(list(_cluster_files(ipython_dir, one)))
+        files = len(list(cluster_files(ipython_dir, one)))
         running = running_clusters(ipython_dir, one)  # prunes the files of dead clusters
         removed = 0
-        for folder in _profile_dirs(ipython_dir, one):
+        for folder in profile_dirs(ipython_dir, one):
             for log in (folder / "log").glob("*.log"):
                 pid = log_file_pid(log)
                 if log.name.startswith(".starting-") or (pid is not None and not pid_running(pid)):

@@ -27,28 +27,28 @@ import atexit
 import json
 import os
 import secrets
-import signal
 import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Float, Integer, List, Unicode, Union, default, validate
+from traitlets import Bool, Float, Integer, List, Type, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
 
 from ipyparallel_lite.cluster.launcher import (
-    LocalControllerLauncher,
-    LocalEngineLauncher,
-    LocalProcessLauncher,
+    CONTROLLER_LAUNCHERS,
+    ENGINE_LAUNCHERS,
+    BaseLauncher,
+    ClusterError,
+    LaunchContext,
+    LauncherError,
+    find_launcher_class,
+    launcher_classes,
     launcher_from_dict,
 )
 from ipyparallel_lite.config import find_profile_dir, load_config_file
 from ipyparallel_lite.connection import CONTROLLER_FILES, connection_file_path, write_private_file
-
-
-class ClusterError(RuntimeError):
-    """A cluster that could not start, with what its processes said."""
 
 
 def _run_sync(coro: Any) -> Any:
@@ -80,19 +80,28 @@ def _sync_twins(cls: type) -> type:
     return cls
 
 
-async def _stop_processes(launchers: list[LocalProcessLauncher]) -> None:
-    """SIGTERM to all at once, SIGKILL to those still running after their stop_timeout.
+async def _stop_processes(launchers: list[BaseLauncher]) -> None:
+    """Ask all to stop at once (SIGTERM), kill those still running after their stop_timeout.
 
     No threads: this also runs from an atexit hook, when no new thread may start.
     """
     for launcher in launchers:
-        launcher.stop_requested = True
-        launcher.signal(signal.SIGTERM)
+        launcher.begin_stop()
     deadline = time.monotonic() + max((e.stop_timeout for e in launchers), default=0)
     while any(e.running for e in launchers) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     for launcher in launchers:
-        launcher.stop(timeout=0)  # SIGKILL if still running; reaps our children
+        if launcher.running:
+            launcher.kill()
+
+
+def _said(launcher: BaseLauncher | None) -> str:
+    """What a launcher's processes wrote last, for an error message."""
+    if launcher is None:
+        return ""
+    command = f" `{' '.join(launcher.command)}`" if launcher.command else ""
+    where = f" (log {launcher.log_file})" if launcher.log_file is not None else ""
+    return f"Output of {launcher.describe()}{command}{where}:\n{launcher.output() or '(empty)'}"
 
 
 def _new_cluster_id() -> str:
@@ -101,10 +110,12 @@ def _new_cluster_id() -> str:
 
 @_sync_twins
 class Cluster(LoggingConfigurable):
-    """A local cluster: one controller process and ``n`` engine processes.
+    """A cluster: one controller and ``n`` engines, started by launchers.
 
     ``n`` defaults to the number of CPUs. ``cluster_id`` names the connection files
     (a fresh one by default); ``profile`` (or ``profile_dir``) picks the IPython profile.
+    ``engines`` / ``controller`` pick the launchers by name (``"local"``, ``"mpi"``, ...;
+    see ``engine_launcher_class``).
     """
 
     n = Integer(None, allow_none=True, help="Number of engines (default: the number of CPUs).").tag(
@@ -113,6 +124,16 @@ class Cluster(LoggingConfigurable):
     ipython_dir = Unicode(None, allow_none=True,
                           help="IPython directory (default: $IPYTHONDIR or ~/.ipython).").tag(config=True)
     cluster_id = Unicode(help="Names the cluster's files (default: a fresh id).").tag(config=True)
+    engine_launcher_class = Union(
+        [Unicode(), Type(klass=BaseLauncher)], default_value="local",
+        help="How engines start: a name of the ipyparallel_lite.engine_launchers entry points "
+             "('local', 'mpi', ...), a 'module:Class' path or a BaseLauncher subclass "
+             "(also Cluster(engines=...)).").tag(config=True)
+    controller_launcher_class = Union(
+        [Unicode(), Type(klass=BaseLauncher)], default_value="local",
+        help="How the controller starts: a name of the ipyparallel_lite.controller_launchers "
+             "entry points, a 'module:Class' path or a BaseLauncher subclass (also "
+             "Cluster(controller=...)).").tag(config=True)
     controller_ip = Unicode("127.0.0.1", help="Interface the controller listens on.").tag(config=True)
     controller_args = List(Unicode(), help="Extra command-line arguments of the controller.").tag(
         config=True)
@@ -150,10 +171,19 @@ class Cluster(LoggingConfigurable):
                              f"not {proposal['value']!r}")
         return proposal["value"]
 
+    @validate("engine_launcher_class")
+    def _known_engine_launcher(self, proposal: Any) -> Any:
+        find_launcher_class(ENGINE_LAUNCHERS, proposal["value"])  # an unknown name: ValueError
+        return proposal["value"]
+
+    @validate("controller_launcher_class")
+    def _known_controller_launcher(self, proposal: Any) -> Any:
+        find_launcher_class(CONTROLLER_LAUNCHERS, proposal["value"])
+        return proposal["value"]
+
     def __init__(self, n: int | None = None, *, profile_dir: str | Path | None = None,
-                 engines: str = "local", restart_engines: bool | None = None, **kwargs: Any):
-        if engines != "local":
-            raise ValueError(f"unknown engine launcher {engines!r}; this release has 'local'")
+                 engines: str | type | None = None, controller: str | type | None = None,
+                 restart_engines: bool | None = None, **kwargs: Any):
         if n is not None and (not isinstance(n, int) or n < 0):
             raise ValueError(f"n must be a non-negative number of engines, not {n!r}")
         # None means "the default", as in IPython parallel (Cluster(cluster_id=None))
@@ -162,18 +192,24 @@ class Cluster(LoggingConfigurable):
                                               kwargs.get("ipython_dir"), profile_dir)
         if kwargs.get("load_profile", True) and "config" not in kwargs:
             kwargs["config"] = load_config_file(self._profile_dir / "ipcluster_config.py",
-                                                [Cluster, LocalControllerLauncher, LocalEngineLauncher])
+                                                [Cluster, *launcher_classes()])
         if n is not None:
             kwargs["n"] = n
         if restart_engines is not None:
             kwargs["auto_restart_engines"] = restart_engines
+        if engines is not None:
+            kwargs["engine_launcher_class"] = engines
+        if controller is not None:
+            kwargs["controller_launcher_class"] = controller
         super().__init__(**kwargs)
         if self._profile_dir.name.startswith("profile_") and "profile" not in kwargs:
             self.profile = self._profile_dir.name.removeprefix("profile_")
         if self.n is None:
             self.n = os.cpu_count() or 1
-        self.controller: LocalProcessLauncher | None = None
-        self.engines: dict[str, list[LocalProcessLauncher]] = {}
+        self.controller: BaseLauncher | None = None
+        #: engine set id -> its launchers (one per engine for local engines, one for all
+        #: of an ``mpiexec``)
+        self.engines: dict[str, list[BaseLauncher]] = {}
         self._client: Any = None
         #: engines started again after their process exited unasked
         self.engine_restarts = 0
@@ -210,6 +246,10 @@ class Cluster(LoggingConfigurable):
     def _common_args(self) -> list[str]:
         return [f"--profile-dir={self.profile_dir}", f"--cluster-id={self.cluster_id}",
                 f"--log-level={self.log_level}"]
+
+    def _launch_context(self, args: list[str]) -> LaunchContext:
+        return LaunchContext(profile_dir=self.profile_dir, cluster_id=self.cluster_id,
+                             args=tuple(args), daemonize=self.daemonize)
 
     def to_dict(self) -> dict:
         """What the cluster file records: enough for :meth:`from_dict` to find the processes."""
@@ -280,8 +320,8 @@ class Cluster(LoggingConfigurable):
             self.connection_file(kind).unlink(missing_ok=True)
         args = [*self._common_args(), f"--ip={self.controller_ip}",
                 *(["--curve"] if self.enable_curve else []), *self.controller_args]
-        self.controller = LocalControllerLauncher.for_cluster(
-            args, self.profile_dir / "log", self.cluster_id, daemonize=self.daemonize, parent=self)
+        launcher_class = find_launcher_class(CONTROLLER_LAUNCHERS, self.controller_launcher_class)
+        self.controller = launcher_class.create(self._launch_context(args), parent=self)
         self.controller.start()
         if self.shutdown_atexit and not self.daemonize:
             # the children would exit anyway (they watch this process); this also removes
@@ -307,9 +347,7 @@ class Cluster(LoggingConfigurable):
         deadline = time.monotonic() + timeout
         while not path.exists():
             if self.controller is None or not self.controller.running:
-                tail = self.controller.log_tail() if self.controller else ""
-                log = self.controller.log_file if self.controller else "?"
-                raise ClusterError(f"the controller exited before it was ready. Its log ({log}):\n{tail}")
+                raise ClusterError(f"the controller exited before it was ready. {_said(self.controller)}")
             if time.monotonic() > deadline:
                 raise ClusterError(f"the controller wrote no connection file within {timeout}s")
             await asyncio.sleep(0.01)
@@ -328,9 +366,18 @@ class Cluster(LoggingConfigurable):
         """Start ``n`` engines (default: the cluster's ``n``); returns the engine set's id."""
         n = self.n if n is None else n
         engine_set_id = engine_set_id or f"{int(time.time() * 1000)}-{secrets.token_hex(2)}"
-        launchers = [self._engine_launcher() for _ in range(n)]
-        for launcher in launchers:
-            launcher.start()
+        launcher_class = find_launcher_class(ENGINE_LAUNCHERS, self.engine_launcher_class)
+        size = launcher_class.max_engines or max(n, 1)
+        launchers = [self._engine_launcher(launcher_class, min(size, n - i))
+                     for i in range(0, n, size)]
+        started: list[BaseLauncher] = []
+        try:
+            for launcher in launchers:
+                launcher.start()
+                started.append(launcher)
+        except BaseException:  # a failed launch leaves nothing of this set running
+            await _stop_processes(started)
+            raise
         with self._engines_lock:
             self.engines.setdefault(engine_set_id, []).extend(launchers)
         self.log.info("cluster %r: %d engines started (engine set %s)", self.cluster_id, n,
@@ -343,11 +390,10 @@ class Cluster(LoggingConfigurable):
             self._watcher.start()
         return engine_set_id
 
-    def _engine_launcher(self) -> LocalProcessLauncher:
+    def _engine_launcher(self, launcher_class: type[BaseLauncher], n: int) -> BaseLauncher:
         args = [*self._common_args(), f"--IPEngine.registration_timeout={self.engine_timeout}",
                 *self.engine_args]
-        return LocalEngineLauncher.for_cluster(args, self.profile_dir / "log", self.cluster_id,
-                                               daemonize=self.daemonize, parent=self)
+        return launcher_class.create(self._launch_context(args), n, parent=self)
 
     def _watch_engines(self) -> None:
         """Thread: start again engines that exit unasked, with back-off; stop at a crash loop.
@@ -356,7 +402,7 @@ class Cluster(LoggingConfigurable):
         process is gone); this only brings the capacity back.
         """
         restarts: deque[float] = deque()  # times of the restarts within the window
-        due: dict[LocalProcessLauncher, float] = {}  # dead engine -> when to restart it
+        due: dict[BaseLauncher, float] = {}  # dead engine -> when to restart it
         while not self._stop_watching.wait(0.05):
             now = time.monotonic()
             restarted = False
@@ -377,8 +423,13 @@ class Cluster(LoggingConfigurable):
                                          launcher.exit_code, delay)
                     elif now >= due[launcher]:
                         del due[launcher]
-                        replacement = self._engine_launcher()
-                        replacement.start()
+                        replacement = self._engine_launcher(type(launcher), launcher.n)
+                        try:
+                            replacement.start()
+                        except LauncherError as e:
+                            self.restart_stopped = f"engine restarts stopped: {e}"
+                            self.log.error("cluster %r: %s", self.cluster_id, self.restart_stopped)
+                            return
                         self.engines[set_id][i] = replacement
                         restarts.append(now)
                         self.engine_restarts += 1
@@ -389,11 +440,11 @@ class Cluster(LoggingConfigurable):
             if restarted:
                 self.update_cluster_file()
 
-    def _give_up_restarts(self, launcher: LocalProcessLauncher, count: int) -> None:
+    def _give_up_restarts(self, launcher: BaseLauncher, count: int) -> None:
         self.restart_stopped = (
             f"engine restarts stopped: {count} restarts within {self.engine_restart_window:g}s "
-            f"and an engine exited again (code {launcher.exit_code}), a crash loop. Its log "
-            f"({launcher.log_file}):\n{launcher.log_tail() or '(empty)'}")
+            f"and an engine exited again (code {launcher.exit_code}), a crash loop. "
+            f"{_said(launcher)}")
         self.log.error("cluster %r: %s", self.cluster_id, self.restart_stopped)
 
     def _engine_sets(self, engine_set_id: str | None) -> list[str]:
@@ -430,7 +481,7 @@ class Cluster(LoggingConfigurable):
     async def restart_engines(self, engine_set_id: str | None = None) -> None:
         """Stop and start again one engine set (or all), as many engines as each had."""
         for i in self._engine_sets(engine_set_id):
-            n = len(self.engines[i])
+            n = sum(e.n for e in self.engines[i])
             await self.stop_engines(i)
             await self.start_engines(n, i)
 
@@ -439,7 +490,7 @@ class Cluster(LoggingConfigurable):
 
     @property
     def engine_count(self) -> int:
-        return sum(1 for launchers in self.engines.values() for e in launchers if e.running)
+        return sum(e.n for launchers in self.engines.values() for e in launchers if e.running)
 
     # ---- the whole cluster --------------------------------------------------------
 
@@ -509,24 +560,24 @@ class Cluster(LoggingConfigurable):
                 self._check_processes(client, n)
                 if time.monotonic() > deadline:
                     launchers = [e for v in self.engines.values() for e in v]
-                    logs = [e for e in launchers if e.log_tail()] or [self.controller]
+                    said = [e for e in launchers if e.output()] or [self.controller]
                     raise ClusterError(
                         f"only {len(client.ids)} of {n} engines registered within {timeout:g}s. "
-                        f"Log of {logs[0].log_file}:\n{logs[0].log_tail() or '(empty)'}"
+                        f"{_said(said[0])}"
                     )
 
     def _check_processes(self, client: Any, n: int) -> None:
         if self.controller is None or not self.controller.running:
-            tail = self.controller.log_tail() if self.controller else ""
-            log = self.controller.log_file if self.controller else "?"
-            raise ClusterError(f"the controller exited while engines were starting. Its log ({log}):\n{tail}")
+            raise ClusterError(
+                f"the controller exited while engines were starting. {_said(self.controller)}")
         launchers = [e for v in self.engines.values() for e in v]
         dead = [e for e in launchers if not e.running]
-        if len(launchers) - len(dead) < n - len(client.ids):
+        total = sum(e.n for e in launchers)
+        gone = sum(e.n for e in dead)
+        if total - gone < n - len(client.ids):
             raise ClusterError(
-                f"{len(dead)} of {len(launchers)} engines exited before registering; "
-                f"{len(client.ids)} registered. Log of the first ({dead[0].log_file}):\n"
-                f"{dead[0].log_tail()}"
+                f"{gone} of {total} engines exited before registering; "
+                f"{len(client.ids)} registered. {_said(dead[0])}"
             )
 
     async def stop_cluster(self) -> None:
@@ -563,9 +614,7 @@ class Cluster(LoggingConfigurable):
                 await self.start_engines(-extra)
                 await asyncio.to_thread(self.wait_for_engines, client, n)
             elif extra > 0:
-                running = [(set_id, e) for set_id, launchers in self.engines.items()
-                           for e in launchers if e.running]
-                leaving = running[-extra:]
+                leaving = self._newest_launchers(extra)
                 await asyncio.gather(*(asyncio.to_thread(e.stop) for _, e in leaving))
                 with self._engines_lock:
                     for set_id, launcher in leaving:
@@ -581,6 +630,25 @@ class Cluster(LoggingConfigurable):
                     await asyncio.sleep(0.05)
         finally:
             client.close()
+
+    def _newest_launchers(self, engines: int) -> list[tuple[str, BaseLauncher]]:
+        """The newest running launchers that run ``engines`` engines together.
+
+        Raises ClusterError when no such set exists (an mpiexec's engines stop together).
+        """
+        running = [(set_id, e) for set_id, launchers in self.engines.items()
+                   for e in launchers if e.running]
+        leaving: list[tuple[str, BaseLauncher]] = []
+        count = 0
+        while count < engines and running:
+            leaving.append(running.pop())
+            count += leaving[-1][1].n
+        if count != engines:
+            raise ClusterError(
+                f"cannot stop exactly {engines} engines: {leaving[-1][1].describe()} runs "
+                f"{leaving[-1][1].n} engines that stop together; scale to a count that "
+                "removes whole launchers")
+        return leaving
 
     # ---- context managers -----------------------------------------------------------
 

@@ -1,12 +1,22 @@
-"""Launchers: how controller and engine processes get started and stopped.
+"""Launchers: how controller and engine processes get started, watched and stopped.
 
-A launcher is one small ``Configurable`` class per way of starting processes. This
-module has the local ones (child processes of this machine): ``LocalControllerLauncher``
-and ``LocalEngineLauncher``, configured under ipyparallel's names
-(``c.LocalControllerLauncher.controller_cmd``, ``c.LocalEngineLauncher.engine_args``,
-``c.LocalProcessLauncher.stop_timeout``). MPI, SSH and batch launchers follow the same
-interface: ``start()``, ``stop()``, ``signal(sig)``, ``running``, ``pid``,
-``to_dict()`` / ``from_dict()`` so a cluster file can find them again.
+:class:`BaseLauncher` is the seam every way of starting processes plugs into (in the
+spirit of jupyter_client's ``KernelProvisionerBase``). Its unit is one *set* of
+processes started together: a controller, one local engine, or one ``mpiexec -n 4``
+running four engines. A launcher can ``start()``, ``stop()``, ``signal(sig)``, report
+whether it is ``running`` (``poll()`` / ``exit_code``), show its recent ``output()``
+(its ``log_file``), and write itself to a dict (``to_dict()`` / ``from_dict()``) so
+that the cluster file lets ``ipcluster-lite stop`` or ``Cluster.from_file`` find it
+again, whatever its kind.
+
+Launchers are selected by name from the entry point groups
+``ipyparallel_lite.engine_launchers`` and ``ipyparallel_lite.controller_launchers``
+(:func:`find_launcher_class`); a ``"module:Class"`` path or a class works too.
+
+This module also has the local ones (child processes of this machine):
+``LocalControllerLauncher`` and ``LocalEngineLauncher``, configured under
+ipyparallel's names (``c.LocalControllerLauncher.controller_cmd``,
+``c.LocalEngineLauncher.engine_args``, ``c.LocalProcessLauncher.stop_timeout``).
 
 A child's stdout and stderr go to its log file, ``log/<ipcontroller|ipengine>-<cluster
 id>-<pid>.log`` in the profile: what it logs and whatever it prints before logging
@@ -19,22 +29,50 @@ when that process is killed.
 
 from __future__ import annotations
 
+import importlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import psutil
 from traitlets import Float, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ipyparallel_lite.applog import log_file_name
+from ipyparallel_lite.connection import connection_file_path
 from ipyparallel_lite.processes import process_alive, process_start_time
 
 PARENT_PID_ENV = "IPP_LITE_PARENT_PID"
+ENGINE_LAUNCHERS = "ipyparallel_lite.engine_launchers"
+CONTROLLER_LAUNCHERS = "ipyparallel_lite.controller_launchers"
+
+#: the launchers this package ships, by entry point group and name. pyproject.toml
+#: declares the same entry points; listing them here too lets a source checkout (or an
+#: install whose metadata predates a launcher) find them without reinstalling.
+BUILTIN_LAUNCHERS: dict[str, dict[str, str]] = {
+    ENGINE_LAUNCHERS: {
+        "local": "ipyparallel_lite.cluster.launcher:LocalEngineLauncher",
+        "mpi": "ipyparallel_lite.cluster.mpi:MPIEngineLauncher",
+    },
+    CONTROLLER_LAUNCHERS: {
+        "local": "ipyparallel_lite.cluster.launcher:LocalControllerLauncher",
+    },
+}
+
+
+class ClusterError(RuntimeError):
+    """A cluster that could not start, with what its processes said."""
+
+
+class LauncherError(ClusterError):
+    """A launcher whose command failed: names the launcher, the command and its output."""
 
 
 def watch_parent() -> None:
@@ -55,34 +93,177 @@ def watch_parent() -> None:
     threading.Thread(target=watch, name="ipp-lite-parent-watch", daemon=True).start()
 
 
-class LocalProcessLauncher(LoggingConfigurable):
+@dataclass(frozen=True)
+class LaunchContext:
+    """What a launcher knows of the cluster it starts processes for."""
+
+    profile_dir: Path
+    cluster_id: str
+    #: the cluster's command-line arguments for this kind of process (profile, cluster
+    #: id, log level, ...); the launcher puts them on its command line
+    args: tuple[str, ...] = ()
+    #: let the processes outlive the Python process that starts them
+    daemonize: bool = False
+
+    @property
+    def log_dir(self) -> Path:
+        return self.profile_dir / "log"
+
+    def connection_file(self, kind: str) -> Path:
+        """The controller's ``client`` or ``engine`` connection file of this cluster."""
+        return connection_file_path(kind, cluster_id=self.cluster_id,
+                                    profile_dir_path=self.profile_dir)
+
+
+class BaseLauncher(LoggingConfigurable):
+    """One set of processes started together: the interface every launcher implements.
+
+    A subclass implements ``create``, ``start``, ``signal``, ``running``, ``exit_code``,
+    ``output``, ``to_dict`` and ``from_dict``; it may override ``begin_stop`` and
+    ``kill`` when a signal is not how its processes stop (a batch job is cancelled).
+    ``start`` raises :class:`LauncherError` when the launch itself fails.
+    """
+
+    #: the name it is selected by (its entry point's name); set by find_launcher_class
+    name: ClassVar[str] = ""
+    #: how many engines one launcher of this kind runs at most (None: any number, so
+    #: ``Cluster.start_engines(n)`` makes one launcher for all n)
+    max_engines: ClassVar[int | None] = None
+
+    stop_timeout = Float(3.0, help="Seconds between asking to stop (SIGTERM) and killing.").tag(
+        config=True)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        #: engines this launcher runs (0 for a controller)
+        self.n = 0
+        #: stopped on purpose: its exit is no crash, and it is not restarted
+        self.stop_requested = False
+        #: where its processes' output goes, if it has one file for it
+        self.log_file: Path | None = None
+
+    # ---- what each launcher implements -----------------------------------------------
+
+    @classmethod
+    def create(cls, context: LaunchContext, n: int = 0, **kwargs: Any) -> BaseLauncher:
+        """A launcher, not started yet, for ``n`` engines (0: the controller)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the processes; raise LauncherError when that fails."""
+        raise NotImplementedError
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the processes (nothing when they are gone)."""
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        """Whether the processes run (for one read back from a file too)."""
+        raise NotImplementedError
+
+    @property
+    def exit_code(self) -> int | None:
+        """How it ended (negative: the signal that ended it); None while running or unknown."""
+        raise NotImplementedError
+
+    def output(self, lines: int = 20) -> str:
+        """The last ``lines`` lines its processes wrote ("" when there is nothing)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """What the cluster file records; subclasses add their state to this."""
+        return {"launcher": self.name, "class": f"{type(self).__module__}:{type(self).__name__}",
+                "n": self.n}
+
+    @classmethod
+    def from_dict(cls, d: dict, **kwargs: Any) -> BaseLauncher:
+        """The launcher ``to_dict()`` wrote, able to poll, signal and stop its processes."""
+        raise NotImplementedError
+
+    # ---- shared behaviour ------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of its main local process, if it has one."""
+        return None
+
+    @property
+    def command(self) -> list[str]:
+        """The command it runs (``mpiexec -n 4 ...``, ``sbatch job.sh``), for error messages."""
+        return []
+
+    def poll(self) -> int | None:
+        """None while running, else its exit code (as ``Popen.poll``)."""
+        return None if self.running else self.exit_code
+
+    def begin_stop(self) -> None:
+        """Ask the processes to stop, without waiting (SIGTERM)."""
+        self.stop_requested = True
+        self.signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Stop the processes at once (SIGKILL)."""
+        self.signal(signal.SIGKILL)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """``begin_stop``, then ``kill`` after ``timeout`` seconds (default ``stop_timeout``)."""
+        timeout = self.stop_timeout if timeout is None else timeout
+        self.begin_stop()
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.running:
+            self.kill()
+
+    def describe(self) -> str:
+        """How error messages name it: ``the mpi engine launcher``."""
+        return f"the {self.name or type(self).__name__} launcher"
+
+
+class LocalProcessLauncher(BaseLauncher):
     """One child process on this machine, its output in a log file.
 
     ``log_file`` may contain ``{pid}``: the file is renamed to carry the child's pid
     once it runs.
     """
 
-    stop_timeout = Float(3.0, help="Seconds between SIGTERM and SIGKILL when stopping.").tag(
-        config=True)
+    #: the start of the log file name of such a process
+    log_prefix = "ipcluster"
 
     def __init__(self, args: list[str], log_file: str | Path, *, env: dict | None = None,
                  daemonize: bool = False, pid: int | None = None, create_time: float | None = None,
-                 **kwargs: Any):
+                 n: int = 0, **kwargs: Any):
         super().__init__(**kwargs)
         self.args = args
         self.log_file = Path(log_file)
         self.env = env or {}
         self.daemonize = daemonize
+        self.n = n
         self.process: subprocess.Popen | None = None
         self._pid = pid
         #: when the process started: a pid reused by another process has another start time
         self.create_time = create_time
-        #: stopped on purpose: its exit is no crash, and it is not restarted
-        self.stop_requested = False
+
+    def command_line(self, args: list[str]) -> list[str]:
+        """The whole command line, given the cluster's arguments for this process."""
+        return list(args)
+
+    @classmethod
+    def create(cls, context: LaunchContext, n: int = 0, **kwargs: Any) -> LocalProcessLauncher:
+        """A launcher of ``command_line(context.args)``, logging to the profile's log/."""
+        launcher = cls([], context.log_dir / log_file_name(cls.log_prefix, context.cluster_id, "{pid}"),
+                       daemonize=context.daemonize, n=n, **kwargs)
+        launcher.args = launcher.command_line(list(context.args))
+        return launcher
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else self._pid
+
+    @property
+    def command(self) -> list[str]:
+        return list(self.args)
 
     def start(self) -> None:
         env = {**os.environ, **self.env}
@@ -90,11 +271,15 @@ class LocalProcessLauncher(LoggingConfigurable):
             env[PARENT_PID_ENV] = str(os.getpid())
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         starting = self.log_file.with_name(f".starting-{secrets.token_hex(4)}.log")
-        with open(starting, "wb") as log:
-            self.process = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=self.daemonize, close_fds=True,
-            )
+        try:
+            with open(starting, "wb") as log:
+                self.process = subprocess.Popen(
+                    self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=env, start_new_session=self.daemonize, close_fds=True,
+                )
+        except OSError as e:  # no such program, not executable
+            starting.unlink(missing_ok=True)
+            raise LauncherError(f"{self.describe()} could not run `{' '.join(self.args)}`: {e}") from None
         # the child keeps writing to the renamed file: its descriptor follows the rename
         self.log_file = self.log_file.with_name(self.log_file.name.format(pid=self.process.pid))
         os.replace(starting, self.log_file)
@@ -104,7 +289,6 @@ class LocalProcessLauncher(LoggingConfigurable):
 
     @property
     def exit_code(self) -> int | None:
-        """The exit code of a child that ended (negative: the signal that ended it)."""
         return self.process.poll() if self.process is not None else None
 
     @property
@@ -113,7 +297,14 @@ class LocalProcessLauncher(LoggingConfigurable):
             return self.process.poll() is None
         if self._pid is None:
             return False
-        return process_alive(self._pid, self.create_time)
+        # read back from a file: the pid must still run the command we started
+        if not process_alive(self._pid, self.create_time):
+            return False
+        try:
+            cmdline = psutil.Process(self._pid).cmdline()
+        except psutil.Error:
+            return False
+        return cmdline[1:] == list(self.args)[1:]
 
     def signal(self, sig: int) -> None:
         if self.running and self.pid is not None:
@@ -122,20 +313,12 @@ class LocalProcessLauncher(LoggingConfigurable):
             except ProcessLookupError:
                 pass
 
-    def stop(self, timeout: float | None = None) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds (default ``stop_timeout``)."""
-        timeout = self.stop_timeout if timeout is None else timeout
-        self.stop_requested = True
-        self.signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.running and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if self.running:
-            self.signal(signal.SIGKILL)
-            if self.process is not None:
-                self.process.wait(10)  # a SIGKILLed child ends at once; reap it
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(10)  # a SIGKILLed child ends at once; reap it
 
-    def log_tail(self, lines: int = 20) -> str:
+    def output(self, lines: int = 20) -> str:
         try:
             text = self.log_file.read_text(errors="replace")
         except OSError:
@@ -143,34 +326,19 @@ class LocalProcessLauncher(LoggingConfigurable):
         return "\n".join(text.splitlines()[-lines:])
 
     def to_dict(self) -> dict:
-        return {"class": type(self).__name__, "args": self.args, "log_file": str(self.log_file),
+        return {**super().to_dict(), "args": self.args, "log_file": str(self.log_file),
                 "pid": self.pid, "daemonize": self.daemonize, "create_time": self.create_time}
 
     @classmethod
     def from_dict(cls, d: dict, **kwargs: Any) -> LocalProcessLauncher:
         return cls(d["args"], Path(d["log_file"]), daemonize=d.get("daemonize", False), pid=d.get("pid"),
-                   create_time=d.get("create_time"), **kwargs)
-
-
-    #: the start of the log file name of such a process
-    log_prefix = "ipcluster"
-
-    def command_line(self, args: list[str]) -> list[str]:
-        """The whole command line, given the cluster's arguments for this process."""
-        return list(args)
-
-    @classmethod
-    def for_cluster(cls, args: list[str], log_dir: Path, cluster_id: str, **kwargs: Any
-                    ) -> LocalProcessLauncher:
-        """A launcher of ``command_line(args)``, logging to ``log_dir``."""
-        launcher = cls([], log_dir / log_file_name(cls.log_prefix, cluster_id, "{pid}"), **kwargs)
-        launcher.args = launcher.command_line(args)
-        return launcher
+                   create_time=d.get("create_time"), n=d.get("n", 0), **kwargs)
 
 
 class LocalControllerLauncher(LocalProcessLauncher):
     """The controller, as a child process."""
 
+    name = "local"
     log_prefix = "ipcontroller"
     controller_cmd = List(Unicode(), default_value=[sys.executable, "-m", "ipyparallel_lite.controller"],
                           help="Command that starts a controller.").tag(config=True)
@@ -182,9 +350,12 @@ class LocalControllerLauncher(LocalProcessLauncher):
 
 
 class LocalEngineLauncher(LocalProcessLauncher):
-    """One engine, as a child process."""
+    """One engine, as a child process (n engines: n launchers, each stopped or restarted
+    on its own)."""
 
+    name = "local"
     log_prefix = "ipengine"
+    max_engines = 1
     engine_cmd = List(Unicode(), default_value=[sys.executable, "-m", "ipyparallel_lite.engine"],
                       help="Command that starts an engine.").tag(config=True)
     engine_args = List(Unicode(), help="Arguments added to every engine's command line.").tag(
@@ -194,9 +365,76 @@ class LocalEngineLauncher(LocalProcessLauncher):
         return [*self.engine_cmd, *args, *self.engine_args]
 
 
-LAUNCHERS = {c.__name__: c for c in (LocalProcessLauncher, LocalControllerLauncher, LocalEngineLauncher)}
+# ---- finding launchers by name ---------------------------------------------------------
 
 
-def launcher_from_dict(d: dict, **kwargs: Any) -> LocalProcessLauncher:
+def _kind(group: str) -> str:
+    return "engine" if group == ENGINE_LAUNCHERS else "controller"
+
+
+def launcher_names(group: str) -> dict[str, str]:
+    """``name -> "module:Class"`` of every launcher of ``group``: ours and installed plugins."""
+    names = dict(BUILTIN_LAUNCHERS.get(group, {}))
+    names.update({ep.name: ep.value for ep in entry_points(group=group)})
+    return names
+
+
+def _import_class(path: str) -> type:
+    """The object at ``"module:Class"`` (or ``"module.Class"``)."""
+    module, _, qualname = path.partition(":") if ":" in path else path.rpartition(".")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def find_launcher_class(group: str, name: str | type) -> type[BaseLauncher]:
+    """The launcher class selected by ``name``: an entry point's name of ``group``
+    (case-insensitive), a ``"module:Class"`` path, or the class itself.
+
+    An unknown name raises ValueError listing the names there are.
+    """
+    if isinstance(name, type):
+        if not issubclass(name, BaseLauncher):
+            raise TypeError(f"a {_kind(group)} launcher must subclass BaseLauncher, not {name!r}")
+        return name
+    names = launcher_names(group)
+    by_lower = {k.lower(): k for k in names}
+    key = by_lower.get(str(name).lower())
+    path = names[key] if key is not None else name
+    if key is None and ":" not in str(name):
+        raise ValueError(
+            f"unknown {_kind(group)} launcher {name!r}; available: {', '.join(sorted(names))} "
+            "(or a 'module:Class' path)")
+    try:
+        cls = _import_class(path)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{_kind(group)} launcher {name!r} ({path}) cannot be loaded: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, BaseLauncher)):
+        raise TypeError(f"{_kind(group)} launcher {name!r} ({path}) is not a BaseLauncher subclass")
+    if key is not None and "name" not in vars(cls):  # a plugin: known by its entry point
+        cls.name = key
+    return cls
+
+
+def launcher_classes() -> list[type[BaseLauncher]]:
+    """Every launcher class this package ships (to check config files against)."""
+    found: list[type[BaseLauncher]] = [LocalProcessLauncher]
+    for group, names in BUILTIN_LAUNCHERS.items():
+        for name in names:
+            cls = find_launcher_class(group, name)
+            found.extend(c for c in cls.__mro__ if issubclass(c, BaseLauncher) and c not in found)
+    return found
+
+
+def launcher_from_dict(d: dict, **kwargs: Any) -> BaseLauncher:
     """The launcher recorded by ``to_dict()`` (in a cluster file)."""
-    return LAUNCHERS.get(d.get("class", ""), LocalProcessLauncher).from_dict(d, **kwargs)
+    recorded = d.get("class", "")
+    if ":" not in recorded:  # files written before launchers were plugins: a bare class name
+        builtin = {path.rsplit(":", 1)[1]: path for names in BUILTIN_LAUNCHERS.values()
+                   for path in names.values()}
+        recorded = builtin.get(recorded, "ipyparallel_lite.cluster.launcher:LocalProcessLauncher")
+    cls = _import_class(recorded)
+    if d.get("launcher") and "name" not in vars(cls):
+        cls.name = d["launcher"]
+    return cls.from_dict(d, **kwargs)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ipyparallel_lite.client.client import Client
-from ipyparallel_lite.cluster.app import running_clusters
 from ipyparallel_lite.cluster.cluster import Cluster
+from ipyparallel_lite.cluster.discovery import running_clusters
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]*")
 
