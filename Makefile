@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean chromium
+.PHONY: demo test bench lint clean chromium mpi
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/python -m ipyparallel_lite.demo
 
-test: $(BIN)/.installed chromium
+test: mpi chromium $(BIN)/.installed
 	$(BIN)/python -m ruff check ipyparallel_lite tests benchmarks hatch_build.py
 	$(BIN)/python -m pytest
 
@@ -29,6 +29,15 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else \
 	    echo "make test needs chromium for its browser test: sudo apt-get install chromium" >&2; exit 1; \
+	  fi; }
+
+# the MPI launcher's tests run Debian's OpenMPI (mpiexec; mpi4py builds against libopenmpi-dev)
+mpi:
+	@command -v mpiexec >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null; \
+	  else \
+	    echo "make test needs mpiexec for the MPI launcher's tests: sudo apt-get install openmpi-bin libopenmpi-dev" >&2; exit 1; \
 	  fi; }
 
 bench: $(BIN)/.bench-installed

@@ -31,6 +31,23 @@ def test_ids_are_assigned_and_requested():
     assert hub.register("d", 0, {}, 0).id == 0
 
 
+def test_mpi_ranks_of_a_set_get_ids_in_rank_order_whatever_order_they_arrive_in():
+    hub = Hub()
+    hub.register("plain", None, {}, now=0.0)
+
+    def rank(r: int, size: int = 3, key: str = "set-a") -> dict:
+        return {"engine_set": key, "mpi_rank": r, "mpi_size": size}
+
+    assert hub.register("r2", None, rank(2), now=0.0).id == 3
+    assert hub.register("other", None, {}, now=0.0).id == 4  # past the set's reserved ids
+    assert hub.register("r0", None, rank(0), now=0.0).id == 1
+    assert hub.register("r1", None, rank(1), now=0.0).id == 2
+    assert hub.register("b1", None, rank(1, 2, "set-b"), now=0.0).id == 6
+    # a rank without a set, or an absurd one, is an ordinary engine
+    assert hub.register("lone", None, {"mpi_rank": 0, "mpi_size": 1}, now=0.0).id == 7
+    assert hub.register("bad", None, rank(5, 2, "set-c"), now=0.0).id == 8
+
+
 @pytest.mark.parametrize(
     ("uuid", "requested", "reason"),
     [("", None, "non-empty"), ("a", None, "already registered"), ("z", 0, "is taken"), ("z", -1, "non-negative")],

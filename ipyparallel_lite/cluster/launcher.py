@@ -76,19 +76,31 @@ class LauncherError(ClusterError):
 
 
 def watch_parent() -> None:
-    """In a child process: exit when the process that started us is gone."""
+    """In a child process: exit when the process that started us is gone.
+
+    Started through a relay (``mpiexec``), our parent is the relay, not the owner:
+    then the owner's pid and start time are watched instead.
+    """
     import threading
 
     parent = os.environ.get(PARENT_PID_ENV)
     if not parent:
         return
     parent_pid = int(parent)
+    if os.getppid() == parent_pid:
+        def alive() -> bool:
+            return os.getppid() == parent_pid
+    else:
+        started = process_start_time(parent_pid)
+
+        def alive() -> bool:
+            return started is not None and process_alive(parent_pid, started)
 
     def watch() -> None:
         while True:
-            time.sleep(0.5)
-            if os.getppid() != parent_pid:
+            if not alive():
                 os._exit(0)
+            time.sleep(0.5)
 
     threading.Thread(target=watch, name="ipp-lite-parent-watch", daemon=True).start()
 

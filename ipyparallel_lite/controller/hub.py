@@ -89,6 +89,8 @@ class Hub:
         self.engines: dict[int, Engine] = {}
         self._by_uuid: dict[str, Engine] = {}
         self._next_id = 0
+        #: engine set -> [its first id, ranks still to register]: the ids of an MPI set
+        self._rank_blocks: dict[str, list[int]] = {}
         #: uuid -> (id, reason) of engines removed against their will, newest last
         self._removed: OrderedDict[str, tuple[int, str]] = OrderedDict()
 
@@ -107,9 +109,11 @@ class Hub:
                 raise RegistrationError(f"engine id {requested_id} is taken")
             eid = requested_id
         else:
-            while self._next_id in self.engines:
-                self._next_id += 1
-            eid = self._next_id
+            eid = self._id_by_rank(info)
+            if eid is None:
+                while self._next_id in self.engines:
+                    self._next_id += 1
+                eid = self._next_id
         info = dict(info) if isinstance(info, dict) else {}
         skew = conflicts(versions(), info) if self.version_check != "off" else []
         if skew and self.version_check == "refuse":
@@ -125,6 +129,28 @@ class Hub:
         self.engines[eid] = engine
         self._by_uuid[uuid] = engine
         return engine
+
+    def _id_by_rank(self, info: Any) -> int | None:
+        """The id of an MPI rank of an engine set: the set's first id + its rank.
+
+        The first rank to register reserves ids for the whole set (every id from
+        ``_next_id`` on is free), so ids follow ranks whatever order ranks arrive in.
+        """
+        if not isinstance(info, dict):
+            return None
+        key, rank, size = info.get("engine_set"), info.get("mpi_rank"), info.get("mpi_size")
+        if not (isinstance(key, str) and isinstance(rank, int) and isinstance(size, int)
+                and 0 <= rank < size):
+            return None
+        block = self._rank_blocks.get(key)
+        if block is None:
+            block = self._rank_blocks[key] = [self._next_id, size]
+            self._next_id += size
+        block[1] -= 1
+        if block[1] <= 0:  # every rank came: forget the set
+            del self._rank_blocks[key]
+        eid = block[0] + rank
+        return None if eid in self.engines else eid
 
     def confirm(self, uuid: str, channel: str, now: float) -> Engine | None:
         """Note that ``channel`` of an engine is connected; the engine when it just became ready."""

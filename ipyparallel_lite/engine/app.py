@@ -59,6 +59,20 @@ def engine_info() -> dict:
     }
 
 
+#: where MPI runtimes put a process's rank and the number of ranks (OpenMPI, MPICH/Hydra, PMIx)
+MPI_RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+MPI_SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def mpi_rank() -> tuple[int, int] | None:
+    """(rank, size) when this process is an MPI rank, read from the runtime's environment."""
+    rank = next((os.environ[k] for k in MPI_RANK_ENV if k in os.environ), None)
+    size = next((os.environ[k] for k in MPI_SIZE_ENV if k in os.environ), None)
+    if rank is None or size is None or not (rank.isdigit() and size.isdigit()):
+        return None
+    return int(rank), int(size)
+
+
 class RegistrationFailed(RuntimeError):
     pass
 
@@ -84,6 +98,10 @@ class IPEngine(ParallelApp, IPKernelApp):
     controller_timeout = Float(
         30.0, help="Seconds an engine waits for a lost controller to come back before it exits."
     ).tag(config=True)
+    engine_set = Unicode(
+        "", help="Id of the engine set this engine was started with (the MPI launcher sets "
+                 "it): the controller gives the ranks of one set consecutive ids in rank "
+                 "order.").tag(config=True)
     startup_command = Unicode("", help="Code every engine runs once it is connected.").tag(config=True)
     startup_script = Unicode("", help="A script every engine runs once it is connected.").tag(config=True)
 
@@ -148,7 +166,13 @@ class IPEngine(ParallelApp, IPKernelApp):
         sock.linger = 0
         sock.connect(url(self.info, "registration"))
         requested = self.engine_id if self.engine_id >= 0 else None
-        content = {"uuid": self.ident, "id": requested, "info": engine_info()}
+        info = engine_info()
+        rank = mpi_rank()
+        if rank is not None:
+            info["mpi_rank"], info["mpi_size"] = rank
+            if self.engine_set:
+                info["engine_set"] = self.engine_set
+        content = {"uuid": self.ident, "id": requested, "info": info}
         self.session.send(sock, "registration_request", content)
         if not sock.poll(int(self.registration_timeout * 1000)):
             raise RegistrationFailed(
