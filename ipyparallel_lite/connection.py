@@ -3,8 +3,13 @@
 Contract: the controller writes two JSON files into the profile's ``security/``
 folder, ``ipcontroller[-<cluster_id>]-client.json`` for clients and
 ``ipcontroller[-<cluster_id>]-engine.json`` for engines, each readable by the owner
-only (mode 0600). They hold the interface, every channel's port, the HMAC key, the
-signature scheme and the task scheme. The same engine information can travel in the
+only (mode 0600). They hold the interface to connect to, every channel's port, the
+HMAC key, the signature scheme and the task scheme.
+
+The interface in the files is the controller's ``location`` (:func:`connect_address`):
+where it binds (``ip``) unless that is every interface (``0.0.0.0`` or ``*``), in which
+case it is this host's address that other hosts reach, never a loopback address;
+``IPController.location`` names it outright (a host name, a NAT's address). The same engine information can travel in the
 ``IPP_LITE_CONNECTION_INFO`` environment variable as JSON, for machines that share no
 file system.
 
@@ -20,9 +25,11 @@ The controller keeps its own keypair in a third 0600 file, ``...-curve.json``, s
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
+import socket
 from hmac import compare_digest
 from pathlib import Path
 from typing import Any
@@ -182,6 +189,50 @@ def write_private_file(path: str | Path, text: str) -> Path:
         f.write(text)
     os.replace(tmp, path)  # readers never see a half-written file
     return path
+
+
+#: ``IPController.ip`` values that bind every interface
+ALL_INTERFACES = ("*", "0.0.0.0")
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def reachable_address() -> str:
+    """An IPv4 address of this host that other hosts can reach (not loopback).
+
+    The one its host name resolves to, else the first such address of its interfaces;
+    ValueError when it has none.
+    """
+    import psutil
+
+    try:
+        named = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        named = ""
+    if named and not _is_loopback(named):
+        return named
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback \
+                    and not ipaddress.ip_address(a.address).is_link_local:
+                return a.address
+    raise ValueError("this host has no address other hosts can reach (only loopback); "
+                     "bind the controller to 127.0.0.1, or name its address with --location")
+
+
+def connect_address(ip: str, location: str = "") -> str:
+    """Where clients and engines connect to a controller bound to ``ip``: ``location``
+    when given, this host's reachable address when ``ip`` is every interface, else ``ip``."""
+    if location:
+        return location
+    if ip in ALL_INTERFACES:
+        return reachable_address()
+    return ip
 
 
 def write_connection_file(path: str | Path, info: dict) -> Path:

@@ -141,7 +141,8 @@ class StartCommand(ClusterCommand):
         config=True)
     aliases = {**ClusterCommand.aliases, "n": "Cluster.n", "ip": "Cluster.controller_ip",
                "timeout": "Cluster.engine_timeout", "engines": "Cluster.engine_launcher_class",
-               "controller": "Cluster.controller_launcher_class"}
+               "controller": "Cluster.controller_launcher_class",
+               "location": "Cluster.controller_location"}
     flags = {**ClusterCommand.flags,
              "daemonize": ({"StartCommand": {"daemonize": True}}, daemonize.help),
              "curve": ({"Cluster": {"enable_curve": True}}, Cluster.enable_curve.help)}

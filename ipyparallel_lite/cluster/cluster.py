@@ -134,7 +134,11 @@ class Cluster(LoggingConfigurable):
         help="How the controller starts: a name of the ipyparallel_lite.controller_launchers "
              "entry points, a 'module:Class' path or a BaseLauncher subclass (also "
              "Cluster(controller=...)).").tag(config=True)
-    controller_ip = Unicode("127.0.0.1", help="Interface the controller listens on.").tag(config=True)
+    controller_ip = Unicode("127.0.0.1", help="Interface the controller listens on ('0.0.0.0': "
+                                              "all of them).").tag(config=True)
+    controller_location = Unicode(
+        "", help="Address clients and engines connect to (default: controller_ip, or this "
+                 "host's reachable address when that is every interface).").tag(config=True)
     controller_args = List(Unicode(), help="Extra command-line arguments of the controller.").tag(
         config=True)
     enable_curve = Bool(False, help="Encrypt the cluster's traffic with CurveZMQ (the "
@@ -319,6 +323,7 @@ class Cluster(LoggingConfigurable):
         for kind in CONTROLLER_FILES:
             self.connection_file(kind).unlink(missing_ok=True)
         args = [*self._common_args(), f"--ip={self.controller_ip}",
+                *([f"--location={self.controller_location}"] if self.controller_location else []),
                 *(["--curve"] if self.enable_curve else []), *self.controller_args]
         launcher_class = find_launcher_class(CONTROLLER_LAUNCHERS, self.controller_launcher_class)
         self.controller = launcher_class.create(self._launch_context(args), parent=self)

@@ -36,6 +36,7 @@ from ipyparallel_lite.baseapp import ParallelApp, common_aliases, common_flags, 
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
     CONTROLLER_FILES,
+    connect_address,
     connection_file_path,
     load_connection_file,
     make_session,
@@ -65,7 +66,12 @@ class IPController(ParallelApp, BaseIPythonApplication):
     description = "Start an ipyparallel_lite controller (Hub and schedulers in one process)."
     log_file_prefix = "ipcontroller"
 
-    ip = Unicode("127.0.0.1", help="Interface every channel binds to.").tag(config=True)
+    ip = Unicode("127.0.0.1", help="Interface every channel binds to ('0.0.0.0' or '*': all "
+                                   "of them).").tag(config=True)
+    location = Unicode(
+        "", help="Address clients and engines connect to, written in the connection files "
+                 "(default: ip, or this host's reachable address when ip is every "
+                 "interface; never a loopback address then).").tag(config=True)
     hb_period = Float(1.0, help="Heartbeat period in seconds.").tag(config=True)
     hb_max_misses = Integer(5, help="Missed heartbeats after which an engine is dead.").tag(config=True)
     record_limit = Integer(
@@ -115,6 +121,7 @@ class IPController(ParallelApp, BaseIPythonApplication):
     aliases = {
         **common_aliases,
         "ip": "IPController.ip",
+        "location": "IPController.location",
         "cluster-id": "ParallelApp.cluster_id",
         "scheme": "TaskScheduler.scheme_name",
         "hwm": "TaskScheduler.hwm",
@@ -193,7 +200,12 @@ class IPController(ParallelApp, BaseIPythonApplication):
         hub = Hub(store, hb_period=self.hb_period, max_misses=self.hb_max_misses,
                   version_check=self.version_check, output_limit=self.output_limit)
         scheduler = SchedulerCore(scheme=scheduling.scheme_name, hwm=scheduling.hwm)
-        controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
+        try:
+            location = connect_address(self.ip, self.location)
+        except ValueError as e:
+            self.log.critical("%s", e)
+            sys.exit(1)
+        controller = Controller(session, hub, scheduler, ip=self.ip, location=location, log=self.log,
                                 remember_finished=self.remember_finished, restored=self.restore,
                                 record_output=self.record_output,
                                 peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair)
@@ -211,8 +223,9 @@ class IPController(ParallelApp, BaseIPythonApplication):
             self.log.warning("restored %d task records from %s; %d unfinished tasks recorded as lost",
                              len(store), path, len(lost))
         files = self.connection_files()
-        self.log.info("controller of cluster %r (profile %s): scheme %s, hwm %d, listening on %s%s",
-                      self.cluster_id, self.profile, scheduling.scheme_name, scheduling.hwm, self.ip,
+        self.log.info("controller of cluster %r (profile %s): scheme %s, hwm %d, listening on %s "
+                      "(connect to %s)%s", self.cluster_id, self.profile, scheduling.scheme_name,
+                      scheduling.hwm, self.ip, location,
                       " (CurveZMQ encrypted)" if curve_keypair else "")
         try:
             if self.write_files and curve_keypair:

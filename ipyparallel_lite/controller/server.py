@@ -38,6 +38,7 @@ from zmq.devices import ThreadDevice
 from ipyparallel_lite import fastzmq
 from ipyparallel_lite.connection import (
     CURVE_SERVERKEY,
+    connect_address,
     curve_server_options,
     reply_type,
     set_device_options,
@@ -110,7 +111,9 @@ def _split(frames: list) -> tuple[list[bytes], list] | None:
 class Controller:
     """One controller process: Hub, schedulers and relays over zmq.
 
-    ``ip`` is the interface every socket binds to (127.0.0.1 unless told otherwise).
+    ``ip`` is the interface every socket binds to (127.0.0.1 unless told otherwise);
+    ``location`` the address the connection files give clients and engines (see
+    :func:`~ipyparallel_lite.connection.connect_address`).
     ``curve_keypair`` (public, secret), from ``zmq.curve_keypair()``, makes every socket
     a CURVE server: all traffic encrypted, clients and engines need the public key.
     Call :meth:`bind` then :meth:`start` inside a running loop; :meth:`connection_info`
@@ -123,6 +126,7 @@ class Controller:
         hub: Hub | None = None,
         scheduler: TaskScheduler | None = None,
         ip: str = "127.0.0.1",
+        location: str = "",
         log: logging.Logger | None = None,
         disconnect_grace: float = 1.0,
         remember_finished: int = 10_000,
@@ -140,6 +144,7 @@ class Controller:
         self.hub = hub or Hub()
         self.scheduler = scheduler or TaskScheduler()
         self.ip = ip
+        self.location = connect_address(ip, location)
         self.log = log or logging.getLogger("ipyparallel_lite.controller")
         #: for what a peer can provoke at will (garbage, slow reading): bounded log volume
         self.warn = ThrottledLog(self.log).warning
@@ -248,7 +253,8 @@ class Controller:
     def connection_info(self, kind: str) -> dict:
         ports = self.ports if kind == "client" else self.engine_ports
         info = {
-            "interface": f"tcp://{self.ip}",
+            "interface": f"tcp://{self.location}",
+            "location": self.location,
             "ports": dict(ports),
             "key": self.session.key.decode(),
             "signature_scheme": self.session.signature_scheme,
