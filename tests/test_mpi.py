@@ -7,6 +7,7 @@ is one clear error naming the launcher and the command, and leaves nothing runni
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -145,5 +146,37 @@ def test_mpi_engines_exit_with_their_owner(tmp_path):
     finally:
         owner.kill()
         owner.wait(10)
+        for pid in _wait_gone(pids, timeout=0.1):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_cli_starts_lists_and_stops_an_mpi_cluster(tmp_path):
+    """``ipcluster-lite start --engines mpi -n 2``; ``engines`` adds an mpiexec set; ``stop``
+    finds both through the cluster file and ends every rank."""
+    ipdir = str(tmp_path / "ipython")
+    env = {**os.environ, "IPYTHONDIR": ipdir}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ipyparallel_lite.cluster", *args,
+                               "--ipython-dir", ipdir], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    out = cli("start", "--engines", "mpi", "-n", "2", "--daemonize")
+    assert out.returncode == 0, out.stderr
+    pids: set[int] = set()
+    try:
+        out = cli("engines", "-n", "2")
+        assert out.returncode == 0 and "4 engines now" in out.stdout, out.stderr
+        [row] = json.loads(cli("list", "-o", "json").stdout)
+        assert row["engines"] == 4 and len(row["engine_pids"]) == 2  # two mpiexec
+        for pid in row["engine_pids"]:
+            pids |= {pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))}
+        pids.add(row["controller_pid"])
+        assert len(pids) == 7
+        out = cli("stop")
+        assert out.returncode == 0 and "4 engines and the controller" in out.stdout, out.stderr
+        assert not _wait_gone(pids)
+    finally:
+        cli("stop")
         for pid in _wait_gone(pids, timeout=0.1):
             os.kill(pid, signal.SIGKILL)

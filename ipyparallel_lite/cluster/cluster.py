@@ -104,6 +104,11 @@ def _said(launcher: BaseLauncher | None) -> str:
     return f"Output of {launcher.describe()}{command}{where}:\n{launcher.output() or '(empty)'}"
 
 
+def _launcher_spec(value: str | type) -> str:
+    """A launcher trait's value as the cluster file keeps it: a name or a "module:Class" path."""
+    return value if isinstance(value, str) else f"{value.__module__}:{value.__qualname__}"
+
+
 def _new_cluster_id() -> str:
     return f"{int(time.time())}-{secrets.token_hex(2)}"
 
@@ -260,7 +265,8 @@ class Cluster(LoggingConfigurable):
         return {
             "cluster": {"class": type(self).__name__, "cluster_id": self.cluster_id,
                         "profile": self.profile, "profile_dir": str(self.profile_dir),
-                        "n": self.n, "ipython_dir": self.ipython_dir},
+                        "n": self.n, "ipython_dir": self.ipython_dir,
+                        "engine_launcher": _launcher_spec(self.engine_launcher_class)},
             "controller": self.controller.to_dict() if self.controller else None,
             "engines": {k: [e.to_dict() for e in v] for k, v in self.engines.items()},
         }
@@ -276,6 +282,7 @@ class Cluster(LoggingConfigurable):
     def from_dict(cls, d: dict, **kwargs: Any) -> Cluster:
         """A Cluster object for the processes recorded in ``d`` (see :meth:`to_dict`)."""
         c = d["cluster"]
+        kwargs.setdefault("engines", c.get("engine_launcher"))
         cluster = cls(n=c.get("n"), profile=c["profile"], cluster_id=c["cluster_id"],
                       ipython_dir=c.get("ipython_dir"), profile_dir=c.get("profile_dir"),
                       load_profile=False, **kwargs)
