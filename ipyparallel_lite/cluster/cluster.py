@@ -589,7 +589,8 @@ class Cluster(LoggingConfigurable):
         if total - gone < n - len(client.ids):
             raise ClusterError(
                 f"{gone} of {total} engines exited before registering; "
-                f"{len(client.ids)} registered. {_said(dead[0])}"
+                f"{len(client.ids)} registered; {dead[0].describe()} exited with code "
+                f"{dead[0].exit_code}. {_said(dead[0])}"
             )
 
     async def stop_cluster(self) -> None:
