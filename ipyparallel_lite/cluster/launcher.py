@@ -35,6 +35,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -50,6 +51,10 @@ from ipyparallel_lite.connection import connection_file_path
 from ipyparallel_lite.processes import process_alive, process_start_time
 
 PARENT_PID_ENV = "IPP_LITE_PARENT_PID"
+#: set in a process started over ssh: which end of its ssh session it watches, "stdin"
+#: (exit at its end of file: the launcher's owner is gone) or "stdout" (exit when it
+#: hangs up: the ssh client is gone)
+SSH_SESSION_ENV = "IPP_LITE_SSH_SESSION"
 ENGINE_LAUNCHERS = "ipyparallel_lite.engine_launchers"
 CONTROLLER_LAUNCHERS = "ipyparallel_lite.controller_launchers"
 
@@ -60,6 +65,7 @@ BUILTIN_LAUNCHERS: dict[str, dict[str, str]] = {
     ENGINE_LAUNCHERS: {
         "local": "ipyparallel_lite.cluster.launcher:LocalEngineLauncher",
         "mpi": "ipyparallel_lite.cluster.mpi:MPIEngineLauncher",
+        "ssh": "ipyparallel_lite.cluster.ssh:SSHEngineSetLauncher",
     },
     CONTROLLER_LAUNCHERS: {
         "local": "ipyparallel_lite.cluster.launcher:LocalControllerLauncher",
@@ -79,10 +85,12 @@ def watch_parent() -> None:
     """In a child process: exit when the process that started us is gone.
 
     Started through a relay (``mpiexec``), our parent is the relay, not the owner:
-    then the owner's pid and start time are watched instead.
+    then the owner's pid and start time are watched instead. Started over ssh
+    (``IPP_LITE_SSH_SESSION``), the ssh session is watched: see :func:`watch_ssh_session`.
     """
-    import threading
-
+    session = os.environ.get(SSH_SESSION_ENV)
+    if session:
+        watch_ssh_session(session)
     parent = os.environ.get(PARENT_PID_ENV)
     if not parent:
         return
@@ -103,6 +111,33 @@ def watch_parent() -> None:
             time.sleep(0.5)
 
     threading.Thread(target=watch, name="ipp-lite-parent-watch", daemon=True).start()
+
+
+def watch_ssh_session(end: str) -> None:
+    """In a process started over ssh: exit when its session ends.
+
+    ``end`` is ``"stdin"`` (exit at end of file on stdin: the launcher keeps it open
+    while its owner runs) or ``"stdout"`` (exit when stdout hangs up: sshd closes it
+    when the ssh client is gone). Copies of the descriptors are watched, so the kernel
+    may redirect its own stdin and stdout.
+    """
+    import select
+
+    if end not in ("stdin", "stdout"):
+        raise ValueError(f"{SSH_SESSION_ENV} must be 'stdin' or 'stdout', not {end!r}")
+    fd = os.dup(0 if end == "stdin" else 1)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN if end == "stdin" else 0)  # hang-ups are always reported
+
+    def watch() -> None:
+        while True:
+            for _, events in poller.poll():
+                if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    os._exit(0)
+                if events & select.POLLIN and not os.read(fd, 65536):
+                    os._exit(0)
+
+    threading.Thread(target=watch, name="ipp-lite-ssh-session-watch", daemon=True).start()
 
 
 @dataclass(frozen=True)
@@ -242,6 +277,8 @@ class LocalProcessLauncher(BaseLauncher):
 
     #: the start of the log file name of such a process
     log_prefix = "ipcluster"
+    #: what the child reads: nothing (DEVNULL), or a pipe this process writes (PIPE)
+    stdin: ClassVar[int] = subprocess.DEVNULL
 
     def __init__(self, args: list[str], log_file: str | Path, *, env: dict | None = None,
                  daemonize: bool = False, pid: int | None = None, create_time: float | None = None,
@@ -286,7 +323,7 @@ class LocalProcessLauncher(BaseLauncher):
         try:
             with open(starting, "wb") as log:
                 self.process = subprocess.Popen(
-                    self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    self.args, stdout=log, stderr=subprocess.STDOUT, stdin=self.stdin,
                     env=env, start_new_session=self.daemonize, close_fds=True,
                 )
         except OSError as e:  # no such program, not executable
