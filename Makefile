@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean chromium mpi
+.PHONY: demo test bench lint clean chromium mpi sshd
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/python -m ipyparallel_lite.demo
 
-test: mpi chromium $(BIN)/.installed
+test: mpi sshd chromium $(BIN)/.installed
 	$(BIN)/python -m ruff check ipyparallel_lite tests benchmarks hatch_build.py
 	$(BIN)/python -m pytest
 
@@ -38,6 +38,16 @@ mpi:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null; \
 	  else \
 	    echo "make test needs mpiexec for the MPI launcher's tests: sudo apt-get install openmpi-bin libopenmpi-dev" >&2; exit 1; \
+	  fi; }
+
+# the SSH launcher's tests start Debian's OpenSSH server (their own sshd, on a free port of
+# 127.0.0.1) and connect with its client
+sshd:
+	@{ [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null; \
+	  else \
+	    echo "make test needs sshd and ssh for the SSH launcher's tests: sudo apt-get install openssh-server openssh-client" >&2; exit 1; \
 	  fi; }
 
 bench: $(BIN)/.bench-installed
