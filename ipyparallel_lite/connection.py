@@ -195,7 +195,8 @@ def write_private_file(path: str | Path, text: str) -> Path:
 ALL_INTERFACES = ("*", "0.0.0.0")
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (an IP address, or ``localhost``) is this host's loopback."""
     try:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
@@ -214,7 +215,7 @@ def reachable_address() -> str:
         named = socket.gethostbyname(socket.gethostname())
     except OSError:
         named = ""
-    if named and not _is_loopback(named):
+    if named and not is_loopback(named):
         return named
     for addresses in psutil.net_if_addrs().values():
         for a in addresses:

@@ -273,3 +273,24 @@ def test_hosts_fill_in_order_and_none_is_an_error(tmp_path):
         SSHEngineSetLauncher().hosts_for(1)
     with pytest.raises(ValueError, match="at least one engine"):
         SSHEngineSetLauncher(engines={"a": 0})
+
+
+def test_loopback_controller_is_not_given_to_another_host(sshd, tmp_path, ipython_dir):
+    """A host that is not this one (an ssh alias here, though it leads to our sshd) would
+    connect to its own 127.0.0.1: its engines are not started, and the error says why."""
+    config = sshd.config(ipython_dir)
+    config.SSHLauncher.ssh_args = [*config.SSHLauncher.ssh_args, "-o", "HostName=127.0.0.1"]
+    config.SSHEngineSetLauncher.engines = {"node-elsewhere": 2}
+    cluster = ipp.Cluster(n=2, engines="ssh", profile_dir=tmp_path / "p", load_profile=False,
+                          config=config)
+    sessions_before = sshd.sessions()
+    t0 = time.monotonic()
+    with pytest.raises(ipp.ClusterError) as e:
+        cluster.start_and_connect_sync()
+    assert time.monotonic() - t0 < 30
+    message = str(e.value)
+    assert "the ssh launcher exited with code 3" in message
+    assert ("no engines started on node-elsewhere: the controller listens on 127.0.0.1, a "
+            "loopback address other hosts cannot reach") in message
+    assert "controller_ip='0.0.0.0'" in message
+    assert not _wait_gone(sshd.sessions() - sessions_before, timeout=10)

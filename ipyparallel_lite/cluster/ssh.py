@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import shlex
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -48,12 +49,25 @@ from ipyparallel_lite.cluster.launcher import (
     LauncherError,
     LocalProcessLauncher,
 )
-from ipyparallel_lite.connection import CONNECTION_INFO_ENV
+from ipyparallel_lite.connection import CONNECTION_INFO_ENV, is_loopback
 
 #: the line a remote process prints first: ssh connected, and this is its pid
 REMOTE_PID_MARK = "ipp-lite-remote-pid"
 #: a remote script's exit code when its stdin ended before the connection info came
 NO_CONNECTION_INFO = 3
+
+
+def is_this_host(host: str) -> bool:
+    """Whether ssh's ``[user@]host`` names this machine (so it reaches our loopback)."""
+    name = host.rpartition("@")[2]
+    try:
+        addresses = {a[4][0] for a in socket.getaddrinfo(name, None)}
+    except OSError:  # an ssh_config alias, say: not known to be this host
+        return False
+    import psutil
+
+    ours = {a.address for nic in psutil.net_if_addrs().values() for a in nic}
+    return any(is_loopback(a) or a in ours for a in addresses)
 
 
 class SSHProcess(LocalProcessLauncher):
@@ -184,6 +198,8 @@ class SSHEngineSetLauncher(SSHLauncher):
         self.context = context
         self.n = len(self.processes)
         self._feeder: threading.Thread | None = None
+        #: why connection info was not sent to some hosts (shown with the output)
+        self.refused = ""
 
     # ---- creating and starting -------------------------------------------------------
 
@@ -265,20 +281,37 @@ class SSHEngineSetLauncher(SSHLauncher):
         """Thread: give each session the controller's engine connection info, once it is there.
 
         Foreground, the stdin stays open (the engines exit at its end: when we are gone);
-        daemonized, it is closed. No connection file in time: the stdin is closed, and
-        the remote scripts exit with NO_CONNECTION_INFO.
+        daemonized, it is closed. No connection file in time, or a loopback controller
+        address for another host: the stdin is closed, and the remote script exits with
+        NO_CONNECTION_INFO.
         """
         assert self.context is not None
         path = self.context.connection_file("engine")
         deadline = time.monotonic() + self.start_timeout
-        line = None
-        while line is None and time.monotonic() < deadline and self.running:
+        info = None
+        while info is None and time.monotonic() < deadline and self.running:
             try:
-                line = json.dumps(json.loads(path.read_text()), separators=(",", ":"))
-            except (OSError, ValueError):  # not there yet, or half written
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):  # not there yet
                 time.sleep(0.02)
+        if info is None:
+            self.refused = (f"the controller's connection file {path} did not appear within "
+                            f"{self.start_timeout:g}s")
+            for proc in self.processes:
+                proc.close_stdin()
+            return
+        address = info["interface"].partition("://")[2]
+        line = json.dumps(info, separators=(",", ":"))
+        hosts = {p.host for p in self.processes}
+        unreachable = {h for h in hosts if not is_this_host(h)} if is_loopback(address) else set()
+        if unreachable:  # said before the remote scripts exit for it
+            self.refused = (
+                f"no engines started on {', '.join(sorted(unreachable))}: the controller "
+                f"listens on {address}, a loopback address other hosts cannot reach. Start "
+                "it on an address they reach: Cluster(controller_ip='0.0.0.0') or "
+                "controller_location= (ipcluster-lite start --ip 0.0.0.0 or --location ADDR)")
         for proc in self.processes:
-            if line is None:
+            if proc.host in unreachable:
                 proc.close_stdin()
             else:
                 proc.send(line, close=self.context.daemonize)
@@ -304,6 +337,8 @@ class SSHEngineSetLauncher(SSHLauncher):
     def output(self, lines: int = 20) -> str:
         said = [f"[{p.host}, log {p.log_file}]\n{p.output(lines)}" for p in self.processes
                 if p.output(lines)]
+        if self.refused:
+            said.append(f"{self.describe()}: {self.refused}")
         return "\n".join(said)
 
     def _remote_pids(self) -> dict[str, list[int]]:
