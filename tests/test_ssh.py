@@ -28,7 +28,7 @@ from traitlets.config import Config
 
 import ipyparallel_lite as ipp
 from ipyparallel_lite.cluster.launcher import LauncherError
-from ipyparallel_lite.cluster.ssh import SSHEngineSetLauncher
+from ipyparallel_lite.cluster.ssh import SSHControllerLauncher, SSHEngineSetLauncher
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,9 +108,10 @@ class Sshd:
         c.SSHLauncher.ssh_args = self.ssh_args(**ssh_args)
         c.SSHEngineSetLauncher.engines = {"127.0.0.1": 2}
         # a remote session starts with a clean environment: name the code under test
-        c.SSHEngineSetLauncher.engine_cmd = [
-            "env", f"PYTHONPATH={ROOT}", f"IPYTHONDIR={ipython_dir}", sys.executable, "-m",
-            "ipyparallel_lite.engine"]
+        env = ["env", f"PYTHONPATH={ROOT}", f"IPYTHONDIR={ipython_dir}", sys.executable, "-m"]
+        c.SSHEngineSetLauncher.engine_cmd = [*env, "ipyparallel_lite.engine"]
+        c.SSHControllerLauncher.controller_cmd = [*env, "ipyparallel_lite.controller"]
+        c.SSHControllerLauncher.hostname = "127.0.0.1"
         return c
 
     def sessions(self) -> set[int]:
@@ -158,6 +159,52 @@ def test_ssh_cluster_runs_engines_through_sshd(sshd, tmp_path, ipython_dir):
         for pid in pids | ssh_clients:
             assert key not in " ".join(psutil.Process(pid).cmdline())
     assert not _wait_gone(pids | ssh_clients, timeout=20)
+
+
+def test_controller_over_ssh_and_its_files_copied_back(sshd, tmp_path, ipython_dir):
+    """Controller and engines over ssh; the controller's host keeps its files in another
+    profile folder, so the client here works only with the copies the launcher made."""
+    config = sshd.config(ipython_dir)
+    remote_profile = tmp_path / "remote_profile"
+    config.SSHLauncher.remote_profile_dir = str(remote_profile)
+    cluster = ipp.Cluster(n=2, engines="ssh", controller="ssh", profile_dir=tmp_path / "p",
+                          load_profile=False, config=config, engine_timeout=120)
+    with cluster as rc:
+        controller = cluster.controller
+        assert isinstance(controller, SSHControllerLauncher)
+        remote_pid = controller.processes[0].remote_pid
+        assert remote_pid in sshd.sessions()
+        for kind in ("client", "engine"):
+            local = cluster.connection_file(kind)
+            assert local.stat().st_mode & 0o777 == 0o600
+            remote = remote_profile / "security" / local.name
+            assert json.loads(local.read_text()) == json.loads(remote.read_text())
+        assert not (tmp_path / "p" / "security" / f"ipcontroller-{cluster.cluster_id}-curve.json"
+                    ).exists()
+        pids = set(rc[:].apply_sync(os.getpid))
+        assert len(pids) == 2 and pids <= sshd.sessions()
+        assert rc[:].apply_sync(lambda x: x + 1, 1) == [2, 2]
+        sessions = sshd.sessions()
+    assert not _wait_gone(sessions, timeout=20)
+    assert not cluster.connection_file("client").exists()
+
+
+def test_loopback_controller_on_another_host_is_refused(sshd, tmp_path, ipython_dir):
+    config = sshd.config(ipython_dir)
+    config.SSHLauncher.ssh_args = [*config.SSHLauncher.ssh_args, "-o", "HostName=127.0.0.1"]
+    config.SSHControllerLauncher.hostname = "controller-elsewhere"
+    config.SSHLauncher.remote_profile_dir = str(tmp_path / "remote_profile")
+    cluster = ipp.Cluster(n=0, controller="ssh", profile_dir=tmp_path / "p", load_profile=False,
+                          config=config)
+    sessions_before = sshd.sessions()
+    with pytest.raises(ipp.ClusterError) as e:
+        cluster.start_cluster_sync()
+    message = str(e.value)
+    assert "the controller exited before it was ready" in message
+    assert ("the ssh controller launcher: the controller on controller-elsewhere listens on "
+            "127.0.0.1, a loopback address other hosts cannot reach") in message
+    assert not _wait_gone(sshd.sessions() - sessions_before, timeout=10)
+    assert not cluster.connection_file("client").exists()
 
 
 def test_interrupt_reaches_the_remote_engines(sshd, tmp_path, ipython_dir):

@@ -69,6 +69,7 @@ BUILTIN_LAUNCHERS: dict[str, dict[str, str]] = {
     },
     CONTROLLER_LAUNCHERS: {
         "local": "ipyparallel_lite.cluster.launcher:LocalControllerLauncher",
+        "ssh": "ipyparallel_lite.cluster.ssh:SSHControllerLauncher",
     },
 }
 

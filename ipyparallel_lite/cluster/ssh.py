@@ -49,12 +49,21 @@ from ipyparallel_lite.cluster.launcher import (
     LauncherError,
     LocalProcessLauncher,
 )
-from ipyparallel_lite.connection import CONNECTION_INFO_ENV, is_loopback
+from ipyparallel_lite.connection import (
+    CONNECTION_INFO_ENV,
+    connection_file_path,
+    is_loopback,
+    write_connection_file,
+)
 
 #: the line a remote process prints first: ssh connected, and this is its pid
 REMOTE_PID_MARK = "ipp-lite-remote-pid"
 #: a remote script's exit code when its stdin ended before the connection info came
 NO_CONNECTION_INFO = 3
+#: what a loopback controller address means for another host, and what to do
+LOOPBACK_ADVICE = ("a loopback address other hosts cannot reach. Start the controller on an "
+                   "address they reach: Cluster(controller_ip='0.0.0.0') or controller_location= "
+                   "(ipcluster-lite start --ip 0.0.0.0 or --location ADDR)")
 
 
 def is_this_host(host: str) -> bool:
@@ -123,7 +132,13 @@ class SSHProcess(LocalProcessLauncher):
 
 
 class SSHLauncher(BaseLauncher):
-    """What every SSH launcher shares: how to reach a host, and remote signals."""
+    """What every SSH launcher shares: how to reach a host, its ssh sessions (one per
+    remote process), their remote pids, signals and stop, and the cluster file's record."""
+
+    #: the start of its sessions' log file names
+    log_prefix = "ipcluster"
+    #: what one session starts, for error messages
+    starts = "a process"
 
     ssh_cmd = List(Unicode(), default_value=["ssh"], help="The ssh command.").tag(config=True)
     ssh_args = List(Unicode(), default_value=["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"],
@@ -138,7 +153,17 @@ class SSHLauncher(BaseLauncher):
                  "created there if absent).").tag(config=True)
     start_timeout = Float(
         30.0, help="Seconds an ssh session may take to start, and the controller to write "
-                   "its connection file.").tag(config=True)
+                   "its connection files.").tag(config=True)
+
+    def __init__(self, processes: list[SSHProcess] | None = None,
+                 context: LaunchContext | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.processes = processes or []
+        self.context = context
+        #: why it held something back or gave up (shown with its output)
+        self.problem = ""
+
+    # ---- commands ----------------------------------------------------------------------
 
     def target(self, host: str) -> str:
         """``user@host`` as ssh takes it."""
@@ -148,94 +173,37 @@ class SSHLauncher(BaseLauncher):
         """The local command that runs the shell command line ``remote`` on ``host``."""
         return [*self.ssh_cmd, *self.ssh_args, self.target(host), remote]
 
-    def remote_kill(self, pids_by_host: dict[str, list[int]], sig: int,
-                    timeout: float = 10.0) -> None:
-        """``kill -<sig>`` the remote pids, one ssh per host, all hosts at once."""
-        name = signal.Signals(sig).name.removeprefix("SIG")
-        running = [subprocess.Popen(
-            self.ssh_command(host, f"kill -{name} {' '.join(map(str, pids))} 2>/dev/null"),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for host, pids in pids_by_host.items() if pids]
-        deadline = time.monotonic() + timeout
-        for proc in running:
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:  # an unreachable host: its ssh client is killed
-                proc.kill()
-                proc.wait()
+    @property
+    def profile_dir(self) -> Path:
+        """The profile folder on the remote hosts."""
+        assert self.context is not None
+        return Path(self.remote_profile_dir or self.context.profile_dir)
 
+    def remote_args(self) -> list[str]:
+        """The cluster's arguments for the remote process, with the remote profile folder."""
+        assert self.context is not None
+        return [f"--profile-dir={self.profile_dir}" if a.startswith("--profile-dir=") else a
+                for a in self.context.args]
 
-class SSHEngineSetLauncher(SSHLauncher):
-    """n engines over ssh, placed on the hosts of ``engines``: one ssh session each."""
-
-    name = "ssh"
-    max_engines = None
-    log_prefix = "ipengine"
-
-    engines = Dict(
-        value_trait=Integer(), key_trait=Unicode(),
-        help="Hosts and how many engines each runs ({'node1': 2, 'alice@node2': 4}). "
-             "A cluster of n engines fills them in this order, each up to its count, and "
-             "goes round again if n is larger.").tag(config=True)
-    engine_cmd = List(Unicode(), help="Command that starts an engine on a remote host "
-                                      "(default: remote_python -m ipyparallel_lite.engine).").tag(
-        config=True)
-    engine_args = List(Unicode(), help="Arguments added to every engine's command line.").tag(
-        config=True)
-
-    @validate("engines")
-    def _positive_counts(self, proposal: Any) -> Any:
-        bad = {h: c for h, c in proposal["value"].items() if c < 1}
-        if bad:
-            raise ValueError(f"SSHEngineSetLauncher.engines: each host needs at least one "
-                             f"engine, not {bad}")
-        return proposal["value"]
-
-    def __init__(self, processes: list[SSHProcess] | None = None,
-                 context: LaunchContext | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.processes = processes or []
-        self.context = context
-        self.n = len(self.processes)
-        self._feeder: threading.Thread | None = None
-        #: why connection info was not sent to some hosts (shown with the output)
-        self.refused = ""
-
-    # ---- creating and starting -------------------------------------------------------
-
-    def hosts_for(self, n: int) -> list[str]:
-        """The host of each of ``n`` engines."""
-        if not self.engines:
-            raise LauncherError(
-                f"{self.describe()} has no hosts: set c.SSHEngineSetLauncher.engines, "
-                "e.g. {'node1': 2, 'alice@node2': 4}")
-        slots = [host for host, count in self.engines.items() for _ in range(count)]
-        return [slots[i % len(slots)] for i in range(n)]
-
-    def remote_command(self, args: list[str]) -> str:
-        """The shell command line each ssh session runs (a POSIX sh script)."""
-        if self.remote_profile_dir:
-            args = [f"--profile-dir={self.remote_profile_dir}" if a.startswith("--profile-dir=")
-                    else a for a in args]
-        engine = [*(self.engine_cmd or [self.remote_python, "-m", "ipyparallel_lite.engine"]),
-                  *args, *self.engine_args]
-        watch = "stdout" if self.context is not None and self.context.daemonize else "stdin"
-        script = (f"echo {REMOTE_PID_MARK} $$ && IFS= read -r {CONNECTION_INFO_ENV} "
-                  f"|| exit {NO_CONNECTION_INFO}; export {CONNECTION_INFO_ENV} "
-                  f"{SSH_SESSION_ENV}={watch}; exec {shlex.join(engine)}")
+    def remote_script(self, command: list[str], before: str = "") -> str:
+        """The shell command line of a session: a POSIX sh script that prints its pid, runs
+        ``before``, and becomes ``command``, watching its session as ``context`` wants."""
+        assert self.context is not None
+        end = "stdout" if self.context.daemonize else "stdin"
+        script = (f"echo {REMOTE_PID_MARK} $$ && {before}"
+                  f"export {SSH_SESSION_ENV}={end}; exec {shlex.join(command)}")
         return f"sh -c {shlex.quote(script)}"
 
-    @classmethod
-    def create(cls, context: LaunchContext, n: int = 0, **kwargs: Any) -> SSHEngineSetLauncher:
-        launcher = cls(context=context, **kwargs)
-        remote = launcher.remote_command(list(context.args))
-        log_file = context.log_dir / log_file_name(cls.log_prefix, context.cluster_id, "{pid}")
-        launcher.processes = [
-            SSHProcess(launcher.ssh_command(host, remote), log_file, daemonize=context.daemonize,
-                       n=1, host=host, parent=launcher)
-            for host in launcher.hosts_for(n)]
-        launcher.n = n
-        return launcher
+    def open_sessions(self, hosts: list[str], remote: str) -> None:
+        """One (not yet started) ssh session per host, each running ``remote``."""
+        assert self.context is not None
+        log_file = self.context.log_dir / log_file_name(self.log_prefix, self.context.cluster_id,
+                                                        "{pid}")
+        self.processes = [SSHProcess(self.ssh_command(host, remote), log_file,
+                                     daemonize=self.context.daemonize, n=1, host=host,
+                                     parent=self) for host in hosts]
+
+    # ---- starting ----------------------------------------------------------------------
 
     def start(self) -> None:
         """Start every ssh session; return once each runs its remote script.
@@ -253,9 +221,10 @@ class SSHEngineSetLauncher(SSHLauncher):
             for proc in started:
                 proc.kill()
             raise
-        self._feeder = threading.Thread(target=self._send_connection_info,
-                                        name="ipp-lite-ssh-connection-info")
-        self._feeder.start()
+        self.started()
+
+    def started(self) -> None:
+        """What follows once every session runs its remote script."""
 
     def _wait_for_remote_pids(self) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -266,57 +235,28 @@ class SSHEngineSetLauncher(SSHLauncher):
                     waiting.remove(proc)
                 elif not proc.running:
                     raise LauncherError(
-                        f"{self.describe()} could not start an engine on {proc.host}: "
+                        f"{self.describe()} could not start {self.starts} on {proc.host}: "
                         f"`{shlex.join(proc.command)}` exited with code {proc.exit_code}. "
                         f"It said:\n{proc.output() or '(nothing)'}")
             if waiting and time.monotonic() > deadline:
                 proc = waiting[0]
                 raise LauncherError(
-                    f"{self.describe()} could not start an engine on {proc.host}: "
+                    f"{self.describe()} could not start {self.starts} on {proc.host}: "
                     f"`{shlex.join(proc.command)}` did not start its remote command within "
                     f"{self.start_timeout:g}s. It said:\n{proc.output() or '(nothing)'}")
             time.sleep(0.02)
 
-    def _send_connection_info(self) -> None:
-        """Thread: give each session the controller's engine connection info, once it is there.
-
-        Foreground, the stdin stays open (the engines exit at its end: when we are gone);
-        daemonized, it is closed. No connection file in time, or a loopback controller
-        address for another host: the stdin is closed, and the remote script exits with
-        NO_CONNECTION_INFO.
-        """
-        assert self.context is not None
-        path = self.context.connection_file("engine")
-        deadline = time.monotonic() + self.start_timeout
-        info = None
-        while info is None and time.monotonic() < deadline and self.running:
-            try:
-                info = json.loads(path.read_text())
-            except (OSError, ValueError):  # not there yet
-                time.sleep(0.02)
-        if info is None:
-            self.refused = (f"the controller's connection file {path} did not appear within "
-                            f"{self.start_timeout:g}s")
-            for proc in self.processes:
-                proc.close_stdin()
-            return
-        address = info["interface"].partition("://")[2]
-        line = json.dumps(info, separators=(",", ":"))
-        hosts = {p.host for p in self.processes}
-        unreachable = {h for h in hosts if not is_this_host(h)} if is_loopback(address) else set()
-        if unreachable:  # said before the remote scripts exit for it
-            self.refused = (
-                f"no engines started on {', '.join(sorted(unreachable))}: the controller "
-                f"listens on {address}, a loopback address other hosts cannot reach. Start "
-                "it on an address they reach: Cluster(controller_ip='0.0.0.0') or "
-                "controller_location= (ipcluster-lite start --ip 0.0.0.0 or --location ADDR)")
-        for proc in self.processes:
-            if proc.host in unreachable:
-                proc.close_stdin()
-            else:
-                proc.send(line, close=self.context.daemonize)
+    def in_thread(self, target: Any) -> None:
+        """Run ``target`` in a thread that the interpreter waits for at exit: a daemonizing
+        ``ipcluster-lite start`` must not exit before its sessions are served."""
+        threading.Thread(target=target, name=f"ipp-lite-{self.name}-{target.__name__}").start()
 
     # ---- watching and stopping --------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The local pid of its first ssh client."""
+        return self.processes[0].pid if self.processes else None
 
     @property
     def command(self) -> list[str]:
@@ -337,9 +277,24 @@ class SSHEngineSetLauncher(SSHLauncher):
     def output(self, lines: int = 20) -> str:
         said = [f"[{p.host}, log {p.log_file}]\n{p.output(lines)}" for p in self.processes
                 if p.output(lines)]
-        if self.refused:
-            said.append(f"{self.describe()}: {self.refused}")
+        if self.problem:
+            said.append(f"{self.describe()}: {self.problem}")
         return "\n".join(said)
+
+    def remote_kill(self, pids_by_host: dict[str, list[int]], sig: int) -> None:
+        """``kill -<sig>`` the remote pids, one ssh per host, all hosts at once."""
+        name = signal.Signals(sig).name.removeprefix("SIG")
+        running = [subprocess.Popen(
+            self.ssh_command(host, f"kill -{name} {' '.join(map(str, pids))} 2>/dev/null"),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for host, pids in pids_by_host.items() if pids]
+        deadline = time.monotonic() + self.stop_timeout
+        for proc in running:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:  # an unreachable host: its ssh client is killed
+                proc.kill()
+                proc.wait()
 
     def _remote_pids(self) -> dict[str, list[int]]:
         by_host: dict[str, list[int]] = {}
@@ -350,11 +305,11 @@ class SSHEngineSetLauncher(SSHLauncher):
         return by_host
 
     def signal(self, sig: int) -> None:
-        self.remote_kill(self._remote_pids(), sig, timeout=self.stop_timeout)
+        self.remote_kill(self._remote_pids(), sig)
 
     def kill(self) -> None:
-        """SIGKILL the remote engines, and the ssh clients (their end ends the engines too)."""
-        self.remote_kill(self._remote_pids(), signal.SIGKILL, timeout=self.stop_timeout)
+        """SIGKILL the remote processes, and the ssh clients (whose end ends them too)."""
+        self.remote_kill(self._remote_pids(), signal.SIGKILL)
         for proc in self.processes:
             proc.kill()
 
@@ -363,7 +318,7 @@ class SSHEngineSetLauncher(SSHLauncher):
                 "user": self.user, "processes": [p.to_dict() for p in self.processes]}
 
     @classmethod
-    def from_dict(cls, d: dict, **kwargs: Any) -> SSHEngineSetLauncher:
+    def from_dict(cls, d: dict, **kwargs: Any) -> SSHLauncher:
         launcher = cls(**kwargs)
         # the ssh options it was started with, not this process's configuration
         launcher.ssh_cmd = d.get("ssh_cmd", launcher.ssh_cmd)
@@ -371,6 +326,187 @@ class SSHEngineSetLauncher(SSHLauncher):
         launcher.user = d.get("user", "")
         launcher.processes = [SSHProcess.from_dict(p, parent=launcher)
                               for p in d.get("processes", [])]
-        launcher.n = d.get("n", len(launcher.processes))
+        launcher.n = d.get("n", 0)
         return launcher
 
+
+class SSHEngineSetLauncher(SSHLauncher):
+    """n engines over ssh, placed on the hosts of ``engines``: one ssh session each."""
+
+    name = "ssh"
+    max_engines = None
+    log_prefix = "ipengine"
+    starts = "an engine"
+
+    engines = Dict(
+        value_trait=Integer(), key_trait=Unicode(),
+        help="Hosts and how many engines each runs ({'node1': 2, 'alice@node2': 4}). "
+             "A cluster of n engines fills them in this order, each up to its count, and "
+             "goes round again if n is larger.").tag(config=True)
+    engine_cmd = List(Unicode(), help="Command that starts an engine on a remote host "
+                                      "(default: remote_python -m ipyparallel_lite.engine).").tag(
+        config=True)
+    engine_args = List(Unicode(), help="Arguments added to every engine's command line.").tag(
+        config=True)
+
+    @validate("engines")
+    def _positive_counts(self, proposal: Any) -> Any:
+        bad = {h: c for h, c in proposal["value"].items() if c < 1}
+        if bad:
+            raise ValueError(f"SSHEngineSetLauncher.engines: each host needs at least one "
+                             f"engine, not {bad}")
+        return proposal["value"]
+
+    def hosts_for(self, n: int) -> list[str]:
+        """The host of each of ``n`` engines."""
+        if not self.engines:
+            raise LauncherError(
+                f"{self.describe()} has no hosts: set c.SSHEngineSetLauncher.engines, "
+                "e.g. {'node1': 2, 'alice@node2': 4}")
+        slots = [host for host, count in self.engines.items() for _ in range(count)]
+        return [slots[i % len(slots)] for i in range(n)]
+
+    @classmethod
+    def create(cls, context: LaunchContext, n: int = 0, **kwargs: Any) -> SSHEngineSetLauncher:
+        launcher = cls(context=context, **kwargs)
+        engine = [*(launcher.engine_cmd or [launcher.remote_python, "-m",
+                                            "ipyparallel_lite.engine"]),
+                  *launcher.remote_args(), *launcher.engine_args]
+        # the connection info comes as the session's first line, into the environment
+        read_info = (f"IFS= read -r {CONNECTION_INFO_ENV} || exit {NO_CONNECTION_INFO}; "
+                     f"export {CONNECTION_INFO_ENV}; ")
+        launcher.open_sessions(launcher.hosts_for(n), launcher.remote_script(engine, read_info))
+        launcher.n = n
+        return launcher
+
+    def started(self) -> None:
+        self.in_thread(self._send_connection_info)
+
+    def _send_connection_info(self) -> None:
+        """Give each session the controller's engine connection info, once it is there.
+
+        Foreground, the stdin stays open (the engines exit at its end: when we are gone);
+        daemonized, it is closed. No connection file in time, or a loopback controller
+        address for another host: the stdin is closed, and the remote script exits with
+        NO_CONNECTION_INFO.
+        """
+        assert self.context is not None
+        path = self.context.connection_file("engine")
+        deadline = time.monotonic() + self.start_timeout
+        info = None
+        while info is None and time.monotonic() < deadline and self.running:
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):  # not there yet
+                time.sleep(0.02)
+        if info is None:
+            self.problem = (f"the controller's connection file {path} did not appear within "
+                            f"{self.start_timeout:g}s")
+            for proc in self.processes:
+                proc.close_stdin()
+            return
+        address = info["interface"].partition("://")[2]
+        line = json.dumps(info, separators=(",", ":"))
+        hosts = {p.host for p in self.processes}
+        unreachable = {h for h in hosts if not is_this_host(h)} if is_loopback(address) else set()
+        if unreachable:  # said before the remote scripts exit for it
+            self.problem = (f"no engines started on {', '.join(sorted(unreachable))}: the "
+                            f"controller listens on {address}, {LOOPBACK_ADVICE}")
+        for proc in self.processes:
+            if proc.host in unreachable:
+                proc.close_stdin()
+            else:
+                proc.send(line, close=self.context.daemonize)
+
+
+class SSHControllerLauncher(SSHLauncher):
+    """The controller on another host, over ssh; its connection files are copied back.
+
+    The client and engine connection files the controller writes on its host are read
+    there with one more ssh session and written here (mode 0600), so that clients here
+    and engines (also ones started by ``SSHEngineSetLauncher``) find them.
+    """
+
+    name = "ssh"
+    log_prefix = "ipcontroller"
+    starts = "the controller"
+
+    hostname = Unicode("", help="Host the controller runs on ('host' or 'user@host').").tag(
+        config=True)
+    controller_cmd = List(Unicode(), help="Command that starts the controller on its host "
+                                          "(default: remote_python -m "
+                                          "ipyparallel_lite.controller).").tag(config=True)
+    controller_args = List(Unicode(), help="Arguments added to the controller's command line.").tag(
+        config=True)
+
+    #: the files copied back: those for clients and engines, never its own keypair
+    copied = ("engine", "client")
+
+    def remote_file(self, kind: str) -> Path:
+        assert self.context is not None
+        return connection_file_path(kind, cluster_id=self.context.cluster_id,
+                                    profile_dir_path=self.profile_dir)
+
+    @classmethod
+    def create(cls, context: LaunchContext, n: int = 0, **kwargs: Any) -> SSHControllerLauncher:
+        launcher = cls(context=context, **kwargs)
+        if not launcher.hostname:
+            raise LauncherError(f"{launcher.describe()} has no host: set "
+                                "c.SSHControllerLauncher.hostname")
+        controller = [*(launcher.controller_cmd or [launcher.remote_python, "-m",
+                                                    "ipyparallel_lite.controller"]),
+                      *launcher.remote_args(), *launcher.controller_args]
+        # files of an earlier controller of this cluster id must not be copied back
+        stale = " ".join(shlex.quote(str(launcher.remote_file(k))) for k in launcher.copied)
+        launcher.open_sessions([launcher.hostname],
+                               launcher.remote_script(controller, f"rm -f {stale}; "))
+        return launcher
+
+    def started(self) -> None:
+        if self.context is not None and self.context.daemonize:
+            self.processes[0].close_stdin()
+        self.in_thread(self._copy_connection_files)
+
+    def describe(self) -> str:
+        return "the ssh controller launcher"
+
+    def _copy_connection_files(self) -> None:
+        """Wait on the controller's host for its files, and write them here.
+
+        One session waits there (a loop bounded by start_timeout and by the controller's
+        life) and prints both; if that fails, or the
+        controller's address is loopback on another host, the controller is stopped and
+        ``problem`` says why, which the cluster reports.
+        """
+        assert self.context is not None
+        files = [shlex.quote(str(self.remote_file(k))) for k in self.copied]
+        rounds = max(int(self.start_timeout / 0.05), 1)
+        pid = self.processes[0].find_remote_pid()
+        wait = (f"i=0; while [ ! -f {files[0]} ] || [ ! -f {files[1]} ]; do i=$((i+1)); "
+                f"[ $i -gt {rounds} ] && exit 4; kill -0 {pid} || exit 5; sleep 0.05; done; "
+                f"cat {files[0]}; echo; echo {REMOTE_PID_MARK}-next-file; cat {files[1]}")
+        command = self.ssh_command(self.hostname, f"sh -c {shlex.quote(wait)}")
+        try:
+            out = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=self.start_timeout + 30)
+            parts = out.stdout.split(f"{REMOTE_PID_MARK}-next-file")
+            infos = [json.loads(part) for part in parts] if out.returncode == 0 else []
+        except (subprocess.TimeoutExpired, ValueError) as e:
+            out, infos = None, []
+            self.problem = f"reading its connection files failed: {e}"
+        if len(infos) != len(self.copied):
+            said = out.stderr.strip() if out is not None else ""
+            self.problem = self.problem or (
+                f"its connection files {', '.join(files)} could not be read on "
+                f"{self.hostname}: `{shlex.join(command)}` exited with code "
+                f"{out.returncode if out else None}" + (f": {said}" if said else ""))
+        else:
+            address = infos[0]["interface"].partition("://")[2]
+            if is_loopback(address) and not is_this_host(self.hostname):
+                self.problem = (f"the controller on {self.hostname} listens on {address}, "
+                                f"{LOOPBACK_ADVICE}")
+        if self.problem:
+            self.stop()
+            return
+        for kind, info in zip(self.copied, infos, strict=True):  # the client's file last
+            write_connection_file(self.context.connection_file(kind), info)
