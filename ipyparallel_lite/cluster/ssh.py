@@ -1,12 +1,14 @@
-"""The SSH launcher: engines on other hosts, started over ``ssh`` (``Cluster(engines="ssh")``).
+"""The SSH launchers: engines (``Cluster(engines="ssh")``) and the controller
+(``Cluster(controller="ssh")``) on other hosts, started over ``ssh``.
 
 Configured under ipyparallel's names::
 
     c.SSHEngineSetLauncher.engines = {"node1": 2, "alice@node2": 4}   # host -> engines
+    c.SSHControllerLauncher.hostname = "head"
     c.SSHLauncher.ssh_cmd = ["ssh"]
     c.SSHLauncher.ssh_args = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
     c.SSHLauncher.user = "alice"              # for hosts named without "user@"
-    c.SSHLauncher.remote_python = "python3"   # or the whole c.SSHEngineSetLauncher.engine_cmd
+    c.SSHLauncher.remote_python = "python3"   # or the whole engine_cmd / controller_cmd
 
 Each engine is one ``ssh`` child process of this machine, running on its host a small
 POSIX ``sh`` script that prints its pid, reads one line from its stdin into
@@ -25,6 +27,10 @@ engine exits at its end of file, so the engines go when the owner goes, even kil
 daemonized, the launcher closes the stdin and the engine exits when the ``ssh`` client
 is gone. Signals (an interrupt, a stop) go to the remote pids with ``ssh host kill``, so
 an engine stops cleanly; killing also kills the local ``ssh`` clients.
+
+A controller over ssh runs the same way (without the connection info: it makes it); one
+more ssh session waits on its host for the client and engine connection files it writes
+and copies them here, so clients and engines here find them as if it ran locally.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ import socket
 import subprocess
 import threading
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import psutil
 from traitlets import Dict, Float, Integer, List, Unicode, validate
 
 from ipyparallel_lite.applog import log_file_name
@@ -73,8 +81,6 @@ def is_this_host(host: str) -> bool:
         addresses = {a[4][0] for a in socket.getaddrinfo(name, None)}
     except OSError:  # an ssh_config alias, say: not known to be this host
         return False
-    import psutil
-
     ours = {a.address for nic in psutil.net_if_addrs().values() for a in nic}
     return any(is_loopback(a) or a in ours for a in addresses)
 
@@ -94,12 +100,20 @@ class SSHProcess(LocalProcessLauncher):
         self.remote_pid = remote_pid
 
     def find_remote_pid(self) -> int | None:
-        """The remote pid once the remote script printed it (None before)."""
-        if self.remote_pid is None:
-            for line in self.output(lines=200).splitlines():
-                if line.startswith(REMOTE_PID_MARK):
-                    self.remote_pid = int(line.split()[1])
-                    break
+        """The remote pid once the remote script printed it (None before).
+
+        It is among the first lines of the session's log (after what the remote login
+        shell may print), whatever the process logs later.
+        """
+        if self.remote_pid is None and self.log_file is not None:
+            try:
+                with open(self.log_file, errors="replace") as log:
+                    for line in islice(log, 50):
+                        if line.startswith(REMOTE_PID_MARK):
+                            self.remote_pid = int(line.split()[1])
+                            break
+            except OSError:  # not renamed to its pid yet
+                pass
         return self.remote_pid
 
     def send(self, line: str, close: bool) -> None:
