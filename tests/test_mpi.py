@@ -111,7 +111,7 @@ def test_scaling_adds_and_removes_whole_mpiexec_sets(mpi_cluster):
     assert _ids_become(rc, 6) and len(cluster.engines) == 2
     with pytest.raises(ipp.ClusterError, match="runs 2 engines that stop together"):
         cluster.scale_sync(5)
-    assert cluster.engine_count == 6
+    assert cluster.engine_count == 6 and cluster.n == 6
     cluster.scale_sync(4)
     assert cluster.engine_count == 4 and _ids_become(rc, 4)
     assert rc[:].apply_sync(lambda: 1) == [1] * 4
