@@ -107,3 +107,89 @@ def test_missing_engine_command_is_one_clear_error(tmp_path):
         assert cluster.engines == {} and cluster.controller.running
     finally:
         cluster.stop_cluster_sync()
+
+
+class ProcessGroupLauncher(BaseLauncher):
+    """A launcher written against BaseLauncher alone: n engines as one set of n processes."""
+
+    name = "group"
+
+    def __init__(self, args: list[str], log_file: str, n: int = 0, pids: list[int] | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.args, self.n, self.log_file = args, n, Path(log_file)
+        self.pids = pids or []
+        self.procs: list[subprocess.Popen] = []
+
+    @classmethod
+    def create(cls, context, n=0, **kwargs):
+        log = context.log_dir / f"group-{context.cluster_id}.log"
+        return cls([sys.executable, "-m", "ipyparallel_lite.engine", *context.args], str(log), n,
+                   **kwargs)
+
+    def start(self):
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            self.procs = [subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+                          for _ in range(self.n)]
+        self.pids = [p.pid for p in self.procs]
+
+    def _alive(self) -> list[psutil.Process]:
+        for p in self.procs:
+            p.poll()  # reap ours
+        alive = []
+        for pid in self.pids:
+            try:
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE and "ipyparallel_lite.engine" in proc.cmdline():
+                    alive.append(proc)
+            except psutil.Error:
+                pass
+        return alive
+
+    def signal(self, sig):
+        for proc in self._alive():
+            proc.send_signal(sig)
+
+    @property
+    def running(self):
+        return bool(self._alive())
+
+    @property
+    def exit_code(self):
+        return None if self.running else 0
+
+    def output(self, lines=20):
+        text = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def to_dict(self):
+        return {**super().to_dict(), "args": self.args, "log_file": str(self.log_file),
+                "pids": self.pids}
+
+    @classmethod
+    def from_dict(cls, d, **kwargs):
+        return cls(d["args"], d["log_file"], d["n"], d["pids"], **kwargs)
+
+
+def test_a_launcher_written_against_the_interface_alone(tmp_path):
+    """Start, count, signal, record, find again and stop a third-party kind of launcher."""
+    cluster = ipp.Cluster(n=3, engines=ProcessGroupLauncher, profile_dir=tmp_path / "p",
+                          load_profile=False)
+    with cluster as rc:
+        [launchers] = cluster.engines.values()
+        [group] = launchers
+        assert group.n == 3 and cluster.engine_count == 3
+        assert sorted(rc[:].apply_sync(__import__("os").getpid)) == sorted(group.pids)
+        record = json.loads(cluster.cluster_file.read_text())
+        [[recorded]] = record["engines"].values()
+        assert recorded["launcher"] == "group" and recorded["class"].endswith(":ProcessGroupLauncher")
+        assert record["cluster"]["engine_launcher"].endswith(":ProcessGroupLauncher")
+        again = ipp.Cluster.from_file(cluster.cluster_file)
+        [[found]] = again.engines.values()
+        assert type(found).__name__ == "ProcessGroupLauncher" and found.running
+        pids = list(found.pids)
+        again.stop_engines_sync()
+        assert psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
+                                 timeout=10)[1] == []
+        assert cluster.engine_count == 0

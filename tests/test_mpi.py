@@ -40,6 +40,14 @@ def _wait_gone(pids: set[int], timeout: float = 20) -> set[int]:
     return alive
 
 
+def _ids_become(rc: ipp.Client, n: int, timeout: float = 30) -> bool:
+    """Whether ``rc`` sees ``n`` engines within ``timeout`` (its notifications may lag)."""
+    deadline = time.monotonic() + timeout
+    while len(rc.ids) != n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(rc.ids) == n
+
+
 @pytest.fixture(scope="module")
 def mpi_cluster(tmp_path_factory):
     cluster = ipp.Cluster(n=4, engines="mpi", profile_dir=tmp_path_factory.mktemp("mpi") / "p",
@@ -95,6 +103,18 @@ def test_interrupting_mpi_engines_keeps_the_job(mpi_cluster):
     with pytest.raises(ipp.error.CompositeError, match="KeyboardInterrupt"):
         ar.get(30)
     assert cluster.engine_count == 4 and rc[:].apply_sync(lambda: 1) == [1] * 4
+
+
+def test_scaling_adds_and_removes_whole_mpiexec_sets(mpi_cluster):
+    cluster, rc = mpi_cluster
+    cluster.scale_sync(6)  # one more mpiexec, of 2
+    assert _ids_become(rc, 6) and len(cluster.engines) == 2
+    with pytest.raises(ipp.ClusterError, match="runs 2 engines that stop together"):
+        cluster.scale_sync(5)
+    assert cluster.engine_count == 6 and cluster.n == 6
+    cluster.scale_sync(4)
+    assert cluster.engine_count == 4 and _ids_become(rc, 4)
+    assert rc[:].apply_sync(lambda: 1) == [1] * 4
 
 
 def test_missing_mpiexec_is_one_clear_error(tmp_path):

@@ -619,15 +619,15 @@ class Cluster(LoggingConfigurable):
                 f"cluster {self.cluster_id!r} is not running; start it before scaling it")
         from ipyparallel_lite.client.client import Client
 
+        extra = self.engine_count - n
+        leaving = self._newest_launchers(extra) if extra > 0 else []
         client = Client(await self._wait_for_connection_file())
         self.n = n
         try:
-            extra = self.engine_count - n
             if extra < 0:
                 await self.start_engines(-extra)
                 await asyncio.to_thread(self.wait_for_engines, client, n)
             elif extra > 0:
-                leaving = self._newest_launchers(extra)
                 await asyncio.gather(*(asyncio.to_thread(e.stop) for _, e in leaving))
                 with self._engines_lock:
                     for set_id, launcher in leaving:

@@ -430,8 +430,8 @@ def launcher_names(group: str) -> dict[str, str]:
 
 
 def _import_class(path: str) -> type:
-    """The object at ``"module:Class"`` (or ``"module.Class"``)."""
-    module, _, qualname = path.partition(":") if ":" in path else path.rpartition(".")
+    """The object at ``"module:Class"``."""
+    module, _, qualname = path.partition(":")
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
