@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -250,12 +251,14 @@ def test_engines_exit_with_their_owner(sshd, tmp_path, ipython_dir):
 
 
 def test_cli_daemonized_ssh_cluster_stops_from_the_cluster_file(sshd, tmp_path):
-    """``ipcluster-lite start --engines ssh --daemonize``, then ``stop`` from another process:
-    the cluster file's launcher finds the ssh sessions and their remote engines."""
+    """``ipcluster-lite start --engines ssh --daemonize``; ``engines -n 1`` puts one more on
+    the host with a free place; ``stop`` from another process: the cluster file's
+    launchers find the ssh sessions and their remote engines."""
     ipdir = tmp_path / "ipython"
     profile = ipdir / "profile_default"
     profile.mkdir(parents=True)
     config = sshd.config(str(ipdir))
+    config.SSHEngineSetLauncher.engines = {"127.0.0.1": 2, "localhost": 1}  # both: our sshd
     (profile / "ipcluster_config.py").write_text(
         f"c.SSHLauncher.ssh_args = {config.SSHLauncher.ssh_args!r}\n"
         f"c.SSHEngineSetLauncher.engines = {config.SSHEngineSetLauncher.engines!r}\n"
@@ -272,17 +275,22 @@ def test_cli_daemonized_ssh_cluster_stops_from_the_cluster_file(sshd, tmp_path):
     assert out.returncode == 0, out.stderr
     started: set[int] = set()
     try:
+        out = cli("engines", "-n", "1")
+        assert out.returncode == 0 and "3 engines now" in out.stdout, out.stderr
         [cluster_file] = (profile / "security").glob("cluster-*.json")
-        [[launcher]] = json.loads(cluster_file.read_text())["engines"].values()
-        assert launcher["launcher"] == "ssh" and len(launcher["processes"]) == 2
-        remote = {p["remote_pid"] for p in launcher["processes"]}
-        clients = {p["pid"] for p in launcher["processes"]}
+        sets = list(json.loads(cluster_file.read_text())["engines"].values())
+        assert [[launcher["launcher"] for launcher in v] for v in sets] == [["ssh"], ["ssh"]]
+        processes = [p for [launcher] in sets for p in launcher["processes"]]
+        assert [p["host"] for p in processes] == ["127.0.0.1", "127.0.0.1", "localhost"]
+        remote = {p["remote_pid"] for p in processes}
+        clients = {p["pid"] for p in processes}
         started = sshd.sessions() - before
-        assert remote <= started and all(psutil.pid_exists(p) for p in clients)
-        time.sleep(1.0)  # the daemonized engines outlive the command that started them
+        assert len(remote) == 3 and remote <= started
+        assert all(psutil.pid_exists(p) for p in clients)
+        time.sleep(1.0)  # the daemonized engines outlive the commands that started them
         assert all(psutil.pid_exists(p) for p in remote)
         out = cli("stop")
-        assert out.returncode == 0 and "2 engines and the controller" in out.stdout, out.stderr
+        assert out.returncode == 0 and "3 engines and the controller" in out.stdout, out.stderr
         assert not _wait_gone(remote | clients | started)
     finally:
         cli("stop")
@@ -313,7 +321,11 @@ def test_unreachable_host_or_refused_key_is_one_clear_error(sshd, tmp_path, ipyt
 
 def test_hosts_fill_in_order_and_none_is_an_error(tmp_path):
     launcher = SSHEngineSetLauncher(engines={"a": 2, "bob@b": 1})
+    assert launcher.hosts_for(2) == ["a", "a"]
     assert launcher.hosts_for(5) == ["a", "a", "bob@b", "a", "a"]
+    # engines already running on a host take its places first
+    assert launcher.hosts_for(1, Counter(a=2)) == ["bob@b"]
+    assert launcher.hosts_for(3, Counter(a=1)) == ["a", "bob@b", "a"]
     assert SSHEngineSetLauncher(user="al").target("a") == "al@a"
     with pytest.raises(LauncherError, match=r"ssh launcher has no hosts: set "
                                             r"c\.SSHEngineSetLauncher\.engines"):

@@ -42,6 +42,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -355,8 +356,9 @@ class SSHEngineSetLauncher(SSHLauncher):
     engines = Dict(
         value_trait=Integer(), key_trait=Unicode(),
         help="Hosts and how many engines each runs ({'node1': 2, 'alice@node2': 4}). "
-             "A cluster of n engines fills them in this order, each up to its count, and "
-             "goes round again if n is larger.").tag(config=True)
+             "Engines fill the free places in this order (each host up to its count, "
+             "counting the engines of the cluster's other SSH engine sets), then go round "
+             "again.").tag(config=True)
     engine_cmd = List(Unicode(), help="Command that starts an engine on a remote host "
                                       "(default: remote_python -m ipyparallel_lite.engine).").tag(
         config=True)
@@ -371,14 +373,28 @@ class SSHEngineSetLauncher(SSHLauncher):
                              f"engine, not {bad}")
         return proposal["value"]
 
-    def hosts_for(self, n: int) -> list[str]:
-        """The host of each of ``n`` engines."""
+    def hosts_for(self, n: int, busy: Counter[str] | None = None) -> list[str]:
+        """The host of each of ``n`` engines, given how many run on each host already.
+
+        Free places first, in the order of ``engines``; then round again over all.
+        """
         if not self.engines:
             raise LauncherError(
                 f"{self.describe()} has no hosts: set c.SSHEngineSetLauncher.engines, "
                 "e.g. {'node1': 2, 'alice@node2': 4}")
-        slots = [host for host, count in self.engines.items() for _ in range(count)]
-        return [slots[i % len(slots)] for i in range(n)]
+        busy = busy or Counter()
+        free = [h for h, count in self.engines.items() for _ in range(count - busy[h])]
+        slots = [h for h, count in self.engines.items() for _ in range(count)]
+        return [*free, *(slots[i % len(slots)] for i in range(max(n - len(free), 0)))][:n]
+
+    @staticmethod
+    def running_engines(cluster: Any) -> Counter[str]:
+        """How many engines a cluster's SSH engine sets run on each host."""
+        busy: Counter[str] = Counter()
+        for launcher in (e for sets in getattr(cluster, "engines", {}).values() for e in sets):
+            if isinstance(launcher, SSHEngineSetLauncher):
+                busy.update(p.host for p in launcher.processes if p.running)
+        return busy
 
     @classmethod
     def create(cls, context: LaunchContext, n: int = 0, **kwargs: Any) -> SSHEngineSetLauncher:
@@ -389,7 +405,8 @@ class SSHEngineSetLauncher(SSHLauncher):
         # the connection info comes as the session's first line, into the environment
         read_info = (f"IFS= read -r {CONNECTION_INFO_ENV} || exit {NO_CONNECTION_INFO}; "
                      f"export {CONNECTION_INFO_ENV}; ")
-        launcher.open_sessions(launcher.hosts_for(n), launcher.remote_script(engine, read_info))
+        hosts = launcher.hosts_for(n, cls.running_engines(kwargs.get("parent")))
+        launcher.open_sessions(hosts, launcher.remote_script(engine, read_info))
         launcher.n = n
         return launcher
 
