@@ -66,6 +66,8 @@ BUILTIN_LAUNCHERS: dict[str, dict[str, str]] = {
         "local": "ipyparallel_lite.cluster.launcher:LocalEngineLauncher",
         "mpi": "ipyparallel_lite.cluster.mpi:MPIEngineLauncher",
         "ssh": "ipyparallel_lite.cluster.ssh:SSHEngineSetLauncher",
+        "slurm": "ipyparallel_lite.cluster.batch:SlurmEngineSetLauncher",
+        "pbs": "ipyparallel_lite.cluster.batch:PBSEngineSetLauncher",
     },
     CONTROLLER_LAUNCHERS: {
         "local": "ipyparallel_lite.cluster.launcher:LocalControllerLauncher",
