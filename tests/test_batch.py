@@ -182,6 +182,19 @@ def test_slurm_cluster_runs_engines_in_a_job_and_stop_cancels_it(slurm, tmp_path
     assert not _wait_gone(pids)
 
 
+def test_interrupt_reaches_the_engines_of_a_slurm_job(slurm, tmp_path):
+    cluster = ipp.Cluster(n=2, engines="slurm", profile_dir=tmp_path / "p", load_profile=False,
+                          engine_timeout=120)
+    with cluster as rc:
+        ar = rc[:].apply_async(time.sleep, 60)
+        time.sleep(1.0)
+        cluster.signal_engines_sync(signal.SIGINT)  # scancel --signal=INT
+        with pytest.raises(ipp.error.CompositeError, match="KeyboardInterrupt"):
+            ar.get(30)
+        assert rc[:].apply_sync(lambda: 1) == [1, 1]
+    assert _no_job_left(slurm) == []
+
+
 def test_slurm_job_array_of_engines(slurm, tmp_path):
     config = Config()
     config.SlurmEngineSetLauncher.job_array = True

@@ -253,9 +253,8 @@ class BatchEngineSetLauncher(BaseLauncher):
         return None  # the queue commands do not say how a job's engines ended
 
     def signal(self, sig: int) -> None:
-        if self.running:
-            self._run(self.signal_command(signal.Signals(sig).name.removeprefix("SIG")),
-                      f"signal its {self.system} job")
+        self._while_running(self.signal_command(signal.Signals(sig).name.removeprefix("SIG")),
+                            f"signal its {self.system} job")
 
     def signal_command(self, name: str) -> list[str]:
         """The command that sends signal ``name`` (``INT``) to the job's engines."""
@@ -264,17 +263,25 @@ class BatchEngineSetLauncher(BaseLauncher):
     def begin_stop(self) -> None:
         """Cancel the job."""
         self.stop_requested = True
-        if self.running:
-            self._run([*self.delete_command, self.job_id], f"cancel its {self.system} job")
-            self._polled_at = -math.inf
+        self._while_running([*self.delete_command, self.job_id], f"cancel its {self.system} job")
 
     def kill(self) -> None:
         """SIGKILL to the job's engines, and cancel it (again)."""
-        if self.running:
-            try:
-                self.signal(signal.SIGKILL)
-            finally:
-                self.begin_stop()
+        self._while_running(self.signal_command("KILL"), f"kill its {self.system} job")
+        self.begin_stop()
+
+    def _while_running(self, command: list[str], what: str) -> None:
+        """Run ``command`` on the job if it is still there; its failure is an error only
+        while the job is: a job that ended meanwhile makes scancel / qdel fail."""
+        if not self.running:
+            return
+        try:
+            self._run(command, what)
+        except LauncherError:
+            self._polled_at = -math.inf
+            if self.running:
+                raise
+        self._polled_at = -math.inf
 
     def output(self, lines: int = 20) -> str:
         if self.log_file is None:
