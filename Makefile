@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean chromium mpi sshd
+.PHONY: demo test bench lint clean chromium mpi sshd slurm
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/python -m ipyparallel_lite.demo
 
-test: mpi sshd chromium $(BIN)/.installed
+test: mpi sshd slurm chromium $(BIN)/.installed
 	$(BIN)/python -m ruff check ipyparallel_lite tests benchmarks hatch_build.py
 	$(BIN)/python -m pytest
 
@@ -48,6 +48,16 @@ sshd:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null; \
 	  else \
 	    echo "make test needs sshd and ssh for the SSH launcher's tests: sudo apt-get install openssh-server openssh-client" >&2; exit 1; \
+	  fi; }
+
+# the Slurm launcher's tests start Debian's Slurm (munged, slurmctld, slurmd: a single-node
+# cluster of their own, as root) and submit with its sbatch
+slurm:
+	@{ command -v sbatch >/dev/null 2>&1 && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ]; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	  else \
+	    echo "make test needs Slurm and munge for the Slurm launcher's tests (run as root): sudo apt-get install slurm-wlm munge" >&2; exit 1; \
 	  fi; }
 
 bench: $(BIN)/.bench-installed

@@ -226,6 +226,23 @@ def test_rejected_slurm_job_is_one_clear_error_and_leaves_nothing(slurm, tmp_pat
     assert cluster.controller is not None and not cluster.controller.running
 
 
+def test_slurm_job_whose_engines_cannot_start_is_reported_with_its_output(slurm, tmp_path):
+    config = Config()
+    config.SlurmEngineSetLauncher.engine_cmd = [str(tmp_path / "no-such-python")]
+    cluster = ipp.Cluster(n=2, engines="slurm", profile_dir=tmp_path / "p", load_profile=False,
+                          engine_timeout=120, config=config)
+    try:
+        with pytest.raises(ipp.ClusterError) as e, cluster:
+            pass
+    finally:
+        cluster.stop_cluster_sync()
+    message = str(e.value)
+    assert "2 of 2 engines exited before registering" in message
+    assert "the slurm engine launcher exited with code 1" in message
+    assert "no-such-python" in message and "No such file or directory" in message
+    assert slurm.jobs() == []
+
+
 def test_cli_starts_8_slurm_engines_and_stop_cancels_the_job(slurm, tmp_path):
     """``ipcluster-lite start --engines slurm -n 8 --daemonize``; ``stop`` (another
     process, through the cluster file) cancels the job and every engine ends."""
@@ -326,6 +343,6 @@ def test_pbs_reads_the_job_state_from_qstat():
     table = ("Job id            Name             User              Time Use S Queue\n"
              "----------------  ---------------- ----------------  -------- - -----\n"
              "1234.head         ipengine-c1      alice             00:00:01 {} batch\n")
-    assert launcher.job_running(table.format("R")) and launcher.job_running(table.format("Q"))
-    assert not launcher.job_running(table.format("F"))
-    assert not launcher.job_running("")
+    assert launcher.job_states(table.format("R")) == ["R"]
+    assert launcher.job_states(table.format("Q")) == ["Q"]
+    assert launcher.job_states(table.replace("1234.head", "999.head").format("R")) == []

@@ -118,6 +118,8 @@ class BatchEngineSetLauncher(BaseLauncher):
         self.job_id = job_id
         self.batch_file: Path | None = None
         self._known_running = bool(job_id)
+        #: the job's states (one per array element) the queue command showed last
+        self.states: list[str] = []
         self._polled_at = -math.inf
         self._submit_output = ""
 
@@ -225,8 +227,12 @@ class BatchEngineSetLauncher(BaseLauncher):
         self._polled_at = -math.inf
         self.log.debug("submitted %s job %s: %s", self.system, self.job_id, self.batch_file)
 
-    def job_running(self, output: str) -> bool:
-        """Whether the queue command's output (it succeeded) shows the job still there."""
+    #: states of a job that ended well, and of one that ended otherwise
+    completed_states: ClassVar[frozenset[str]] = frozenset()
+    failed_states: ClassVar[frozenset[str]] = frozenset()
+
+    def job_states(self, output: str) -> list[str]:
+        """The job's states (one per array element) in the queue command's output."""
         raise NotImplementedError
 
     @property
@@ -244,13 +250,21 @@ class BatchEngineSetLauncher(BaseLauncher):
                              shlex.join(command), e, self.job_id)
             return True
         self._polled_at = time.monotonic()
-        # a job the system no longer knows is gone: the queue command fails for it
-        self._known_running = done.returncode == 0 and self.job_running(done.stdout)
+        # a job the system no longer knows has gone: the queue command fails for it
+        states = self.job_states(done.stdout) if done.returncode == 0 else []
+        self.states = states or self.states
+        ended = self.completed_states | self.failed_states
+        self._known_running = any(state not in ended for state in states)
         return self._known_running
 
     @property
     def exit_code(self) -> int | None:
-        return None  # the queue commands do not say how a job's engines ended
+        """0 for a job that completed, 1 for one that failed, was cancelled or timed out
+        (the queue commands do not say how its engines exited); None while it runs or
+        when its end was not seen."""
+        if self.running or not self.states:
+            return None
+        return 0 if all(state in self.completed_states for state in self.states) else 1
 
     def signal(self, sig: int) -> None:
         self._while_running(self.signal_command(signal.Signals(sig).name.removeprefix("SIG")),
@@ -343,11 +357,12 @@ class SlurmEngineSetLauncher(BatchEngineSetLauncher):
         return ("#!/bin/sh\n#SBATCH --job-name={job_name}\n#SBATCH --output={output_file}\n"
                 "{directives}\nexec srun --kill-on-bad-exit=0 {engine_command}\n")
 
-    def job_running(self, output: str) -> bool:
-        states = output.split()
-        return any(s not in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL",
-                             "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-                   for s in states)
+    completed_states = frozenset({"COMPLETED"})
+    failed_states = frozenset({"CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+                               "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
+
+    def job_states(self, output: str) -> list[str]:
+        return output.split()
 
     def signal_command(self, name: str) -> list[str]:
         return ["scancel", f"--signal={name}", self.job_id]
@@ -387,14 +402,14 @@ class PBSEngineSetLauncher(BatchEngineSetLauncher):
         return ("#!/bin/sh\n#PBS -N {job_name}\n#PBS -j oe\n#PBS -o {output_file}\n"
                 f"{{directives}}\ncd \"$PBS_O_WORKDIR\"\nexec {run}\n")
 
-    def job_running(self, output: str) -> bool:
-        # qstat's table: "Job id  Name  User  Time Use  S  Queue"; F/C: finished
+    # qstat's plain table does not tell a finished job's exit status: F/C count as ended
+    completed_states = frozenset({"F", "C"})
+
+    def job_states(self, output: str) -> list[str]:
+        # qstat's table: "Job id  Name  User  Time Use  S  Queue"
         job = self.job_id.split(".")[0]
-        for line in output.splitlines():
-            fields = line.split()
-            if len(fields) >= 5 and fields[0].split(".")[0] == job:
-                return fields[4] not in ("F", "C")
-        return False
+        return [fields[4] for fields in map(str.split, output.splitlines())
+                if len(fields) >= 6 and fields[0].split(".")[0] == job]
 
     def signal_command(self, name: str) -> list[str]:
         return ["qsig", "-s", name, self.job_id]
