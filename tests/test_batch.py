@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -240,6 +241,19 @@ def test_slurm_job_whose_engines_cannot_start_is_reported_with_its_output(slurm,
     assert "2 of 2 engines exited before registering" in message
     assert "the slurm engine launcher exited with code 1" in message
     assert "no-such-python" in message and "No such file or directory" in message
+    assert slurm.jobs() == []
+
+
+def test_slurm_job_that_stays_queued_times_out_and_is_cancelled(slurm, tmp_path):
+    config = Config()
+    config.SlurmEngineSetLauncher.options = ["--begin=now+1hour"]  # eligible in an hour
+    cluster = ipp.Cluster(n=2, engines="slurm", profile_dir=tmp_path / "p", load_profile=False,
+                          engine_timeout=5, config=config)
+    with pytest.raises(ipp.ClusterError) as e, cluster:
+        pass
+    message = str(e.value)
+    assert "only 0 of 2 engines registered within 5s" in message
+    assert re.search(r"Slurm job \d+: PENDING", message), message
     assert slurm.jobs() == []
 
 

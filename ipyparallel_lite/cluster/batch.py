@@ -121,7 +121,6 @@ class BatchEngineSetLauncher(BaseLauncher):
         #: the job's states (one per array element) the queue command showed last
         self.states: list[str] = []
         self._polled_at = -math.inf
-        self._submit_output = ""
 
     # ---- rendering -------------------------------------------------------------------
 
@@ -216,12 +215,12 @@ class BatchEngineSetLauncher(BaseLauncher):
         self.batch_file.parent.mkdir(parents=True, exist_ok=True)
         self.batch_file.write_text(script)
         done = self._run(self.command, f"submit its {self.system} job")
-        self._submit_output = (done.stdout + done.stderr).strip()
+        submitted = (done.stdout + done.stderr).strip()
         found = re.search(self.job_id_regexp, done.stdout)
         if not found:
             raise LauncherError(
                 f"{self.describe()} found no job id (job_id_regexp {self.job_id_regexp!r}) in "
-                f"what `{shlex.join(self.command)}` printed:\n{self._submit_output or '(nothing)'}")
+                f"what `{shlex.join(self.command)}` printed:\n{submitted or '(nothing)'}")
         self.job_id = found.group(0)
         self._known_running = True
         self._polled_at = -math.inf
@@ -237,6 +236,11 @@ class BatchEngineSetLauncher(BaseLauncher):
 
     @property
     def running(self) -> bool:
+        return self.refresh()
+
+    def refresh(self) -> bool:
+        """Whether the job is still there, and its ``states``: from the queue command,
+        at most once per ``poll_interval``."""
         if not self.job_id or not self._known_running:
             return False
         if time.monotonic() - self._polled_at < self.poll_interval:
@@ -306,7 +310,10 @@ class BatchEngineSetLauncher(BaseLauncher):
                 texts.append(path.read_text(errors="replace"))
             except OSError:
                 pass
-        text = "\n".join(texts) or self._submit_output
+        if not texts and self.job_id:  # the job has not run (yet): what the queue says
+            self.refresh()
+            texts = [f"{self.system} job {self.job_id}: {', '.join(self.states) or 'not in the queue'}"]
+        text = "\n".join(texts)
         return "\n".join(text.splitlines()[-lines:])
 
     def describe(self) -> str:
