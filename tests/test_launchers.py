@@ -89,9 +89,10 @@ def test_cluster_file_records_launchers_and_restores_them(tmp_path):
         assert isinstance(again.controller, BaseLauncher) and again.controller.running
         pids = [again.controller.pid] + [e.pid for v in again.engines.values() for e in v]
         assert again.engine_count == 1
-        again.stop_cluster_sync()
+        again.stop_cluster_sync()  # returns once they are gone (zombies of ours at most)
         assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                        for p in pids)
+        assert not cluster.cluster_file.exists()
     finally:
         cluster.stop_cluster_sync()
 

@@ -369,6 +369,11 @@ class LocalProcessLauncher(BaseLauncher):
         self.signal(signal.SIGKILL)
         if self.process is not None:
             self.process.wait(10)  # a SIGKILLed child ends at once; reap it
+            return
+        # another's child (read back from a file): it is gone once it is a zombie
+        deadline = time.monotonic() + 10
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def output(self, lines: int = 20) -> str:
         try:
