@@ -58,13 +58,6 @@ TEMPLATE_VARIABLES = ("n", "nodes", "engines_per_node", "queue", "account", "wal
                       "connection_file", "output_file")
 
 
-class _TemplateVariables(dict):
-    """The variables of a template; a name that is not one of them raises KeyError."""
-
-    def __missing__(self, key: str) -> Any:
-        raise KeyError(key)
-
-
 class BatchEngineSetLauncher(BaseLauncher):
     """N engines as one job (or one job array) of a batch system, from a script template."""
 
@@ -163,7 +156,7 @@ class BatchEngineSetLauncher(BaseLauncher):
         context = self.context
         assert context is not None, "only a launcher made by create() renders a job script"
         per_node = self.engines_per_node
-        return _TemplateVariables(
+        return dict(
             n=self.n, nodes=math.ceil(self.n / per_node) if per_node else 1,
             engines_per_node=per_node or self.n, queue=self.queue, account=self.account,
             walltime=self.walltime,
