@@ -10,6 +10,11 @@ inverse. Received arrays are writable: out-of-band frames are copied once into a
 ``pack_apply_message(f, args, kwargs)`` puts the function in its own frame so a map
 can pickle its function once and reuse the frame for every chunk.
 
+Functions are pickled once while unchanged: :class:`FunctionFrames` (the client side,
+one per process) reuses a function's frame while everything cloudpickle would read to
+pickle it is still the very same immutable object, and :class:`FunctionCache` (one
+per engine) keeps unpickled functions by the digest of their frame.
+
 Namespaces on the engine: :func:`interactive` functions (and every function pickled by
 value) run with the engine's user namespace as their globals (:func:`bind_to_namespace`),
 and a :class:`Reference` anywhere in an apply call's function, args or kwargs stands for

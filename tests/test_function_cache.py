@@ -332,11 +332,15 @@ def test_engine_keeps_256_functions_least_recently_used_out_first(rc):
     """``tally``'s default list lives on the engine: its count goes on while the engine
     keeps the unpickled function, and starts over once the function was evicted."""
     engine = rc[0]
+
+    def others(start: int, count: int) -> None:
+        for i in range(start, start + count):
+            assert engine.apply_sync(numbered(i)) == i
+
     first = engine.apply_sync(tally)
+    others(1000, 255)  # with tally, 256 entries: nothing is evicted
     assert engine.apply_sync(tally) == first + 1
-    for i in range(255):  # with tally, exactly 256 entries: nothing is evicted
-        assert engine.apply_sync(numbered(1000 + i)) == 1000 + i
+    others(2000, 200)  # tally was inserted 455 loads ago, but used 200 loads ago
     assert engine.apply_sync(tally) == first + 2
-    for i in range(256):  # now tally is the least recently used of 257
-        engine.apply_sync(numbered(2000 + i))
+    others(3000, 256)  # now tally is the least recently used of 257
     assert engine.apply_sync(tally) == 1
