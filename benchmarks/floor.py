@@ -95,21 +95,18 @@ def run_relay(key: bytes, engines: int, hwm: int) -> None:
     front_port = front.bind_to_random_port("tcp://127.0.0.1")
     back_port = back.bind_to_random_port("tcp://127.0.0.1")
     print(f"ports {front_port} {back_port}", flush=True)
-    in_flight: dict[bytes, int] = {}  # engine identity -> requests it holds
-    while len(in_flight) < engines:  # each engine says hello once connected
+    ready: list[bytes] = []  # engine identities; each engine says hello once connected
+    while len(ready) < engines:
         if not back.poll(1000):
             if _orphaned(parent):
                 return
             continue
-        frames = back.recv_multipart()
-        idents, msg = split(frames)
+        idents, msg = split(back.recv_multipart())
         verified_header(session, msg)
-        in_flight[idents[0]] = 0
+        ready.append(idents[0])
     print("ready", flush=True)
     waiting: deque[list[bytes]] = deque()
-    free = deque(in_flight)  # engines below hwm, each listed once per free slot
-    for _ in range(hwm - 1):
-        free.extend(in_flight)
+    free = deque(ready * hwm)  # one entry per request an engine may still take
     poller = zmq.Poller()
     poller.register(front, zmq.POLLIN)
     poller.register(back, zmq.POLLIN)
