@@ -14,11 +14,13 @@ engine DEALER, frames passed with the same lean pyzmq calls (:mod:`ipyparallel_l
 What it leaves out, on purpose: pickling, a scheduler's choice, the Hub's records, any
 bookkeeping (the relay routes a reply back by the client identity stacked in front of
 the request, as a ROUTER-ROUTER relay does). The relay keeps ``hwm`` = 1 request in
-flight per engine and queues the rest, like our controller with default flags.
+flight per engine and queues the rest, like our controller's load balancing with
+default flags, or (``hwm`` = 0) sends each request on at once, like direct requests.
 
 So the figures are what this machine allows a design that pays one signed message per
-task at every hop: ``rtt`` is one request at a time (``apply_sync``-like), ``rate`` is
-a stream of tiny requests all submitted at once, then waited for (``apply_async``-like).
+task at every hop: ``rtt`` is one request at a time (``apply_sync``-like); ``rate`` and
+``rate_unbounded`` are a stream of tiny requests all submitted at once, then waited for
+(``apply_async``-like), through a relay with ``hwm`` = 1 and 0.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def _orphaned(parent: int) -> bool:
 
 
 def run_relay(key: bytes, engines: int, hwm: int) -> None:
-    """The controller's stand-in: print both ports, wait for ``engines``, relay forever."""
+    """The controller's stand-in: print both ports, wait for ``engines``, relay forever,
+    with at most ``hwm`` requests in flight per engine (0: no limit)."""
     session, parent = make_session(key), os.getppid()
     ctx = zmq.Context()
     front, back = _socket(ctx, zmq.ROUTER), _socket(ctx, zmq.ROUTER)
@@ -107,6 +110,7 @@ def run_relay(key: bytes, engines: int, hwm: int) -> None:
     print("ready", flush=True)
     waiting: deque[list[bytes]] = deque()
     free = deque(ready * hwm)  # one entry per request an engine may still take
+    sent = 0
     poller = zmq.Poller()
     poller.register(front, zmq.POLLIN)
     poller.register(back, zmq.POLLIN)
@@ -118,7 +122,10 @@ def run_relay(key: bytes, engines: int, hwm: int) -> None:
         while readable(front):  # a request: [client, DELIM, ...]
             frames = front.recv_multipart()
             verified_header(session, split(frames)[1])
-            if free:
+            if not hwm:  # no limit: straight on, engines in turn
+                back.send_multipart([ready[sent % engines], *frames])
+                sent += 1
+            elif free:
                 back.send_multipart([free.popleft(), *frames])
             else:
                 waiting.append(frames)
@@ -128,7 +135,7 @@ def run_relay(key: bytes, engines: int, hwm: int) -> None:
             front.send_multipart(frames)
             if waiting:
                 back.send_multipart([engine, *waiting.popleft()])
-            else:
+            elif hwm:
                 free.append(engine)
 
 

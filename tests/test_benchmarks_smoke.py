@@ -110,11 +110,12 @@ def _number(cell: str) -> float:
 
 @pytest.mark.timeout(180)
 def test_floor_runs_with_any_row_read_against_it():
-    """``--only`` a latency and a throughput: the floor joins the run, and both rows get
-    their multiple of it (latency / bare round trip, rate / bare stream rate)."""
+    """``--only`` a latency and two throughputs: the floor joins the run, and each row
+    gets its multiple of it (latency / bare round trip, load-balanced rate / bare
+    ``hwm=1`` stream rate, direct rate / bare unbounded stream rate)."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--impl", "ipyparallel_lite",
-         "--only", "apply_latency,lb_throughput"],
+         "--only", "apply_latency,lb_throughput,direct_throughput"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=170,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -123,9 +124,11 @@ def test_floor_runs_with_any_row_read_against_it():
         return next(cells for label, cells in rows.items()
                     if label.startswith(prefix) and words in label)
 
-    rtt, rate = (_number(row("floor: ", words)[IMPL_COLUMN]) for words in ("round trip", "stream"))
-    assert rtt > 0 and rate > 0
-    for prefix, base in (("apply_latency: ", rtt), ("lb_throughput: ", rate)):
+    rtt, rate, unbounded = (_number(row("floor: ", words)[IMPL_COLUMN])
+                            for words in ("round trip", "hwm=1", "no hwm"))
+    assert rtt > 0 and rate > 0 and unbounded > 0
+    for prefix, base in (("apply_latency: ", rtt), ("lb_throughput: ", rate),
+                         ("direct_throughput: ", unbounded)):
         cells = row(prefix)
         multiple = _number(cells[-1].split(" / ")[1])
         assert multiple == pytest.approx(_number(cells[IMPL_COLUMN]) / base, rel=0.02), cells
