@@ -309,15 +309,15 @@ def _dependencies(f: types.FunctionType, out: list, seen: set[int]) -> bool:
 class FunctionFrames:
     """Pickled frames of functions, so that a function is pickled once while it is unchanged.
 
-    Everything is forgotten when a module is imported or the by-value registry changes.
     A function pickled by reference (importable module and name, or a builtin) is kept
-    with its frame. A function pickled by value (defined in a notebook, a script or a closure) is kept
-    together with the objects its pickle was made from (see :func:`_dependencies`); the
-    frame is reused while each of them is still the very same object, and the function
-    is pickled again as soon as one is not: a rebound global, new defaults, a closure
-    cell assigned, a global defined after the first send, a function it calls
-    redefined, an attribute set. Redefining the function itself makes a new function
-    object, which is looked up afresh.
+    with its frame. A function pickled by value (defined in a notebook, a script or a
+    closure) is kept together with the objects its pickle was made from (see
+    :func:`_dependencies`); the frame is reused while each of them is still the very
+    same object, and the function is pickled again as soon as one is not: a rebound
+    global, new defaults, a closure cell assigned, a global defined after the first
+    send, a function it calls redefined, an attribute set. Redefining the function
+    itself makes a new function object, which is looked up afresh. Everything is
+    forgotten when a module is imported or the by-value registry changes.
 
     Identity can only vouch for objects that cannot change in place, so a function
     that refers to anything else (a list, a dict, an array, an instance, a class of
