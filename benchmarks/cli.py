@@ -12,7 +12,7 @@ from pathlib import Path
 from benchmarks import IMPLEMENTATIONS, tasks
 from benchmarks.report import load_average, machine_lines, render
 from benchmarks.runner import Cell, run_implementation
-from benchmarks.workloads import FULL, QUICK, WORKLOADS, WORKLOADS_BY_NAME, Workload
+from benchmarks.workloads import FLOOR, FULL, QUICK, WORKLOADS, WORKLOADS_BY_NAME, Workload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE, OURS = IMPLEMENTATIONS
@@ -53,10 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def select_workloads(only: str | None) -> list[Workload]:
-    """Workloads named in ``--only`` (in run order), or all of them."""
+    """Workloads named in ``--only`` (in run order), or all of them; the floor joins
+    any selection with a row to be read against it."""
     if not only:
         return list(WORKLOADS)
     names = {n.strip() for n in only.split(",")}
+    if any(m.floor for w in WORKLOADS if w.name in names for m in w.metrics):
+        names.add(FLOOR)
     return [w for w in WORKLOADS if w.name in names]
 
 

@@ -13,7 +13,7 @@ import psutil
 
 from benchmarks import IMPLEMENTATIONS
 from benchmarks.runner import Cell, metric_id
-from benchmarks.workloads import Metric, Sizes, Workload
+from benchmarks.workloads import FLOOR, Metric, Sizes, Workload
 
 REFERENCE, OURS = IMPLEMENTATIONS
 PACKAGES = ("ipyparallel", "ipyparallel_lite", "pyzmq", "numpy", "cloudpickle", "psutil")
@@ -118,21 +118,44 @@ def target_cell(metric: Metric, factor: float | None, ours: Cell | None) -> str:
     return text
 
 
+def floor_multiple(mid: str, metric: Metric, cells: dict[str, Cell]) -> float | None:
+    """Metric ``mid``'s median as a multiple of the floor measured in the same
+    implementation's run: for a latency, how many bare round trips it takes; for a
+    throughput, what fraction of the bare stream's rate it reaches. None without a
+    floor or a value."""
+    if metric.floor is None:
+        return None
+    value, base = _median(cells.get(mid)), _median(cells.get(f"{FLOOR}.{metric.floor}"))
+    if value is None or base is None or base <= 0:
+        return None
+    return value / base
+
+
+def floor_cell(mid: str, metric: Metric, ref_cells: dict[str, Cell],
+               our_cells: dict[str, Cell]) -> str:
+    """``reference / lite`` multiples of the floor, or a dash for a metric without one."""
+    if metric.floor is None:
+        return "—"
+    multiples = (floor_multiple(mid, metric, cells) for cells in (ref_cells, our_cells))
+    return " / ".join("—" if m is None else f"{_num(m)}×" for m in multiples)
+
+
 def table_lines(
     workloads: list[Workload], sizes: Sizes, results: dict[str, dict[str, Cell]]
 ) -> list[str]:
     """The markdown table: one row per metric of every selected workload."""
     lines = [
         f"| metric | unit | {REFERENCE} (median [min–max]) | {OURS} (median [min–max]) "
-        "| ratio (>1: lite better) | target |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| ratio (>1: lite better) | target | × floor ({REFERENCE} / {OURS}) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     ref_cells, our_cells = results.get(REFERENCE, {}), results.get(OURS, {})
     for workload in workloads:
         for metric in workload.metrics:
             mid = metric_id(workload, metric.key)
             ref, ours = ref_cells.get(mid), our_cells.get(mid)
-            factor = ratio(metric, ref, ours)
+            # the floor does not depend on the implementation: its two columns show noise
+            factor = None if workload.name == FLOOR else ratio(metric, ref, ours)
             label = _escape(f"{workload.name}: {metric.label.format(**vars(sizes))}")
             cells = [
                 label,
@@ -141,6 +164,7 @@ def table_lines(
                 format_cell(ours),
                 f"{factor:.2f}×" if factor is not None else "—",
                 target_cell(metric, factor, ours),
+                floor_cell(mid, metric, ref_cells, our_cells),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -164,7 +188,9 @@ def render(
         *(f"- {note}" for note in notes),
         "- cells: median [min–max] over the repetitions; controller_rss runs once; "
         "MB = 10^6 bytes; RSS includes child processes. Ratio = lite/reference for "
-        "rates, reference/lite for times and sizes.",
+        "rates, reference/lite for times and sizes. × floor: the median over the floor's "
+        "median in the same implementation's run (round trip for latencies: how many bare "
+        "round trips; stream rate for throughputs: what fraction of the bare rate).",
         "",
     ]
     return "\n".join([*header, *table_lines(workloads, sizes, results)]) + "\n"

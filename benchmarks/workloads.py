@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from benchmarks.clusters import ClusterHandle, running_cluster
+from benchmarks.floor import floor_pipeline
 from benchmarks.procs import MB, controller_pid, launched_root, tree_rss_mb
 from benchmarks.tasks import get_pid, noop, noop1
 from benchmarks.timing import latency_ms, timed
@@ -72,6 +73,8 @@ class Metric:
     ``lite / reference`` when ``higher_is_better``, else ``reference / lite``.
     ``min_ratio`` is the target for that ratio; ``max_value`` is an absolute
     target for ipyparallel_lite's own value (used for "flat" memory growth).
+    ``floor`` names the metric of the :func:`floor` workload this one is also read
+    against: ``"rtt"`` for a latency, ``"rate"`` for a throughput.
     """
 
     key: str
@@ -80,6 +83,7 @@ class Metric:
     higher_is_better: bool
     min_ratio: float | None = None
     max_value: float | None = None
+    floor: str | None = None
 
     def target_text(self) -> str:
         """Human-readable target, or an em dash when there is none."""
@@ -145,6 +149,24 @@ def _run_lb_tasks(client: Any, count: int, batch: int) -> None:
 
 
 # --------------------------------------------------------------- workloads
+
+
+def floor(module: ModuleType, handle: ClusterHandle | None, sizes: Sizes) -> dict[str, float]:
+    """The bare per-message pipeline (:mod:`benchmarks.floor`): round trip and stream
+    rate with one engine and one request in flight (as load balancing with default
+    flags), and stream rate to two engines with no limit (as direct requests: with no
+    limit a second engine adds what a second core allows, which it does not with one).
+
+    It does not use ``module``: it runs beside each implementation's workloads, so each
+    is read against a floor measured in its own stretch of the run.
+    """
+    n = sizes.lb_tasks
+    with floor_pipeline() as client:
+        rtt = latency_ms(client.round_trip, sizes.latency_calls, sizes.latency_warmup)
+        rate = n / client.stream(n)
+    with floor_pipeline(engines=2, hwm=0) as client:  # as direct_throughput: 2 engines
+        rate_unbounded = n / client.stream(n)
+    return {"rtt": rtt, "rate": rate, "rate_unbounded": rate_unbounded}
 
 
 def cold_start(module: ModuleType, handle: ClusterHandle | None, sizes: Sizes) -> dict[str, float]:
@@ -368,7 +390,26 @@ _LATENCY = 10.0
 _THROUGHPUT = 20.0
 _BANDWIDTH = 3.0
 
+FLOOR = "floor"
+"""Name of the workload every latency and throughput row is also read against."""
+
 WORKLOADS: tuple[Workload, ...] = (
+    Workload(
+        FLOOR,
+        floor,
+        (
+            Metric("rtt", "bare signed round trip client→relay→engine, one at a time", "ms", False),
+            Metric("rate", "bare signed stream of {lb_tasks:,} requests, hwm=1", "tasks/s", True),
+            Metric(
+                "rate_unbounded",
+                "bare signed stream of {lb_tasks:,} requests to 2 engines, no hwm",
+                "tasks/s",
+                True,
+            ),
+        ),
+        engines=None,
+        timeout=300,
+    ),
     Workload(
         "import_time",
         import_time,
@@ -394,22 +435,32 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload(
         "apply_latency",
         apply_latency,
-        (Metric("ms", "rc[0].apply_sync(noop) latency", "ms", False, _LATENCY),),
+        (Metric("ms", "rc[0].apply_sync(noop) latency", "ms", False, _LATENCY, floor="rtt"),),
     ),
     Workload(
         "lb_latency",
         lb_latency,
-        (Metric("ms", "load_balanced_view().apply_sync(noop) latency", "ms", False, _LATENCY),),
+        (
+            Metric(
+                "ms", "load_balanced_view().apply_sync(noop) latency", "ms", False, _LATENCY,
+                floor="rtt",
+            ),
+        ),
     ),
     Workload(
         "execute_latency",
         execute_latency,
-        (Metric("ms", 'rc[:].execute("a=1", block=True) latency', "ms", False, _LATENCY),),
+        (
+            Metric(
+                "ms", 'rc[:].execute("a=1", block=True) latency', "ms", False, _LATENCY,
+                floor="rtt",
+            ),
+        ),
     ),
     Workload(
         "px_latency",
         px_latency,
-        (Metric("ms", "4 engines: %px a=1 (blocking) latency", "ms", False, 5.0),),
+        (Metric("ms", "4 engines: %px a=1 (blocking) latency", "ms", False, 5.0, floor="rtt"),),
         engines=4,
     ),
     Workload(
@@ -422,6 +473,7 @@ WORKLOADS: tuple[Workload, ...] = (
                 "tasks/s",
                 True,
                 _THROUGHPUT,
+                floor="rate",
             ),
         ),
     ),
@@ -435,6 +487,7 @@ WORKLOADS: tuple[Workload, ...] = (
                 "items/s",
                 True,
                 _THROUGHPUT,
+                floor="rate",
             ),
         ),
     ),
@@ -448,6 +501,7 @@ WORKLOADS: tuple[Workload, ...] = (
                 "tasks/s",
                 True,
                 _THROUGHPUT,
+                floor="rate_unbounded",
             ),
         ),
     ),
@@ -490,9 +544,15 @@ WORKLOADS: tuple[Workload, ...] = (
                 "ms",
                 False,
                 _LATENCY,
+                floor="rtt",
             ),
             Metric(
-                "direct", "{bcast_engines} engines: rc[:].apply_sync(noop)", "ms", False, _LATENCY
+                "direct",
+                "{bcast_engines} engines: rc[:].apply_sync(noop)",
+                "ms",
+                False,
+                _LATENCY,
+                floor="rtt",
             ),
         ),
         engines=FULL.bcast_engines,

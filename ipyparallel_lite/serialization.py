@@ -10,6 +10,11 @@ inverse. Received arrays are writable: out-of-band frames are copied once into a
 ``pack_apply_message(f, args, kwargs)`` puts the function in its own frame so a map
 can pickle its function once and reuse the frame for every chunk.
 
+Functions are pickled once while unchanged: :class:`FunctionFrames` (the client side,
+one per process) reuses a function's frame while everything cloudpickle would read to
+pickle it is still the very same immutable object, and :class:`FunctionCache` (one
+per engine) keeps unpickled functions by the digest of their frame.
+
 Namespaces on the engine: :func:`interactive` functions (and every function pickled by
 value) run with the engine's user namespace as their globals (:func:`bind_to_namespace`),
 and a :class:`Reference` anywhere in an apply call's function, args or kwargs stands for
@@ -22,10 +27,16 @@ Nothing here looks at signatures: callers only pass frames whose message signatu
 
 from __future__ import annotations
 
+import dis
+import functools
+import hashlib
 import io
+import operator
 import pickle
 import sys
+import threading
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -142,38 +153,254 @@ def deserialize_object(frames: Sequence[Frame]) -> Any:
     return pickle.loads(_as_buffer(frames[0]), buffers=writable)
 
 
-#: frames of functions pickled by reference (module and name): they never change, and
-#: looking up the importability of a function costs more than sending it
-_reference_frames: dict[Any, bytes] = {}
+def _pickles_by_reference(obj: Any) -> bool:
+    """Whether cloudpickle pickles ``obj`` (a function, class or module) by its name.
 
-
-def _pickles_by_reference(f: Any) -> bool:
-    if isinstance(f, types.BuiltinFunctionType):
-        owner = getattr(f, "__self__", None)
-        return owner is None or isinstance(owner, types.ModuleType)
-    if isinstance(f, types.FunctionType):
+    cloudpickle's own test (``_should_pickle_by_reference``: importable, and its module
+    not registered to be pickled by value); ``tests/test_serialization.py`` checks that
+    it still exists and answers as relied on here. Answers are remembered until a module
+    is imported or the by-value registry changes (:func:`_by_reference_stamp`).
+    """
+    try:
+        if obj in _known_by_reference:
+            return True
+        if obj in _known_by_value:
+            return False
+    except TypeError:  # unhashable (a class whose metaclass defines __eq__ only)
+        return _ask_pickles_by_reference(obj)
+    answer = _ask_pickles_by_reference(obj)
+    if answer:  # importable: the module keeps it alive anyway
+        if len(_known_by_reference) >= 4096:
+            _known_by_reference.clear()
+        _known_by_reference.add(obj)
+    else:  # held weakly: remembering must not keep a notebook's function alive
         try:
-            return bool(cloudpickle.cloudpickle._should_pickle_by_reference(f))
+            _known_by_value.add(obj)
+        except TypeError:  # not weakly referenceable: asked again next time
+            pass
+    return answer
+
+
+def _ask_pickles_by_reference(obj: Any) -> bool:
+    if isinstance(obj, types.BuiltinFunctionType):
+        owner = getattr(obj, "__self__", None)
+        return owner is None or isinstance(owner, types.ModuleType)
+    if isinstance(obj, types.FunctionType | type | types.ModuleType):
+        try:
+            return bool(cloudpickle.cloudpickle._should_pickle_by_reference(obj))
         except Exception:
             return False
     return False
 
 
-def serialize_function(f: Any) -> bytes:
-    """The frame of a function (or of a :class:`Reference` to one on the engine),
-    reusable across many apply messages."""
-    if not callable(f) and not isinstance(f, Reference):
-        raise TypeError(f"{f!r} is not callable")
-    if isinstance(f, types.FunctionType | types.BuiltinFunctionType):
-        frame = _reference_frames.get(f)
+_known_by_reference: set = set()
+_known_by_value: weakref.WeakSet = weakref.WeakSet()
+
+
+def _by_reference_stamp() -> tuple[int, set]:
+    """What :func:`_pickles_by_reference`'s answers depend on: the modules imported and
+    the modules registered to be pickled by value. When it changes, they are forgotten."""
+    return len(sys.modules), cloudpickle.list_registry_pickle_by_value()
+
+
+def _forget_reference_answers() -> None:
+    _known_by_reference.clear()
+    _known_by_value.clear()
+
+
+#: value types whose identity pins their pickle: they cannot change in place
+_IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes, type(...), range,
+                        types.CodeType})
+#: how deep, and how many items per tuple, :func:`_pinned` looks into before giving up
+_PIN_DEPTH, _PIN_ITEMS = 4, 64
+_MISSING = object()  # a referenced global that is not defined (yet)
+_EMPTY_CELL = object()  # a closure cell not yet assigned
+_END = object()  # ends the items of one of a function's dicts
+_SEEN = object()  # a function already being described (recursion)
+
+
+def _pinned(value: Any, depth: int = _PIN_DEPTH) -> bool:
+    """Whether ``value``'s identity alone pins what cloudpickle makes of it.
+
+    True for immutable atoms, tuples and frozensets (and ``list[int]``-style aliases)
+    of such values, and functions, classes and modules pickled by reference. False for
+    anything that may change in place (lists, dicts, arrays, instances, classes defined
+    in ``__main__``...) and for functions pickled by value, which
+    :func:`_dependencies` follows instead.
+    """
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return True
+    if kind is tuple or kind is frozenset:
+        return depth > 0 and len(value) <= _PIN_ITEMS and all(_pinned(v, depth - 1) for v in value)
+    if kind is types.GenericAlias or kind is types.UnionType:
+        return depth > 0 and _pinned(value.__origin__ if kind is types.GenericAlias else None,
+                                     depth - 1) and _pinned(value.__args__, depth - 1)
+    if kind is types.FunctionType or kind is types.BuiltinFunctionType or kind is types.ModuleType \
+            or isinstance(value, type):
+        return _pickles_by_reference(value)
+    return False
+
+
+@functools.lru_cache(maxsize=1024)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """Names a code object (nested functions included) reads, writes or deletes as
+    globals: the ones cloudpickle captures from the function's module."""
+    names = {ins.argval: None for ins in dis.get_instructions(code) if ins.opname in _GLOBAL_OPS}
+    for const in code.co_consts:
+        if type(const) is types.CodeType:
+            names.update(dict.fromkeys(_global_names(const)))
+    return tuple(names)
+
+
+_GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL"})
+
+
+def _dependencies(f: types.FunctionType, out: list, seen: set[int]) -> bool:
+    """Append to ``out`` everything cloudpickle reads to pickle ``f`` by value; False
+    (and ``out`` is to be dropped) when one of them is not :func:`_pinned`.
+
+    What is read: the code; name, qualname, module, doc; defaults and keyword defaults;
+    annotations; attributes in ``f.__dict__``; the contents of each closure cell; the
+    module attributes cloudpickle keeps (``__package__``, ``__name__``, ``__path__``,
+    ``__file__``); the value of every global name the code (or a function nested in it)
+    uses, or the fact that it is undefined. Functions pickled by value that ``f``
+    refers to are followed the same way. (Which submodules of a module it uses are
+    imported, which cloudpickle also records, and which objects pickle by reference,
+    change only when a module is imported: :class:`FunctionFrames` then starts afresh.)
+    """
+    if id(f) in seen:  # recursion: f is being described already
+        out.append(_SEEN)
+        return True
+    seen.add(id(f))
+    g = f.__globals__
+    out += (f.__code__, f.__name__, f.__qualname__, f.__module__, f.__doc__, f.__defaults__,
+            g.get("__package__"), g.get("__name__"), g.get("__path__"), g.get("__file__"))
+    if not (_pinned(f.__doc__) and _pinned(f.__defaults__) and _pinned(f.__module__)):
+        return False
+    values: list = []
+    for mapping in (f.__kwdefaults__, f.__annotations__, f.__dict__):
+        if mapping:
+            for key, value in mapping.items():
+                out.append(key)
+                values.append(value)
+        values.append(_END)
+    if f.__closure__ is not None:
+        for cell in f.__closure__:
+            try:
+                values.append(cell.cell_contents)
+            except ValueError:
+                values.append(_EMPTY_CELL)
+    for name in _global_names(f.__code__):
+        values.append(g.get(name, _MISSING))
+    for value in values:
+        if type(value) is types.FunctionType and not _pickles_by_reference(value):
+            # described by what it is made of, not held: entries hold functions weakly
+            if not _dependencies(value, out, seen):
+                return False
+            continue
+        out.append(value)
+        if value is not _MISSING and value is not _EMPTY_CELL and value is not _END \
+                and not _pinned(value):
+            return False
+    return True
+
+
+class FunctionFrames:
+    """Pickled frames of functions, so that a function is pickled once while it is unchanged.
+
+    A function pickled by reference (importable module and name, or a builtin) is kept
+    with its frame. A function pickled by value (defined in a notebook, a script or a
+    closure) is kept together with the objects its pickle was made from (see
+    :func:`_dependencies`); the frame is reused while each of them is still the very
+    same object, and the function is pickled again as soon as one is not: a rebound
+    global, new defaults, a closure cell assigned, a global defined after the first
+    send, a function it calls redefined, an attribute set. Redefining the function
+    itself makes a new function object, which is looked up afresh. Everything is
+    forgotten when a module is imported or the by-value registry changes.
+
+    Identity can only vouch for objects that cannot change in place, so a function
+    that refers to anything else (a list, a dict, an array, an instance, a class of
+    ``__main__``: see :func:`_pinned`) is pickled on every send, exactly as without
+    the cache. Checking costs a few microseconds; pickling a small function tens.
+
+    A function pickled by value is held weakly: the cache never keeps it (or its
+    globals) alive. What an entry holds, its frame and the immutable objects it was
+    made from, is bounded by ``size`` entries and ``max_bytes`` of frames, least
+    recently used out first (the entry of a function that is gone waits for that).
+    Thread-safe: views may be used from several threads.
+    """
+
+    def __init__(self, size: int = 256, max_bytes: int = 32 * 2**20):
+        self.size, self.max_bytes = size, max_bytes
+        self._by_reference: dict[Any, bytes] = {}
+        # id(f) -> (weak reference to f, dependencies, frame)
+        self._by_value: dict[int, tuple[weakref.ref, list, bytes]] = {}
+        self._bytes = 0
+        self._stamp = _by_reference_stamp()
+        self._lock = threading.Lock()
+
+    def frame(self, f: types.FunctionType | types.BuiltinFunctionType) -> bytes:
+        """``f`` pickled: from the cache when nothing it is pickled from has changed."""
+        stamp = _by_reference_stamp()
+        if stamp != self._stamp:  # a module was imported, or one registered by value
+            with self._lock:
+                self._stamp = stamp
+                self._by_reference.clear()
+                self._by_value.clear()
+                self._bytes = 0
+            _forget_reference_answers()
+        frame = self._by_reference.get(f)
         if frame is not None:
             return frame
+        key = id(f)
+        deps: list = []
+        pinned = type(f) is types.FunctionType and _dependencies(f, deps, set())
+        with self._lock:
+            entry = self._by_value.get(key)
+            if entry is not None:
+                if pinned and entry[0]() is f and len(deps) == len(entry[1]) \
+                        and all(map(operator.is_, deps, entry[1])):
+                    self._by_value[key] = self._by_value.pop(key)  # now the most recently used
+                    return entry[2]
+                self._forget(key)
         frame = _pickle(f)
-        if _pickles_by_reference(f):
-            if len(_reference_frames) >= 1024:
-                _reference_frames.clear()
-            _reference_frames[f] = frame
+        with self._lock:
+            if _pickles_by_reference(f):
+                if len(self._by_reference) >= 4 * self.size:
+                    self._by_reference.pop(next(iter(self._by_reference)))
+                self._by_reference[f] = frame
+            elif pinned and len(frame) <= self.max_bytes:
+                self._keep_by_value(f, deps, frame)
         return frame
+
+    def _keep_by_value(self, f: types.FunctionType, deps: list, frame: bytes) -> None:
+        self._forget(id(f))
+        while self._by_value and (len(self._by_value) >= self.size
+                                  or self._bytes + len(frame) > self.max_bytes):
+            self._forget(next(iter(self._by_value)))
+        self._by_value[id(f)] = (weakref.ref(f), deps, frame)
+        self._bytes += len(frame)
+
+    def _forget(self, key: int) -> None:
+        entry = self._by_value.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry[2])
+
+    def __len__(self) -> int:
+        return len(self._by_reference) + len(self._by_value)
+
+
+_function_frames = FunctionFrames()
+
+
+def serialize_function(f: Any) -> bytes:
+    """The frame of a function (or of a :class:`Reference` to one on the engine),
+    reusable across many apply messages; plain functions come from :class:`FunctionFrames`."""
+    if not callable(f) and not isinstance(f, Reference):
+        raise TypeError(f"{f!r} is not callable")
+    if type(f) is types.FunctionType or type(f) is types.BuiltinFunctionType:
+        return _function_frames.frame(f)
     return _pickle(f)
 
 
@@ -314,21 +541,32 @@ class MapTask:
 
 
 class FunctionCache:
-    """Unpickled functions keyed by their frame, so a map's function unpickles once."""
+    """The engine's unpickled functions, by the digest of their frame (BLAKE2b, 128 bits).
 
-    def __init__(self, size: int = 64):
-        self._size = size
+    A client sends a function's frame unchanged while the function is unchanged
+    (:class:`FunctionFrames`), so an engine unpickles each function once, and a map's
+    chunks share one. Each entry is the function already bound to the engine's
+    namespace. Bounded: the least recently used of ``size`` entries goes first.
+    Frames come from verified messages only, so the digest needs no secret.
+    """
+
+    def __init__(self, size: int = 256):
+        self.size = size
         self._cache: dict[bytes, Any] = {}
 
     def load(self, frame: Frame, namespace: dict) -> Any:
-        key = bytes(_as_buffer(frame))
-        f = self._cache.get(key)
+        buffer = _as_buffer(frame)
+        key = hashlib.blake2b(buffer, digest_size=16).digest()
+        f = self._cache.pop(key, None)
         if f is None:
-            f = bind_to_namespace(pickle.loads(key), namespace)
-            if len(self._cache) >= self._size:
+            f = bind_to_namespace(pickle.loads(buffer), namespace)
+            if len(self._cache) >= self.size:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = f
+        self._cache[key] = f  # (re)inserted last: the most recently used
         return f
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def clear(self) -> None:
         self._cache.clear()

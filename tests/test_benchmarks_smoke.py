@@ -101,3 +101,53 @@ def test_hub_output_benchmark_runs():
     for cells in measured:
         off, on = (float(cell.replace(",", "")) for cell in cells[1:3])
         assert off > 0 and on > 0
+
+
+def _number(cell: str) -> float:
+    """The leading number of a cell such as ``"2,400"`` or ``"2.85×"``."""
+    return float(cell.split()[0].rstrip("×").replace(",", ""))
+
+
+@pytest.mark.timeout(180)
+def test_floor_runs_with_any_row_read_against_it():
+    """``--only`` a latency and two throughputs: the floor joins the run, and each row
+    gets its multiple of it (latency / bare round trip, load-balanced rate / bare
+    ``hwm=1`` stream rate, direct rate / bare unbounded stream rate)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--impl", "ipyparallel_lite",
+         "--only", "apply_latency,lb_throughput,direct_throughput"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    def row(prefix: str, words: str = "") -> list[str]:
+        return next(cells for label, cells in rows.items()
+                    if label.startswith(prefix) and words in label)
+
+    rtt, rate, unbounded = (_number(row("floor: ", words)[IMPL_COLUMN])
+                            for words in ("round trip", "hwm=1", "no hwm"))
+    assert rtt > 0 and rate > 0 and unbounded > 0
+    for prefix, base in (("apply_latency: ", rtt), ("lb_throughput: ", rate),
+                         ("direct_throughput: ", unbounded)):
+        cells = row(prefix)
+        multiple = _number(cells[-1].split(" / ")[1])
+        assert multiple == pytest.approx(_number(cells[IMPL_COLUMN]) / base, rel=0.02), cells
+
+
+@pytest.mark.timeout(60)
+def test_floor_pipeline_round_trips_and_stops_its_processes():
+    import psutil
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.floor import floor_pipeline
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with floor_pipeline(engines=2) as client:
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        assert len(started) == 3  # the relay and two engines
+        client.round_trip()
+        assert client.stream(50) > 0
+        header = (client.send(), client.receive())[1]
+        assert header["msg_type"] == "apply_reply"
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

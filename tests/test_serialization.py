@@ -112,7 +112,7 @@ def test_function_cache_and_map_task():
     assert task([-1, -2]) == [1, 2]
     for f in (len, repr, str):
         cache.load(serialize_function(f), namespace)
-    assert len(cache._cache) == 2
+    assert len(cache) == 2
 
 
 def test_functions_pickled_by_value_keep_their_file_name():
