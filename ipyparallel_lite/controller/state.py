@@ -378,11 +378,9 @@ class ControllerState:
         return [SendToEngine(eid, msg_id, [engine.ident, TASK, pending.client, *pending.frames],
                              attempt=attempt)]
 
-    def engine_refused(self, engine_id: int, msg_id: str, gone: bool, queue_bytes: int) -> list:
-        """A request could not be sent: the engine is ``gone``, or ``queue_bytes`` of
-        requests already wait for it."""
-        if gone:
-            return self.engine_lost(engine_id, "unreachable")  # fails this request too
+    def engine_refused(self, engine_id: int, msg_id: str, queue_bytes: int) -> list:
+        """A request could not be sent: ``queue_bytes`` of requests already wait for its
+        engine. (An engine that is gone is :meth:`engine_lost`.)"""
         return self._fail(msg_id, "EngineError", f"Engine {engine_id} has not read the "
                           f"{queue_bytes >> 20} MB of requests already waiting for it; this one "
                           "was refused. Wait for its queue to shrink, or use other engines.",
