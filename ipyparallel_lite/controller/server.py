@@ -407,6 +407,10 @@ class Controller:
 
     def _tell_to_exit(self, action: TellToExit) -> None:
         """Send an engine ``removal_notification`` (it logs the reason and exits)."""
+        if action.delay:
+            self.loop.call_later(action.delay, self._tell_to_exit,
+                                 TellToExit(action.uuid, action.engine_id, action.reason, action.restart))
+            return
         msg = self.session.msg("removal_notification", {"id": action.engine_id,
                                                         "reason": action.reason})
         sent = self._send(self.engine_control,

@@ -131,13 +131,14 @@ class Interrupt:
 
 @dataclass(slots=True)
 class TellToExit:
-    """Send an engine ``removal_notification``; with ``restart``, tell
-    :meth:`ControllerState.told_to_restart` once it was sent."""
+    """Send an engine ``removal_notification`` in ``delay`` seconds; with ``restart``,
+    tell :meth:`ControllerState.told_to_restart` once it was sent."""
 
     uuid: str
     engine_id: int
     reason: str
     restart: bool = False
+    delay: float = 0.0
 
 
 # ---- the state machine -----------------------------------------------------------
@@ -460,12 +461,13 @@ class ControllerState:
             return []
         removed = self.hub.take_removed(uuid)
         if removed is not None:
-            # alive after all (it stalled past its heartbeats): it has no work and will get
-            # none, so it should not linger unnoticed
+            # alive after all (it stalled past its heartbeats): it will get no work, so it
+            # should not linger unnoticed; told one heartbeat period later, so that the
+            # replies it finished while stalled reach the Hub before it exits
             eid, reason = removed
             self.log.warning("engine %d answers again after it was removed (%s): told to exit",
                              eid, reason)
-            return [TellToExit(uuid, eid, reason)]
+            return [TellToExit(uuid, eid, reason, delay=self.hub.hb_period)]
         if self.restored and uuid not in self._told_to_restart:
             # registered with the controller that died: its id, and any task it ran, are
             # gone with it; a plain message in its log beats an engine nobody can reach
