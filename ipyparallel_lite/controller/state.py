@@ -15,7 +15,7 @@ ready, answering a heartbeat or lost (:meth:`register`, :meth:`engine_ready`,
 (:meth:`engine_refused`), time passing (:meth:`tick`), and Hub queries
 (:meth:`queue_status`, :meth:`results`, :meth:`db_records`, :meth:`purge`, ...).
 
-Per-client flow control: a client may have at most ``client_window`` requests waiting
+Per-client flow control: a client connection may have at most ``client_window`` requests waiting
 here (received, not yet answered). A request beyond that is answered at once with a
 ``TooManyPendingTasks`` error and never queued, so what one client can make the
 controller hold is bounded. The window is announced in ``connection_reply``.
@@ -182,7 +182,7 @@ class ControllerState:
         self.warn = ThrottledLog(self.log).warning
         #: THE table of work in flight: msg_id -> who waits for it, where it runs
         self.pending: dict[str, Pending] = {}
-        #: client identity -> how many of ``pending`` it waits for (none: absent)
+        #: client connection (ROUTER identity) -> how many of ``pending`` it waits for
         self.waiting: dict[bytes, int] = {}
         #: replies each engine has sent, by engine identity: ``completed`` of a ``queue_reply``
         self.completed: dict[bytes, int] = {}
