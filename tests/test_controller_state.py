@@ -369,6 +369,10 @@ def test_a_fan_out_needs_room_for_all_its_copies():
     assert fails(state.fan_out(ALICE, MUX, frames, header, md)) == {"b2_0": WINDOW_ENAME}
 
 
-def test_client_window_must_be_positive():
+def test_client_window_zero_is_no_limit_and_negative_is_refused():
+    state = core(0, client_window=0)
+    for i in range(5000):
+        assert task(state, f"t{i}") == []
+    assert state.waiting == {ALICE: 5000}
     with pytest.raises(ValueError, match="client_window"):
-        ControllerState(unpack=json.loads, client_window=0)
+        ControllerState(unpack=json.loads, client_window=-1)

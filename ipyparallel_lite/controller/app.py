@@ -85,10 +85,10 @@ class IPController(ParallelApp, BaseIPythonApplication):
                        "its replies wait in the Hub's records instead.",
     ).tag(config=True)
     client_window = Integer(
-        CLIENT_WINDOW, min=1, help="Requests one client may have waiting in the controller (received, "
-                            "not yet answered); one more is refused at once with a "
-                            "TooManyPendingTasks error. Announced to clients, which keep the "
-                            "rest in their own process.",
+        CLIENT_WINDOW, min=0, help="Requests one client may have waiting in the controller (received, "
+                                   "not yet answered); one more is refused at once with a "
+                                   "TooManyPendingTasks error. Announced to clients, which keep "
+                                   "the rest in their own process. 0: no limit.",
     ).tag(config=True)
     enable_curve = Bool(
         False, help="Encrypt every channel with CurveZMQ: the controller's public key goes into "

@@ -92,7 +92,7 @@ def _split(frames: list) -> tuple[list[bytes], list] | None:
 
 
 class Controller:
-    """One controller process: Hub, schedulers and relays over zmq.
+    """One controller process: the sockets and relays around a :class:`ControllerState`.
 
     ``ip`` is the interface every socket binds to (127.0.0.1 unless told otherwise).
     ``curve_keypair`` (public, secret), from ``zmq.curve_keypair()``, makes every socket

@@ -18,7 +18,7 @@ ready, answering a heartbeat or lost (:meth:`register`, :meth:`engine_ready`,
 Per-client flow control: a client connection may have at most ``client_window`` requests waiting
 here (received, not yet answered). A request beyond that is answered at once with a
 ``TooManyPendingTasks`` error and never queued, so what one client can make the
-controller hold is bounded. The window is announced in ``connection_reply``.
+controller hold is bounded. The window is announced in ``connection_reply`` (0: no limit).
 """
 
 from __future__ import annotations
@@ -166,8 +166,8 @@ class ControllerState:
         record_output: bool = True,
         log: logging.Logger | None = None,
     ):
-        if not isinstance(client_window, int) or client_window < 1:
-            raise ValueError(f"client_window must be an int >= 1, not {client_window!r}")
+        if not isinstance(client_window, int) or client_window < 0:
+            raise ValueError(f"client_window must be an int >= 0 (0: no limit), not {client_window!r}")
         self.hub = hub or Hub()
         self.scheduler = scheduler or TaskScheduler()
         self.unpack = unpack
@@ -193,7 +193,8 @@ class ControllerState:
 
     def _admit(self, client: bytes, count: int) -> bool:
         """Whether ``client`` may have ``count`` more requests waiting here."""
-        return self.waiting.get(client, 0) + count <= self.client_window
+        window = self.client_window
+        return not window or self.waiting.get(client, 0) + count <= window
 
     def _add(self, msg_id: str, pending: Pending) -> Pending:
         self.pending[msg_id] = pending
