@@ -158,7 +158,7 @@ class Controller:
             Interrupt: self._interrupt,
             TellToExit: self._tell_to_exit,
         }
-        #: msg_type -> handler(idents, header, content), per socket that has several types
+        #: msg_type -> handler(idents, msg, content), per socket that has several types
         self._registration_handlers: dict[str, Callable[[list, dict, dict], None]] = {
             "registration_request": self.handle_registration_request,
             "unregistration_request": self.handle_unregistration_request,
@@ -622,11 +622,11 @@ class Controller:
                         _error_content("ValueError", f"the controller does not handle "
                                        f"{header['msg_type']!r}"), parent=header)
             return
-        handler(idents, header, content)
+        handler(idents, msg, content)
 
-    def handle_abort_request(self, idents: list[bytes], header: dict, content: dict) -> None:
+    def handle_abort_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         self._carry_out(self.state.abort(content.get("msg_ids") or [], self.loop.time()))
-        self._reply(self.control, idents, "abort_reply", {"status": "ok"}, parent=header)
+        self._reply(self.control, idents, "abort_reply", {"status": "ok"}, parent=msg["header"])
 
     # ---- registration and queries ----------------------------------------------
 
@@ -647,13 +647,13 @@ class Controller:
             return
         content = msg["content"] if isinstance(msg["content"], dict) else {}
         try:
-            handler(idents, header, content)
+            handler(idents, msg, content)
         except Exception as e:
             self.log.exception("%s failed", msg_type)
             self._reply(self.registration, idents, reply_type(msg_type),
                         _error_content(type(e).__name__, str(e)), parent=header)
 
-    def handle_registration_request(self, idents: list[bytes], header: dict, content: dict) -> None:
+    def handle_registration_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         try:
             engine = self.state.register(content.get("uuid"), content.get("id"),
                                          content.get("info", {}), self.loop.time())
@@ -670,7 +670,7 @@ class Controller:
                 "hb_period": self.hub.hb_period,
                 "connection_info": self.connection_info("engine"),
             }
-        self._reply(self.registration, idents, "registration_reply", reply, parent=header)
+        self._reply(self.registration, idents, "registration_reply", reply, parent=msg["header"])
 
     def _note_local_process(self, eid: int, info: dict) -> None:
         """Remember the process of an engine that runs here (same host, pid running now)."""
@@ -681,41 +681,41 @@ class Controller:
         if started is not None:
             self._local_processes[eid] = (pid, started)
 
-    def handle_unregistration_request(self, idents: list[bytes], header: dict, content: dict) -> None:
+    def handle_unregistration_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         eid = content.get("id")
         if eid in self.hub.engines:
             self.remove_engine(eid, "unregistered")
         self._reply(self.registration, idents, "unregistration_reply", {"status": "ok"},
-                    parent=header)
+                    parent=msg["header"])
 
-    def handle_connection_request(self, idents: list[bytes], header: dict, content: dict) -> None:
+    def handle_connection_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         # controller_pid: a client reconnecting learns of a restart
         reply = {"status": "ok", **self.state.connection(), "controller_pid": os.getpid()}
-        self._reply(self.registration, idents, "connection_reply", reply, parent=header)
+        self._reply(self.registration, idents, "connection_reply", reply, parent=msg["header"])
 
-    def handle_queue_request(self, idents: list[bytes], header: dict, content: dict) -> None:
+    def handle_queue_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         reply = {"status": "ok", **self.state.queue_status(content.get("targets"),
                                                            bool(content.get("verbose")))}
         reply["backlog"] = self.outbox.backlog()
-        self._reply(self.registration, idents, "queue_reply", reply, parent=header)
+        self._reply(self.registration, idents, "queue_reply", reply, parent=msg["header"])
 
-    def handle_result_request(self, idents: list[bytes], header: dict, content: dict) -> None:
+    def handle_result_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         reply, buffers = self.state.results(content.get("msg_ids"), bool(content.get("status_only")))
-        self._reply(self.registration, idents, "result_reply", reply, parent=header, buffers=buffers)
+        self._reply(self.registration, idents, "result_reply", reply, parent=msg["header"], buffers=buffers)
 
-    def handle_db_request(self, idents: list[bytes], header: dict, content: dict) -> None:
+    def handle_db_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         reply, buffers = self.state.db_records(content.get("query"), content.get("keys"))
-        self._reply(self.registration, idents, "db_reply", reply, parent=header, buffers=buffers)
+        self._reply(self.registration, idents, "db_reply", reply, parent=msg["header"], buffers=buffers)
 
-    def handle_history_request(self, idents: list[bytes], header: dict, content: dict) -> None:
+    def handle_history_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         self._reply(self.registration, idents, "history_reply",
-                    {"status": "ok", "history": self.hub.store.get_history()}, parent=header)
+                    {"status": "ok", "history": self.hub.store.get_history()}, parent=msg["header"])
 
-    def handle_purge_request(self, idents: list[bytes], header: dict, content: dict) -> None:
+    def handle_purge_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         self.state.purge(content.get("msg_ids"), content.get("engine_ids"))
-        self._reply(self.registration, idents, "purge_reply", {"status": "ok"}, parent=header)
+        self._reply(self.registration, idents, "purge_reply", {"status": "ok"}, parent=msg["header"])
 
-    def handle_resubmit_request(self, idents: list[bytes], header: dict, content: dict) -> None:
+    def handle_resubmit_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         """Run completed tasks again as new load-balanced tasks: same function, arguments,
         dependencies, targets and flags; a direct request keeps its engine. Replies to
         ``{"resubmitted": {old_id: new_id}}``; the results are fetched from the Hub."""
@@ -730,10 +730,10 @@ class Controller:
             self.hub.resubmitted(record["msg_id"], new_header["msg_id"])
             resubmitted[record["msg_id"]] = new_header["msg_id"]
         self._reply(self.registration, idents, "resubmit_reply",
-                    {"status": "ok", "resubmitted": resubmitted}, parent=header)
+                    {"status": "ok", "resubmitted": resubmitted}, parent=msg["header"])
 
-    def handle_shutdown_request(self, idents: list[bytes], header: dict, content: dict) -> None:
-        self._reply(self.registration, idents, "shutdown_reply", {"status": "ok"}, parent=header)
+    def handle_shutdown_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
+        self._reply(self.registration, idents, "shutdown_reply", {"status": "ok"}, parent=msg["header"])
         self._notify("shutdown_notification", {"status": "ok"})
         self.log.info("shutdown requested by a client")
         self.loop.call_later(0.1, self.stop)
