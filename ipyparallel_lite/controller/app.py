@@ -49,6 +49,7 @@ from ipyparallel_lite.controller.hub import Hub
 from ipyparallel_lite.controller.scheduler import SCHEMES
 from ipyparallel_lite.controller.scheduler import TaskScheduler as SchedulerCore
 from ipyparallel_lite.controller.server import Controller, PortTaken
+from ipyparallel_lite.controller.state import CLIENT_WINDOW
 from ipyparallel_lite.controller.store import STORE_CLASSES, make_store
 
 
@@ -88,6 +89,12 @@ class IPController(ParallelApp, BaseIPythonApplication):
     peer_queue_bytes = Integer(
         64 << 20, help="Bytes that may wait for one client or engine that does not read, before "
                        "its replies wait in the Hub's records instead.",
+    ).tag(config=True)
+    client_window = Integer(
+        CLIENT_WINDOW, min=0, help="Requests one client may have waiting in the controller (received, "
+                                   "not yet answered); one more is refused at once with a "
+                                   "TooManyPendingTasks error. Announced to clients, which keep "
+                                   "the rest in their own process. 0: no limit.",
     ).tag(config=True)
     enable_curve = Bool(
         False, help="Encrypt every channel with CurveZMQ: the controller's public key goes into "
@@ -208,7 +215,8 @@ class IPController(ParallelApp, BaseIPythonApplication):
         controller = Controller(session, hub, scheduler, ip=self.ip, location=location, log=self.log,
                                 remember_finished=self.remember_finished, restored=self.restore,
                                 record_output=self.record_output,
-                                peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair)
+                                peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair,
+                                client_window=self.client_window)
         try:
             controller.bind(previous[1] if previous else None)
         except PortTaken as e:  # before touching the records a live controller may own

@@ -270,6 +270,18 @@ class Hub:
             },
         )
 
+    def late_result(
+        self, msg_id: str, header: dict, metadata: dict, content: Any, buffers: list
+    ) -> bool:
+        """Record a reply that came after the controller answered the task itself (its
+        engine was declared dead): it replaces the controller's error, never an
+        engine's result. Whether it was recorded."""
+        store = self.store
+        if msg_id not in store or not isinstance(store.get_value(msg_id, "result_content"), dict):
+            return False  # no record, or an engine's reply is there already (a rerun's)
+        self.finished(msg_id, header, metadata, content, buffers)
+        return True
+
     def output(self, msg_id: str, msg_type: str, content: Any, size: int = 0) -> bool:
         """Record an iopub message of task ``msg_id`` (its parent): stream text appends
         to ``stdout``/``stderr``, ``execute_input`` sets the code, ``execute_result``

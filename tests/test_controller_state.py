@@ -1,0 +1,378 @@
+"""Unit tests of the controller's pure core: events in, actions compared (no sockets, no clock)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ipyparallel_lite.controller.hub import Hub, RegistrationError
+from ipyparallel_lite.controller.scheduler import TaskScheduler
+from ipyparallel_lite.controller.state import (
+    BROADCAST,
+    MUX,
+    TASK,
+    WINDOW_ENAME,
+    ControllerState,
+    Fail,
+    Interrupt,
+    Notify,
+    ReplyToClient,
+    SendToEngine,
+    TellToExit,
+)
+from ipyparallel_lite.controller.store import RecordNotFound
+
+DELIM = b"<IDS|MSG>"
+ALICE, BOB = b"alice", b"bob"
+
+
+def core(engines: int = 2, hwm: int = 1, **kw) -> ControllerState:
+    """A core with ``engines`` ready engines, uuids e0, e1, ..."""
+    state = ControllerState(Hub(), TaskScheduler(hwm=hwm), unpack=json.loads, **kw)
+    for i in range(engines):
+        ready(state, f"e{i}")
+    return state
+
+
+def ready(state: ControllerState, uuid: str) -> list:
+    state.register(uuid, None, {"hostname": "h"}, now=0.0)
+    assert state.engine_ready(uuid, "shell", now=0.0) == []
+    return state.engine_ready(uuid, "control", now=0.0)
+
+
+def request(msg_id: str, msg_type: str = "apply_request", **metadata) -> tuple[list, dict, dict]:
+    """(frames from DELIM on, header, metadata) of a signed request as the server parsed it."""
+    header = {"msg_id": msg_id, "msg_type": msg_type, "session": "s1",
+              "date": "2026-12-01T00:00:00+00:00"}
+    frames = [DELIM, b"sig", json.dumps(header).encode(), b"{}", json.dumps(metadata).encode(),
+              b'{"code": "a = 1"}', b"function", b"args"]
+    return frames, header, metadata
+
+
+def task(state: ControllerState, msg_id: str, client: bytes = ALICE, now: float = 0.0, **md) -> list:
+    frames, header, metadata = request(msg_id, **md)
+    return state.task(client, frames, header, metadata, now)
+
+
+def direct(state: ControllerState, msg_id: str, engine: str, client: bytes = ALICE,
+           msg_type: str = "apply_request") -> list:
+    frames, header, metadata = request(msg_id, msg_type)
+    return state.direct(client, engine, frames, header, metadata)
+
+
+def reply(state: ControllerState, engine: str, tag: bytes, parent_id: str, client: bytes = ALICE,
+          status: str = "ok", now: float = 1.0, msg_type: str = "apply_reply", **md) -> list:
+    header = {"msg_id": f"reply-{parent_id}", "msg_type": msg_type}
+    metadata = {"status": status, "engine": engine, "started": "2026-12-01T00:00:01+00:00",
+                "completed": "2026-12-01T00:00:02+00:00", **md}
+    frames = [DELIM, b"sig", b"header", b"parent", b"metadata", b'{"status": "%s"}' % status.encode(),
+              b"result:" + parent_id.encode()]
+    return state.reply(engine, tag, client, parent_id, frames, header, metadata, msg_type, now)
+
+
+def sends(actions: list) -> list[tuple[str, int]]:
+    return [(a.msg_id, a.engine_id) for a in actions if isinstance(a, SendToEngine)]
+
+
+def fails(actions: list) -> dict[str, str]:
+    return {a.msg_id: a.ename for a in actions if isinstance(a, Fail)}
+
+
+def replies(actions: list) -> list[str]:
+    return [a.msg_id for a in actions if isinstance(a, ReplyToClient)]
+
+
+# ---- registration ----------------------------------------------------------------
+
+
+def test_engine_is_announced_once_both_channels_are_connected():
+    state = core(0)
+    engine = state.register("e0", None, {"hostname": "h"}, now=0.0)
+    assert engine.id == 0 and state.hub.ready_engines() == {}
+    assert state.engine_ready("e0", "shell", now=0.1) == []
+    assert state.engine_ready("e0", "control", now=0.2) == [
+        Notify("registration_notification", {"id": 0, "uuid": "e0", "info": {"hostname": "h"}})]
+    assert state.engine_ready("e0", "control", now=0.3) == []  # once
+    assert state.connection()["engines"] == {"0": "e0"}
+    with pytest.raises(RegistrationError, match="already registered"):
+        state.register("e0", None, {}, now=0.4)
+
+
+def test_a_task_submitted_before_any_engine_runs_on_the_first_one_ready():
+    state = core(0)
+    assert task(state, "t1") == []
+    actions = ready(state, "e0")
+    assert sends(actions) == [("t1", 0)]
+    assert isinstance(actions[-1], Notify)
+
+
+# ---- routing -----------------------------------------------------------------------
+
+
+def test_direct_request_goes_to_its_engine_with_the_frames_as_they_came():
+    state = core()
+    frames, header, md = request("d1")
+    (action,) = state.direct(ALICE, "e1", frames, header, md)
+    assert action == SendToEngine(1, "d1", [b"e1", MUX, ALICE, *frames])
+    assert state.pending["d1"].engine_id == 1
+    record = state.hub.store.get_record("d1")
+    assert (record["queue"], record["engine_uuid"], record["completed"]) == ("mux", "e1", None)
+    assert state.queue_status(None, verbose=True)["1"] == {"queue": ["d1"], "tasks": [], "completed": 0}
+
+
+def test_direct_request_to_an_unknown_engine_or_of_an_unanswered_type_fails_at_once():
+    state = core()
+    (fail,) = direct(state, "d1", "nobody")
+    assert (fail.msg_id, fail.ename, fail.client, fail.tag) == ("d1", "EngineError", ALICE, MUX)
+    assert "rc.ids" in fail.evalue
+    assert fails(direct(state, "d2", "e0", msg_type="shutdown_request")) == {"d2": "ValueError"}
+    assert state.pending == {} and state.waiting == {}
+
+
+def test_tasks_go_to_engines_with_room_and_queue_beyond_hwm():
+    state = core(2, hwm=1)
+    assert sends(task(state, "t1")) == [("t1", 0)]
+    assert sends(task(state, "t2")) == [("t2", 1)]
+    assert task(state, "t3") == []  # both engines full
+    assert state.queue_status(None, verbose=False)["unassigned"] == 1
+    actions = reply(state, "e0", TASK, "t1")
+    # the freed engine gets its next task before the client its result (it starts sooner)
+    assert sends(actions) == [("t3", 0)] and replies(actions) == ["t1"]
+    assert actions.index(next(a for a in actions if isinstance(a, SendToEngine))) == 0
+
+
+def test_task_of_a_type_engines_do_not_answer_is_rejected():
+    state = core()
+    assert fails(task(state, "t1", msg_type="kernel_info_request")) == {"t1": "ValueError"}
+    assert fails(task(state, "t2", retries=-1)) == {"t2": "ValueError"}
+
+
+def test_fan_out_sends_one_copy_per_distinct_engine_and_fails_unknown_ones():
+    state = core(2)
+    frames, header, md = request("b1", targets=[0, 1, 1, 7])
+    actions = state.fan_out(ALICE, BROADCAST, frames, header, md)
+    assert sends(actions) == [("b1_0", 0), ("b1_1", 1)]
+    copy = actions[0]
+    assert copy.header == {**header, "msg_id": "b1_0"}  # signed by the server
+    assert copy.frames == [b"e0", BROADCAST, ALICE, *frames]
+    assert fails(actions) == {"b1_7": "EngineError"}
+    assert sorted(state.pending) == ["b1_0", "b1_1"]
+    assert state.hub.store.get_record("b1_1")["queue"] == "broadcast"
+    assert replies(reply(state, "e1", BROADCAST, "b1_1")) == ["b1_1"]
+
+
+def test_fan_out_with_malformed_targets_is_dropped():
+    state = core(2)
+    for targets in (None, [], ["0"], [True]):
+        frames, header, md = request("b1", targets=targets)
+        assert state.fan_out(ALICE, MUX, frames, header, md) == []
+    assert state.pending == {}
+
+
+# ---- replies -----------------------------------------------------------------------
+
+
+def test_reply_goes_to_its_client_and_completes_the_record():
+    state = core()
+    direct(state, "d1", "e0")
+    actions = reply(state, "e0", MUX, "d1")
+    assert actions[0] == ReplyToClient(MUX, ALICE, "d1", [ALICE, DELIM, b"sig", b"header", b"parent",
+                                                          b"metadata", b'{"status": "ok"}', b"result:d1"])
+    assert state.pending == {} and state.waiting == {}
+    assert state.completed == {b"e0": 1}
+    content, buffers = state.results(["d1"], status_only=False)
+    assert content["completed"] == ["d1"] and buffers == [b"result:d1"]
+    assert content["d1"]["content"] == {"status": "ok"}
+    assert content["d1"]["outputs"] == {}
+
+
+def test_execute_reply_records_the_code_of_its_request():
+    state = core()
+    direct(state, "d1", "e0", msg_type="execute_request")
+    reply(state, "e0", MUX, "d1", msg_type="execute_reply")
+    assert state.hub.store.get_record("d1")["execute_input"] == "a = 1"
+
+
+def test_failed_task_with_retries_runs_again_with_a_new_attempt():
+    state = core(2)
+    task(state, "t1", retries=1)
+    actions = reply(state, "e0", TASK, "t1", status="error")
+    assert replies(actions) == []  # the client waits for the rerun
+    (rerun,) = [a for a in actions if isinstance(a, SendToEngine)]
+    assert (rerun.msg_id, rerun.engine_id, rerun.attempt) == ("t1", 1, 1)
+    assert replies(reply(state, "e1", TASK, "t1")) == ["t1"]
+
+
+# ---- engine loss -------------------------------------------------------------------
+
+
+def test_lost_engine_fails_its_direct_requests_and_reruns_tasks_with_retries():
+    state = core(2, hwm=2)
+    direct(state, "d1", "e0")
+    assert sends(task(state, "t1", retries=1)) == [("t1", 0)]
+    assert sends(task(state, "t2", targets=[0])) == [("t2", 0)]
+    actions = state.engine_lost(0, "its process exited", now=2.0)
+    assert fails(actions) == {"d1": "EngineError", "t2": "EngineError"}
+    assert "its process exited" in next(a.evalue for a in actions if a.msg_id == "d1")
+    assert [(a.msg_id, a.engine_id, a.attempt) for a in actions
+            if isinstance(a, SendToEngine)] == [("t1", 1, 1)]
+    assert actions[-1] == Notify("unregistration_notification",
+                                 {"id": 0, "uuid": "e0", "reason": "its process exited"})
+    assert sorted(state.pending) == ["t1"]
+    assert state.engine_lost(0, "again", now=3.0) == []
+
+
+def test_task_without_retries_on_a_lost_engine_fails_with_engine_error():
+    state = core(1)
+    task(state, "t1")
+    assert fails(state.engine_lost(0, "stopped answering heartbeats", now=1.0)) == {"t1": "EngineError"}
+
+
+def test_send_refused_by_a_full_engine_queue_fails_that_request():
+    state = core(1)
+    direct(state, "d1", "e0")
+    (fail,) = state.engine_refused(0, "d1", 64 << 20)
+    assert (fail.ename, fail.engine_id) == ("EngineError", 0) and "64 MB" in fail.evalue
+
+
+def test_late_reply_of_a_removed_engine_is_stored_not_delivered():
+    state = core(1)
+    direct(state, "d1", "e0")
+    assert fails(state.engine_lost(0, "stopped answering heartbeats", now=1.0)) == {"d1": "EngineError"}
+    # the server records the EngineError it answers with
+    state.hub.finished("d1", {"msg_id": "err"}, {"status": "error"}, {"ename": "EngineError"}, [])
+    assert reply(state, "e0", MUX, "d1") == []  # the client had its answer
+    record = state.hub.store.get_record("d1")
+    assert record["result_content"] == b'{"status": "ok"}'
+    assert record["result_buffers"] == [b"result:d1"]
+    assert record["result_metadata"]["status"] == "ok"
+    assert reply(state, "e0", MUX, "d1") == []  # a second copy changes nothing
+    assert state.hub.store.get_record("d1")["result_content"] == b'{"status": "ok"}'
+
+
+def test_late_reply_of_a_task_rerun_elsewhere_leaves_the_rerun_in_charge():
+    state = core(2)
+    task(state, "t1", retries=1)
+    assert sends(state.engine_lost(0, "stopped answering heartbeats", now=1.0)) == [("t1", 1)]
+    assert reply(state, "e0", TASK, "t1") == []
+    assert state.hub.store.get_record("t1")["completed"] is None
+    assert replies(reply(state, "e1", TASK, "t1")) == ["t1"]
+
+
+def test_pong_of_an_engine_removed_while_alive_tells_it_to_exit():
+    state = core(1)
+    assert state.pong("e0", now=1.0) == []
+    state.engine_lost(0, "stopped answering heartbeats", now=6.0)
+    # a heartbeat period later: what it finished while stalled comes first
+    assert state.pong("e0", now=7.0) == [TellToExit("e0", 0, "stopped answering heartbeats", delay=1.0)]
+    assert state.pong("e0", now=8.0) == []
+
+
+def test_silent_engines_are_named_dead():
+    state = core(2)
+    state.pong("e1", now=4.0)
+    assert state.dead_engines(now=5.5) == [0]
+
+
+# ---- abort, time, dependencies -------------------------------------------------------
+
+
+def test_abort_fails_queued_tasks_and_interrupts_running_ones():
+    state = core(1)
+    task(state, "t1")
+    task(state, "t2")
+    actions = state.abort(["t1", "t2", "unknown"], now=1.0)
+    assert fails(actions) == {"t2": "TaskAborted"}
+    assert [a for a in actions if isinstance(a, Interrupt)] == [Interrupt(b"e0", "t1", "TaskAborted")]
+    assert state.abort("t2", now=1.0) == []  # answered already
+
+
+def test_timeout_of_a_waiting_task_fails_it_at_its_deadline():
+    state = core(0)
+    task(state, "t1", now=10.0, timeout=2)
+    assert state.next_deadline() == 12.0
+    assert state.tick(11.0) == []
+    assert fails(state.tick(12.0)) == {"t1": "TaskTimeout"}
+    assert state.next_deadline() is None
+
+
+def test_a_task_after_a_direct_request_is_released_by_its_reply():
+    state = core(2)
+    direct(state, "d1", "e0")
+    assert task(state, "t1", after=["d1"]) == []
+    actions = reply(state, "e0", MUX, "d1")
+    assert replies(actions) == ["d1"] and sends(actions) == [("t1", 0)]
+
+
+def test_a_task_after_a_failed_direct_request_fails_as_impossible():
+    state = core(1)
+    direct(state, "d1", "e0")
+    assert task(state, "t1", after={"dependencies": ["d1"], "success": True, "failure": False}) == []
+    actions = state.engine_lost(0, "its process exited", now=1.0)
+    assert fails(actions) == {"d1": "EngineError", "t1": "ImpossibleDependency"}
+
+
+# ---- Hub queries ---------------------------------------------------------------------
+
+
+def test_hub_queries_on_pending_and_finished_work():
+    state = core(1)
+    direct(state, "d1", "e0")
+    direct(state, "d2", "e0")
+    reply(state, "e0", MUX, "d1")
+    content, _ = state.results(["d1", "d2"], status_only=True)
+    assert (content["completed"], content["pending"]) == (["d1"], ["d2"])
+    with pytest.raises(RecordNotFound, match="never submitted"):
+        state.results(["nope"], status_only=True)
+    with pytest.raises(ValueError, match="cannot purge pending"):
+        state.purge(["d1", "d2"], None)
+    records, buffers = state.db_records({"msg_id": "d1"}, ["msg_id", "result_content", "result_buffers"])
+    assert records["records"] == [{"msg_id": "d1", "result_content": {"status": "ok"}}]
+    assert records["result_buffer_lens"] == [1] and buffers == [b"result:d1"]
+    with pytest.raises(ValueError, match="cannot resubmit pending"):
+        state.to_resubmit(["d2"])
+    (record,) = state.to_resubmit(["d1"])
+    assert state.resubmit_metadata(record)["targets"] == [0]
+    state.purge(["d1"], None)
+    assert "d1" not in state.hub.store
+
+
+# ---- per-client window -----------------------------------------------------------------
+
+
+def test_a_request_beyond_the_clients_window_is_refused_at_once_and_others_go_on():
+    state = core(1, client_window=2)
+    assert state.connection()["window"] == 2
+    direct(state, "d1", "e0")
+    assert sends(task(state, "t1")) == [("t1", 0)]
+    (refused,) = task(state, "t2")
+    assert (refused.ename, refused.record, refused.client) == (WINDOW_ENAME, False, ALICE)
+    assert "2 requests waiting" in refused.evalue and "client_window" in refused.evalue
+    assert "t2" not in state.pending and "t2" not in state.hub.store  # never queued
+    assert fails(direct(state, "d2", "e0")) == {"d2": WINDOW_ENAME}
+    frames, header, md = request("b1", targets=[0])
+    assert fails(state.fan_out(ALICE, BROADCAST, frames, header, md)) == {"b1_0": WINDOW_ENAME}
+    assert task(state, "u1", client=BOB) == []  # another client has its own window
+    assert state.waiting == {ALICE: 2, BOB: 1}
+    reply(state, "e0", MUX, "d1")  # an answer frees a place
+    assert state.waiting == {ALICE: 1, BOB: 1}
+    assert fails(direct(state, "d3", "e0")) == {}
+
+
+def test_a_fan_out_needs_room_for_all_its_copies():
+    state = core(2, client_window=3)
+    direct(state, "d1", "e0")
+    frames, header, md = request("b1", targets=[0, 1, 1])
+    assert sends(state.fan_out(ALICE, MUX, frames, header, md)) == [("b1_0", 0), ("b1_1", 1)]
+    frames, header, md = request("b2", targets=[0])
+    assert fails(state.fan_out(ALICE, MUX, frames, header, md)) == {"b2_0": WINDOW_ENAME}
+
+
+def test_client_window_zero_is_no_limit_and_negative_is_refused():
+    state = core(0, client_window=0)
+    for i in range(5000):
+        assert task(state, f"t{i}") == []
+    assert state.waiting == {ALICE: 5000}
+    with pytest.raises(ValueError, match="client_window"):
+        ControllerState(unpack=json.loads, client_window=-1)
