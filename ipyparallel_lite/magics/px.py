@@ -203,7 +203,7 @@ def parse_targets(text: str, client: Any) -> Any:
 def check_targets(client: Any, targets: Any) -> list[int]:
     """The engine ids of ``targets``; a UsageError when some are not registered."""
     try:
-        return client._build_targets(targets)
+        return client.resolve_targets(targets)
     except (error.KernelError, TypeError, RuntimeError) as e:
         raise UsageError(str(e)) from None
 
