@@ -14,18 +14,36 @@ metadata, content, buffers): the batch adds no trust, and the receiver verifies 
 inner message as it would a lone one. A ROUTER puts the sender's identity in front of
 the marker; the receiver puts it in front of each inner message again.
 
-Senders batch only what is already waiting; a lone message goes as it is.
+Senders batch only what is already waiting; a lone message goes as it is. The
+controller and engines read batches from anyone; the controller sends batches only to
+clients that said they read them, by the zmq identity their sockets chose
+(:func:`reader_identity`): any other Jupyter-speaking peer keeps getting lone messages.
 """
 
 from __future__ import annotations
 
 import struct
+import uuid
 from typing import Any
 
 MARKER = b"<IPP-BATCH>"
 _MARKER_LEN = len(MARKER)
 #: most messages one batch may carry: senders stop there, receivers refuse more
 MAX_MESSAGES = 1024
+
+
+#: the start of the zmq identity of a client socket that reads batches
+READER_PREFIX = b"ipp-batch-reader:"
+
+
+def reader_identity() -> bytes:
+    """A new, unique zmq identity telling the controller this socket reads batches."""
+    return READER_PREFIX + uuid.uuid4().hex.encode()
+
+
+def reads_batches(identity: bytes) -> bool:
+    """Whether the peer with this zmq identity reads batches."""
+    return identity.startswith(READER_PREFIX)
 
 
 class BatchError(ValueError):

@@ -76,12 +76,14 @@ class Drainer:
     callbacks get a turn before the next batch). A send on the socket may consume the
     signal: after sending outside :meth:`drain`, call :meth:`kick`. ``handler`` must not
     raise; it may return how many messages a zmq message carried (a batch), which counts
-    against ``batch`` (None counts 1). A closed socket ends the drain.
+    against ``batch`` (None counts 1). A closed socket ends the drain. ``after()``, if
+    given, is called when a drain ends (after a handler's own drain, only the outer one).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
-                 handler: Callable[[list], Any], batch: int):
+                 handler: Callable[[list], Any], batch: int, after: Callable[[], None] | None = None):
         self.loop, self.sock, self.handler, self.batch = loop, sock, handler, batch
+        self.after = after
         self.draining = False  # inside drain(), which looks at the socket again anyway
         self._scheduled = False
         self._fd = sock.FD
@@ -109,6 +111,8 @@ class Drainer:
                 raise
         finally:
             self.draining = was_draining
+            if self.after is not None and not was_draining:
+                self.after()
         if count >= limit:
             self.kick()  # more may wait: come back after other callbacks had a turn
         return count

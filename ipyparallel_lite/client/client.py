@@ -368,6 +368,7 @@ class Client:
             msg_ids = _ids_of([jobs] if isinstance(jobs, AsyncResult | str) else jobs)
         if not msg_ids:
             return None
+        self.transport.abort_held(msg_ids)  # those the window holds here are never sent
         engines = self.resolve_targets(targets) if targets is not None else self.ids
         return self._control("abort_request", {"msg_ids": msg_ids}, engines, block, to_controller=True)
 

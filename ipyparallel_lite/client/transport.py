@@ -52,8 +52,8 @@ WINDOWED = frozenset(("mux", "task", "broadcast"))
 BATCH_MAX = 64
 
 # an outbox entry: (channel, frames, reply slots it takes in the window, the AsyncResult
-# to give a zmq tracker or None, sequence number)
-_CHANNEL, _FRAMES, _SLOTS, _TRACK, _SEQ = range(5)
+# to give a zmq tracker or None, sequence number, the msg_ids its replies will carry)
+_CHANNEL, _FRAMES, _SLOTS, _TRACK, _SEQ, _IDS = range(6)
 
 
 class Transport:
@@ -97,10 +97,13 @@ class Transport:
         #: requests held back by the window, in order
         self._held: collections.deque = collections.deque()
         self._held_slots = 0  # reply slots of the entries in _held (under _wake_lock)
+        self._aborted: set[str] = set()  # msg_ids to take out of _held (under _wake_lock)
         self._wake_lock = threading.Lock()
         self._wake_pending = False
         self._stalled_on: zmq.Socket | None = None
         self._queued = 0  # messages queued so far (under _wake_lock): the sequence numbers
+        #: zmq messages sent so far (a batch counts once)
+        self.sends = 0
         self._output_deadlines: collections.deque = collections.deque()
         self.first_reply = self._connect(info, timeout)
         #: most requests in flight at once (None: no limit), as the controller asks
@@ -113,6 +116,8 @@ class Transport:
     def _socket(self, kind: int, channel: str) -> zmq.Socket:
         sock = set_options(fastzmq.socket(self._context, kind), self._curve)
         sock.linger = 0
+        if kind == zmq.DEALER:  # the controller may send it batches of replies
+            sock.identity = batch.reader_identity()
         sock.connect(url(self.connection_info, channel))
         return sock
 
@@ -202,9 +207,10 @@ class Transport:
                 self._held_slots += slots * len(messages)
             else:
                 slots, queue = 0, self._outbox
-            for _, frames in messages:
+            fan_out = tuple(reply_ids) if reply_ids is not None and len(messages) == 1 else None
+            for msg_id, frames in messages:
                 seq += 1
-                queue.append((channel, frames, slots, tracked, seq))
+                queue.append((channel, frames, slots, tracked, seq, fan_out or (msg_id,)))
             self._queued = seq
             if result is not None:
                 result._send_seq = seq
@@ -243,6 +249,17 @@ class Transport:
                 pass
         return True
 
+    def abort_held(self, msg_ids: list[str]) -> None:
+        """Requests among ``msg_ids`` that the window still holds here are never sent:
+        they end with ``TaskAborted`` (the I/O thread takes them out on its next turn)."""
+        with self._wake_lock:
+            if not self._held:
+                return
+            self._aborted.update(msg_ids)
+            if not self._wake_pending:
+                self._wake_pending = True
+                self._wake_push.send(b"")
+
     def expect_output(self, ar: Any, msg_id: str) -> None:
         """``ar``'s request ``msg_id`` is replied and waits for announced iopub output:
         it counts as complete after :attr:`OUTPUT_GRACE` seconds even without it."""
@@ -257,21 +274,41 @@ class Transport:
         with self._wake_lock:  # requests held back by the window will not be sent either
             self._held.clear()
             self._held_slots = 0
-        self._fail_requests({**pending, **control}, reason)
+            self._aborted.clear()
+        self._fail_requests({**pending, **control}, "EngineError", reason)
 
     def fail_pending_ids(self, msg_ids: list[str], reason: str) -> None:
         """Answer the waiting requests ``msg_ids`` with an EngineError."""
-        self._fail_requests({m: ar for m in msg_ids if (ar := self.pending.pop(m, None))}, reason)
+        self._fail_requests({m: ar for m in msg_ids if (ar := self.pending.pop(m, None))},
+                            "EngineError", reason)
 
     @staticmethod
-    def _fail_requests(pending: dict[str, Any], reason: str) -> None:
+    def _fail_requests(pending: dict[str, Any], ename: str, reason: str) -> None:
         for msg_id, ar in pending.items():
             ar._receive(msg_id, {
                 "header": {}, "parent_header": {"msg_id": msg_id}, "buffers": [],
                 "metadata": {"status": "error", "engine_id": None},
-                "content": {"status": "error", "ename": "EngineError", "evalue": reason,
+                "content": {"status": "error", "ename": ename, "evalue": reason,
                             "traceback": [], "engine_info": {}},
             })
+
+    def _drop_aborted(self) -> None:
+        """Take the requests :meth:`abort_held` named out of the window's queue, and
+        answer them."""
+        with self._wake_lock:
+            aborted, self._aborted = self._aborted, set()
+            kept: collections.deque = collections.deque()
+            dropped = []
+            for entry in self._held:
+                if aborted.isdisjoint(entry[_IDS]):
+                    kept.append(entry)
+                else:
+                    dropped.extend(entry[_IDS])
+                    self._held_slots -= entry[_SLOTS]
+            self._held = kept
+        self._fail_requests({m: ar for m in dropped if (ar := self.pending.pop(m, None))},
+                            "TaskAborted", "Aborted before it was sent: it was waiting in this "
+                            "client for room in the controller's window")
 
     # ---- the I/O thread -----------------------------------------------------------
 
@@ -347,9 +384,10 @@ class Transport:
         from reading replies, and the controller may be waiting for us to read."""
         if self._outbox and not self._send_from(self._outbox, None):
             return
+        if self._aborted:
+            self._drop_aborted()
         if self._held:
-            in_flight = len(self.pending) - self._held_slots
-            budget = self.window - in_flight if in_flight > 0 else max(self.window, 1)
+            budget = self.window - (len(self.pending) - self._held_slots)
             if budget > 0 and not self._send_from(self._held, budget):
                 return
         if self._stalled_on is not None:
@@ -396,6 +434,7 @@ class Transport:
                     self._held_slots -= slots
             for _ in range(count):
                 queue.popleft()
+            self.sends += 1
         return True
 
     # ---- receiving --------------------------------------------------------------------

@@ -83,6 +83,11 @@ class IPController(ParallelApp, BaseIPythonApplication):
         64 << 20, help="Bytes that may wait for one client or engine that does not read, before "
                        "its replies wait in the Hub's records instead.",
     ).tag(config=True)
+    client_window = Integer(
+        4096, help="Requests one client may have in flight (sent and not answered); it holds "
+                   "the rest itself and sends them as replies come back, which bounds what the "
+                   "controller keeps for it. 0: no limit.",
+    ).tag(config=True)
     enable_curve = Bool(
         False, help="Encrypt every channel with CurveZMQ: the controller's public key goes into "
                     "the connection files; clients and engines pick it up from there.",
@@ -196,7 +201,8 @@ class IPController(ParallelApp, BaseIPythonApplication):
         controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
                                 remember_finished=self.remember_finished, restored=self.restore,
                                 record_output=self.record_output,
-                                peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair)
+                                peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair,
+                                client_window=self.client_window)
         try:
             controller.bind(previous[1] if previous else None)
         except PortTaken as e:  # before touching the records a live controller may own

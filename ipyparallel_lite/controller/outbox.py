@@ -133,12 +133,15 @@ class Outbox:
 
     def send_soon(self, sock: zmq.Socket, frames: list, later: Callable[[], list | None]) -> None:
         """Send ``frames`` at the end of this loop turn, in one batch with the others for
-        the same peer. ``later`` rebuilds the message (see :meth:`send`): a reply always
+        the same peer (if it reads batches; else at once). ``later`` rebuilds the message (see :meth:`send`): a reply always
         has its record to come back to, so nothing here is refused, only queued or, for a
         peer that is gone, dropped and logged."""
         key = (sock, _peer(frames))
         soon = self._soon.get(key)
         if soon is None:
+            if not batch.reads_batches(key[1]):  # a client that reads lone messages only
+                self.send(sock, frames, later)
+                return
             if not self._soon:
                 self.loop.call_soon(self._send_turn)
             soon = self._soon[key] = []

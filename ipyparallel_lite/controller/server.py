@@ -132,6 +132,7 @@ class Controller:
         restored: bool = False,
         curve_keypair: tuple[bytes, bytes] | None = None,
         record_output: bool = True,
+        client_window: int = 4096,
     ):
         self.session = session
         self.curve_keypair = curve_keypair
@@ -153,6 +154,8 @@ class Controller:
         self.restored = restored
         #: subscribe to the iopub relay and record output in the Hub (off: faster %px)
         self.record_output = record_output and not isinstance(self.hub.store, NoStore)
+        #: requests a client may have in flight (announced in connection_reply; 0: no limit)
+        self.client_window = client_window
         self._iopub_record: zmq.Socket | None = None
         self._told_to_restart: set[str] = set()
         #: engine id -> (pid, start time) of engines running on this machine: when a
@@ -544,6 +547,7 @@ class Controller:
             "engine_info": {str(k): v for k, v in self.hub.engine_infos().items()},
             "task_scheme": self.scheduler.scheme,
             "controller_pid": os.getpid(),  # a client reconnecting learns of a restart
+            "window": self.client_window,
         }
         self._reply(self.registration, idents, "connection_reply", reply, parent=msg["header"])
 
