@@ -138,6 +138,7 @@ class Client:
         return len(self._engines)
 
     def engine_uuid(self, eid: int) -> str:
+        """The uuid (zmq identity) of engine ``eid``; EngineError if it is not registered."""
         try:
             return self._engines[eid]
         except KeyError:

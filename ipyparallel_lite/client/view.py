@@ -153,7 +153,7 @@ class View:
                 reply_ids: list[str] | None = None, track: bool | None = None) -> None:
         """Queue ``messages`` for ``ar``, recorded in this view's history, tracked if asked."""
         self.client.transport.submit(channel, messages, ar, reply_ids=reply_ids, history=self.history,
-                            track=self.track if track is None else track)
+                                     track=self.track if track is None else track)
 
     # ---- decorators -------------------------------------------------------------------
 
