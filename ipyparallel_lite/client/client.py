@@ -528,6 +528,11 @@ class Client:
         self.transport.close(linger)
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self.transport.closed
+
+    @property
     def history(self) -> list[str]:
         """msg_ids of every request submitted, oldest first."""
         return self.transport.history

@@ -54,6 +54,8 @@ BATCH_MAX = 64
 # an outbox entry: (channel, frames, reply slots it takes in the window, the AsyncResult
 # to give a zmq tracker or None, sequence number, the msg_ids its replies will carry)
 _CHANNEL, _FRAMES, _SLOTS, _TRACK, _SEQ, _IDS = range(6)
+#: a sequence number after every other
+_NEVER = float("inf")
 
 
 class Transport:
@@ -380,25 +382,35 @@ class Transport:
             self._wake_pending = False
 
     def _flush(self) -> None:
-        """Send what is queued, never blocking: a blocked send here would stop this thread
-        from reading replies, and the controller may be waiting for us to read."""
-        if self._outbox and not self._send_from(self._outbox, None):
-            return
+        """Send what is queued, in the order it was queued, never blocking: a blocked send
+        here would stop this thread from reading replies, and the controller may be
+        waiting for us to read. Requests the window holds wait; what follows them on
+        other channels (a query, an abort) does not."""
         if self._aborted:
             self._drop_aborted()
-        if self._held:
-            budget = self.window - (len(self.pending) - self._held_slots)
-            if budget > 0 and not self._send_from(self._held, budget):
+        outbox, held = self._outbox, self._held
+        while outbox or held:
+            budget = self.window - (len(self.pending) - self._held_slots) if held else 0
+            next_out = outbox[0][_SEQ] if outbox else _NEVER
+            next_held = held[0][_SEQ] if held and budget > 0 else _NEVER
+            if next_out == next_held:  # both _NEVER: nothing may go now
+                break
+            if next_out < next_held:
+                sent = self._send_from(outbox, None, next_held)
+            else:
+                sent = self._send_from(held, budget, next_out)
+            if not sent:
                 return
         if self._stalled_on is not None:
             self._poller.modify(self._stalled_on, zmq.POLLIN)
             self._stalled_on = None
 
-    def _send_from(self, queue: collections.deque, budget: int | None) -> bool:
-        """Send ``queue``'s entries in order, those for one channel packed into batches,
-        until it is empty or ``budget`` reply slots are used; False if zmq refused."""
+    def _send_from(self, queue: collections.deque, budget: int | None, before: float) -> bool:
+        """Send ``queue``'s entries queued before sequence number ``before``, in order,
+        those for one channel packed into batches, until ``budget`` reply slots are used;
+        False if zmq refused."""
         sockets = self._sockets
-        while queue and (budget is None or budget > 0):
+        while queue and queue[0][_SEQ] < before and (budget is None or budget > 0):
             first = queue[0]
             channel = first[_CHANNEL]
             sock = sockets[channel]
@@ -407,7 +419,7 @@ class Transport:
                 limit = min(len(queue), BATCH_MAX)
                 while count < limit:
                     entry = queue[count]
-                    if entry[_CHANNEL] != channel or entry[_TRACK] is not None:
+                    if entry[_CHANNEL] != channel or entry[_TRACK] is not None or entry[_SEQ] >= before:
                         break
                     if budget is not None and slots + entry[_SLOTS] > budget:
                         break

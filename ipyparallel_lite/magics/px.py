@@ -474,7 +474,7 @@ class ParallelMagics(Magics):
     def _active_view(self) -> Any:
         if self.view is None:
             raise UsageError(NO_VIEW)
-        if getattr(self.view.client, "_closed", False):
+        if self.view.client.closed:
             raise UsageError(
                 "The client of the active view is closed (its cluster stopped?). "
                 "Connect again and call rc.activate()."
@@ -651,7 +651,7 @@ def activate_if_unbound(shell: Any, client: Any) -> None:
     current = shell.magics_manager.magics["cell"].get("px")
     magics = getattr(current, "__self__", None)
     if isinstance(magics, ParallelMagics) and magics.view is not None \
-            and not getattr(magics.view.client, "_closed", False):
+            and not magics.view.client.closed:
         return
     client.activate()
 
