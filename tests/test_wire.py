@@ -29,9 +29,9 @@ def connect(ctx: zmq.Context, info: dict, channel: str, identity: bytes | None =
     return sock
 
 
-def apply_request(session, f, *args) -> tuple[str, list]:
+def apply_request(session, f, *args, ident: list[bytes] | None = None) -> tuple[str, list]:
     msg = session.msg("apply_request", {})
-    return msg["header"]["msg_id"], session.serialize(msg) + pack_apply_message(f, args, {})
+    return msg["header"]["msg_id"], session.serialize(msg, ident=ident) + pack_apply_message(f, args, {})
 
 
 def receive(sock: zmq.Socket, session, n: int, timeout: float = 30) -> tuple[dict, int]:
@@ -123,8 +123,10 @@ def test_controller_unpacks_batches_and_batches_replies_only_for_readers(cluster
     session = make_session(info["key"])
     ctx = zmq.Context()
     try:
-        sock = connect(ctx, info, "task", batch.reader_identity() if reader else None)
-        requests = [apply_request(session, abs, -i) for i in range(40)]
+        # direct requests queue on one engine: its replies, and the controller's, batch
+        sock = connect(ctx, info, "mux", batch.reader_identity() if reader else None)
+        engine = [rc.engine_uuid(0).encode()]
+        requests = [apply_request(session, abs, -i, ident=engine) for i in range(40)]
         sock.send_multipart(batch.pack([frames for _, frames in requests]))
         replies, zmq_messages = receive(sock, session, 40)
         assert set(replies) == {msg_id for msg_id, _ in requests}

@@ -14,9 +14,9 @@ its turn comes; one that cannot is refused, and the caller answers for it. A pee
 reaches ``max_entries`` even so is cut off: its queue is dropped and logged (what it
 would have received stays in the Hub), and its next message starts a new queue.
 
-Replies to clients go through :meth:`Outbox.send_soon`: those for one client in one
-loop turn leave together, as one :mod:`~ipyparallel_lite.batch` (a lone one as it is),
-at the end of the turn. A batch that zmq refuses waits in the peer's queue message by
+Replies to clients go through :meth:`Outbox.send_soon`: the first for a client in a
+loop turn leaves at once, the others of the same turn together, as one
+:mod:`~ipyparallel_lite.batch`, at the end of the turn. A batch that zmq refuses waits in the peer's queue message by
 message, so the bounds and rebuilds above hold for each.
 
 This module knows sockets and bytes, nothing of messages: the controller decides what
@@ -132,22 +132,27 @@ class Outbox:
         return Sent.SENT
 
     def send_soon(self, sock: zmq.Socket, frames: list, later: Callable[[], list | None]) -> None:
-        """Send ``frames`` at the end of this loop turn, in one batch with the others for
-        the same peer (if it reads batches; else at once). ``later`` rebuilds the message (see :meth:`send`): a reply always
-        has its record to come back to, so nothing here is refused, only queued or, for a
-        peer that is gone, dropped and logged."""
+        """Send ``frames`` now if it is the first message for its peer in this loop turn;
+        later ones of the turn wait for its end and go as one batch (to peers that read
+        batches; others get each at once). A lone reply thus waits for nothing.
+        ``later`` rebuilds the message (see :meth:`send`): a reply always has its record
+        to come back to, so nothing here is refused, only queued or, for a peer that is
+        gone, dropped and logged."""
         key = (sock, _peer(frames))
         soon = self._soon.get(key)
         if soon is None:
-            if not batch.reads_batches(key[1]):  # a client that reads lone messages only
-                self.send(sock, frames, later)
-                return
-            if not self._soon:
-                self.loop.call_soon(self._send_turn)
-            soon = self._soon[key] = []
+            sent = self.send(sock, frames, later)
+            if sent is Sent.GONE:
+                self.log.info("peer %r is gone: its reply stays in the Hub", key[1])
+            elif batch.reads_batches(key[1]):  # the rest of this turn's replies go together
+                if not self._soon:
+                    self.loop.call_soon(self._send_turn)
+                self._soon[key] = []
+            return
         soon.append((frames, later))
         if len(soon) >= batch.MAX_MESSAGES:
-            self._send_together(key, self._soon.pop(key))
+            self._send_together(key, soon)
+            self._soon[key] = []
 
     def backlog(self) -> dict[str, int]:
         """What waits for slow peers now: peers, messages, bytes (rebuildable ones count 0)."""
@@ -167,7 +172,8 @@ class Outbox:
     def _send_turn(self) -> None:
         soon, self._soon = self._soon, {}
         for key, messages in soon.items():
-            self._send_together(key, messages)
+            if messages:
+                self._send_together(key, messages)
 
     def _send_together(self, key: tuple, messages: list) -> None:
         """Send one peer's messages as one batch (a lone one as it is), or queue them."""

@@ -14,7 +14,8 @@ and stay queued in libzmq while no callback is set; a callback returning an
 awaitable has it scheduled, as ``ZMQStream`` does.
 
 Replies that are ready together leave together: while one pass handles requests that
-each take under :data:`HOLD_BELOW` (a burst of small tasks), their replies wait and go
+each take under :data:`HOLD_BELOW` with more requests waiting behind them (a burst of
+small tasks), their replies wait and go
 out as one :mod:`~ipyparallel_lite.batch` when the pass ends, when a request takes
 longer, or at :data:`~ipyparallel_lite.batch.MAX_MESSAGES`. A request that arrives
 alone is answered at once. The one wait this can add: a reply held behind a quick
@@ -89,7 +90,8 @@ class ShellStream(ZMQStream):
                        track: bool = False, callback: Any = None, **kwargs: Any) -> None:
         drainer = self._drainer
         if (drainer is not None and drainer.draining and self._quick and not track
-                and callback is None and not flags and not kwargs):
+                and callback is None and not flags and not kwargs
+                and (self._held or readable(self.socket))):  # alone: nothing to wait with
             held = self._held
             if held is None:
                 held = self._held = []
