@@ -75,12 +75,15 @@ class Drainer:
     each signal drains the socket, ``batch`` messages at a time (then the loop's other
     callbacks get a turn before the next batch). A send on the socket may consume the
     signal: after sending outside :meth:`drain`, call :meth:`kick`. ``handler`` must not
-    raise; a closed socket ends the drain.
+    raise; it may return how many messages a zmq message carried (a batch), which counts
+    against ``batch`` (None counts 1). A closed socket ends the drain. ``after()``, if
+    given, is called when a drain ends (after a handler's own drain, only the outer one).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
-                 handler: Callable[[list], Any], batch: int):
+                 handler: Callable[[list], Any], batch: int, after: Callable[[], None] | None = None):
         self.loop, self.sock, self.handler, self.batch = loop, sock, handler, batch
+        self.after = after
         self.draining = False  # inside drain(), which looks at the socket again anyway
         self._scheduled = False
         self._fd = sock.FD
@@ -102,14 +105,15 @@ class Drainer:
         was_draining, self.draining = self.draining, True  # a handler may drain too
         try:
             while count < limit and not sock.closed and readable(sock):
-                handler(sock.recv_multipart(_NOBLOCK, copy=False))
-                count += 1
+                count += handler(sock.recv_multipart(_NOBLOCK, copy=False)) or 1
         except zmq.ZMQError:
             if not sock.closed:
                 raise
         finally:
             self.draining = was_draining
-        if count == limit:
+            if self.after is not None and not was_draining:
+                self.after()
+        if count >= limit:
             self.kick()  # more may wait: come back after other callbacks had a turn
         return count
 

@@ -143,11 +143,11 @@ def raw_socket():
 def sent_messages(rc, monkeypatch):
     """``(channel, number of messages)`` for each batch the client ``rc`` queues from now on."""
     sent: list[tuple[str, int]] = []
-    real_submit = rc._submit
+    real_submit = rc.transport.submit
 
     def counting_submit(channel, messages, result, **kwargs):
         sent.append((channel, len(messages)))
         return real_submit(channel, messages, result, **kwargs)
 
-    monkeypatch.setattr(rc, "_submit", counting_submit)
+    monkeypatch.setattr(rc.transport, "submit", counting_submit)
     return sent

@@ -106,7 +106,7 @@ def test_execute_result_waits_for_all_announced_output(rc, dv, monkeypatch):
     # the reply says how many iopub messages the cell published (streams, display,
     # result); the result is done once all of them arrived, however far the
     # reply overtakes the output (here a megabyte of stdout), not after a grace period
-    monkeypatch.setattr(rc, "OUTPUT_GRACE", 60.0)
+    monkeypatch.setattr(rc.transport, "OUTPUT_GRACE", 60.0)
     code = ("from IPython.display import display, HTML\n"
             "for i in range(1000): print('%04d' % i + '.' * 995)\n"
             "display(HTML('<b>shown</b>'))\n"
@@ -125,7 +125,7 @@ def test_execute_result_waits_for_all_announced_output(rc, dv, monkeypatch):
 
 def test_execute_with_top_level_await_and_engine_history(rc, dv, monkeypatch):
     # a cell with top-level await takes ipykernel's own path; both paths count output
-    monkeypatch.setattr(rc, "OUTPUT_GRACE", 60.0)
+    monkeypatch.setattr(rc.transport, "OUTPUT_GRACE", 60.0)
     ar = dv.execute("import asyncio\nawait asyncio.sleep(0.01)\nprint('awaited')", silent=False, block=False)
     ar.get(timeout=10)
     assert ar.stdout == ["awaited\n", "awaited\n"]

@@ -77,9 +77,9 @@ def test_bad_messages_on_engine_sockets_are_dropped(cluster, rc, channel, raw_so
 
 def test_unknown_query_gets_an_error_reply(cluster, rc):
     with pytest.raises(ipp.RemoteError, match="does not know the message type"):
-        rc._query("frobnicate_request", {})
+        rc.transport.query("frobnicate_request", {})
     with pytest.raises(ipp.RemoteError, match="no engine"):
-        rc._query("queue_request", {"targets": [99]})
+        rc.transport.query("queue_request", {"targets": [99]})
 
 
 def test_security_files_and_interface(cluster, ipython_dir):
@@ -285,7 +285,7 @@ def test_engines_exit_when_their_controller_is_gone(own_cluster):
 
 def test_waiting_client_gets_an_error_when_the_controller_dies(own_cluster):
     cluster, client = own_cluster(1)
-    client.CONTROLLER_GRACE = 0.5
+    client.transport.CONTROLLER_GRACE = 0.5
     ar = client[0].apply_async(time.sleep, 30)
     time.sleep(0.2)
     os.kill(client.connection_info["controller_pid"], signal.SIGKILL)

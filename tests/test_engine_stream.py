@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import zmq
 from tornado.ioloop import IOLoop
 
-from ipyparallel_lite import fastzmq
+from ipyparallel_lite import batch, fastzmq
 from ipyparallel_lite.engine import stream as stream_mod
 from ipyparallel_lite.engine.stream import ShellStream
 
@@ -51,25 +52,71 @@ def test_messages_arrive_in_order_and_replies_go_straight_out(pair, monkeypatch)
             if len(got) == 10:
                 handled.set()
 
-        stream.on_recv(on_message, copy=False)
         # the ROUTER only knows the DEALER once it has said something
         stream.send_multipart([b"hello"])
         await _until(lambda: router.poll(0))
         assert router.recv_multipart() == [b"engine", b"hello"]
         for i in range(10):
             router.send_multipart([b"engine", str(i).encode()])
+        await asyncio.sleep(0.2)  # all ten wait in libzmq: passes of BATCH each
+        stream.on_recv(on_message, copy=False)
         await asyncio.wait_for(handled.wait(), 5)
-        replies = []
+        replies, zmq_messages = [], 0
         while len(replies) < 10:
             assert router.poll(5000)
-            replies.append(router.recv_multipart()[1])
+            frames = router.recv_multipart()[1:]
+            zmq_messages += 1
+            if batch.is_batch(frames[0]):  # replies ready together leave together
+                replies.extend(m[0] for m in batch.unpack(frames))
+            else:
+                replies.append(frames[0])
         stream.close()
         assert stream.closed()
-        return [got, replies]
+        return [got, replies, zmq_messages]
 
-    got, replies = asyncio.run(main())
+    got, replies, zmq_messages = asyncio.run(main())
     assert got == [str(i).encode() for i in range(10)]
     assert replies == [b"reply-" + str(i).encode() for i in range(10)]
+    assert zmq_messages < 10
+
+
+def test_a_lone_request_is_answered_at_once_and_a_slow_one_holds_no_replies(pair):
+    router, dealer = pair
+
+    async def main() -> list:
+        stream = ShellStream(dealer, IOLoop.current())
+        arrivals: list = []
+
+        def on_message(msg: list) -> None:
+            name = msg[0].bytes
+            if name == b"slow":
+                time.sleep(stream_mod.HOLD_BELOW * 20)
+            if name == b"after-slow":
+                # the slow request's reply left when it ended, not with this pass
+                assert router.poll(2000)
+                arrivals.append(router.recv_multipart()[1:])
+            stream.send_multipart([b"reply-" + name])
+
+        stream.send_multipart([b"hello"])
+        await _until(lambda: router.poll(0))
+        router.recv_multipart()
+        stream.on_recv(on_message, copy=False)
+        router.send_multipart([b"engine", b"alone"])
+        await _until(lambda: router.poll(0))
+        arrivals.append(router.recv_multipart()[1:])
+        stream.on_recv(None)
+        router.send_multipart([b"engine", b"slow"])
+        router.send_multipart([b"engine", b"after-slow"])
+        await asyncio.sleep(0.2)  # both wait in libzmq: one pass handles them
+        stream.on_recv(on_message, copy=False)
+        await _until(lambda: len(arrivals) == 2)
+        await _until(lambda: router.poll(0))
+        arrivals.append(router.recv_multipart()[1:])
+        stream.close()
+        return arrivals
+
+    arrivals = asyncio.run(main())
+    assert arrivals == [[b"reply-alone"], [b"reply-slow"], [b"reply-after-slow"]]
 
 
 def test_awaitables_are_scheduled_and_errors_do_not_stop_the_stream(pair):

@@ -224,9 +224,9 @@ def test_unknown_msg_ids_get_readable_errors(rc):
         with pytest.raises(error.RemoteError, match="no record of task.*no-such-task"):
             call()
     with pytest.raises(error.RemoteError, match="'msg_ids', a list of str"):
-        rc._query("result_request", {"msg_ids": "abc"})
+        rc.transport.query("result_request", {"msg_ids": "abc"})
     with pytest.raises(error.RemoteError, match="no engine"):
-        rc._query("purge_request", {"msg_ids": [], "engine_ids": [999]})
+        rc.transport.query("purge_request", {"msg_ids": [], "engine_ids": [999]})
     assert rc.load_balanced_view().apply_sync(square, 3) == 9
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import zmq
 
-from ipyparallel_lite import fastzmq
+from ipyparallel_lite import batch, fastzmq
 from ipyparallel_lite.controller.outbox import Outbox, Sent
 
 
@@ -107,6 +107,60 @@ def test_a_peer_that_leaves_is_released_and_reported():
         assert gone == [b"gone"]
         assert outbox.backlog()["peers"] == 0
         assert outbox.send(router, [b"gone", b"x"]) is Sent.GONE
+        outbox.close()
+        ctx.destroy(linger=0)
+
+    asyncio.run(run())
+
+
+def test_replies_of_one_turn_go_as_one_batch_or_wait_one_by_one_in_order():
+    async def run():
+        ctx = zmq.Context()
+        reader = batch.reader_identity()
+        router, dealer = pair(ctx, reader)
+        outbox = Outbox(asyncio.get_running_loop(), max_bytes=16 << 20)
+        for i in range(3):  # one loop turn: the first at once, the others as one batch
+            outbox.send_soon(router, [reader, b"reply-%d" % i], lambda: None)
+        assert dealer.poll(1000)
+        assert dealer.recv_multipart() == [b"reply-0"]
+        assert not dealer.poll(0)  # the rest waits for the turn's end
+        await asyncio.sleep(0.05)
+        frames = dealer.recv_multipart()
+        assert batch.is_batch(frames[0])
+        assert batch.unpack(frames) == [[b"reply-1"], [b"reply-2"]]
+        # a peer that does not read: its turns' batches wait as single messages, in order
+        payload = bytes(10_000)
+        for turn in range(20):
+            for i in range(25):
+                n = turn * 25 + i
+                outbox.send_soon(router, [reader, n.to_bytes(4, "big") + payload], lambda: None)
+            await asyncio.sleep(0)
+        assert outbox.backlog()["peers"] == 1  # zmq refused a batch: its messages wait
+        got = []
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            while dealer.poll(0):
+                frames = dealer.recv_multipart()
+                messages = batch.unpack(frames) if batch.is_batch(frames[0]) else [frames]
+                got.extend(int.from_bytes(m[0][:4], "big") for m in messages)
+            if len(got) == 500:
+                break
+        assert got == list(range(500))
+        outbox.close()
+        ctx.destroy(linger=0)
+
+    asyncio.run(run())
+
+
+def test_a_client_that_reads_no_batches_gets_lone_messages():
+    async def run():
+        ctx = zmq.Context()
+        router, dealer = pair(ctx, b"plain-client")
+        outbox = Outbox(asyncio.get_running_loop())
+        for i in range(3):
+            outbox.send_soon(router, [b"plain-client", b"reply-%d" % i], lambda: None)
+        await asyncio.sleep(0.05)
+        assert [dealer.recv_multipart() for _ in range(3)] == [[b"reply-0"], [b"reply-1"], [b"reply-2"]]
         outbox.close()
         ctx.destroy(linger=0)
 

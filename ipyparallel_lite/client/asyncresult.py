@@ -23,14 +23,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ipyparallel_lite import error
 from ipyparallel_lite.client import reprs
 from ipyparallel_lite.serialization import deserialize_object
-
-if TYPE_CHECKING:
-    from ipyparallel_lite.client.client import Client
 
 _DONE = object()
 #: the ``return_when`` values ``wait`` and ``wait_interactive`` accept
@@ -104,7 +101,7 @@ class AsyncResult(Future):
 
     def __init__(
         self,
-        client: Client,
+        client: Any,
         msg_ids: list[str],
         fname: str = "unknown",
         targets: Any = None,
@@ -165,7 +162,7 @@ class AsyncResult(Future):
             self._replies[msg_id] = msg
             waiting = self._await_output and not self._output_complete(msg_id)
         if waiting:
-            self._client._expect_output(self, msg_id)
+            self._client.transport.expect_output(self, msg_id)
         else:
             self._count(msg_id)
 
@@ -535,7 +532,7 @@ class AsyncResult(Future):
         """Whether the messages left: handed to zmq, and with ``track=True`` also
         released by zmq (their buffers may then be changed safely)."""
         seq = self._send_seq
-        if seq is None or not self._client._sent_through(seq):
+        if seq is None or not self._client.transport.sent_through(seq):
             return False
         trackers = self._trackers
         return trackers is None or all(t.done for t in trackers)
@@ -684,7 +681,7 @@ class AsyncMapResult(AsyncResult):
     and ``progress`` count items, not chunks.
     """
 
-    def __init__(self, client: Client, msg_ids: list[str], fname: str = "map",
+    def __init__(self, client: Any, msg_ids: list[str], fname: str = "map",
                  ordered: bool = True, return_exceptions: bool = False, joiner: Any = None,
                  nitems: int | None = None, chunk_sizes: list[int] | None = None):
         self._ordered = ordered

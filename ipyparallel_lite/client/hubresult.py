@@ -13,18 +13,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ipyparallel_lite.client.asyncresult import AsyncResult
-
-if TYPE_CHECKING:
-    from ipyparallel_lite.client.client import Client
 
 #: record keys holding times, parsed back from the ISO strings JSON carried them as
 DATE_KEYS = ("submitted", "started", "completed", "received", "resubmitted")
 
 
-def msg_ids_of(client: Client, jobs: Any) -> list[str]:
+def msg_ids_of(client: Any, jobs: Any) -> list[str]:
     """msg_ids from a msg_id, an index into ``client.history``, an AsyncResult, or a list
     of those."""
     if isinstance(jobs, str | int | AsyncResult):
@@ -96,7 +93,7 @@ class AsyncHubResult(AsyncResult):
     #: seconds between questions to the Hub: the first, and the most
     POLL_START, POLL_MAX = 0.05, 1.0
 
-    def __init__(self, client: Client, msg_ids: list[str], query: Callable[[str, dict], dict],
+    def __init__(self, client: Any, msg_ids: list[str], query: Callable[[str, dict], dict],
                  fname: str = "get_result", single: bool = False):
         super().__init__(client, msg_ids, fname, single=single)
         self._query = query

@@ -17,14 +17,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ipyparallel_lite.client import remote, reprs
 from ipyparallel_lite.client.asyncresult import AsyncMapResult, AsyncResult
 from ipyparallel_lite.serialization import MapTask, pack_apply_message, serialize_function
-
-if TYPE_CHECKING:
-    from ipyparallel_lite.client.client import Client
 
 
 def _fname(f: Any) -> str:
@@ -45,7 +42,7 @@ class View:
     _flag_names: tuple[str, ...] = ("block", "track", "targets", "label")
     _channel = "mux"
 
-    def __init__(self, client: Client, targets: Any = None, block: bool = False, **flags: Any):
+    def __init__(self, client: Any, targets: Any = None, block: bool = False, **flags: Any):
         self.client = client
         self.targets = targets
         self.block = block
@@ -155,8 +152,8 @@ class View:
     def _submit(self, channel: str, messages: list[tuple[str, list]], ar: AsyncResult,
                 reply_ids: list[str] | None = None, track: bool | None = None) -> None:
         """Queue ``messages`` for ``ar``, recorded in this view's history, tracked if asked."""
-        self.client._submit(channel, messages, ar, reply_ids=reply_ids, history=self.history,
-                            track=self.track if track is None else track)
+        self.client.transport.submit(channel, messages, ar, reply_ids=reply_ids, history=self.history,
+                                     track=self.track if track is None else track)
 
     # ---- decorators -------------------------------------------------------------------
 
@@ -221,7 +218,7 @@ class View:
         self.client.spin()
 
     def __len__(self) -> int:
-        return len(self.client._build_targets(self.targets))
+        return len(self.client.resolve_targets(self.targets))
 
 
 class DirectView(View):
@@ -229,7 +226,7 @@ class DirectView(View):
 
     _channel = "mux"
 
-    def __init__(self, client: Client, targets: Any = "all", block: bool = False, **flags: Any):
+    def __init__(self, client: Any, targets: Any = "all", block: bool = False, **flags: Any):
         super().__init__(client, targets, block, **flags)
 
     @property
@@ -242,7 +239,7 @@ class DirectView(View):
             targets, single = self.targets, self._single
         else:
             single = isinstance(targets, int)
-        return self.client._build_targets(targets), single
+        return self.client.resolve_targets(targets), single
 
     def _send_to_engines(self, msg_type: str, content: dict, per_engine: list[tuple[int, list | None]],
                          make_result: Callable[[list[str]], AsyncResult],
@@ -251,7 +248,7 @@ class DirectView(View):
         client = self.client
         metadata = self._request_metadata()
         messages = [
-            client._build(msg_type, content, ident=[client._engine_uuid(eid).encode()], buffers=buffers,
+            client.transport.build(msg_type, content, ident=[client.engine_uuid(eid).encode()], buffers=buffers,
                           metadata=metadata)
             for eid, buffers in per_engine
         ]
@@ -290,8 +287,8 @@ class DirectView(View):
         engine a copy whose msg_id is ``f"{msg_id}_{engine_id}"``, the AsyncResult's ids."""
         client = self.client
         for t in targets:
-            client._engine_uuid(t)  # a clear error for an engine that is gone, before sending
-        msg_id, frames = client._build(msg_type, content, buffers=buffers, metadata={
+            client.engine_uuid(t)  # a clear error for an engine that is gone, before sending
+        msg_id, frames = client.transport.build(msg_type, content, buffers=buffers, metadata={
             **(metadata or {}), **(self._request_metadata() or {}), "targets": targets})
         reply_ids = [f"{msg_id}_{t}" for t in targets]
         ar = AsyncResult(client, reply_ids, fname, targets, single=single, track=track)
@@ -317,7 +314,7 @@ class DirectView(View):
         unequal length stop at the shortest, as the builtin ``map`` does.
         """
         sequences = _as_sequences(sequences)
-        ids = self.client._build_targets(self.targets)
+        ids = self.client.resolve_targets(self.targets)
         length = min(len(s) for s in sequences)
         frame = serialize_function(MapTask(f))
         per_engine, sizes = [], []
@@ -393,7 +390,7 @@ class DirectView(View):
         """Split ``seq`` into one contiguous part per engine, pushed as ``key``."""
         if dist != "b":
             raise ValueError(f"only block distribution ('b') is supported, not {dist!r}")
-        ids = self.client._build_targets(self.targets if targets is None else targets)
+        ids = self.client.resolve_targets(self.targets if targets is None else targets)
         length = len(seq)
         frame = serialize_function(remote.push)
         per_engine = []
@@ -412,7 +409,7 @@ class DirectView(View):
         """Pull ``key`` from every engine and join the parts (lists or numpy arrays)."""
         if dist != "b":
             raise ValueError(f"only block distribution ('b') is supported, not {dist!r}")
-        ids = self.client._build_targets(self.targets if targets is None else targets)
+        ids = self.client.resolve_targets(self.targets if targets is None else targets)
         buffers = pack_apply_message(remote.pull, (key,), None)
         ar = self._send_to_engines(
             "apply_request", {}, [(eid, buffers) for eid in ids],
@@ -508,7 +505,7 @@ class BroadcastView(DirectView):
 
     _flag_names = ("block", "track", "targets", "label", "is_coalescing")
 
-    def __init__(self, client: Client, targets: Any = "all", block: bool = False,
+    def __init__(self, client: Any, targets: Any = "all", block: bool = False,
                  is_coalescing: bool = False, **flags: Any):
         #: accepted for IPython parallel compatibility; replies always come one per engine
         self.is_coalescing = is_coalescing
@@ -517,7 +514,7 @@ class BroadcastView(DirectView):
     def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
                    fname: str, single: bool, listener: Callable | None = None,
                    track: bool | None = None) -> AsyncResult:
-        if "broadcast" not in self.client._sockets:
+        if not self.client.transport.has_channel("broadcast"):
             raise RuntimeError("this controller has no broadcast channel (an older version?); "
                                "use a DirectView (rc[:]) instead")
         targets = list(dict.fromkeys(targets))
@@ -535,7 +532,7 @@ class LoadBalancedView(View):
                    "chunksize", "ordered")
     _channel = "task"
 
-    def __init__(self, client: Client, targets: Any = None, block: bool = False, **flags: Any):
+    def __init__(self, client: Any, targets: Any = None, block: bool = False, **flags: Any):
         self.after: Any = None
         self.follow: Any = None
         self.timeout: float | None = None
@@ -570,7 +567,7 @@ class LoadBalancedView(View):
             self._check_flag(name, flags[name] if name != "retries" else (flags[name] or 0))
         targets = flags["targets"]
         if targets is not None:
-            targets = self.client._build_targets(targets)
+            targets = self.client.resolve_targets(targets)
         metadata = {
             "after": _dependency(flags["after"]),
             "follow": _dependency(flags["follow"]),
@@ -591,7 +588,7 @@ class LoadBalancedView(View):
         that cannot be pickled raise here, before anything is sent.
         """
         buffers = pack_apply_message(None, args, kwargs, function_frame=frame)
-        message = self.client._build("apply_request", {}, buffers=buffers, metadata=metadata)
+        message = self.client.transport.build("apply_request", {}, buffers=buffers, metadata=metadata)
         track = self.track if track is None else track
         ar = AsyncResult(self.client, [message[0]], fname, single=True,
                          return_exceptions=return_exceptions, track=track)
@@ -626,7 +623,7 @@ class LoadBalancedView(View):
             hi = min(lo + chunksize, length)
             chunks = [_slice(seq, lo, hi) for seq in sequences]
             buffers = pack_apply_message(None, chunks, None, function_frame=frame)
-            messages.append(client._build("apply_request", {}, buffers=buffers, metadata=metadata))
+            messages.append(client.transport.build("apply_request", {}, buffers=buffers, metadata=metadata))
             sizes.append(hi - lo)
         ar = AsyncMapResult(client, [m for m, _ in messages], _fname(f), ordered=ordered,
                             return_exceptions=return_exceptions, nitems=length, chunk_sizes=sizes)
@@ -661,7 +658,7 @@ class LoadBalancedView(View):
         return MapIterator(gen, gen.close)
 
     def _auto_outstanding(self) -> int:
-        engines = len(self.client._build_targets(self.targets)) if self.targets is not None \
+        engines = len(self.client.resolve_targets(self.targets)) if self.targets is not None \
             else len(self.client.ids)
         hwm = self.client.connection_info.get("hwm", 1) or 1  # 0 means no limit: count it as 1
         return 2 * max(engines, 1) * hwm
@@ -740,7 +737,7 @@ class LoadBalancedView(View):
         finally:
             # closed, dropped, or raising: what is still running is nobody's anymore
             pending = [m for ar in outstanding if not ar.done() for m in ar.msg_ids]
-            if pending and not self.client._closed:
+            if pending and not self.client.transport.closed:
                 self.client.abort(pending, block=False)
 
 

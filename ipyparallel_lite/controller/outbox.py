@@ -14,6 +14,11 @@ its turn comes; one that cannot is refused, and the caller answers for it. A pee
 reaches ``max_entries`` even so is cut off: its queue is dropped and logged (what it
 would have received stays in the Hub), and its next message starts a new queue.
 
+Replies to clients go through :meth:`Outbox.send_soon`: the first for a client in a
+loop turn leaves at once, the others of the same turn together, as one
+:mod:`~ipyparallel_lite.batch`, at the end of the turn. A batch that zmq refuses waits in the peer's queue message by
+message, so the bounds and rebuilds above hold for each.
+
 This module knows sockets and bytes, nothing of messages: the controller decides what
 a refusal means.
 """
@@ -28,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
+
+from ipyparallel_lite import batch
 
 _NOBLOCK = int(zmq.NOBLOCK)
 
@@ -85,6 +92,8 @@ class Outbox:
         self.after_send = after_send or (lambda sock: None)
         self.log = log or logging.getLogger("ipyparallel_lite.controller")
         self._queues: dict[tuple[zmq.Socket, bytes], _Queue] = {}
+        #: messages of this loop turn for each peer, sent together at its end (send_soon)
+        self._soon: dict[tuple[zmq.Socket, bytes], list] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._delay = self.RETRY_MIN
 
@@ -97,6 +106,11 @@ class Outbox:
         ``later``, if given, rebuilds an equivalent message when called: it lets the
         message wait at almost no cost once the peer's queue is at its byte bound.
         """
+        if self._soon:
+            soon = self._soon.get((sock, _peer(frames)))
+            if soon is not None:  # behind this turn's messages for the same peer
+                soon.append((frames, later))
+                return Sent.QUEUED
         if self._queues:
             key = (sock, _peer(frames))
             queue = self._queues.get(key)
@@ -117,6 +131,29 @@ class Outbox:
             self.after_send(sock)
         return Sent.SENT
 
+    def send_soon(self, sock: zmq.Socket, frames: list, later: Callable[[], list | None]) -> None:
+        """Send ``frames`` now if it is the first message for its peer in this loop turn;
+        later ones of the turn wait for its end and go as one batch (to peers that read
+        batches; others get each at once). A lone reply thus waits for nothing.
+        ``later`` rebuilds the message (see :meth:`send`): a reply always has its record
+        to come back to, so nothing here is refused, only queued or, for a peer that is
+        gone, dropped and logged."""
+        key = (sock, _peer(frames))
+        soon = self._soon.get(key)
+        if soon is None:
+            sent = self.send(sock, frames, later)
+            if sent is Sent.GONE:
+                self.log.info("peer %r is gone: its reply stays in the Hub", key[1])
+            elif batch.reads_batches(key[1]):  # the rest of this turn's replies go together
+                if not self._soon:
+                    self.loop.call_soon(self._send_turn)
+                self._soon[key] = []
+            return
+        soon.append((frames, later))
+        if len(soon) >= batch.MAX_MESSAGES:
+            self._send_together(key, soon)
+            self._soon[key] = []
+
     def backlog(self) -> dict[str, int]:
         """What waits for slow peers now: peers, messages, bytes (rebuildable ones count 0)."""
         queues = self._queues.values()
@@ -124,10 +161,43 @@ class Outbox:
                 "bytes": sum(q.nbytes for q in queues)}
 
     def close(self) -> None:
+        self._soon.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._queues.clear()
+
+    # ---- batches of a loop turn ---------------------------------------------------------
+
+    def _send_turn(self) -> None:
+        soon, self._soon = self._soon, {}
+        for key, messages in soon.items():
+            if messages:
+                self._send_together(key, messages)
+
+    def _send_together(self, key: tuple, messages: list) -> None:
+        """Send one peer's messages as one batch (a lone one as it is), or queue them."""
+        sock, peer = key
+        queue = self._queues.get(key)
+        if queue is None:
+            frames = messages[0][0] if len(messages) == 1 else \
+                [peer, *batch.pack([m[0][1:] for m in messages])]
+            try:
+                self._send_now(sock, frames)
+                return
+            except zmq.Again:
+                queue = self._queues[key] = _Queue()
+                self._arm()
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                self.log.info("peer %r is gone: %d replies for it stay in the Hub", peer, len(messages))
+                return
+            finally:
+                self.after_send(sock)
+        for frames, later in messages:  # one by one, each within the queue's bounds
+            if self._enqueue(key, queue, frames, later) is Sent.FULL and key not in self._queues:
+                return  # cut off (logged): the rest stays in the Hub as well
 
     # ---- queues ----------------------------------------------------------------------
 

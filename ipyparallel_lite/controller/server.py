@@ -37,7 +37,7 @@ import zmq
 from jupyter_client.session import Session
 from zmq.devices import ThreadDevice
 
-from ipyparallel_lite import fastzmq
+from ipyparallel_lite import batch, fastzmq
 from ipyparallel_lite.connection import (
     CURVE_SERVERKEY,
     connect_address,
@@ -293,8 +293,13 @@ class Controller:
         self.outbox = Outbox(loop, max_bytes=self.peer_queue_bytes,
                              max_entries=self.peer_queue_entries, on_gone=self._peer_gone,
                              after_send=self._after_send, log=self.log)
+        # sockets whose peers may send batches: everything but heartbeats and what the
+        # controller reads from its own relays
+        unbatched = {self.hb_pong, self._monitor, self._iopub_record}
         for sock, handler in handlers.items():
-            reader = fastzmq.Drainer(loop, sock, self._guarded(handler), BATCH)
+            guarded = self._guarded(handler)
+            reader = fastzmq.Drainer(loop, sock, guarded if sock in unbatched else self._unbatching(guarded),
+                                     BATCH)
             self._readers.append(reader)
             self._reader_of[sock] = reader
         self._heartbeat()
@@ -307,6 +312,25 @@ class Controller:
                 handler(frames)
             except Exception:
                 self.log.exception("error handling a message; the controller goes on")
+        return handle
+
+    def _unbatching(self, handler: Callable[[list], None]) -> Callable[[list], int]:
+        """``handler`` for each message of a batch (see batch.py), the sender's identity in
+        front as if it came alone; how many messages there were."""
+        def handle(frames: list) -> int:
+            if len(frames) < 3 or not batch.is_batch(frames[1]):
+                handler(frames)
+                return 1
+            peer = frames[0]
+            try:
+                messages = batch.unpack(frames, 1)
+            except batch.BatchError as e:
+                self.warn(peer.bytes, "bad batch", "dropped a malformed batch: %s", e)
+                return 1
+            for message in messages:
+                message.insert(0, peer)
+                handler(message)
+            return len(messages)
         return handle
 
     def _flush_store(self) -> None:
@@ -468,12 +492,8 @@ class Controller:
 
     def _to_client(self, tag: bytes, client: bytes, frames: list, msg_id: str) -> None:
         """Send a reply to its client: one that cannot wait now waits in the Hub's records."""
-        sent = self._send(self._client_socket(tag), frames, partial(self._replay, client, msg_id))
-        if sent is Sent.GONE:
-            self.log.info("client of %s is gone; its result stays in the Hub", msg_id)
-        elif sent is Sent.FULL:
-            self.warn(client, "slow client", "client %r reads too slowly: the reply to %s stays "
-                      "in the Hub only", client, msg_id)
+        # with the other replies for this client in this loop turn, as one batch
+        self.outbox.send_soon(self._client_socket(tag), frames, partial(self._replay, client, msg_id))
 
     def _replay(self, client: bytes, msg_id: str) -> list:
         """A reply rebuilt from the Hub's record, for a client that fell far behind."""

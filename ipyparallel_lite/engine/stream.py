@@ -12,26 +12,43 @@ queues what the controller has not read yet).
 Contract: messages reach the ``on_recv`` callback one at a time, in arrival order,
 and stay queued in libzmq while no callback is set; a callback returning an
 awaitable has it scheduled, as ``ZMQStream`` does.
+
+Replies that are ready together leave together: while one pass handles requests that
+each take under :data:`HOLD_BELOW` with more requests waiting behind them (a burst of
+small tasks), their replies wait and go
+out as one :mod:`~ipyparallel_lite.batch` when the pass ends, when a request takes
+longer, or at :data:`~ipyparallel_lite.batch.MAX_MESSAGES`. A request that arrives
+alone is answered at once. The one wait this can add: a reply held behind a quick
+request waits for the next request of the same pass, if that one runs long.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import zmq
 from zmq.eventloop.zmqstream import ZMQStream
 
-from ipyparallel_lite.fastzmq import Drainer
+from ipyparallel_lite import batch
+from ipyparallel_lite.fastzmq import Drainer, readable
 
 #: messages handled in one pass before other callbacks on the loop get a turn
 BATCH = 64
+#: a request handled faster than this (seconds) lets its reply wait for the next ones
+#: of the same pass (a no-op apply takes about 0.2 ms here)
+HOLD_BELOW = 0.001
 
 
 class ShellStream(ZMQStream):
     """``ZMQStream`` for an engine's shell socket, without per-message loop turns."""
 
     _drainer: Drainer | None = None
+    #: replies waiting to leave with the next ones (see the module's docstring)
+    _held: list | None = None
+    #: the last request handled took under HOLD_BELOW: its successor's replies may wait
+    _quick = True
 
     def _init_io_state(self) -> None:
         pass  # the drainer comes with a receive callback (_update_handler)
@@ -39,7 +56,8 @@ class ShellStream(ZMQStream):
     def _update_handler(self, state: int) -> None:
         """ZMQStream's hook for what to watch: a drainer while there is a callback."""
         if state & zmq.POLLIN and self._drainer is None:
-            self._drainer = Drainer(self.io_loop.asyncio_loop, self.socket, self._handle, BATCH)
+            self._drainer = Drainer(self.io_loop.asyncio_loop, self.socket, self._handle, BATCH,
+                                    after=self._after_pass)
         elif not state & zmq.POLLIN and self._drainer is not None:
             self._drainer.close()
             self._drainer = None
@@ -47,17 +65,44 @@ class ShellStream(ZMQStream):
     def _handle(self, msg: list) -> None:
         if self._recv_copy:
             msg = [frame.bytes for frame in msg]
+        start = time.perf_counter()
         try:
             self._run_callback(self._recv_callback, msg)
         except Exception:
             pass  # logged by _run_callback; the next message still gets its turn
+        self._quick = time.perf_counter() - start < HOLD_BELOW
+        if not self._quick:
+            self._send_held()
+
+    def _after_pass(self) -> None:
+        if self._held:
+            self._send_held()
+            if readable(self.socket):  # the send may have taken the FD's signal for these
+                self._drainer.kick()
+
+    def _send_held(self) -> None:
+        held = self._held
+        if held:
+            self._held = None
+            self.socket.send_multipart(held[0] if len(held) == 1 else batch.pack(held), copy=False)
 
     def send_multipart(self, msg: Sequence[Any], flags: int = 0, copy: bool = True,
                        track: bool = False, callback: Any = None, **kwargs: Any) -> None:
+        drainer = self._drainer
+        if (drainer is not None and drainer.draining and self._quick and not track
+                and callback is None and not flags and not kwargs
+                and (self._held or readable(self.socket))):  # alone: nothing to wait with
+            held = self._held
+            if held is None:
+                held = self._held = []
+            held.append(list(msg))
+            if len(held) >= batch.MAX_MESSAGES:
+                self._send_held()
+            return
+        self._send_held()  # what waits goes first: replies keep their order
         self.socket.send_multipart(msg, flags, copy=copy, track=track, **kwargs)
         if callback is not None:
             callback(msg, None)
-        drainer = self._drainer
         if drainer is not None and not drainer.draining:
             drainer.kick()  # a send may consume the FD's signal; a drain looks again anyway
 

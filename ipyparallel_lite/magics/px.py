@@ -203,7 +203,7 @@ def parse_targets(text: str, client: Any) -> Any:
 def check_targets(client: Any, targets: Any) -> list[int]:
     """The engine ids of ``targets``; a UsageError when some are not registered."""
     try:
-        return client._build_targets(targets)
+        return client.resolve_targets(targets)
     except (error.KernelError, TypeError, RuntimeError) as e:
         raise UsageError(str(e)) from None
 
@@ -474,7 +474,7 @@ class ParallelMagics(Magics):
     def _active_view(self) -> Any:
         if self.view is None:
             raise UsageError(NO_VIEW)
-        if getattr(self.view.client, "_closed", False):
+        if self.view.client.closed:
             raise UsageError(
                 "The client of the active view is closed (its cluster stopped?). "
                 "Connect again and call rc.activate()."
@@ -651,7 +651,7 @@ def activate_if_unbound(shell: Any, client: Any) -> None:
     current = shell.magics_manager.magics["cell"].get("px")
     magics = getattr(current, "__self__", None)
     if isinstance(magics, ParallelMagics) and magics.view is not None \
-            and not getattr(magics.view.client, "_closed", False):
+            and not magics.view.client.closed:
         return
     client.activate()
 

@@ -1,0 +1,507 @@
+"""The client's transport: every socket to the controller, and the one thread that owns them.
+
+Threads: the user's thread builds and signs messages (the costly part) and queues them
+with :meth:`Transport.submit`; one I/O thread owns every zmq socket. On each wake-up it
+sends what is queued, packing the messages waiting for the same channel into one
+:mod:`~ipyparallel_lite.batch` (never waiting to fill one: a lone request goes at once),
+and receives replies, notifications and output. A reply is verified, matched to its
+:class:`~ipyparallel_lite.client.asyncresult.AsyncResult` by the parent's ``msg_id`` in
+:attr:`Transport.pending` and handed over as it is; results are unpickled only when
+asked for.
+
+Flow control: when the controller announces a ``window`` in its ``connection_reply``,
+at most that many requests are in flight (sent, not answered); the rest wait here, in
+the user's process, and go out as replies come back. A ``view.map`` of any size then
+costs the controller a bounded amount of memory.
+
+What the transport knows of the rest of the client: the AsyncResults it feeds (their
+``_receive``/``_output``/``_count``/``_tracked`` hooks), and two callbacks the Client
+gives it (``on_notification``, ``on_reconnect``). It imports nothing of the views or
+the Client.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from ipyparallel_lite import batch, error, fastzmq
+from ipyparallel_lite.connection import (
+    curve_client_options,
+    make_session,
+    set_options,
+    unpack_message,
+    url,
+)
+
+NOBLOCK = int(zmq.NOBLOCK)
+
+#: channels views send on, by name (``query`` is the controller's registration socket)
+SEND_CHANNELS = ("mux", "task", "control", "query", "broadcast")
+#: channels whose requests wait for replies, and so count against the window
+WINDOWED = frozenset(("mux", "task", "broadcast"))
+#: most messages the I/O thread packs into one batch
+BATCH_MAX = 64
+
+# an outbox entry: (channel, frames, reply slots it takes in the window, the AsyncResult
+# to give a zmq tracker or None, sequence number, the msg_ids its replies will carry)
+_CHANNEL, _FRAMES, _SLOTS, _TRACK, _SEQ, _IDS = range(6)
+#: a sequence number after every other
+_NEVER = float("inf")
+
+
+class Transport:
+    """The sockets of one Client, their I/O thread, and the requests waiting for replies.
+
+    Connecting asks the controller for its engines (``connection_reply``, in
+    :attr:`first_reply`) before the I/O thread starts. ``on_notification(msg)`` gets
+    every registration notification, on the I/O thread; ``on_reconnect()`` is called on a
+    thread of its own when the controller comes back after it was lost.
+    """
+
+    #: how long the controller may be unreachable before waiting requests fail
+    CONTROLLER_GRACE = 5.0
+    #: how long a replied execute request waits for iopub output its engine announced
+    #: (``iopub_count``) but that has not arrived, before counting as complete: PUB/SUB
+    #: drops messages when a subscriber falls far behind
+    OUTPUT_GRACE = 2.0
+
+    def __init__(self, info: dict, timeout: float, *,
+                 on_notification: Callable[[dict], None],
+                 on_reconnect: Callable[[], None]):
+        self.connection_info = info
+        self.session = make_session(info["key"])
+        self.on_notification = on_notification
+        self.on_reconnect = on_reconnect
+        #: CURVE options of every socket to the controller (empty if it does not encrypt)
+        self._curve = curve_client_options(info)
+        self._context = zmq.Context()
+        self.closed = False
+        #: msg_id -> AsyncResult of every request waiting for its reply
+        self.pending: dict[str, Any] = {}
+        #: the same for control requests (clear, abort, signal), kept out of ``pending``
+        self.control_pending: dict[str, Any] = {}
+        #: msg_id -> AsyncResult of every request whose AsyncResult is alive (for output)
+        self.outputs: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        #: msg_ids of every request submitted, oldest first
+        self.history: list[str] = []
+        self._query_replies: dict[str, Any] = {}
+        self._query_cond = threading.Condition()
+        self._outbox: collections.deque = collections.deque()
+        #: requests held back by the window, in order
+        self._held: collections.deque = collections.deque()
+        self._held_slots = 0  # reply slots of the entries in _held (under _wake_lock)
+        self._aborted: set[str] = set()  # msg_ids to take out of _held (under _wake_lock)
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._stalled_on: zmq.Socket | None = None
+        self._queued = 0  # messages queued so far (under _wake_lock): the sequence numbers
+        #: zmq messages sent so far (a batch counts once)
+        self.sends = 0
+        self._output_deadlines: collections.deque = collections.deque()
+        self.first_reply = self._connect(info, timeout)
+        #: most requests in flight at once (None: no limit), as the controller asks
+        self.window: int | None = self.first_reply.get("window") or None
+        self._io_thread = threading.Thread(target=self._io_loop, name="ipp-lite-client-io", daemon=True)
+        self._io_thread.start()
+
+    # ---- connection ---------------------------------------------------------------
+
+    def _socket(self, kind: int, channel: str) -> zmq.Socket:
+        sock = set_options(fastzmq.socket(self._context, kind), self._curve)
+        sock.linger = 0
+        if kind == zmq.DEALER:  # the controller may send it batches of replies
+            sock.identity = batch.reader_identity()
+        sock.connect(url(self.connection_info, channel))
+        return sock
+
+    def _connect(self, info: dict, timeout: float) -> dict:
+        self._sockets = {
+            "mux": self._socket(zmq.DEALER, "mux"),
+            "task": self._socket(zmq.DEALER, "task"),
+            "control": self._socket(zmq.DEALER, "control"),
+            "query": self._socket(zmq.DEALER, "registration"),
+        }
+        if "broadcast" in info["ports"]:  # absent from connection files of older controllers
+            self._sockets["broadcast"] = self._socket(zmq.DEALER, "broadcast")
+        self._notification = self._socket(zmq.SUB, "notification")
+        self._notification.subscribe(b"")
+        self._iopub = self._socket(zmq.SUB, "iopub")
+        self._iopub.subscribe(b"")
+        wake_url = f"inproc://ipp-lite-wake-{id(self)}"
+        self._wake_pull = self._context.socket(zmq.PULL)
+        self._wake_pull.bind(wake_url)
+        self._wake_push = self._context.socket(zmq.PUSH)
+        self._wake_push.connect(wake_url)
+        # the first exchange happens here, before the I/O thread owns the sockets
+        query = self._sockets["query"]
+        self._controller_link = query.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._controller_lost_since: float | None = None
+        self._controller_was_lost = False
+        self.session.send(query, "connection_request", {})
+        if not query.poll(int(timeout * 1000)):
+            self._context.destroy(linger=0)
+            raise error.TimeoutError(
+                f"No answer from the controller at {url(info, 'registration')} within {timeout}s. "
+                "Is the cluster running, and is its connection file current?"
+            )
+        _, reply = self.session.recv(query, mode=0)
+        return reply["content"]
+
+    def has_channel(self, channel: str) -> bool:
+        """Whether the controller offers ``channel`` (older ones have no ``broadcast``)."""
+        return channel in self._sockets
+
+    # ---- the interface: building and queueing -------------------------------------------
+
+    def build(self, msg_type: str, content: dict | None = None, *, ident: list[bytes] | None = None,
+              buffers: list | None = None, metadata: dict | None = None) -> tuple[str, list]:
+        """A signed message ready to send: ``(msg_id, frames)``."""
+        if self.closed:
+            raise RuntimeError("this Client is closed; create a new one to keep working")
+        msg = self.session.msg(msg_type, content or {}, metadata=metadata)
+        frames = self.session.serialize(msg, ident=ident)
+        if buffers:
+            frames.extend(buffers)
+        return msg["header"]["msg_id"], frames
+
+    def submit(self, channel: str, messages: list[tuple[str, list]], result: Any,
+               *, reply_ids: list[str] | None = None, history: list[str] | None = None,
+               track: bool = False, control: bool = False) -> None:
+        """Queue built messages; ``result`` (an AsyncResult) is registered first so no
+        reply is missed.
+
+        ``reply_ids``: the parent msg_ids the replies will carry, when they are not the
+        messages' own (a broadcast's one message gets one reply per engine).
+        ``history``: a view's history, which records the ids too (:attr:`history` always
+        does). ``track``: have zmq track the sends, for ``result.sent`` (needs ``result``).
+        ``control``: requests to stop or clear engines, kept out of ``pending``,
+        ``history`` and ``wait()``.
+        """
+        windowed = False
+        if control:
+            for msg_id, _ in messages:
+                self.control_pending[msg_id] = result
+        elif result is not None:
+            ids = [msg_id for msg_id, _ in messages] if reply_ids is None else reply_ids
+            for msg_id in ids:
+                self.pending[msg_id] = result
+                self.outputs[msg_id] = result
+            self.history.extend(ids)
+            if history is not None:
+                history.extend(ids)
+            windowed = self.window is not None and channel in WINDOWED
+        tracked = result if track else None
+        with self._wake_lock:  # one lock for queueing, counting and waking: sends stay in order
+            seq = self._queued
+            if windowed:
+                # each message takes the slots of the replies it will get
+                slots = max(1, len(ids) // len(messages)) if messages else 0
+                queue = self._held
+                self._held_slots += slots * len(messages)
+            else:
+                slots, queue = 0, self._outbox
+            fan_out = tuple(reply_ids) if reply_ids is not None and len(messages) == 1 else None
+            for msg_id, frames in messages:
+                seq += 1
+                queue.append((channel, frames, slots, tracked, seq, fan_out or (msg_id,)))
+            self._queued = seq
+            if result is not None:
+                result._send_seq = seq
+            if not self._wake_pending:  # one wake-up of the I/O thread for any number of messages
+                self._wake_pending = True
+                self._wake_push.send(b"")
+
+    def send(self, channel: str, msg_type: str, content: dict | None = None, **kwargs: Any) -> str:
+        """Build and queue one message whose reply nobody waits for; its msg_id."""
+        message = self.build(msg_type, content, **kwargs)
+        self.submit(channel, [message], None)
+        return message[0]
+
+    def query(self, msg_type: str, content: dict, timeout: float = 10) -> dict:
+        """A request to the Hub, answered synchronously; raises on an error reply."""
+        msg_id = self.send("query", msg_type, content)
+        deadline = time.monotonic() + timeout
+        with self._query_cond:
+            while msg_id not in self._query_replies:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise error.TimeoutError(f"the controller did not answer {msg_type} in {timeout}s")
+                self._query_cond.wait(remaining)
+            reply = self._query_replies.pop(msg_id)
+        if reply["content"].get("status") != "ok":
+            raise error.unwrap_exception(reply["content"])
+        return reply
+
+    def sent_through(self, seq: int) -> bool:
+        """Whether the messages queued up to sequence number ``seq`` were handed to zmq."""
+        for queue in (self._outbox, self._held):
+            try:
+                if queue[0][_SEQ] <= seq:
+                    return False
+            except IndexError:  # empty, or emptied by the I/O thread meanwhile
+                pass
+        return True
+
+    def abort_held(self, msg_ids: list[str]) -> None:
+        """Requests among ``msg_ids`` that the window still holds here are never sent:
+        they end with ``TaskAborted`` (the I/O thread takes them out on its next turn)."""
+        with self._wake_lock:
+            if not self._held:
+                return
+            self._aborted.update(msg_ids)
+            if not self._wake_pending:
+                self._wake_pending = True
+                self._wake_push.send(b"")
+
+    def expect_output(self, ar: Any, msg_id: str) -> None:
+        """``ar``'s request ``msg_id`` is replied and waits for announced iopub output:
+        it counts as complete after :attr:`OUTPUT_GRACE` seconds even without it."""
+        self._output_deadlines.append((time.monotonic() + self.OUTPUT_GRACE, ar, msg_id))
+
+    # ---- failing what waits ------------------------------------------------------------
+
+    def fail_pending(self, reason: str) -> None:
+        """Answer every waiting request with an EngineError, so nobody waits forever."""
+        pending, self.pending = self.pending, {}
+        control, self.control_pending = self.control_pending, {}
+        with self._wake_lock:  # requests held back by the window will not be sent either
+            self._held.clear()
+            self._held_slots = 0
+            self._aborted.clear()
+        self._fail_requests({**pending, **control}, "EngineError", reason)
+
+    def fail_pending_ids(self, msg_ids: list[str], reason: str) -> None:
+        """Answer the waiting requests ``msg_ids`` with an EngineError."""
+        self._fail_requests({m: ar for m in msg_ids if (ar := self.pending.pop(m, None))},
+                            "EngineError", reason)
+
+    @staticmethod
+    def _fail_requests(pending: dict[str, Any], ename: str, reason: str) -> None:
+        for msg_id, ar in pending.items():
+            ar._receive(msg_id, {
+                "header": {}, "parent_header": {"msg_id": msg_id}, "buffers": [],
+                "metadata": {"status": "error", "engine_id": None},
+                "content": {"status": "error", "ename": ename, "evalue": reason,
+                            "traceback": [], "engine_info": {}},
+            })
+
+    def _drop_aborted(self) -> None:
+        """Take the requests :meth:`abort_held` named out of the window's queue, and
+        answer them."""
+        with self._wake_lock:
+            aborted, self._aborted = self._aborted, set()
+            kept: collections.deque = collections.deque()
+            dropped = []
+            for entry in self._held:
+                if aborted.isdisjoint(entry[_IDS]):
+                    kept.append(entry)
+                else:
+                    dropped.extend(entry[_IDS])
+                    self._held_slots -= entry[_SLOTS]
+            self._held = kept
+        self._fail_requests({m: ar for m in dropped if (ar := self.pending.pop(m, None))},
+                            "TaskAborted", "Aborted before it was sent: it was waiting in this "
+                            "client for room in the controller's window")
+
+    # ---- the I/O thread -----------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        poller = self._poller = zmq.Poller()
+        handlers = {
+            self._wake_pull: self._on_wake,
+            self._notification: self._on_notification,
+            self._iopub: self._on_iopub,
+            self._sockets["query"]: self._on_query_reply,
+            self._controller_link: self._on_controller_link,
+        }
+        for name in ("mux", "task", "control", "broadcast"):
+            if name in self._sockets:
+                handlers[self._sockets[name]] = self._on_replies
+        for sock in handlers:
+            poller.register(sock, zmq.POLLIN)
+        while not self.closed:
+            try:
+                events = poller.poll(100)
+            except zmq.ZMQError:
+                break
+            for sock, _ in events:
+                handler = handlers[sock]
+                for _ in range(512):
+                    try:
+                        if not fastzmq.readable(sock):
+                            break
+                        frames = sock.recv_multipart(NOBLOCK, copy=False)
+                    except zmq.ZMQError:
+                        return
+                    try:
+                        handler(frames)
+                    except Exception as e:  # one bad message must not stop the client
+                        warnings.warn(f"ipyparallel_lite client dropped a message: {e}", stacklevel=1)
+            self._flush()
+            self._expire_output_waits()
+            self._check_controller()
+        self._flush()
+
+    def _on_controller_link(self, frames: list) -> None:
+        event = parse_monitor_message([bytes(f.bytes) for f in frames])["event"]
+        if event == zmq.EVENT_DISCONNECTED:
+            self._controller_lost_since = self._controller_lost_since or time.monotonic()
+            self._controller_was_lost = True
+        elif event == zmq.EVENT_CONNECTED:
+            self._controller_lost_since = None
+            if self._controller_was_lost:  # back (a restart): the queries block, not this thread
+                self._controller_was_lost = False
+                threading.Thread(target=self.on_reconnect, daemon=True).start()
+
+    def _check_controller(self) -> None:
+        lost = self._controller_lost_since
+        if lost is not None and time.monotonic() - lost > self.CONTROLLER_GRACE:
+            self.fail_pending(
+                f"The controller has been unreachable for {self.CONTROLLER_GRACE:g}s; results of "
+                "requests in flight cannot arrive. Restart the cluster and resubmit."
+            )
+
+    def _expire_output_waits(self) -> None:
+        waits = self._output_deadlines
+        now = time.monotonic()
+        while waits and waits[0][0] <= now:
+            _, ar, msg_id = waits.popleft()
+            ar._count(msg_id)
+
+    def _on_wake(self, frames: list) -> None:
+        with self._wake_lock:
+            self._wake_pending = False
+
+    def _flush(self) -> None:
+        """Send what is queued, in the order it was queued, never blocking: a blocked send
+        here would stop this thread from reading replies, and the controller may be
+        waiting for us to read. Requests the window holds wait; what follows them on
+        other channels (a query, an abort) does not."""
+        if self._aborted:
+            self._drop_aborted()
+        outbox, held = self._outbox, self._held
+        while outbox or held:
+            budget = self.window - (len(self.pending) - self._held_slots) if held else 0
+            next_out = outbox[0][_SEQ] if outbox else _NEVER
+            next_held = held[0][_SEQ] if held and budget > 0 else _NEVER
+            if next_out == next_held:  # both _NEVER: nothing may go now
+                break
+            if next_out < next_held:
+                sent = self._send_from(outbox, None, next_held)
+            else:
+                sent = self._send_from(held, budget, next_out)
+            if not sent:
+                return
+        if self._stalled_on is not None:
+            self._poller.modify(self._stalled_on, zmq.POLLIN)
+            self._stalled_on = None
+
+    def _send_from(self, queue: collections.deque, budget: int | None, before: float) -> bool:
+        """Send ``queue``'s entries queued before sequence number ``before``, in order,
+        those for one channel packed into batches, until ``budget`` reply slots are used;
+        False if zmq refused."""
+        sockets = self._sockets
+        while queue and queue[0][_SEQ] < before and (budget is None or budget > 0):
+            first = queue[0]
+            channel = first[_CHANNEL]
+            sock = sockets[channel]
+            count, slots = 1, first[_SLOTS]
+            if first[_TRACK] is None:  # a tracked send goes alone, so that its tracker is its own
+                limit = min(len(queue), BATCH_MAX)
+                while count < limit:
+                    entry = queue[count]
+                    if entry[_CHANNEL] != channel or entry[_TRACK] is not None or entry[_SEQ] >= before:
+                        break
+                    if budget is not None and slots + entry[_SLOTS] > budget:
+                        break
+                    slots += entry[_SLOTS]
+                    count += 1
+            try:
+                if count == 1:
+                    if first[_TRACK] is None:
+                        sock.send_multipart(first[_FRAMES], NOBLOCK, copy=False)
+                    else:
+                        first[_TRACK]._tracked(sock.send_multipart(first[_FRAMES], NOBLOCK, copy=False,
+                                                                   track=True))
+                else:
+                    sock.send_multipart(batch.pack([queue[i][_FRAMES] for i in range(count)]),
+                                        NOBLOCK, copy=False)
+            except zmq.Again:
+                # the controller is not reading: wake when this socket can take more
+                self._stalled_on = sock
+                self._poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
+                return False
+            if budget is not None:
+                budget -= slots
+                with self._wake_lock:
+                    self._held_slots -= slots
+            for _ in range(count):
+                queue.popleft()
+            self.sends += 1
+        return True
+
+    # ---- receiving --------------------------------------------------------------------
+
+    def deserialize(self, frames: list) -> dict:
+        """A received message verified and unpacked (content and buffers left packed)."""
+        _, msg_frames = self.session.feed_identities(frames, copy=False)
+        return unpack_message(self.session, msg_frames)
+
+    def _on_replies(self, frames: list) -> None:
+        if batch.is_batch(frames[0]):
+            for message in batch.unpack(frames):
+                try:
+                    self._on_reply(message)
+                except Exception as e:  # the batch's other replies still count
+                    warnings.warn(f"ipyparallel_lite client dropped a message: {e}", stacklevel=1)
+        else:
+            self._on_reply(frames)
+
+    def _on_reply(self, frames: list) -> None:
+        msg = self.deserialize(frames)
+        msg_id = msg["parent_header"].get("msg_id")
+        ar = self.pending.pop(msg_id, None)
+        if ar is None:
+            ar = self.control_pending.pop(msg_id, None)
+        if ar is not None:
+            ar._receive(msg_id, msg)
+
+    def _on_iopub(self, frames: list) -> None:
+        msg = self.deserialize(frames)
+        msg_id = msg["parent_header"].get("msg_id")
+        ar = self.pending.get(msg_id) or self.outputs.get(msg_id)
+        if ar is not None:
+            ar._output(msg_id, msg)
+
+    def _on_notification(self, frames: list) -> None:
+        self.on_notification(self.deserialize(frames))
+
+    def _on_query_reply(self, frames: list) -> None:
+        msg = self.deserialize(frames)
+        with self._query_cond:
+            self._query_replies[msg["parent_header"].get("msg_id")] = msg
+            self._query_cond.notify_all()
+
+    # ---- closing ------------------------------------------------------------------------
+
+    def close(self, linger: int | None = None) -> None:
+        """Send what is queued (for up to a second), then close the sockets and stop the
+        I/O thread."""
+        if self.closed:
+            return
+        time.sleep(0)  # let a just-queued message reach the outbox
+        deadline = time.monotonic() + 1
+        while (self._outbox or self._held) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.closed = True
+        self._io_thread.join(2)
+        self._context.destroy(linger=0 if linger is None else linger)

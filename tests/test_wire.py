@@ -1,0 +1,224 @@
+"""Batches on every hop, the client transport, and the client's window, on real clusters.
+
+Raw sockets speak to a real controller here (as a client that is not ours would);
+the framing itself is also checked on its own.
+"""
+
+from __future__ import annotations
+
+import ast
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+import ipyparallel_lite
+from ipyparallel_lite import batch, error
+from ipyparallel_lite.connection import load_connection_file, make_session, url
+from ipyparallel_lite.serialization import pack_apply_message
+
+
+def connect(ctx: zmq.Context, info: dict, channel: str, identity: bytes | None = None) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    if identity is not None:
+        sock.identity = identity
+    sock.connect(url(info, channel))
+    return sock
+
+
+def apply_request(session, f, *args, ident: list[bytes] | None = None) -> tuple[str, list]:
+    msg = session.msg("apply_request", {})
+    return msg["header"]["msg_id"], session.serialize(msg, ident=ident) + pack_apply_message(f, args, {})
+
+
+def receive(sock: zmq.Socket, session, n: int, timeout: float = 30) -> tuple[dict, int]:
+    """``{parent msg_id: reply}`` of ``n`` replies, and how many zmq messages carried them."""
+    replies, zmq_messages = {}, 0
+    deadline = time.monotonic() + timeout
+    while len(replies) < n:
+        assert sock.poll(max(0, int((deadline - time.monotonic()) * 1000))), \
+            f"{len(replies)} of {n} replies after {timeout}s"
+        frames = sock.recv_multipart()
+        zmq_messages += 1
+        for message in batch.unpack(frames) if batch.is_batch(frames[0]) else [frames]:
+            reply = session.deserialize(session.feed_identities(message)[1])
+            replies[reply["parent_header"]["msg_id"]] = reply
+    return replies, zmq_messages
+
+
+def still_serves(rc) -> None:
+    assert rc.load_balanced_view().apply_sync(abs, -3) == 3
+
+
+# ---- the framing ------------------------------------------------------------------
+
+
+def test_pack_and_unpack_keep_every_frame_of_every_message():
+    messages = [[b"a"], [b"<IDS|MSG>", b"sig", b"h", b"p", b"m", b"c", b"buf"], [b"x", b"y"]]
+    frames = batch.pack(messages)
+    assert frames[0] == batch.MARKER and batch.is_batch(frames[0])
+    assert batch.unpack(frames) == messages
+    assert batch.unpack([b"ident", *frames], 1) == messages
+    assert not batch.is_batch(b"<IDS|MSG>") and not batch.is_batch(b"x" * len(batch.MARKER))
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([batch.MARKER, b"\x01\x00\x00\x00"], "needs a marker, counts and frames"),
+    ([batch.MARKER, b"\x01\x00\x00", b"a"], "not a positive multiple of 4"),
+    ([batch.MARKER, b"\x02\x00\x00\x00", b"a"], "do not add up"),
+    ([batch.MARKER, b"\x00\x00\x00\x00\x01\x00\x00\x00", b"a"], "do not add up"),
+    ([batch.MARKER, b"\x01\x00\x00\x00" * (batch.MAX_MESSAGES + 1), b"a"], "at most"),
+])
+def test_a_batch_that_does_not_add_up_is_refused_whole(frames, reason):
+    with pytest.raises(batch.BatchError, match=reason):
+        batch.unpack(frames)
+
+
+def test_client_view_and_asyncresult_import_no_cycle():
+    """client.py imports the views and the transport; nothing imports client.py back."""
+    package = Path(ipyparallel_lite.__file__).parent / "client"
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports too
+            if isinstance(node, ast.ImportFrom) and node.module:
+                name = node.module
+                if name == "ipyparallel_lite.client":
+                    imported.update(f"{name}.{alias.name}" for alias in node.names)
+                else:
+                    imported.add(name)
+        graph[f"ipyparallel_lite.client.{path.stem}"] = {m for m in imported if m.startswith("ipyparallel_lite.client.")}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, ()):
+            if nxt == goal or (nxt not in seen and not seen.add(nxt) and reaches(nxt, goal, seen)):
+                return True
+        return False
+
+    cyclic = sorted(m for m in graph if reaches(m, m, set()))
+    assert not cyclic, f"import cycle through {cyclic}"
+    assert "ipyparallel_lite.client.transport" in graph["ipyparallel_lite.client.client"]
+
+
+# ---- client → controller → client -------------------------------------------------------
+
+
+def test_a_burst_leaves_as_few_batches_and_a_lone_request_at_once(rc, lview):
+    transport = rc.transport
+    before = transport.sends
+    assert lview.apply_sync(abs, -1) == 1
+    assert transport.sends == before + 1  # alone: one zmq message, sent at once
+    before = transport.sends
+    ars = [lview.apply_async(abs, -i) for i in range(300)]
+    assert [ar.get(timeout=60) for ar in ars] == list(range(300))
+    assert transport.sends - before < 300
+
+
+@pytest.mark.parametrize("reader", [True, False])
+def test_controller_unpacks_batches_and_batches_replies_only_for_readers(cluster, rc, reader):
+    info = load_connection_file(cluster.connection_file("client"))
+    session = make_session(info["key"])
+    ctx = zmq.Context()
+    try:
+        # direct requests queue on one engine: its replies, and the controller's, batch
+        sock = connect(ctx, info, "mux", batch.reader_identity() if reader else None)
+        engine = [rc.engine_uuid(0).encode()]
+        requests = [apply_request(session, abs, -i, ident=engine) for i in range(40)]
+        sock.send_multipart(batch.pack([frames for _, frames in requests]))
+        replies, zmq_messages = receive(sock, session, 40)
+        assert set(replies) == {msg_id for msg_id, _ in requests}
+        assert all(r["metadata"]["status"] == "ok" for r in replies.values())
+        if reader:
+            assert zmq_messages < 40
+        else:  # a client that did not say it reads batches gets lone replies
+            assert zmq_messages == 40
+    finally:
+        ctx.destroy(linger=0)
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that something was unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_unsigned_or_malformed_batches_are_refused_and_the_rest_is_served(cluster, rc, tmp_path):
+    info = load_connection_file(cluster.connection_file("client"))
+    good, evil = make_session(info["key"]), make_session("not-the-key")
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Marker(str(marker)))
+    ctx = zmq.Context()
+    try:
+        sock = connect(ctx, info, "task", batch.reader_identity())
+        forged = evil.serialize(evil.msg("apply_request", {})) + [payload, payload]
+        unsigned = good.serialize(good.msg("apply_request", {})) + [payload, payload]
+        unsigned[1] = b""
+        msg_id, request = apply_request(good, abs, -5)
+        # wrongly signed, unsigned and garbage messages inside a batch are dropped one by
+        # one; the signed request beside them is served
+        sock.send_multipart(batch.pack([forged, unsigned, [b"garbage"], request]))
+        # batches whose counts do not add up are dropped whole, with a warning
+        sock.send_multipart([batch.MARKER, b"\x05\x00\x00\x00", *forged])
+        sock.send_multipart([batch.MARKER, b"xyz", *forged])
+        sock.send_multipart([batch.MARKER])
+        replies, _ = receive(sock, good, 1)
+        assert list(replies) == [msg_id]
+        assert not sock.poll(1000), "something besides the signed request was answered"
+        still_serves(rc)
+    finally:
+        ctx.destroy(linger=0)
+    assert not marker.exists(), "an unsigned message was unpickled"
+    assert "dropped a malformed batch" in cluster.controller.log_file.read_text()
+
+
+def test_replies_ready_together_on_an_engine_come_back_batched_and_in_order(rc):
+    # requests queued on one engine run back to back: their replies leave it together
+    view = rc[0]
+    ars = [view.apply_async(abs, -i) for i in range(500)]
+    assert [ar.get(timeout=60) for ar in ars] == list(range(500))
+    completed = [ar.metadata["completed"] for ar in ars]
+    assert completed == sorted(completed)
+
+
+# ---- the client's window ------------------------------------------------------------------
+
+
+def test_the_window_bounds_what_waits_in_the_controller(own_cluster):
+    window = 16
+    cluster, rc = own_cluster(2, controller_args=[f"--IPController.client_window={window}"])
+    assert rc.transport.window == window
+    lview = rc.load_balanced_view()
+    ar = lview.map_async(time.sleep, [0.002] * 600, chunksize=1)
+    in_controller = []
+    while not ar.done():
+        status = rc.queue_status()
+        in_controller.append(status["unassigned"] + sum(status[e]["tasks"] for e in rc.ids))
+        time.sleep(0.02)
+    assert ar.get(timeout=60) == [None] * 600
+    assert max(in_controller) <= window
+    assert max(in_controller) > 0
+
+
+def test_requests_the_window_holds_are_aborted_without_being_sent(own_cluster):
+    cluster, rc = own_cluster(1, controller_args=["--IPController.client_window=2"])
+    lview = rc.load_balanced_view()
+    ars = [lview.apply_async(time.sleep, 0.2) for _ in range(20)]
+    time.sleep(0.1)
+    rc.abort(ars)
+    outcomes = []
+    for ar in ars:
+        try:
+            outcomes.append(ar.get(timeout=30))
+        except error.TaskAborted:
+            outcomes.append("aborted")
+    assert outcomes.count("aborted") >= 17
+    ran = sum(1 for r in rc.db_query({"msg_id": {"$in": [ar.msg_ids[0] for ar in ars]}}, ["msg_id"]))
+    assert ran <= 3  # the controller never heard of the others
+    still_serves(rc)
