@@ -38,6 +38,7 @@ from zmq.devices import ThreadDevice
 from ipyparallel_lite import fastzmq
 from ipyparallel_lite.connection import (
     CURVE_SERVERKEY,
+    TASK_IDENT,
     curve_server_options,
     reply_type,
     set_device_options,
@@ -53,13 +54,15 @@ from ipyparallel_lite.controller.hub import (
     utcnow,
 )
 from ipyparallel_lite.controller.outbox import Outbox, Sent
-from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
+from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, Steal, TaskScheduler
 from ipyparallel_lite.controller.store import NoStore, RecordNotFound
 from ipyparallel_lite.controller.throttle import ThrottledLog
 from ipyparallel_lite.processes import process_alive, process_start_time
 
 DELIM = b"<IDS|MSG>"
-MUX, TASK, CONTROL = b"m", b"t", b"c"
+MUX, TASK, CONTROL = b"m", TASK_IDENT, b"c"
+#: a steal request's tag, so that the engine's answer comes back to the scheduler
+STEAL = b"s"
 #: a broadcast request's per-engine copy; handled like a mux request once fanned out
 BROADCAST = b"b"
 #: requests that engines answer with exactly one reply: all that tasks and broadcasts carry
@@ -731,7 +734,7 @@ class Controller:
 
     def _engine_ready(self, engine: Any) -> None:
         self.log.info("engine %d ready", engine.id)
-        self._apply(self.scheduler.add_engine(engine.id))
+        self._apply(self.scheduler.add_engine(engine.id, self.loop.time()))
         self._notify("registration_notification",
                      {"id": engine.id, "uuid": engine.uuid, "info": engine.info})
 
@@ -759,7 +762,8 @@ class Controller:
             success = md.get("status") == "ok"
             unmet = md.get("dependencies_met") is False
             actions = self.scheduler.task_done(
-                parent_id, engine.id, success=success, now=self.loop.time(), unmet=unmet
+                parent_id, engine.id, success=success, now=self.loop.time(), unmet=unmet,
+                run_time=md.get("run_time"),
             )
             rerun = self.scheduler.is_pending(parent_id)  # retries, or an unmet dependency
             overruled = any(isinstance(a, Fail) and a.msg_id == parent_id for a in actions)
@@ -783,8 +787,10 @@ class Controller:
         parsed = self._engine_message(frames, "control")
         if parsed is None:
             return
-        _, idents, rest, _msg = parsed
-        if len(idents) == 2 and idents[0] == CONTROL:
+        engine_ident, idents, rest, msg = parsed
+        if len(idents) == 2 and idents[0] == STEAL:
+            self._stolen(engine_ident, msg)
+        elif len(idents) == 2 and idents[0] == CONTROL:
             if self._send(self.control, [idents[1], *rest]) is not Sent.SENT:
                 self.log.info("a control reply for client %r waits or is dropped: it does not read",
                               idents[1])
@@ -1048,6 +1054,8 @@ class Controller:
                 self._fail(action.msg_id, action.ename, action.evalue)
             elif isinstance(action, Interrupt):
                 self._interrupt(action)
+            elif isinstance(action, Steal):
+                self._steal(action)
         self._arm_deadline()
 
     def _assign(self, msg_id: str, eid: int) -> None:
@@ -1084,6 +1092,35 @@ class Controller:
         msg = self.session.msg("signal_request", {"sig": "SIGINT", "msg_id": action.msg_id,
                                                   "reason": action.ename})
         self._send(self.engine_control, [engine.ident, *self.session.serialize(msg, ident=[b"x", b"-"])])
+
+    def _steal(self, action: Steal) -> None:
+        """Ask an engine for tasks back; its answer comes to :meth:`_stolen`."""
+        engine = self.hub.engines.get(action.engine_id)
+        if engine is None:
+            return
+        self.log.debug("asking engine %d for %d task(s) back", engine.id, len(action.msg_ids))
+        msg = self.session.msg("steal_request", {"msg_ids": list(action.msg_ids)})
+        self._send(self.engine_control, [engine.ident, *self.session.serialize(msg, ident=[STEAL, b"-"])])
+
+    def _stolen(self, engine_ident: bytes, msg: dict) -> None:
+        """An engine's answer to a steal request: re-place the tasks it had not begun."""
+        engine = self.hub.by_uuid(engine_ident.decode())
+        try:
+            content = self.session.unpack(_bytes(msg["content"]))
+            stolen, kept = content["stolen"], content["kept"]
+            if not all(isinstance(m, str) for m in (*stolen, *kept)):
+                raise TypeError("msg_ids must be strings")
+        except Exception as e:
+            self.warn(engine_ident, "bad steal reply", "dropped a malformed steal_reply: %s", e)
+            return
+        if engine is None:
+            return  # removed meanwhile: its tasks were retried or failed then
+        self.log.debug("engine %d handed back %d task(s), kept %d", engine.id, len(stolen), len(kept))
+        for msg_id in stolen:
+            pending = self.pending.get(msg_id)
+            if pending is not None and pending.engine_id == engine.id:
+                pending.engine_id = None  # unassigned until placed again
+        self._apply(self.scheduler.stolen(engine.id, stolen, kept=kept, now=self.loop.time()))
 
     def _arm_deadline(self) -> None:
         deadline = self.scheduler.next_deadline()
