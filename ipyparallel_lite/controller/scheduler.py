@@ -406,6 +406,7 @@ class TaskScheduler:
             if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
                 raise ValueError(f"retries must be an int >= 0, not {retries!r}")
         target_set = _check_targets(targets)
+        self._now = now
         task = _Task(msg_id, target_set, timeout, retries)
         out: list = []
         if timeout is not None:
@@ -659,6 +660,7 @@ class TaskScheduler:
         are interrupted. Unknown and finished msg_ids are ignored."""
         if isinstance(msg_ids, str):
             msg_ids = [msg_ids]
+        self._now = now
         out: list = []
         for msg_id in msg_ids:
             task = self._tasks.get(msg_id)
