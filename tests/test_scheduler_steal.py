@@ -202,12 +202,12 @@ def test_steal_answer_keeps_begun_tasks_where_they_are():
     first, rest = ids[0], list(ids[1:])
     s.stolen(0, rest, kept=[first], now=2.0)
     assert s.queue_status()[0]["tasks"] == ["long", first]
+    # the handed-back ones wait here (engine 1 still holds "a"): aborting one needs no steal
+    assert [type(a) for a in s.abort([rest[0]], now=2.1)] == [Fail]
     s.task_done("long", 0, success=True, now=3.0, run_time=2.0)
     s.task_done(first, 0, success=True, now=3.1, run_time=RUN)
     assert not s.is_pending(first)
     assert first == behind[0]
-    # the handed-back ones wait here (engine 1 still holds "a"): aborting one needs no steal
-    assert [type(a) for a in s.abort([rest[0]], now=3.2)] == [Fail]
 
 
 def test_a_task_is_never_both_run_and_stolen():
