@@ -156,11 +156,12 @@ class EngineKernel(IPythonKernel):
         self._running: str | None = None
         self._interrupt_reason: dict[str, str] = {}
         self._state_lock = threading.Lock()
-        # load-balanced tasks begun lately (to answer steal requests) and tasks handed back
-        # but not read yet (dropped when read); both guarded by _state_lock
+        # load-balanced tasks begun lately (to answer steal requests), and tasks handed back
+        # but not read yet, dropped when read; both guarded by _state_lock. A handed-back
+        # task placed here again and handed back again has two copies on their way: a count
         self._begun: deque[str] = deque()
         self._begun_set: set[str] = set()
-        self._stolen: set[str] = set()
+        self._stolen: dict[str, int] = {}
         self._executing_now = False  # a cell runs on the fast path (see _execute_now)
 
     @property
@@ -346,12 +347,15 @@ class EngineKernel(IPythonKernel):
     def _begin_task(self, msg_id: str) -> bool:
         """Begin a load-balanced task unless a steal request took it (False)."""
         with self._state_lock:
-            if self._stolen:
-                try:
-                    self._stolen.remove(msg_id)
+            stolen = self._stolen
+            if stolen:
+                copies = stolen.get(msg_id)
+                if copies is not None:
+                    if copies == 1:
+                        del stolen[msg_id]
+                    else:
+                        stolen[msg_id] = copies - 1
                     return False
-                except KeyError:
-                    pass
             begun = self._begun
             if len(begun) >= STEAL_WINDOW:
                 self._begun_set.discard(begun.popleft())
@@ -475,7 +479,7 @@ class EngineKernel(IPythonKernel):
                     if msg_id in self._begun_set:
                         kept.append(msg_id)
                     else:
-                        self._stolen.add(msg_id)
+                        self._stolen[msg_id] = self._stolen.get(msg_id, 0) + 1
                         stolen.append(msg_id)
             reply = {"status": "ok", "stolen": stolen, "kept": kept}
         self.session.send(stream, "steal_reply", reply, parent=parent, ident=ident)
