@@ -88,6 +88,15 @@ def _msg_type(session: Any, frames: list) -> str | None:
         return None
 
 
+def _count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer of ``key`` in a multiset kept as a dict of counts."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
 class EngineOutStream(OutStream):
     """ipykernel's stdout/stderr, whose ``flush`` costs nothing when nothing was written.
 
@@ -157,10 +166,11 @@ class EngineKernel(IPythonKernel):
         self._interrupt_reason: dict[str, str] = {}
         self._state_lock = threading.Lock()
         # load-balanced tasks begun lately (to answer steal requests), and tasks handed back
-        # but not read yet, dropped when read; both guarded by _state_lock. A handed-back
-        # task placed here again and handed back again has two copies on their way: a count
+        # but not read yet, dropped when read; both guarded by _state_lock. Counts, since a
+        # task may come here twice: a rerun, or handed back, placed here again and handed
+        # back again (two copies on their way)
         self._begun: deque[str] = deque()
-        self._begun_set: set[str] = set()
+        self._begun_count: dict[str, int] = {}
         self._stolen: dict[str, int] = {}
         self._executing_now = False  # a cell runs on the fast path (see _execute_now)
 
@@ -347,20 +357,14 @@ class EngineKernel(IPythonKernel):
     def _begin_task(self, msg_id: str) -> bool:
         """Begin a load-balanced task unless a steal request took it (False)."""
         with self._state_lock:
-            stolen = self._stolen
-            if stolen:
-                copies = stolen.get(msg_id)
-                if copies is not None:
-                    if copies == 1:
-                        del stolen[msg_id]
-                    else:
-                        stolen[msg_id] = copies - 1
-                    return False
-            begun = self._begun
+            if self._stolen and msg_id in self._stolen:
+                _count_down(self._stolen, msg_id)
+                return False
+            begun, counts = self._begun, self._begun_count
             if len(begun) >= STEAL_WINDOW:
-                self._begun_set.discard(begun.popleft())
+                _count_down(counts, begun.popleft())
             begun.append(msg_id)
-            self._begun_set.add(msg_id)
+            counts[msg_id] = counts.get(msg_id, 0) + 1
         return True
 
     def _reply_aborted(self, stream: Any, msg: dict, idents: list) -> None:
@@ -476,7 +480,7 @@ class EngineKernel(IPythonKernel):
             stolen, kept = [], []
             with self._state_lock:
                 for msg_id in msg_ids:
-                    if msg_id in self._begun_set:
+                    if msg_id in self._begun_count:
                         kept.append(msg_id)
                     else:
                         self._stolen[msg_id] = self._stolen.get(msg_id, 0) + 1
