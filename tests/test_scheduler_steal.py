@@ -289,3 +289,17 @@ def test_prefetched_tasks_of_a_dead_engine_retry_or_fail_like_its_running_one():
     assert assigned(actions) == []  # engine 1 is full; they wait for it
     s.task_done("a", 1, success=True, now=1.6, run_time=RUN)
     assert s.queue_status()[1]["tasks"][0] == retried[0]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_idle_engine_goes_before_a_prefetch_place_in_every_scheme(scheme):
+    s = warmed(2, scheme=scheme)
+    assert len(submit_many(s, ["x"], 1.0)) == 1
+    busy = 0 if s.queue_status()[0]["tasks"] else 1
+    idle = 1 - busy
+    for i in range(5):
+        # the busy engine has prefetch room, the other one has nothing: it gets the task
+        assert submit_many(s, [f"t{i}"], 1.0) == [(f"t{i}", idle)]
+        s.task_done(f"t{i}", idle, success=True, now=1.0, run_time=RUN)
+    pinned = assigned(s.submit("pinned", targets=[0, 1], now=1.0))
+    assert pinned == [("pinned", idle)]

@@ -24,8 +24,9 @@ engine reports how long each task ran (``run_time``); the scheduler keeps an EWM
 that and of the round trip around it (reply time minus assign time minus run time,
 from tasks that found the engine idle). While an engine's tasks take under a quarter of
 a round trip, it may hold up to ``ceil(round trip / run time)`` tasks beyond ``hwm``
-(at most :data:`PREFETCH_MAX`), so it never waits a round trip for its next task. Tasks
-beyond the head of an engine's line may not have started; they are stolen back:
+(at most :data:`PREFETCH_MAX`), so it never waits a round trip for its next task; an
+idle engine still goes first, whatever the scheme. Tasks beyond the head of an engine's
+line may not have started; they are stolen back:
 
 - when an engine has nothing left to do and no task is queued here, from the engine
   with the most unstarted tasks (half of them, as many as the idle engine has room for;
@@ -247,6 +248,7 @@ class TaskScheduler:
         self._limit: dict[int, int] = {}  # engine -> tasks it may hold now (hwm + prefetch)
         self._stats: dict[int, _EngineStats] = {}
         self._deep: set[int] = set()  # engines holding more than one task (some not begun)
+        self._idle: set[int] = set()  # engines holding nothing
         self._watches: list[tuple[float, int, int, str]] = []  # (due, seq, engine, head msg_id)
         self._chooser = _CHOOSERS[scheme](self)
 
@@ -267,6 +269,7 @@ class TaskScheduler:
         self._running[engine_id] = {}
         self._limit[engine_id] = self.hwm
         self._stats[engine_id] = _EngineStats()
+        self._idle.add(engine_id)
         self._last_used[engine_id] = 0  # never used: first in line for lru
         self._chooser.add(engine_id)
         if self._excluded_anywhere:
@@ -292,6 +295,7 @@ class TaskScheduler:
         del self._limit[engine_id]
         del self._stats[engine_id]
         self._deep.discard(engine_id)
+        self._idle.discard(engine_id)
         self._chooser.remove(engine_id)
         self._engine_queues.pop(engine_id, None)
         self._compact_at.pop(engine_id, None)
@@ -712,7 +716,7 @@ class TaskScheduler:
         if task.targets is None and task.follow is None and not task.blacklist and not task.avoid:
             # unconstrained: FIFO behind older queued tasks, else the scheme picks
             if not self._queue:
-                eid = self._chooser.pick_any()
+                eid = self._pick_any()
                 if eid is not None:
                     self._assign(task, eid, out)
                     return
@@ -740,6 +744,8 @@ class TaskScheduler:
             preferred = live
         free = [e for e in preferred if self._has_room(e)]
         if free:
+            if self.prefetch:  # engines under hwm first, as for unconstrained tasks
+                free = [e for e in free if len(running[e]) < self.hwm] or free
             free.sort()
             self._assign(task, self._chooser.pick_from(free), out)
             return
@@ -755,7 +761,11 @@ class TaskScheduler:
         if task.blacklist or task.avoid:
             self._excluded_anywhere.pop(task.msg_id, None)
         running = self._running[engine_id]
-        task.alone = not running
+        if not running:
+            task.alone = True
+            self._idle.discard(engine_id)
+        else:
+            task.alone = False
         task.assigned_at = self._now
         running[task.msg_id] = None
         if len(running) == 2:
@@ -773,8 +783,20 @@ class TaskScheduler:
         del running[task.msg_id]
         if len(running) == 1:
             self._deep.discard(engine_id)
+        elif not running:
+            self._idle.add(engine_id)
         task.engine = None
         task.stealing = False
+
+    def _pick_any(self) -> int | None:
+        """The scheme's pick among engines with room, except that an idle engine goes
+        before a place beyond ``hwm`` (a scheme may pick a busy engine with prefetch room,
+        and a task there could wait behind a long one)."""
+        engine_id = self._chooser.pick_any()
+        if (engine_id is not None and self._idle and self.prefetch
+                and len(self._running[engine_id]) >= self.hwm):
+            return min(self._idle)
+        return engine_id
 
     def _drain(self, out: list) -> None:
         """Give the shared queue's head tasks to engines with room, as the scheme picks."""
@@ -784,7 +806,7 @@ class TaskScheduler:
             if task.state is not _QUEUED or task.ticket != ticket:
                 queue.popleft()
                 continue
-            engine_id = self._chooser.pick_any()
+            engine_id = self._pick_any()
             if engine_id is None:
                 return
             queue.popleft()
