@@ -303,3 +303,19 @@ def test_idle_engine_goes_before_a_prefetch_place_in_every_scheme(scheme):
         s.task_done(f"t{i}", idle, success=True, now=1.0, run_time=RUN)
     pinned = assigned(s.submit("pinned", targets=[0, 1], now=1.0))
     assert pinned == [("pinned", idle)]
+
+
+def test_handed_back_constrained_tasks_keep_their_constraints():
+    s = warmed(1, fresh=1)
+    assert submit_many(s, ["long", "a"], 1.0) == [("long", 0), ("a", 1)]
+    both = [f"both{i}" for i in range(3)]
+    for m in both:
+        assert assigned(s.submit(m, targets=[0, 1], now=1.0)) == [(m, 0)]
+    assert assigned(s.submit("only0", targets=[0], now=1.0)) == [("only0", 0)]
+    (ids, _), = steals(s.tick(s.next_deadline()))
+    assert list(ids) == [*both, "only0"]
+    assert s.stolen(0, list(ids), now=1.1) == []  # nobody has room: they wait here
+    actions = s.task_done("a", 1, success=True, now=1.2, run_time=RUN)
+    assert assigned(actions) == [(m, 1) for m in both]  # "only0" may not run on engine 1
+    actions = s.task_done("long", 0, success=True, now=2.0, run_time=1.0)
+    assert assigned(actions) == [("only0", 0)]
