@@ -43,6 +43,16 @@ CONNECTION_INFO_ENV = "IPP_LITE_CONNECTION_INFO"
 CLIENT_CHANNELS = ("registration", "notification", "mux", "task", "broadcast", "control", "iopub")
 ENGINE_CHANNELS = ("registration", "shell", "control", "iopub", "hb_ping", "hb_pong")
 
+#: the routing identity before a load-balanced task's message on an engine's shell
+#: channel (the controller's tag for its scheduler's tasks)
+TASK_IDENT = b"t"
+
+#: how many load-balanced tasks an engine remembers having begun, to answer a steal
+#: request exactly. A task the controller may still ask back is outstanding there, so
+#: fewer than ``hwm`` plus prefetch tasks began after it: the scheduler steals only
+#: while that stays under this window.
+STEAL_WINDOW = 1024
+
 
 #: a controller's files in its profile's ``security/`` folder: the two connection files,
 #: and (with CURVE) its own keypair, kept for ``--restore`` and never given to anyone

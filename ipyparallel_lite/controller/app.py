@@ -59,6 +59,10 @@ class TaskScheduler(Configurable):
     scheme_name = CaselessStrEnum(SCHEMES, default_value="leastload",
                                   help="Task scheduling scheme.").tag(config=True)
     hwm = Integer(1, help="Outstanding tasks allowed per engine (0: no limit).").tag(config=True)
+    prefetch = Bool(True, help="While an engine's tasks finish in well under a round trip, "
+                    "place up to 16 more than hwm on it, and steal back tasks it has not begun "
+                    "when another engine is idle or its running task runs long. False: at most "
+                    "hwm per engine, as in ipyparallel.").tag(config=True)
 
 
 class IPController(ParallelApp, BaseIPythonApplication):
@@ -206,7 +210,8 @@ class IPController(ParallelApp, BaseIPythonApplication):
         store = make_store(self.store_class, path=path, record_limit=self.record_limit)
         hub = Hub(store, hb_period=self.hb_period, max_misses=self.hb_max_misses,
                   version_check=self.version_check, output_limit=self.output_limit)
-        scheduler = SchedulerCore(scheme=scheduling.scheme_name, hwm=scheduling.hwm)
+        scheduler = SchedulerCore(scheme=scheduling.scheme_name, hwm=scheduling.hwm,
+                                  prefetch=scheduling.prefetch)
         try:
             location = connect_address(self.ip, self.location)
         except ValueError as e:

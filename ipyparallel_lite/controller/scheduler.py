@@ -5,7 +5,8 @@ arrived, time passed) and decisions come out as a list of actions:
 
 - :class:`Assign`: send this task to that engine now;
 - :class:`Fail`: answer this task with an error, it will not run (again);
-- :class:`Interrupt`: this task is running and must be stopped.
+- :class:`Interrupt`: this task is running and must be stopped;
+- :class:`Steal`: ask an engine to hand back those of these tasks it has not begun.
 
 Nothing here does I/O or reads a clock: the caller passes ``now`` and calls
 :meth:`TaskScheduler.tick` at :meth:`TaskScheduler.next_deadline`. That keeps the
@@ -17,6 +18,27 @@ Task life cycle::
     WAITING, QUEUED -(impossible, timeout, abort)-> Fail
     RUNNING -(failure with retries, unmet dependency, engine death with retries)-> QUEUED
     RUNNING -(timeout, abort)-> Interrupt; done when the engine replies (no retries)
+
+Adaptive prefetch and work stealing (with ``0 < hwm``, unless ``prefetch=False``): each
+engine reports how long each task ran (``run_time``); the scheduler keeps an EWMA of
+that and of the round trip around it (reply time minus assign time minus run time,
+from tasks that found the engine idle). While an engine's tasks take under a quarter of
+a round trip, it may hold up to ``ceil(round trip / run time)`` tasks beyond ``hwm``
+(at most :data:`PREFETCH_MAX`), so it never waits a round trip for its next task; an
+idle engine still goes first, whatever the scheme. Tasks beyond the head of an engine's
+line may not have started; they are stolen back:
+
+- when an engine has nothing left to do and no task is queued here, from the engine
+  with the most unstarted tasks (half of them, as many as the idle engine has room for;
+  all of them if that engine's running task has run long);
+- when the task at the head of an engine's line has run long (:meth:`long_after`:
+  8 x its EWMA, 2 round trips, at least :data:`LONG_MIN`): everything beyond ``hwm``,
+  and the engine gets no more than ``hwm`` until that task is done.
+
+The engine answers a steal with the tasks it had not begun and drops them (a task is
+either run or handed back, never both); :meth:`TaskScheduler.stolen` re-places them
+ahead of everything queued. A task stolen back from an engine that already began it is
+simply left to finish there.
 
 Data structures are chosen so that each event costs O(1) amortized in the common case
 (no dependencies, no targets): unconstrained runnable tasks sit in one FIFO deque,
@@ -30,12 +52,14 @@ heap are skipped lazily (each entry carries the task's queue ticket).
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ipyparallel_lite.connection import STEAL_WINDOW
 from ipyparallel_lite.controller.dependency import (
     IMPOSSIBLE,
     MET,
@@ -46,7 +70,19 @@ from ipyparallel_lite.controller.dependency import (
     parse_dependency,
 )
 
-__all__ = ["SCHEMES", "Assign", "Fail", "Interrupt", "TaskScheduler"]
+__all__ = ["LONG_MIN", "PREFETCH_MAX", "SCHEMES", "Assign", "Fail", "Interrupt", "Steal", "TaskScheduler"]
+
+#: most tasks placed on an engine beyond ``hwm`` while its tasks are fast
+PREFETCH_MAX = 16
+#: an engine's tasks count as fast while their EWMA run time is under this share of a round trip
+FAST_SHARE = 0.25
+#: weight of the newest sample in the run-time and round-trip EWMAs
+EWMA_WEIGHT = 0.25
+#: a running task is long after this many times the engine's EWMA run time ...
+LONG_FACTOR = 8
+#: ... and after at least this many seconds: short enough that nothing waits behind a long
+#: task noticeably, long enough that a fast task stalled by a busy machine rarely counts
+LONG_MIN = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +115,17 @@ class Interrupt:
     ename: str
 
 
+@dataclass(frozen=True, slots=True)
+class Steal:
+    """Ask engine ``engine_id`` to hand back those of ``msg_ids`` it has not begun.
+
+    Its answer arrives through :meth:`TaskScheduler.stolen`.
+    """
+
+    msg_ids: tuple[str, ...]
+    engine_id: int
+
+
 SCHEMES = ("leastload", "lru", "twobin", "weighted", "plainrandom")
 
 # Task states (compared by identity).
@@ -93,6 +140,8 @@ class _Task:
 
     __slots__ = (
         "after",
+        "alone",
+        "assigned_at",
         "avoid",
         "blacklist",
         "deadline",
@@ -102,6 +151,7 @@ class _Task:
         "msg_id",
         "retries",
         "state",
+        "stealing",
         "targets",
         "ticket",
         "timeout",
@@ -122,13 +172,33 @@ class _Task:
         self.engine: int | None = None
         self.ticket = 0  # queue entries carrying another ticket are stale
         self.interrupted: str | None = None  # ename of a pending Interrupt
+        self.assigned_at = 0.0
+        self.alone = False  # assigned to an engine with nothing outstanding
+        self.stealing = False  # a Steal for it awaits the engine's answer
+
+
+class _EngineStats:
+    """What the scheduler has measured of one engine (for prefetch and stealing)."""
+
+    __slots__ = ("last_done", "round_trip", "run_time", "slow", "watched")
+
+    def __init__(self) -> None:
+        self.run_time: float | None = None  # EWMA of the run times the engine reported
+        self.round_trip: float | None = None  # EWMA of (reply - assign - run time), idle engine
+        self.last_done = 0.0  # when its last reply arrived
+        self.slow = False  # its running task has run long: no prefetch until it is done
+        self.watched: str | None = None  # the head task a long-run check is armed for
+
+    def long_after(self) -> float:
+        """How long a task must run on this engine to count as long."""
+        return max(LONG_FACTOR * (self.run_time or 0.0), 2 * (self.round_trip or 0.0), LONG_MIN)
 
 
 class TaskScheduler:
     """Load-balancing task scheduler with dependencies, as a pure state machine.
 
     Every event method returns a list of actions (:class:`Assign`, :class:`Fail`,
-    :class:`Interrupt`) that the caller must carry out in order.
+    :class:`Interrupt`, :class:`Steal`) that the caller must carry out in order.
 
     Parameters
     ----------
@@ -138,9 +208,14 @@ class TaskScheduler:
         Maximum number of outstanding tasks per engine; 0 means unlimited.
     seed:
         Seed for the random schemes (reproducible choices in tests).
+    prefetch:
+        Place fast tasks beyond ``hwm`` and steal unstarted ones back (see the module
+        docstring). Off, or with ``hwm=0``, at most ``hwm`` tasks go to an engine and
+        nothing is stolen, as in ipyparallel.
     """
 
-    def __init__(self, scheme: str = "leastload", hwm: int = 1, seed: int | None = None) -> None:
+    def __init__(self, scheme: str = "leastload", hwm: int = 1, seed: int | None = None,
+                 prefetch: bool = True) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheduling scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         if isinstance(hwm, bool) or not isinstance(hwm, int) or hwm < 0:
@@ -167,6 +242,14 @@ class TaskScheduler:
         self._tickets = 0
         self._finished: deque[str] = deque()  # finished msg_ids whose dependents await release
         self._releasing = False
+        # engines remember STEAL_WINDOW begun tasks: enough while hwm + prefetch stays under it
+        self.prefetch = bool(prefetch) and 0 < hwm <= STEAL_WINDOW - PREFETCH_MAX
+        self._now = 0.0  # the latest time an event brought
+        self._limit: dict[int, int] = {}  # engine -> tasks it may hold now (hwm + prefetch)
+        self._stats: dict[int, _EngineStats] = {}
+        self._deep: set[int] = set()  # engines holding more than one task (some not begun)
+        self._idle: set[int] = set()  # engines holding nothing
+        self._watches: list[tuple[float, int, int, str]] = []  # (due, seq, engine, head msg_id)
         self._chooser = _CHOOSERS[scheme](self)
 
     # ------------------------------------------------------------------ engines
@@ -176,17 +259,25 @@ class TaskScheduler:
         """Ids of the live engines, ascending."""
         return sorted(self._running)
 
-    def add_engine(self, engine_id: int) -> list:
-        """A new engine is ready for tasks. May assign queued tasks to it at once."""
+    def add_engine(self, engine_id: int, now: float | None = None) -> list:
+        """A new engine is ready for tasks. May assign queued tasks to it at once, or
+        steal unstarted ones for it from busy engines."""
         if engine_id in self._running:
             return []
+        if now is not None:
+            self._now = now
         self._running[engine_id] = {}
+        self._limit[engine_id] = self.hwm
+        self._stats[engine_id] = _EngineStats()
+        self._idle.add(engine_id)
         self._last_used[engine_id] = 0  # never used: first in line for lru
         self._chooser.add(engine_id)
         if self._excluded_anywhere:
             self._offer_excluded(engine_id)
         out: list = []
         self._fill(engine_id, out)
+        if self._deep and not self._running[engine_id]:
+            self._steal_for(engine_id, out)
         return out
 
     def remove_engine(self, engine_id: int, now: float) -> list:
@@ -199,7 +290,12 @@ class TaskScheduler:
         lost = self._running.pop(engine_id, None)
         if lost is None:
             return []
+        self._now = now
         del self._last_used[engine_id]
+        del self._limit[engine_id]
+        del self._stats[engine_id]
+        self._deep.discard(engine_id)
+        self._idle.discard(engine_id)
         self._chooser.remove(engine_id)
         self._engine_queues.pop(engine_id, None)
         self._compact_at.pop(engine_id, None)
@@ -232,8 +328,13 @@ class TaskScheduler:
         self._place(task, out, strict=True, keep_ticket=True)
 
     def _engine_lost(self, task: _Task, engine_id: int, out: list) -> None:
-        """Task was outstanding on a dead engine: retry it elsewhere or fail it."""
+        """Task was outstanding on a dead engine: retry it elsewhere or fail it.
+
+        A prefetched task may have begun there too (its predecessor's reply may have
+        died with the engine), so it is treated the same way.
+        """
         task.engine = None
+        task.stealing = False
         if task.interrupted:
             self._fail_task(task, task.interrupted, (
                 f"Task {task.msg_id} was being stopped ({task.interrupted}) when engine "
@@ -309,6 +410,7 @@ class TaskScheduler:
             if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
                 raise ValueError(f"retries must be an int >= 0, not {retries!r}")
         target_set = _check_targets(targets)
+        self._now = now
         task = _Task(msg_id, target_set, timeout, retries)
         out: list = []
         if timeout is not None:
@@ -399,7 +501,7 @@ class TaskScheduler:
     # ------------------------------------------------------------------ replies in
 
     def task_done(self, msg_id: str, engine_id: int, *, success: bool, now: float,
-                  unmet: bool = False) -> list:
+                  unmet: bool = False, run_time: float | None = None) -> list:
         """The reply of a task assigned by this scheduler arrived from ``engine_id``.
 
         ``unmet=True``: the engine refused it (``UnmetDependency`` from ``@depend`` /
@@ -408,6 +510,8 @@ class TaskScheduler:
         ``success=False`` with retries left: it is resubmitted, avoiding this engine if
         another one can take it. Otherwise the task is finished and its dependents are
         released. Replies for tasks not running on ``engine_id`` are ignored.
+        ``run_time``: seconds the engine spent on it (its reply's metadata), which feeds
+        the prefetch estimate; ``None`` or nonsense: no estimate from this reply.
 
         Afterwards :meth:`is_pending` tells whether the task is still in the scheduler
         (resubmitted: the reply is not final).
@@ -416,9 +520,11 @@ class TaskScheduler:
         if task is None or task.state is not _RUNNING or task.engine != engine_id:
             return []
         out: list = []
-        del self._running[engine_id][msg_id]
+        self._now = now
+        self._leave(task, engine_id)
+        if self.prefetch:
+            self._measure(engine_id, task, now, run_time)
         self._chooser.changed(engine_id)
-        task.engine = None
         # Fill the freed slot first: tasks queued earlier go before this one's
         # resubmission or dependents (FIFO fairness).
         self._fill(engine_id, out)
@@ -440,9 +546,58 @@ class TaskScheduler:
             self._place(task, out)
         else:
             self._complete(task, engine_id, success, out)
+        if self.prefetch:
+            running = self._running[engine_id]
+            if not running:
+                if self._deep:
+                    self._steal_for(engine_id, out)
+            elif len(running) > self.hwm:
+                self._watch(engine_id)
         return out
 
-    def record_result(self, msg_id: str, engine_id: int, success: bool) -> list:
+    def stolen(self, engine_id: int, msg_ids: Iterable[str], *, kept: Iterable[str] = (),
+               now: float) -> list:
+        """Engine ``engine_id`` answered a :class:`Steal`: it handed back ``msg_ids``
+        (not begun, dropped from its queue) and keeps ``kept`` (begun: they finish there).
+
+        Handed-back tasks are placed again ahead of everything queued (or fail, if they
+        were aborted or timed out meanwhile). Ids that are not outstanding on that engine
+        with a steal pending are ignored.
+        """
+        self._now = now
+        out: list = []
+        if engine_id not in self._running:
+            return out  # removed meanwhile: its tasks were already retried or failed
+        for msg_id in kept:
+            task = self._tasks.get(msg_id)
+            if task is not None and task.engine == engine_id:
+                task.stealing = False
+        back: list[_Task] = []
+        for msg_id in msg_ids:
+            task = self._tasks.get(msg_id)
+            if task is None or task.state is not _RUNNING or task.engine != engine_id or not task.stealing:
+                continue
+            self._leave(task, engine_id)
+            back.append(task)
+        if not back:
+            return out
+        self._chooser.changed(engine_id)
+        front: list[tuple[int, _Task]] = []
+        for task in back:
+            if task.interrupted:
+                self._fail_task(task, task.interrupted, self._interrupted_reason(task), out)
+            elif task.targets is None and task.follow is None and not task.blacklist and not task.avoid:
+                task.state = _QUEUED
+                front.append((task.ticket, task))
+            else:
+                self._place(task, out, keep_ticket=True)
+        if front:
+            self._queue.extendleft(reversed(front))
+            self._drain(out)
+        self._fill(engine_id, out)
+        return out
+
+    def record_result(self, msg_id: str, engine_id: int, success: bool, now: float | None = None) -> list:
         """A task *not* run through this scheduler (direct/MUX) finished on ``engine_id``.
 
         Releases tasks that depend on it. A negative ``engine_id`` means "unknown
@@ -450,6 +605,8 @@ class TaskScheduler:
         """
         if msg_id in self._tasks or msg_id in self._done:
             return []
+        if now is not None:
+            self._now = now
         self._pending_ext.discard(msg_id)
         out: list = []
         self._finish(msg_id, engine_id if engine_id is not None and engine_id >= 0 else None,
@@ -459,8 +616,15 @@ class TaskScheduler:
     # ------------------------------------------------------------------ time, abort
 
     def tick(self, now: float) -> list:
-        """Expire timeouts due at ``now``: waiting tasks fail, running ones are interrupted."""
+        """Expire timeouts due at ``now``: waiting tasks fail, running ones are
+        interrupted; engines whose running task has run long hand back their prefetch."""
+        self._now = now
         out: list = []
+        watches = self._watches
+        while watches and watches[0][0] <= now:
+            watch = heapq.heappop(watches)
+            if self._watch_live(watch):
+                self._hold_back(watch[2], out)
         heap = self._deadlines
         while heap and heap[0][0] <= now:
             deadline, _, task = heapq.heappop(heap)
@@ -469,8 +633,7 @@ class TaskScheduler:
             task.deadline = None
             if task.state is _RUNNING:
                 if not task.interrupted:
-                    task.interrupted = "TaskTimeout"
-                    out.append(Interrupt(task.msg_id, task.engine, "TaskTimeout"))  # type: ignore[arg-type]
+                    self._stop(task, "TaskTimeout", out)
             else:
                 waiting_for = "its dependencies" if task.state is _WAITING else "a free engine"
                 self._fail_task(task, "TaskTimeout", (
@@ -480,20 +643,28 @@ class TaskScheduler:
         return out
 
     def next_deadline(self) -> float | None:
-        """The earliest pending timeout (call :meth:`tick` then), or None."""
+        """When :meth:`tick` has something to do (a timeout, a long-run check), or None."""
         heap = self._deadlines
         while heap:
             deadline, _, task = heap[0]
             if task.state is not _DONE and task.deadline == deadline:
-                return deadline
+                break
             heapq.heappop(heap)
-        return None
+        watches = self._watches
+        while watches and not self._watch_live(watches[0]):
+            heapq.heappop(watches)
+        if heap and watches:
+            return min(heap[0][0], watches[0][0])
+        if heap:
+            return heap[0][0]
+        return watches[0][0] if watches else None
 
     def abort(self, msg_ids: Iterable[str] | str, now: float) -> list:
         """Abort tasks: not-yet-running ones fail with ``TaskAborted``, running ones
         are interrupted. Unknown and finished msg_ids are ignored."""
         if isinstance(msg_ids, str):
             msg_ids = [msg_ids]
+        self._now = now
         out: list = []
         for msg_id in msg_ids:
             task = self._tasks.get(msg_id)
@@ -501,8 +672,7 @@ class TaskScheduler:
                 continue
             if task.state is _RUNNING:
                 if not task.interrupted:
-                    task.interrupted = "TaskAborted"
-                    out.append(Interrupt(msg_id, task.engine, "TaskAborted"))  # type: ignore[arg-type]
+                    self._stop(task, "TaskAborted", out)
             else:
                 self._fail_task(task, "TaskAborted", (
                     f"Task {msg_id} was aborted before it started; it will not run."), out)
@@ -520,7 +690,7 @@ class TaskScheduler:
     # ------------------------------------------------------------------ placement
 
     def _has_room(self, engine_id: int) -> bool:
-        return not self.hwm or len(self._running[engine_id]) < self.hwm
+        return not self.hwm or len(self._running[engine_id]) < self._limit[engine_id]
 
     def _allowed(self, task: _Task) -> set[int] | frozenset[int] | None:
         """Engines the task may ever run on (None: any), excluding refused ones."""
@@ -546,7 +716,7 @@ class TaskScheduler:
         if task.targets is None and task.follow is None and not task.blacklist and not task.avoid:
             # unconstrained: FIFO behind older queued tasks, else the scheme picks
             if not self._queue:
-                eid = self._chooser.pick_any()
+                eid = self._pick_any()
                 if eid is not None:
                     self._assign(task, eid, out)
                     return
@@ -574,6 +744,8 @@ class TaskScheduler:
             preferred = live
         free = [e for e in preferred if self._has_room(e)]
         if free:
+            if self.prefetch:  # engines under hwm first, as for unconstrained tasks
+                free = [e for e in free if len(running[e]) < self.hwm] or free
             free.sort()
             self._assign(task, self._chooser.pick_from(free), out)
             return
@@ -588,11 +760,163 @@ class TaskScheduler:
         task.engine = engine_id
         if task.blacklist or task.avoid:
             self._excluded_anywhere.pop(task.msg_id, None)
-        self._running[engine_id][task.msg_id] = None
+        running = self._running[engine_id]
+        if not running:
+            task.alone = True
+            self._idle.discard(engine_id)
+        else:
+            task.alone = False
+        task.assigned_at = self._now
+        running[task.msg_id] = None
+        if len(running) == 2:
+            self._deep.add(engine_id)
         self._use_counter += 1
         self._last_used[engine_id] = self._use_counter
         self._chooser.changed(engine_id)
         out.append(Assign(task.msg_id, engine_id))
+        if self.prefetch and len(running) > self.hwm:
+            self._watch(engine_id)
+
+    def _leave(self, task: _Task, engine_id: int) -> None:
+        """The task is no longer outstanding on ``engine_id`` (its reply came, or it was handed back)."""
+        running = self._running[engine_id]
+        del running[task.msg_id]
+        if len(running) == 1:
+            self._deep.discard(engine_id)
+        elif not running:
+            self._idle.add(engine_id)
+        task.engine = None
+        task.stealing = False
+
+    def _pick_any(self) -> int | None:
+        """The scheme's pick among engines with room, except that an idle engine goes
+        before a place beyond ``hwm`` (a scheme may pick a busy engine with prefetch room,
+        and a task there could wait behind a long one)."""
+        engine_id = self._chooser.pick_any()
+        if (engine_id is not None and self._idle and self.prefetch
+                and len(self._running[engine_id]) >= self.hwm):
+            return min(self._idle)
+        return engine_id
+
+    def _drain(self, out: list) -> None:
+        """Give the shared queue's head tasks to engines with room, as the scheme picks."""
+        queue = self._queue
+        while queue:
+            ticket, task = queue[0]
+            if task.state is not _QUEUED or task.ticket != ticket:
+                queue.popleft()
+                continue
+            engine_id = self._pick_any()
+            if engine_id is None:
+                return
+            queue.popleft()
+            self._assign(task, engine_id, out)
+
+    # ------------------------------------------------------------------ prefetch, stealing
+
+    def _measure(self, engine_id: int, task: _Task, now: float, run_time: object) -> None:
+        """Fold a reply's run time (and, from an idle engine, the round trip) into the
+        engine's estimates and set how many tasks it may hold."""
+        stats = self._stats[engine_id]
+        stats.slow = False
+        stats.last_done = now
+        if (isinstance(run_time, (int, float)) and not isinstance(run_time, bool)
+                and 0 <= run_time < math.inf):
+            run = stats.run_time
+            stats.run_time = run_time if run is None else run + EWMA_WEIGHT * (run_time - run)
+            if task.alone:
+                trip = now - task.assigned_at - run_time
+                if trip > 0:
+                    known = stats.round_trip
+                    stats.round_trip = trip if known is None else known + EWMA_WEIGHT * (trip - known)
+        self._limit[engine_id] = self._limit_of(stats)
+
+    def _limit_of(self, stats: _EngineStats) -> int:
+        """``hwm``, plus enough tasks to cover a round trip while the engine's tasks are fast."""
+        run, trip = stats.run_time, stats.round_trip
+        if stats.slow or run is None or not trip or run >= FAST_SHARE * trip:
+            return self.hwm
+        extra = PREFETCH_MAX if run <= 0 else min(PREFETCH_MAX, math.ceil(trip / run))
+        return self.hwm + extra
+
+    def _watch(self, engine_id: int) -> None:
+        """Tasks wait behind the engine's head task: check on it once it could have run long."""
+        running = self._running[engine_id]
+        head = next(iter(running))
+        stats = self._stats[engine_id]
+        if stats.watched == head:
+            return
+        stats.watched = head
+        started = max(self._tasks[head].assigned_at, stats.last_done)
+        self._tickets += 1
+        heapq.heappush(self._watches, (started + stats.long_after(), self._tickets, engine_id, head))
+
+    def _watch_live(self, watch: tuple[float, int, int, str]) -> bool:
+        """The watched task still heads its engine's line, with tasks beyond ``hwm`` behind it."""
+        running = self._running.get(watch[2])
+        return bool(running) and len(running) > self.hwm and next(iter(running)) == watch[3]
+
+    def _hold_back(self, engine_id: int, out: list) -> None:
+        """The engine's head task runs long: no prefetch there until it is done, and the
+        tasks beyond ``hwm`` are asked back."""
+        self._stats[engine_id].slow = True
+        self._limit[engine_id] = self.hwm
+        self._chooser.changed(engine_id)
+        tasks = self._tasks
+        beyond = [m for m in itertools.islice(self._running[engine_id], self.hwm, None)
+                  if not tasks[m].stealing]
+        self._ask_back(engine_id, beyond, out)
+
+    def _steal_for(self, thief: int, out: list) -> None:
+        """Engine ``thief`` is idle and nothing is queued: ask the engine with the most
+        tasks it could run, not begun, for some of them."""
+        room = self._limit[thief] - len(self._running[thief])
+        if not self.prefetch or room <= 0:
+            return
+        victim, candidates = None, []
+        tasks = self._tasks
+        for engine_id in self._deep:
+            mine = [m for m in itertools.islice(self._running[engine_id], 1, None)
+                    if self._may_take(tasks[m], thief)]
+            if len(mine) > len(candidates):
+                victim, candidates = engine_id, mine
+        if victim is None:
+            return
+        stats = self._stats[victim]
+        head = tasks[next(iter(self._running[victim]))]
+        if self._now - max(head.assigned_at, stats.last_done) >= stats.long_after():
+            stats.slow = True  # all of them: they would wait for the long task
+            self._limit[victim] = self.hwm
+            self._chooser.changed(victim)
+        else:
+            candidates = candidates[-min((len(candidates) + 1) // 2, room):]
+        self._ask_back(victim, candidates, out)
+
+    def _may_take(self, task: _Task, engine_id: int) -> bool:
+        """Whether a task outstanding elsewhere could run on ``engine_id`` if stolen."""
+        if task.stealing:
+            return False
+        if task.blacklist and engine_id in task.blacklist:
+            return False
+        allowed = self._allowed(task)
+        return allowed is None or engine_id in allowed
+
+    def _ask_back(self, engine_id: int, msg_ids: list[str], out: list) -> None:
+        if not msg_ids:
+            return
+        tasks = self._tasks
+        for msg_id in msg_ids:
+            tasks[msg_id].stealing = True
+        out.append(Steal(tuple(msg_ids), engine_id))
+
+    def _stop(self, task: _Task, ename: str, out: list) -> None:
+        """Stop an outstanding task: interrupt it if it runs, and, if it may still wait in
+        the engine's line, ask for it back first (so it cannot start after the interrupt)."""
+        task.interrupted = ename
+        engine_id: int = task.engine  # type: ignore[assignment]
+        if self.prefetch and not task.stealing and next(iter(self._running[engine_id])) != task.msg_id:
+            self._ask_back(engine_id, [task.msg_id], out)
+        out.append(Interrupt(task.msg_id, engine_id, ename))
 
     def _push_engine_queue(self, engine_id: int, entry: tuple[int, _Task]) -> None:
         q = self._engine_queues.get(engine_id)
@@ -819,8 +1143,10 @@ class _Chooser:
 class _LeastLoad(_Chooser):
     """Fewest outstanding tasks; ties go to the lowest engine id.
 
-    A heap of (load, engine) with lazy deletion: entries whose load is out of date are
-    dropped when they surface; the heap is rebuilt when stale entries pile up.
+    A heap of (load, engine) over engines with room, with lazy deletion: entries whose
+    load is out of date, or whose engine has no room (limits differ per engine with
+    prefetch), are dropped when they surface; the heap is rebuilt when stale entries
+    pile up.
     """
 
     def __init__(self, sched: TaskScheduler) -> None:
@@ -828,24 +1154,24 @@ class _LeastLoad(_Chooser):
         self.heap: list[tuple[int, int]] = []
 
     def changed(self, engine_id: int) -> None:
-        heap = self.heap
-        heapq.heappush(heap, (len(self.sched._running[engine_id]), engine_id))
-        if len(heap) > 4 * len(self.sched._running) + 32:
-            self.heap = [(len(r), e) for e, r in self.sched._running.items()]
+        sched = self.sched
+        if sched._has_room(engine_id):
+            heapq.heappush(self.heap, (len(sched._running[engine_id]), engine_id))
+        if len(self.heap) > 4 * len(sched._running) + 32:
+            self.heap = [(len(r), e) for e, r in sched._running.items() if sched._has_room(e)]
             heapq.heapify(self.heap)
 
     def pick_any(self) -> int | None:
         heap = self.heap
-        running = self.sched._running
-        hwm = self.sched.hwm
+        sched = self.sched
+        running = sched._running
         while heap:
             load, eid = heap[0]
             tasks = running.get(eid)
-            if tasks is None or len(tasks) != load:
+            if tasks is None or len(tasks) != load or not sched._has_room(eid):
                 heapq.heappop(heap)
                 continue
-            # the top is the least loaded engine overall: if it is full, all are
-            return None if hwm and load >= hwm else eid
+            return eid
         return None
 
     def pick_from(self, candidates: list[int]) -> int:

@@ -60,6 +60,7 @@ from ipyparallel_lite.controller.state import (
     Notify,
     ReplyToClient,
     SendToEngine,
+    Steal,
     TellToExit,
 )
 from ipyparallel_lite.processes import process_alive, process_start_time
@@ -67,6 +68,8 @@ from ipyparallel_lite.processes import process_alive, process_start_time
 DELIM = b"<IDS|MSG>"
 #: the routing tag of control requests relayed to engines (the others: state.MUX...)
 CONTROL = b"c"
+#: a steal request's tag, so that the engine's answer comes back to the scheduler
+STEAL = b"s"
 #: how far into a message the delimiter may sit; anything deeper is garbage
 MAX_IDENTS = 4
 #: iopub messages that may wait for the Hub's reader (beyond the relay's own 1,000):
@@ -162,6 +165,7 @@ class Controller:
             Notify: self._notify_action,
             Interrupt: self._interrupt,
             TellToExit: self._tell_to_exit,
+            Steal: self._steal,
         }
         #: msg_type -> handler(idents, msg, content), per socket that has several types
         self._registration_handlers: dict[str, Callable[[list, dict, dict], None]] = {
@@ -434,6 +438,12 @@ class Controller:
                                                   "reason": action.ename})
         self._send(self.engine_control,
                    [action.engine_ident, *self.session.serialize(msg, ident=[b"x", b"-"])])
+
+    def _steal(self, action: Steal) -> None:
+        """Ask an engine for tasks back; its answer comes to :meth:`on_engine_control`."""
+        msg = self.session.msg("steal_request", {"msg_ids": list(action.msg_ids)})
+        self._send(self.engine_control,
+                   [action.engine_ident, *self.session.serialize(msg, ident=[STEAL, b"-"])])
 
     def _tell_to_exit(self, action: TellToExit) -> None:
         """Send an engine ``removal_notification`` (it logs the reason and exits)."""
@@ -793,10 +803,24 @@ class Controller:
         if msg["header"]["msg_type"] == "engine_ready":
             self._carry_out(self.state.engine_ready(engine_ident.decode(), "control",
                                                     self.loop.time()))
+        elif len(idents) == 2 and idents[0] == STEAL:
+            self._stolen(engine_ident, msg)
         elif len(idents) == 2 and idents[0] == CONTROL:  # a reply to a client's request
             if self._send(self.control, [idents[1], *rest]) is not Sent.SENT:
                 self.log.info("a control reply for client %r waits or is dropped: it does not read",
                               idents[1])
+
+    def _stolen(self, engine_ident: bytes, msg: dict) -> None:
+        """An engine's answer to a steal request, checked, for the core."""
+        try:
+            content = self.session.unpack(_bytes(msg["content"]))
+            stolen, kept = content["stolen"], content["kept"]
+            if not all(isinstance(m, str) for m in (*stolen, *kept)):
+                raise TypeError("msg_ids must be strings")
+        except Exception as e:
+            self.warn(engine_ident, "bad steal reply", "dropped a malformed steal_reply: %s", e)
+            return
+        self._carry_out(self.state.stolen(engine_ident.decode(), stolen, kept, self.loop.time()))
 
     def on_pong(self, frames: list) -> None:
         self._carry_out(self.state.pong(frames[0].bytes.decode(errors="replace"), self.loop.time()))

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ipyparallel_lite.connection import TASK_IDENT
 from ipyparallel_lite.controller import scheduler as sched
 from ipyparallel_lite.controller.dependency import parse_dependency
 from ipyparallel_lite.controller.hub import Engine, Hub, as_datetime
@@ -37,7 +38,8 @@ from ipyparallel_lite.controller.store import NoStore, RecordNotFound
 from ipyparallel_lite.controller.throttle import ThrottledLog
 
 #: routing tags of requests forwarded to engines: which client socket a reply returns by
-MUX, TASK, BROADCAST = b"m", b"t", b"b"
+#: (engines know the task tag: see connection.TASK_IDENT)
+MUX, TASK, BROADCAST = b"m", TASK_IDENT, b"b"
 #: requests that engines answer with exactly one reply: all that tasks and broadcasts carry
 WORK_TYPES = ("apply_request", "execute_request")
 #: what an engine answers on its shell channel (ipykernel's requests, and apply): a
@@ -127,6 +129,15 @@ class Interrupt:
     engine_ident: bytes
     msg_id: str
     ename: str
+
+
+@dataclass(slots=True)
+class Steal:
+    """Ask an engine for those of ``msg_ids`` it has not begun (work stealing); its
+    answer goes to :meth:`ControllerState.stolen`."""
+
+    engine_ident: bytes
+    msg_ids: tuple[str, ...]
 
 
 @dataclass(slots=True)
@@ -366,6 +377,10 @@ class ControllerState:
                 engine = self.hub.engines.get(decision.engine_id)
                 if engine is not None and decision.msg_id in self.pending:
                     out.append(Interrupt(engine.ident, decision.msg_id, decision.ename))
+            elif isinstance(decision, sched.Steal):
+                engine = self.hub.engines.get(decision.engine_id)
+                if engine is not None:
+                    out.append(Steal(engine.ident, tuple(decision.msg_ids)))
         return out
 
     def _assign(self, msg_id: str, eid: int) -> list:
@@ -379,6 +394,19 @@ class ControllerState:
         pending.sends += 1
         return [SendToEngine(eid, msg_id, [engine.ident, TASK, pending.client, *pending.frames],
                              attempt=attempt)]
+
+    def stolen(self, engine_uuid: str, stolen: list[str], kept: list[str], now: float) -> list:
+        """An engine's answer to :class:`Steal`: it handed back ``stolen`` (not begun),
+        and keeps ``kept`` (begun): the handed-back tasks are placed again."""
+        engine = self.hub.by_uuid(engine_uuid)
+        if engine is None:
+            return []  # removed meanwhile: its tasks were retried or failed then
+        self.log.debug("engine %d handed back %d task(s), kept %d", engine.id, len(stolen), len(kept))
+        for msg_id in stolen:
+            pending = self.pending.get(msg_id)
+            if pending is not None and pending.engine_id == engine.id:
+                pending.engine_id = None  # unassigned until placed again
+        return self._scheduled(self.scheduler.stolen(engine.id, stolen, kept=kept, now=now))
 
     def engine_refused(self, engine_id: int, msg_id: str, queue_bytes: int) -> list:
         """A request could not be sent: ``queue_bytes`` of requests already wait for its
@@ -400,7 +428,8 @@ class ControllerState:
         out: list = []
         if tag == TASK and pending is not None:
             decisions = self.scheduler.task_done(parent_id, engine.id, success=metadata.get("status") == "ok",
-                                                 now=now, unmet=metadata.get("dependencies_met") is False)
+                                                 now=now, unmet=metadata.get("dependencies_met") is False,
+                                                 run_time=metadata.get("run_time"))
             rerun = self.scheduler.is_pending(parent_id)  # retries, or an unmet dependency
             overruled = any(isinstance(d, sched.Fail) and d.msg_id == parent_id for d in decisions)
             if rerun:
@@ -451,7 +480,7 @@ class ControllerState:
         if engine is None:
             return []
         self.log.info("engine %d ready", engine.id)
-        out = self._scheduled(self.scheduler.add_engine(engine.id))
+        out = self._scheduled(self.scheduler.add_engine(engine.id, now))
         out.append(Notify("registration_notification",
                           {"id": engine.id, "uuid": engine.uuid, "info": engine.info}))
         return out

@@ -9,8 +9,11 @@ it and the cell has no top-level ``await``, runs it at once, also without busy/i
 status or ``execute_input`` echo: its reply's ``iopub_count`` metadata tells clients
 how many iopub messages the cell published, which is what they wait for.
 
-Control messages (``abort_request``, ``clear_request``, ``signal_request``) run on
-ipykernel's control thread, so they are served while a task runs.
+Control messages (``abort_request``, ``clear_request``, ``signal_request``,
+``steal_request``) run on ipykernel's control thread, so they are served while a task
+runs. A steal request names load-balanced tasks the scheduler wants back; under one lock
+with the main thread's decision to begin a request, each is either already begun (kept)
+or marked so that the main thread drops it unrun when it reaches it (handed back).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
@@ -31,7 +35,7 @@ from ipykernel.utils import _async_in_context
 from ipykernel.zmqshell import ZMQInteractiveShell
 from traitlets import Dict, Float, Integer, Type
 
-from ipyparallel_lite.connection import unpack_message
+from ipyparallel_lite.connection import STEAL_WINDOW, TASK_IDENT, unpack_message
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
 from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpack_apply_message
 
@@ -82,6 +86,15 @@ def _msg_type(session: Any, frames: list) -> str | None:
         return session.unpack(frames[1].bytes).get("msg_type")
     except Exception:
         return None
+
+
+def _count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer of ``key`` in a multiset kept as a dict of counts."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 class EngineOutStream(OutStream):
@@ -140,6 +153,7 @@ class EngineKernel(IPythonKernel):
         "abort_request",
         "clear_request",
         "signal_request",
+        "steal_request",
         "removal_notification",
     ]
 
@@ -151,6 +165,13 @@ class EngineKernel(IPythonKernel):
         self._running: str | None = None
         self._interrupt_reason: dict[str, str] = {}
         self._state_lock = threading.Lock()
+        # load-balanced tasks begun lately (to answer steal requests), and tasks handed back
+        # but not read yet, dropped when read; both guarded by _state_lock. Counts, since a
+        # task may come here twice: a rerun, or handed back, placed here again and handed
+        # back again (two copies on their way)
+        self._begun: deque[str] = deque()
+        self._begun_count: dict[str, int] = {}
+        self._stolen: dict[str, int] = {}
         self._executing_now = False  # a cell runs on the fast path (see _execute_now)
 
     @property
@@ -180,7 +201,9 @@ class EngineKernel(IPythonKernel):
         if parent["header"].get("msg_type") == "execute_request":
             metadata["iopub_count"] = self.session.take_count(parent["header"].get("msg_id"))
         metadata["status"] = reply_content["status"]
-        metadata["completed"] = utcnow()
+        metadata["completed"] = completed = utcnow()
+        # seconds spent on the request, for the scheduler's prefetch estimate
+        metadata["run_time"] = (completed - metadata["started"]).total_seconds()
         if reply_content["status"] == "error":
             metadata["engine_info"] = self.engine_info
             if reply_content.get("ename") == "UnmetDependency":
@@ -317,6 +340,8 @@ class EngineKernel(IPythonKernel):
 
     def should_handle(self, stream: Any, msg: dict, idents: list) -> bool:
         msg_id = msg["header"]["msg_id"]
+        if idents and idents[0] == TASK_IDENT and not self._begin_task(msg_id):
+            return False  # handed back to the scheduler: it runs elsewhere, no reply from here
         aborted = msg_id in self._aborted
         if not aborted and self._abort_before is not None:
             date = msg["header"].get("date")
@@ -327,6 +352,19 @@ class EngineKernel(IPythonKernel):
             self._aborted.discard(msg_id)
             self._reply_aborted(stream, msg, idents)
             return False
+        return True
+
+    def _begin_task(self, msg_id: str) -> bool:
+        """Begin a load-balanced task unless a steal request took it (False)."""
+        with self._state_lock:
+            if self._stolen and msg_id in self._stolen:
+                _count_down(self._stolen, msg_id)
+                return False
+            begun, counts = self._begun, self._begun_count
+            if len(begun) >= STEAL_WINDOW:
+                _count_down(counts, begun.popleft())
+            begun.append(msg_id)
+            counts[msg_id] = counts.get(msg_id, 0) + 1
         return True
 
     def _reply_aborted(self, stream: Any, msg: dict, idents: list) -> None:
@@ -431,6 +469,24 @@ class EngineKernel(IPythonKernel):
             if running is not None:
                 self._interrupt_if_running({running}, "TaskAborted")
         self.session.send(stream, "abort_reply", {"status": "ok"}, parent=parent, ident=ident)
+
+    def steal_request(self, stream: Any, ident: list, parent: dict) -> None:
+        """Hand back the named load-balanced tasks not begun yet; they will not run here."""
+        msg_ids = parent["content"].get("msg_ids")
+        if not isinstance(msg_ids, list) or not all(isinstance(m, str) for m in msg_ids):
+            reply = {"status": "error", "ename": "ValueError", "traceback": [],
+                     "evalue": f"steal_request needs 'msg_ids', a list of strings, not {msg_ids!r}"}
+        else:
+            stolen, kept = [], []
+            with self._state_lock:
+                for msg_id in msg_ids:
+                    if msg_id in self._begun_count:
+                        kept.append(msg_id)
+                    else:
+                        self._stolen[msg_id] = self._stolen.get(msg_id, 0) + 1
+                        stolen.append(msg_id)
+            reply = {"status": "ok", "stolen": stolen, "kept": kept}
+        self.session.send(stream, "steal_reply", reply, parent=parent, ident=ident)
 
     def signal_request(self, stream: Any, ident: list, parent: dict) -> None:
         """Send a signal to this engine; with ``msg_id``, only if that task is running."""
