@@ -788,6 +788,16 @@ class Client:
 
     purge_hub_results = purge_results
 
+    def purge_everything(self) -> None:
+        """Forget every finished request, in the Hub and here: the Hub's records (and the
+        buffers they hold, so the controller's memory comes back), :attr:`results`,
+        :attr:`metadata` and :attr:`history`. Outstanding requests are kept."""
+        self.purge_results("all")
+        outstanding = set(self._pending)
+        for msg_id in [m for m in self._outputs.keys() if m not in outstanding]:
+            self._outputs.pop(msg_id, None)
+        self.history[:] = [m for m in self.history if m in outstanding]
+
     def db_query(self, query: dict, keys: list[str] | None = None) -> list[dict]:
         """The Hub's task records matching a Mongo-style ``query`` (operators ``$lt $gt
         $lte $gte $eq $ne $in $nin $all $exists $glob``), each with only ``keys`` (and

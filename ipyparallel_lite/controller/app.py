@@ -71,6 +71,11 @@ class IPController(ParallelApp, BaseIPythonApplication):
     record_limit = Integer(
         1024, help="Task records the Hub keeps in memory; the oldest finished ones go first."
     ).tag(config=True)
+    size_limit = Integer(
+        1 << 30, help="Bytes of buffers (arguments and results) and output text the Hub keeps "
+        "in memory; past it the records finished longest ago spill to SQLite. "
+        "rc.purge_results('all') or rc.purge_everything() frees them."
+    ).tag(config=True)
     remember_finished = Integer(
         10_000, help="Finished tasks that new tasks may still name as dependencies."
     ).tag(config=True)
@@ -189,7 +194,8 @@ class IPController(ParallelApp, BaseIPythonApplication):
         scheduling = TaskScheduler(parent=self)
         session = make_session(previous[0] if previous else new_key())
         path = self.database_path() if self.store_class == "sqlite" else None
-        store = make_store(self.store_class, path=path, record_limit=self.record_limit)
+        store = make_store(self.store_class, path=path, record_limit=self.record_limit,
+                           size_limit=self.size_limit)
         hub = Hub(store, hb_period=self.hb_period, max_misses=self.hb_max_misses,
                   version_check=self.version_check, output_limit=self.output_limit)
         scheduler = SchedulerCore(scheme=scheduling.scheme_name, hwm=scheduling.hwm)

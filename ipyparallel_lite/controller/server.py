@@ -56,6 +56,7 @@ from ipyparallel_lite.controller.outbox import Outbox, Sent
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
 from ipyparallel_lite.controller.store import NoStore, RecordNotFound
 from ipyparallel_lite.controller.throttle import ThrottledLog
+from ipyparallel_lite.memory import release_free_memory
 from ipyparallel_lite.processes import process_alive, process_start_time
 
 DELIM = b"<IDS|MSG>"
@@ -649,6 +650,7 @@ class Controller:
         for eid in engine_ids:
             store.drop_matching_records({"engine_uuid": self.hub.engines[eid].uuid,
                                          "completed": {"$ne": None}})
+        release_free_memory()  # purging is how users free big results: make it show in RSS
         self._reply(self.registration, idents, "purge_reply", {"status": "ok"}, parent=msg["header"])
 
     def handle_resubmit_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
