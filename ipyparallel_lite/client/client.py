@@ -27,6 +27,8 @@ from ipyparallel_lite.client import reprs
 from ipyparallel_lite.client.asyncresult import AsyncResult
 from ipyparallel_lite.client.progress import Progress
 from ipyparallel_lite.connection import (
+    MAX_MESSAGE_BYTES,
+    check_message_size,
     connection_file_path,
     curve_client_options,
     load_connection_file,
@@ -73,6 +75,8 @@ class Client:
         self.session = make_session(info["key"])
         #: CURVE options of every socket to the controller (empty if it does not encrypt)
         self._curve = curve_client_options(info)
+        #: the largest message part the controller reads (absent from older files: no limit)
+        self._max_message_bytes = info.get(MAX_MESSAGE_BYTES)
         self._context = zmq.Context()
         self._closed = False
         self._engines: dict[int, str] = {}
@@ -368,6 +372,7 @@ class Client:
         frames = self.session.serialize(msg, ident=ident)
         if buffers:
             frames.extend(buffers)
+        check_message_size(frames, self._max_message_bytes, f"{msg_type} message")
         return msg["header"]["msg_id"], frames
 
     def _submit(self, channel: str, messages: list[tuple[str, list]], result: AsyncResult | None,

@@ -88,6 +88,13 @@ class IPController(ParallelApp, BaseIPythonApplication):
         64 << 20, help="Bytes that may wait for one client or engine that does not read, before "
                        "its replies wait in the Hub's records instead.",
     ).tag(config=True)
+    max_message_bytes = Integer(
+        1 << 30, help="The largest message part (one buffer, or a message's JSON content) a "
+        "client or engine may send, in bytes; 0 for no limit. Applied as zmq's MAXMSGSIZE to "
+        "every socket the controller binds: a peer sending a bigger part is disconnected "
+        "before it is buffered. Clients and engines learn it from the connection files and "
+        "refuse to send a bigger part, with an error naming both sizes.",
+    ).tag(config=True)
     enable_curve = Bool(
         False, help="Encrypt every channel with CurveZMQ: the controller's public key goes into "
                     "the connection files; clients and engines pick it up from there.",
@@ -202,7 +209,8 @@ class IPController(ParallelApp, BaseIPythonApplication):
         controller = Controller(session, hub, scheduler, ip=self.ip, log=self.log,
                                 remember_finished=self.remember_finished, restored=self.restore,
                                 record_output=self.record_output,
-                                peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair)
+                                peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair,
+                                max_message_bytes=self.max_message_bytes)
         try:
             controller.bind(previous[1] if previous else None)
         except PortTaken as e:  # before touching the records a live controller may own

@@ -38,6 +38,7 @@ from zmq.devices import ThreadDevice
 from ipyparallel_lite import fastzmq
 from ipyparallel_lite.connection import (
     CURVE_SERVERKEY,
+    MAX_MESSAGE_BYTES,
     curve_server_options,
     reply_type,
     set_device_options,
@@ -133,11 +134,18 @@ class Controller:
         restored: bool = False,
         curve_keypair: tuple[bytes, bytes] | None = None,
         record_output: bool = True,
+        max_message_bytes: int = 1 << 30,
     ):
         self.session = session
         self.curve_keypair = curve_keypair
         #: options every bound socket gets before binding (none without CURVE)
         self._server_options = curve_server_options(curve_keypair[1]) if curve_keypair else {}
+        #: the largest message part any peer may send: libzmq drops the connection of a
+        #: peer sending more before buffering it, so nobody, signed or not, makes this
+        #: process hold more per part (0: no limit)
+        self.max_message_bytes = max_message_bytes
+        if max_message_bytes:
+            self._server_options[zmq.MAXMSGSIZE] = max_message_bytes
         self.hub = hub or Hub()
         self.scheduler = scheduler or TaskScheduler()
         self.ip = ip
@@ -259,6 +267,7 @@ class Controller:
             "hwm": self.scheduler.hwm,
             "hb_period": self.hub.hb_period,
             "controller_pid": os.getpid(),
+            MAX_MESSAGE_BYTES: self.max_message_bytes,
         }
         if self.curve_keypair:
             info[CURVE_SERVERKEY] = self.curve_keypair[0].decode("ascii")

@@ -36,6 +36,7 @@ from ipyparallel_lite.baseapp import ParallelApp, common_aliases, common_flags, 
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
     CONNECTION_INFO_ENV,
+    MAX_MESSAGE_BYTES,
     connection_file_path,
     curve_client_options,
     load_connection_file,
@@ -252,6 +253,7 @@ class IPEngine(ParallelApp, IPKernelApp):
         kernel.engine_id = self.eid
         kernel.int_id = self.eid  # ipykernel puts int_id in execute errors' engine_info
         kernel.engine_info = {"engine_id": self.eid, "engine_uuid": self.ident, **engine_info()}
+        kernel.max_message_bytes = self.controller_info.get(MAX_MESSAGE_BYTES)
         topic = f"engine.{self.eid}."
         for stream in (sys.stdout, sys.stderr):
             if hasattr(stream, "topic"):

@@ -31,7 +31,7 @@ from ipykernel.utils import _async_in_context
 from ipykernel.zmqshell import ZMQInteractiveShell
 from traitlets import Dict, Float, Integer, Type
 
-from ipyparallel_lite.connection import unpack_message
+from ipyparallel_lite.connection import check_message_size, unpack_message
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
 from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpack_apply_message
 
@@ -130,6 +130,9 @@ class EngineKernel(IPythonKernel):
     shell_class = Type(EngineShell)
     engine_id = Integer(-1)
     engine_info = Dict()
+    #: the largest message part the controller reads: a bigger result is an error, not a
+    #: message the controller would drop with this engine's connection (None: no limit)
+    max_message_bytes = Integer(None, allow_none=True)
     # ipykernel sleeps this long after each cell so output "makes it" before the reply;
     # clients here wait for the output a reply announces (iopub_count) instead, which is exact
     _execute_sleep = Float(0.0).tag(config=True)
@@ -348,12 +351,15 @@ class EngineKernel(IPythonKernel):
             f, args, kwargs = unpack_apply_message(parent["buffers"], namespace, self._functions)
             result = f(*args, **kwargs)
             try:
-                result_frames = serialize_object(result)
+                frames = serialize_object(result)
             except Exception as e:
                 raise TypeError(
                     f"the result of {getattr(f, '__name__', f)!r} ({type(result).__name__}) "
                     f"could not be pickled to send back: {e}"
                 ) from e
+            check_message_size(frames, self.max_message_bytes,
+                               f"the result of {getattr(f, '__name__', f)!r}")
+            result_frames = frames
             content: dict = {"status": "ok"}
         except KeyboardInterrupt:
             reason = self._interrupt_reason.pop(msg_id, None)
