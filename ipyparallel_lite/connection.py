@@ -108,6 +108,21 @@ def check_message_size(frames: list, limit: int | None, what: str = "message") -
         )
 
 
+def controller_window(info: dict) -> float:
+    """Seconds a controller may be silent before it counts as gone: its heartbeat window
+    (``hb_period * hb_max_misses``), the one it gives engines."""
+    return float(info.get("hb_period", 1.0)) * int(info.get("hb_max_misses", 5))
+
+
+def heartbeat_options(info: dict, timeout: float) -> dict[int, Any]:
+    """ZMTP heartbeat options for a socket connected to the controller ``info`` names:
+    a ping every heartbeat period, the connection dropped after ``timeout`` seconds
+    without an answer (libzmq answers pings in its own thread, so a busy peer does)."""
+    period = float(info.get("hb_period", 1.0))
+    return {zmq.HEARTBEAT_IVL: max(1, int(period * 1000)),
+            zmq.HEARTBEAT_TIMEOUT: max(1, int(timeout * 1000))}
+
+
 def set_options(sock: zmq.Socket, options: dict[int, Any]) -> zmq.Socket:
     """Apply socket options (such as the CURVE ones above); returns ``sock``."""
     for option, value in options.items():

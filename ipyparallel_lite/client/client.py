@@ -30,7 +30,9 @@ from ipyparallel_lite.connection import (
     MAX_MESSAGE_BYTES,
     check_message_size,
     connection_file_path,
+    controller_window,
     curve_client_options,
+    heartbeat_options,
     load_connection_file,
     make_session,
     set_options,
@@ -51,6 +53,9 @@ class Client:
 
     Parameters follow IPython parallel: ``Client(url_file=None, profile=None,
     cluster_id=None, timeout=10)``; ``connection_info`` (a dict) skips the file.
+    ``controller_timeout``: seconds the controller may be unreachable before requests
+    waiting for it fail with an error saying it is gone (default: its heartbeat window,
+    ``hb_period * hb_max_misses``, 5 s unless the controller is configured otherwise).
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class Client:
         timeout: float = 10,
         connection_info: dict | None = None,
         cluster: Any = None,
+        controller_timeout: float | None = None,
         **kwargs: Any,
     ):
         if connection_info is None:
@@ -75,6 +81,9 @@ class Client:
         self.session = make_session(info["key"])
         #: CURVE options of every socket to the controller (empty if it does not encrypt)
         self._curve = curve_client_options(info)
+        #: seconds without the controller before waiting requests fail
+        self.controller_timeout = (controller_window(info) if controller_timeout is None
+                                   else controller_timeout)
         #: the largest message part the controller reads (absent from older files: no limit)
         self._max_message_bytes = info.get(MAX_MESSAGE_BYTES)
         self._context = zmq.Context()
@@ -106,8 +115,8 @@ class Client:
 
     # ---- connection ---------------------------------------------------------------
 
-    def _socket(self, kind: int, channel: str) -> zmq.Socket:
-        sock = set_options(fastzmq.socket(self._context, kind), self._curve)
+    def _socket(self, kind: int, channel: str, options: dict | None = None) -> zmq.Socket:
+        sock = set_options(fastzmq.socket(self._context, kind), {**self._curve, **(options or {})})
         sock.linger = 0
         sock.connect(url(self.connection_info, channel))
         return sock
@@ -117,7 +126,11 @@ class Client:
             "mux": self._socket(zmq.DEALER, "mux"),
             "task": self._socket(zmq.DEALER, "task"),
             "control": self._socket(zmq.DEALER, "control"),
-            "query": self._socket(zmq.DEALER, "registration"),
+            # ZMTP heartbeats, answered by the controller's libzmq thread (a busy
+            # controller still answers): a controller that hangs without closing the
+            # connection (stopped, or a cut network) drops it after the window
+            "query": self._socket(zmq.DEALER, "registration",
+                                  heartbeat_options(info, self.controller_timeout)),
         }
         if "broadcast" in info["ports"]:  # absent from connection files of older controllers
             self._sockets["broadcast"] = self._socket(zmq.DEALER, "broadcast")
@@ -132,7 +145,9 @@ class Client:
         self._wake_push.connect(wake_url)
         # the first exchange happens here, before the I/O thread owns the sockets
         query = self._sockets["query"]
-        self._controller_link = query.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        # back means a completed handshake: a stopped process's kernel still accepts TCP
+        self._controller_link = query.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._controller_lost_since: float | None = None
         self._controller_was_lost = False
         self.session.send(query, "connection_request", {})
@@ -224,15 +239,12 @@ class Client:
             self._check_controller()
         self._flush_outbox()
 
-    #: how long the controller may be unreachable before waiting requests fail
-    CONTROLLER_GRACE = 5.0
-
     def _on_controller_link(self, frames: list) -> None:
         event = parse_monitor_message([bytes(f.bytes) for f in frames])["event"]
         if event == zmq.EVENT_DISCONNECTED:
             self._controller_lost_since = self._controller_lost_since or time.monotonic()
             self._controller_was_lost = True
-        elif event == zmq.EVENT_CONNECTED:
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._controller_lost_since = None
             if self._controller_was_lost:  # back (a restart): the queries block, not this thread
                 self._controller_was_lost = False
@@ -240,10 +252,14 @@ class Client:
 
     def _check_controller(self) -> None:
         lost = self._controller_lost_since
-        if lost is not None and time.monotonic() - lost > self.CONTROLLER_GRACE:
+        if lost is not None and time.monotonic() - lost > self.controller_timeout and (
+                self._pending or self._control_pending):
             self._fail_pending(
-                f"The controller has been unreachable for {self.CONTROLLER_GRACE:g}s; results of "
-                "requests in flight cannot arrive. Restart the cluster and resubmit."
+                f"The controller is gone: unreachable for {self.controller_timeout:g}s (its "
+                f"process died or hangs, or the network to {self.connection_info['interface']} "
+                "failed), so the results of requests in flight cannot arrive. Restart the "
+                "cluster (ipcontroller-lite --sqlitedb --restore keeps its task records) and "
+                "resubmit."
             )
 
     def _fail_pending(self, reason: str) -> None:

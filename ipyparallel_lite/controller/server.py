@@ -266,6 +266,7 @@ class Controller:
             "task_scheme": self.scheduler.scheme,
             "hwm": self.scheduler.hwm,
             "hb_period": self.hub.hb_period,
+            "hb_max_misses": self.hub.max_misses,
             "controller_pid": os.getpid(),
             MAX_MESSAGE_BYTES: self.max_message_bytes,
         }
