@@ -12,6 +12,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 import ipyparallel_lite as ipp
@@ -76,3 +77,24 @@ def test_the_window_can_be_chosen(own_cluster):
         assert took < 0.5 + 3
     finally:
         quick.close()
+
+
+def exited(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.timeout(120)
+def test_engines_exit_when_their_controller_hangs_past_their_timeout(own_cluster):
+    cluster, rc = own_cluster(1, controller_args=HB,
+                              engine_args=["--IPEngine.controller_timeout=1"])
+    engine_pid = rc[0].apply_sync(os.getpid)
+    os.kill(cluster.controller.pid, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        # the heartbeats drop the silent connection after the 1.5 s window, then 1 s more
+        while not exited(engine_pid):
+            assert time.monotonic() - start < 1.5 + 1 + 10, "the engine outlived its hung controller"
+            time.sleep(0.1)
+    finally:
+        os.kill(cluster.controller.pid, signal.SIGCONT)
+    assert time.monotonic() - start > 1.5 + 1 - 0.5  # it waited for the controller first

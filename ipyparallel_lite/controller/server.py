@@ -816,14 +816,15 @@ class Controller:
             # registered with the controller that died: its id, and any task it ran, are
             # gone with it; a plain message in its log beats an engine nobody can reach
             if self._tell_to_exit(uuid, -1, "the controller was restarted and this engine's "
-                                  "registration was lost with it; start a new engine"):
+                                  "registration was lost with it", rejoin=True):
                 self._told_to_restart.add(uuid)  # else its control channel is not back yet
                 self.log.warning("engine %s registered with the controller before its restart: "
-                                 "told to exit; start engines again", uuid)
+                                 "told to register again (or exit)", uuid)
 
-    def _tell_to_exit(self, uuid: str, eid: int, reason: str) -> bool:
-        """Send an engine ``removal_notification``; False if it cannot be reached."""
-        msg = self.session.msg("removal_notification", {"id": eid, "reason": reason})
+    def _tell_to_exit(self, uuid: str, eid: int, reason: str, rejoin: bool = False) -> bool:
+        """Send an engine ``removal_notification``; False if it cannot be reached.
+        ``rejoin``: it may register again instead (a restored controller to its engines)."""
+        msg = self.session.msg("removal_notification", {"id": eid, "reason": reason, "rejoin": rejoin})
         return self._send(self.engine_control,
                           [uuid.encode(), *self.session.serialize(msg, ident=[b"x", b"-"])])
 

@@ -461,15 +461,33 @@ class EngineKernel(IPythonKernel):
                 self._interrupt_reason[self._running] = reason
                 _signal_main_thread(signum)
 
+    #: set by the engine app: registers again with a restarted controller, keeping this
+    #: engine's id and namespace; None when done, else why it could not. Called on the
+    #: main thread, which owns the shell socket (so after the task running now)
+    rejoin: Callable[[], str | None] | None = None
+
     def removal_notification(self, stream: Any, idents: list, parent: dict) -> None:
         """The controller removed this engine (it stalled past its heartbeats): exit.
+        Or a controller restarted with ``--restore`` lost its registration: rejoin it.
 
         Its tasks were failed or sent elsewhere and no request will reach it again; an
         engine living on unseen would only hold memory and a core.
         """
         content = parent["content"]
+        if content.get("rejoin") and self.rejoin is not None:
+            self.shell_stream.io_loop.add_callback(self._rejoin, content.get("reason"))
+            return
+        self._leave(content.get("id"), content.get("reason"))
+
+    def _rejoin(self, reason: str) -> None:
+        refused = self.rejoin()
+        if refused is not None:
+            self._leave(self.engine_id, f"{reason}; registering again failed: {refused}")
+        self.log.warning("%s: engine %s registered again, its namespace kept", reason, self.engine_id)
+
+    def _leave(self, engine_id: Any, reason: str) -> None:
         self.log.critical("the controller removed engine %s (%s); this engine exits. Start a "
-                          "new engine to get the capacity back.", content.get("id"), content.get("reason"))
+                          "new engine to get the capacity back.", engine_id, reason)
         for out in (sys.stdout, sys.stderr, sys.__stderr__):
             try:
                 out.flush()
