@@ -125,12 +125,14 @@ class Client:
         self._sockets = {
             "mux": self._socket(zmq.DEALER, "mux"),
             "task": self._socket(zmq.DEALER, "task"),
-            "control": self._socket(zmq.DEALER, "control"),
             # ZMTP heartbeats, answered by the controller's libzmq thread (a busy
             # controller still answers): a controller that hangs without closing the
-            # connection (stopped, or a cut network) drops it after the window
-            "query": self._socket(zmq.DEALER, "registration",
-                                  heartbeat_options(info, self.controller_timeout)),
+            # connection (stopped, or a cut network) drops it after the window. On the
+            # control channel, which carries only small messages: a ping waits behind
+            # a message being transferred, and a big one may take longer than the window
+            "control": self._socket(zmq.DEALER, "control",
+                                    heartbeat_options(info, self.controller_timeout)),
+            "query": self._socket(zmq.DEALER, "registration"),
         }
         if "broadcast" in info["ports"]:  # absent from connection files of older controllers
             self._sockets["broadcast"] = self._socket(zmq.DEALER, "broadcast")
@@ -146,7 +148,7 @@ class Client:
         # the first exchange happens here, before the I/O thread owns the sockets
         query = self._sockets["query"]
         # back means a completed handshake: a stopped process's kernel still accepts TCP
-        self._controller_link = query.get_monitor_socket(
+        self._controller_link = self._sockets["control"].get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._controller_lost_since: float | None = None
         self._controller_was_lost = False
@@ -871,7 +873,8 @@ class Client:
                     "The controller died before it recorded this request; its result is lost. "
                     "Resubmit it.")
         except Exception as e:  # the controller went away again: the usual grace applies
-            warnings.warn(f"could not resynchronize with the controller: {e}", stacklevel=1)
+            if not self._closed:  # closed meanwhile: nobody is left to resynchronize
+                warnings.warn(f"could not resynchronize with the controller: {e}", stacklevel=1)
 
     def close(self, linger: int | None = None) -> None:
         """Close the sockets and stop the I/O thread."""

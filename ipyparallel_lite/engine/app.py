@@ -176,11 +176,13 @@ class IPEngine(ParallelApp, IPKernelApp):
         info = reply.get("connection_info") or self.info
         ident = self.ident.encode()
 
+        self.shell_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), self.curve)
         # ZMTP heartbeats: a controller that hangs without closing the connection
-        # (stopped, or a cut network) drops it, and counts as gone, like a dead one
-        self.shell_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), {
+        # (stopped, or a cut network) drops it, and counts as gone, like a dead one. On
+        # control, which carries only small messages: a ping waits behind a message
+        # being transferred, and a big request or result may take longer than the window
+        self.control_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), {
             **self.curve, **heartbeat_options(info, controller_window(info))})
-        self.control_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), self.curve)
         for sock, channel in ((self.shell_socket, "shell"), (self.control_socket, "control")):
             sock.identity = ident
             sock.linger = 1000
@@ -203,7 +205,7 @@ class IPEngine(ParallelApp, IPKernelApp):
         self._ports = {}
         self.controller_info = info
         # back means a completed handshake: a stopped process's kernel still accepts TCP
-        self._watch_controller(self.shell_socket.get_monitor_socket(
+        self._watch_controller(self.control_socket.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED))
         atexit.register(self.unregister)
 
