@@ -72,3 +72,22 @@ def test_a_controller_without_records_keeps_nothing_of_a_big_transfer(own_cluste
     after = settled_rss(controller, before * 1.1)
     assert after <= before * 1.1, (
         f"controller RSS {after / MB:.0f} MB after the round trip, {before / MB:.0f} MB before")
+
+
+@pytest.mark.timeout(300)
+def test_records_past_the_size_limit_spill_and_leave_memory(own_cluster):
+    cluster, rc = own_cluster(1, controller_args=[f"--IPController.size_limit={50 * MB}"])
+    controller = psutil.Process(cluster.controller.pid)
+    view = rc[0]
+    view.block = True
+    view.apply_sync(abs, -1)
+    before = rss(controller)
+    ar = view.push({"a": np.ones(200 * MB // 8)}, block=False)
+    ar.get(timeout=60)
+    # over the 50 MB bound, the record goes to the spill file, and its buffers with it
+    after = settled_rss(controller, before * 1.1, timeout=60)
+    assert after <= before * 1.1, (
+        f"controller RSS {after / MB:.0f} MB with the record spilled, {before / MB:.0f} MB before")
+    # nothing is lost: the spilled record still holds the pushed buffers
+    record, = rc.db_query({"msg_id": ar.msg_ids[0]}, keys=["buffers"])
+    assert sum(len(b) for b in record["buffers"]) > 200 * MB
