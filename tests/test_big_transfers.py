@@ -91,3 +91,19 @@ def test_records_past_the_size_limit_spill_and_leave_memory(own_cluster):
     # nothing is lost: the spilled record still holds the pushed buffers
     record, = rc.db_query({"msg_id": ar.msg_ids[0]}, keys=["buffers"])
     assert sum(len(b) for b in record["buffers"]) > 200 * MB
+
+
+@pytest.mark.timeout(300)
+def test_a_controller_stalled_by_a_big_write_keeps_its_engines(own_cluster):
+    # writing a big record to SQLite holds the controller's loop for longer than the
+    # heartbeat window (0.6 s here): the engines' answers wait unread meanwhile, and
+    # must not be taken for silence
+    cluster, rc = own_cluster(1, controller_args=["--sqlitedb", "--IPController.hb_period=0.2",
+                                                  "--IPController.hb_max_misses=3"])
+    view = rc[0]
+    view.block = True
+    for _ in range(3):
+        view.push({"a": np.ones(200 * MB // 8)})
+        assert view.apply_sync(lambda: a.nbytes) == 200 * MB  # noqa: F821
+    assert rc.ids == [0]
+    assert "removed" not in cluster.controller.log_file.read_text()

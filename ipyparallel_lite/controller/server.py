@@ -182,6 +182,7 @@ class Controller:
         self._timers: list[asyncio.TimerHandle] = []
         self._deadline: asyncio.TimerHandle | None = None
         self._hb_counter = 0
+        self._last_heartbeat: float | None = None
         self._iopub: ThreadDevice | None = None
         self.stopped = asyncio.Event()
 
@@ -853,7 +854,13 @@ class Controller:
         self.hb_ping.send(str(self._hb_counter).encode())
 
     def _heartbeat(self) -> None:
-        self._reap(None)
+        now = self.loop.time()
+        last, self._last_heartbeat = self._last_heartbeat, now
+        # after the loop stalled (writing a 500 MB record to SQLite took 7 s), the
+        # engines' answers wait unread: judged now, engines would be removed for the
+        # controller's own silence. They are judged at the next beat, answers read
+        if last is None or now - last < 2 * self.hub.hb_period:
+            self._reap(None)
         self._ping()
         self._timers = [t for t in self._timers if not t.cancelled()]
         self._timers.append(self.loop.call_later(self.hub.hb_period, self._heartbeat))
