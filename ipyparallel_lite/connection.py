@@ -93,6 +93,53 @@ def curve_client_options(info: dict) -> dict[int, Any]:
             zmq.CURVE_SECRETKEY: secret}
 
 
+#: the connection-file field holding the largest message part the controller reads
+MAX_MESSAGE_BYTES = "max_message_bytes"
+
+
+class MessageTooLarge(ValueError):
+    """A message has a part bigger than the controller reads (``max_message_bytes``)."""
+
+
+def check_message_size(frames: list, limit: int | None, what: str = "message") -> None:
+    """Raise :class:`MessageTooLarge` if a frame of ``frames`` exceeds ``limit`` bytes.
+
+    The controller's sockets have zmq's MAXMSGSIZE set to its ``max_message_bytes``:
+    libzmq drops the connection of a peer that sends a bigger part, before buffering
+    it, so such a message would vanish without an answer. Checking here, before the
+    send, turns that into an error naming both sizes. ``limit`` None or 0: no limit.
+    """
+    if not limit:
+        return
+    largest = 0
+    for frame in frames:  # on every send: bytes (the signed parts) without a memoryview
+        size = len(frame) if type(frame) is bytes else memoryview(frame).nbytes
+        if size > largest:
+            largest = size
+    if largest > limit:
+        raise MessageTooLarge(
+            f"{what} of {largest / 2**20:.1f} MB exceeds the controller's max_message_bytes="
+            f"{limit} ({limit / 2**20:.1f} MB), the largest part of a message it reads; nothing "
+            "was sent. Send the data in smaller pieces (e.g. scatter, or several pushes), or "
+            "start the controller with a larger --IPController.max_message_bytes."
+        )
+
+
+def controller_window(info: dict) -> float:
+    """Seconds a controller may be silent before it counts as gone: its heartbeat window
+    (``hb_period * hb_max_misses``), the one it gives engines."""
+    return float(info.get("hb_period", 1.0)) * int(info.get("hb_max_misses", 5))
+
+
+def heartbeat_options(info: dict, timeout: float) -> dict[int, Any]:
+    """ZMTP heartbeat options for a socket connected to the controller ``info`` names:
+    a ping every heartbeat period, the connection dropped after ``timeout`` seconds
+    without an answer (libzmq answers pings in its own thread, so a busy peer does)."""
+    period = float(info.get("hb_period", 1.0))
+    return {zmq.HEARTBEAT_IVL: max(1, int(period * 1000)),
+            zmq.HEARTBEAT_TIMEOUT: max(1, int(timeout * 1000))}
+
+
 def set_options(sock: zmq.Socket, options: dict[int, Any]) -> zmq.Socket:
     """Apply socket options (such as the CURVE ones above); returns ``sock``."""
     for option, value in options.items():

@@ -285,11 +285,11 @@ def test_engines_exit_when_their_controller_is_gone(own_cluster):
 
 def test_waiting_client_gets_an_error_when_the_controller_dies(own_cluster):
     cluster, client = own_cluster(1)
-    client.transport.CONTROLLER_GRACE = 0.5
+    client.controller_timeout = 0.5
     ar = client[0].apply_async(time.sleep, 30)
     time.sleep(0.2)
     os.kill(client.connection_info["controller_pid"], signal.SIGKILL)
-    with pytest.raises(ipp.EngineError, match="controller has been unreachable"):
+    with pytest.raises(ipp.EngineError, match="controller is gone"):
         ar.get(timeout=15)
 
 

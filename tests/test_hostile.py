@@ -203,3 +203,97 @@ def test_fuzzing_every_controller_socket_leaves_it_serving(own_cluster):
     grown = controller.memory_info().rss - baseline
     # (64 MB was exceeded by 2-7 MB in 2 of 14 runs: allocator slack after 8 MB frames)
     assert grown < 96 << 20, f"controller RSS grew by {grown >> 20} MB after {sent['n']} messages"
+
+
+#: what the engine gets to handle signed in the engine fuzz: not the requests a key holder
+#: uses to run code or stop the engine (execute, shutdown, signal, removal), which are obeyed
+ENGINE_FUZZ_TYPES = ["apply_request", "kernel_info_request", "complete_request", "inspect_request",
+                     "is_complete_request", "history_request", "comm_info_request",
+                     "abort_request", "clear_request", "bogus"]
+
+
+@pytest.mark.timeout(300)
+def test_fuzzing_an_engines_sockets_leaves_it_serving(own_cluster, tmp_path):
+    """An engine's own sockets (bound with ``bind_kernel``, reachable by any local user)
+    and the controller's routes to it get random, truncated, wrongly signed, unsigned
+    and signed-but-absurd messages; unsigned ones carry a pickle that would create a
+    file. The engine stays the same process, serves the cluster and its kernel
+    clients, and the file never appears."""
+    import json
+
+    import ipyparallel_lite as ipp
+
+    cluster, rc = own_cluster(1)
+    pid = rc[0].apply_sync(os.getpid)
+    with open(rc[0].apply_sync(ipp.bind_kernel)) as f:
+        kernel = json.load(f)
+    info = load_connection_file(cluster.connection_file("client"))
+    session = make_session(info["key"])
+    evil = make_session("not-the-key")
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Marker(str(marker)))
+    engine = rc._engines[0].encode()
+    ctx = zmq.Context()
+
+    def dealer(address: str) -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.sndhwm = 0
+        sock.connect(address)
+        return sock
+
+    # (socket, identities that route a message to the engine through it)
+    socks = {f"kernel {ch}": (dealer(f"tcp://{kernel['ip']}:{kernel[f'{ch}_port']}"), [])
+             for ch in ("shell", "control", "stdin")}
+    socks.update({f"controller {ch}": (connect(ctx, info, ch), [engine]) for ch in ("mux", "control")})
+    sent = {"n": 0}
+
+    @settings(max_examples=int(os.environ.get("IPP_LITE_FUZZ_EXAMPLES", 400)), deadline=None,
+              suppress_health_check=list(HealthCheck), database=None)
+    @given(
+        where=st.sampled_from(sorted(socks)),
+        how=st.sampled_from(["random", "signed", "wrong key", "unsigned", "truncated"]),
+        msg_type=st.sampled_from(ENGINE_FUZZ_TYPES),
+        raw=st.lists(frame, max_size=8),
+        md=metadata, content=json_value, buffers=st.lists(st.binary(max_size=32), max_size=3),
+    )
+    def throw(where, how, msg_type, raw, md, content, buffers):
+        sock, idents = socks[where]
+        if how == "random":
+            frames = raw or [b""]
+        else:
+            signer = session if how == "signed" else evil
+            msg = signer.msg(msg_type, content if isinstance(content, dict) else {}, metadata=md)
+            frames = signer.serialize(msg, ident=idents)
+            if how == "signed":
+                frames += buffers  # garbage a key holder might send: no file-making pickle
+            else:
+                if how == "unsigned":
+                    frames[len(idents) + 1] = b""
+                frames += [payload, payload]
+                if how == "truncated":
+                    frames = frames[: max(1, len(frames) - 4)]
+        sock.send_multipart(frames)
+        sent["n"] += 1
+
+    try:
+        throw()
+        time.sleep(1)
+        assert rc[0].apply_sync(os.getpid) == pid, "the engine was restarted or replaced"
+        still_serves(rc)
+        assert rc.ids == [0]
+        # and the kernel side still answers a well-formed request
+        shell = dealer(f"tcp://{kernel['ip']}:{kernel['shell_port']}")
+        request = session.msg("kernel_info_request", {})
+        shell.send_multipart(session.serialize(request))
+        deadline = time.monotonic() + 20
+        while True:
+            assert shell.poll(max(1, int((deadline - time.monotonic()) * 1000))), \
+                "the bound kernel did not answer after the fuzz"
+            reply = session.deserialize(session.feed_identities(shell.recv_multipart())[1])
+            if reply["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+                break
+        assert reply["content"]["status"] == "ok"
+    finally:
+        ctx.destroy(linger=0)
+    assert not marker.exists(), f"an unsigned pickle was loaded ({sent['n']} messages sent)"

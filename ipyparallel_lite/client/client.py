@@ -37,6 +37,9 @@ class Client:
 
     Parameters follow IPython parallel: ``Client(url_file=None, profile=None,
     cluster_id=None, timeout=10)``; ``connection_info`` (a dict) skips the file.
+    ``controller_timeout``: seconds the controller may be unreachable before requests
+    waiting for it fail with an error saying it is gone (default: its heartbeat window,
+    ``hb_period * hb_max_misses``, 5 s unless the controller is configured otherwise).
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class Client:
         timeout: float = 10,
         connection_info: dict | None = None,
         cluster: Any = None,
+        controller_timeout: float | None = None,
         **kwargs: Any,
     ):
         if connection_info is None:
@@ -66,7 +70,8 @@ class Client:
         self._skew_warned: set[int] = set()
         #: the sockets, their I/O thread, and the requests waiting for replies
         self.transport = Transport(info, timeout, on_notification=self._on_notification,
-                                   on_reconnect=self._resync_with_controller)
+                                   on_reconnect=self._resync_with_controller,
+                                   controller_timeout=controller_timeout)
         self.session = self.transport.session
         self._take_engines(self.transport.first_reply)
         activate_first_client(self)  # in IPython, the first client binds %px, as in IPython parallel
@@ -472,6 +477,13 @@ class Client:
 
     purge_hub_results = purge_results
 
+    def purge_everything(self) -> None:
+        """Forget every finished request, in the Hub and here: the Hub's records (and the
+        buffers they hold, so the controller's memory comes back), :attr:`results`,
+        :attr:`metadata` and :attr:`history`. Outstanding requests are kept."""
+        self.purge_results("all")
+        self.transport.forget_finished()
+
     def db_query(self, query: dict, keys: list[str] | None = None) -> list[dict]:
         """The Hub's task records matching a Mongo-style ``query`` (operators ``$lt $gt
         $lte $gte $eq $ne $in $nin $all $exists $glob``), each with only ``keys`` (and
@@ -520,7 +532,8 @@ class Client:
                     "The controller died before it recorded this request; its result is lost. "
                     "Resubmit it.")
         except Exception as e:  # the controller went away again: the usual grace applies
-            warnings.warn(f"could not resynchronize with the controller: {e}", stacklevel=1)
+            if not self.closed:  # closed meanwhile: nobody is left to resynchronize
+                warnings.warn(f"could not resynchronize with the controller: {e}", stacklevel=1)
 
     def close(self, linger: int | None = None) -> None:
         """Close the sockets and stop the I/O thread (what is queued goes first, for up to
@@ -531,6 +544,15 @@ class Client:
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self.transport.closed
+
+    @property
+    def controller_timeout(self) -> float:
+        """Seconds the controller may be unreachable before waiting requests fail."""
+        return self.transport.controller_timeout
+
+    @controller_timeout.setter
+    def controller_timeout(self, seconds: float) -> None:
+        self.transport.controller_timeout = seconds
 
     @property
     def history(self) -> list[str]:

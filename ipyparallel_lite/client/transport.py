@@ -35,7 +35,11 @@ from zmq.utils.monitor import parse_monitor_message
 
 from ipyparallel_lite import batch, error, fastzmq
 from ipyparallel_lite.connection import (
+    MAX_MESSAGE_BYTES,
+    check_message_size,
+    controller_window,
     curve_client_options,
+    heartbeat_options,
     make_session,
     set_options,
     unpack_message,
@@ -65,10 +69,10 @@ class Transport:
     :attr:`first_reply`) before the I/O thread starts. ``on_notification(msg)`` gets
     every registration notification, on the I/O thread; ``on_reconnect()`` is called on a
     thread of its own when the controller comes back after it was lost.
+    ``controller_timeout``: seconds the controller may be unreachable before waiting
+    requests fail (None: its heartbeat window, from the connection info).
     """
 
-    #: how long the controller may be unreachable before waiting requests fail
-    CONTROLLER_GRACE = 5.0
     #: how long a replied execute request waits for iopub output its engine announced
     #: (``iopub_count``) but that has not arrived, before counting as complete: PUB/SUB
     #: drops messages when a subscriber falls far behind
@@ -76,13 +80,19 @@ class Transport:
 
     def __init__(self, info: dict, timeout: float, *,
                  on_notification: Callable[[dict], None],
-                 on_reconnect: Callable[[], None]):
+                 on_reconnect: Callable[[], None],
+                 controller_timeout: float | None = None):
         self.connection_info = info
         self.session = make_session(info["key"])
         self.on_notification = on_notification
         self.on_reconnect = on_reconnect
         #: CURVE options of every socket to the controller (empty if it does not encrypt)
         self._curve = curve_client_options(info)
+        #: seconds without the controller before waiting requests fail
+        self.controller_timeout = (controller_window(info) if controller_timeout is None
+                                   else controller_timeout)
+        #: the largest message part the controller reads (absent from older files: no limit)
+        self._max_message_bytes = info.get(MAX_MESSAGE_BYTES)
         self._context = zmq.Context()
         self.closed = False
         #: msg_id -> AsyncResult of every request waiting for its reply
@@ -115,8 +125,8 @@ class Transport:
 
     # ---- connection ---------------------------------------------------------------
 
-    def _socket(self, kind: int, channel: str) -> zmq.Socket:
-        sock = set_options(fastzmq.socket(self._context, kind), self._curve)
+    def _socket(self, kind: int, channel: str, options: dict | None = None) -> zmq.Socket:
+        sock = set_options(fastzmq.socket(self._context, kind), {**self._curve, **(options or {})})
         sock.linger = 0
         if kind == zmq.DEALER:  # the controller may send it batches of replies
             sock.identity = batch.reader_identity()
@@ -127,7 +137,13 @@ class Transport:
         self._sockets = {
             "mux": self._socket(zmq.DEALER, "mux"),
             "task": self._socket(zmq.DEALER, "task"),
-            "control": self._socket(zmq.DEALER, "control"),
+            # ZMTP heartbeats, answered by the controller's libzmq thread (a busy
+            # controller still answers): a controller that hangs without closing the
+            # connection (stopped, or a cut network) drops it after the window. On the
+            # control channel, which carries only small messages: a ping waits behind
+            # a message being transferred, and a big one may take longer than the window
+            "control": self._socket(zmq.DEALER, "control",
+                                    heartbeat_options(info, self.controller_timeout)),
             "query": self._socket(zmq.DEALER, "registration"),
         }
         if "broadcast" in info["ports"]:  # absent from connection files of older controllers
@@ -143,7 +159,9 @@ class Transport:
         self._wake_push.connect(wake_url)
         # the first exchange happens here, before the I/O thread owns the sockets
         query = self._sockets["query"]
-        self._controller_link = query.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        # back means a completed handshake: a stopped process's kernel still accepts TCP
+        self._controller_link = self._sockets["control"].get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._controller_lost_since: float | None = None
         self._controller_was_lost = False
         self.session.send(query, "connection_request", {})
@@ -171,6 +189,7 @@ class Transport:
         frames = self.session.serialize(msg, ident=ident)
         if buffers:
             frames.extend(buffers)
+        check_message_size(frames, self._max_message_bytes, f"{msg_type} message")
         return msg["header"]["msg_id"], frames
 
     def submit(self, channel: str, messages: list[tuple[str, list]], result: Any,
@@ -269,6 +288,14 @@ class Transport:
 
     # ---- failing what waits ------------------------------------------------------------
 
+    def forget_finished(self) -> None:
+        """Drop what is kept of finished requests (their AsyncResults for output, their
+        ids in :attr:`history`); outstanding ones stay."""
+        outstanding = set(self.pending)
+        for msg_id in [m for m in self.outputs.keys() if m not in outstanding]:
+            self.outputs.pop(msg_id, None)
+        self.history[:] = [m for m in self.history if m in outstanding]
+
     def fail_pending(self, reason: str) -> None:
         """Answer every waiting request with an EngineError, so nobody waits forever."""
         pending, self.pending = self.pending, {}
@@ -356,7 +383,7 @@ class Transport:
         if event == zmq.EVENT_DISCONNECTED:
             self._controller_lost_since = self._controller_lost_since or time.monotonic()
             self._controller_was_lost = True
-        elif event == zmq.EVENT_CONNECTED:
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._controller_lost_since = None
             if self._controller_was_lost:  # back (a restart): the queries block, not this thread
                 self._controller_was_lost = False
@@ -364,10 +391,14 @@ class Transport:
 
     def _check_controller(self) -> None:
         lost = self._controller_lost_since
-        if lost is not None and time.monotonic() - lost > self.CONTROLLER_GRACE:
+        if lost is not None and time.monotonic() - lost > self.controller_timeout and (
+                self.pending or self.control_pending):
             self.fail_pending(
-                f"The controller has been unreachable for {self.CONTROLLER_GRACE:g}s; results of "
-                "requests in flight cannot arrive. Restart the cluster and resubmit."
+                f"The controller is gone: unreachable for {self.controller_timeout:g}s (its "
+                f"process died or hangs, or the network to {self.connection_info['interface']} "
+                "failed), so the results of requests in flight cannot arrive. Restart the "
+                "cluster (ipcontroller-lite --sqlitedb --restore keeps its task records) and "
+                "resubmit."
             )
 
     def _expire_output_waits(self) -> None:

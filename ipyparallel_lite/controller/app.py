@@ -82,6 +82,11 @@ class IPController(ParallelApp, BaseIPythonApplication):
     record_limit = Integer(
         1024, help="Task records the Hub keeps in memory; the oldest finished ones go first."
     ).tag(config=True)
+    size_limit = Integer(
+        1 << 30, help="Bytes of buffers (arguments and results) and output text the Hub keeps "
+        "in memory; past it the records finished longest ago spill to SQLite. "
+        "rc.purge_results('all') or rc.purge_everything() frees them."
+    ).tag(config=True)
     remember_finished = Integer(
         10_000, help="Finished tasks that new tasks may still name as dependencies."
     ).tag(config=True)
@@ -99,6 +104,13 @@ class IPController(ParallelApp, BaseIPythonApplication):
                                    "not yet answered); one more is refused at once with a "
                                    "TooManyPendingTasks error. Announced to clients, which keep "
                                    "the rest in their own process. 0: no limit.",
+    ).tag(config=True)
+    max_message_bytes = Integer(
+        1 << 30, help="The largest message part (one buffer, or a message's JSON content) a "
+        "client or engine may send, in bytes; 0 for no limit. Applied as zmq's MAXMSGSIZE to "
+        "every socket the controller binds: a peer sending a bigger part is disconnected "
+        "before it is buffered. Clients and engines learn it from the connection files and "
+        "refuse to send a bigger part, with an error naming both sizes.",
     ).tag(config=True)
     enable_curve = Bool(
         False, help="Encrypt every channel with CurveZMQ: the controller's public key goes into "
@@ -207,7 +219,8 @@ class IPController(ParallelApp, BaseIPythonApplication):
         scheduling = TaskScheduler(parent=self)
         session = make_session(previous[0] if previous else new_key())
         path = self.database_path() if self.store_class == "sqlite" else None
-        store = make_store(self.store_class, path=path, record_limit=self.record_limit)
+        store = make_store(self.store_class, path=path, record_limit=self.record_limit,
+                           size_limit=self.size_limit)
         hub = Hub(store, hb_period=self.hb_period, max_misses=self.hb_max_misses,
                   version_check=self.version_check, output_limit=self.output_limit)
         scheduler = SchedulerCore(scheme=scheduling.scheme_name, hwm=scheduling.hwm,
@@ -221,7 +234,8 @@ class IPController(ParallelApp, BaseIPythonApplication):
                                 remember_finished=self.remember_finished, restored=self.restore,
                                 record_output=self.record_output,
                                 peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair,
-                                client_window=self.client_window)
+                                client_window=self.client_window,
+                                max_message_bytes=self.max_message_bytes)
         try:
             controller.bind(previous[1] if previous else None)
         except PortTaken as e:  # before touching the records a live controller may own

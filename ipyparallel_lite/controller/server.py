@@ -40,6 +40,7 @@ from zmq.devices import ThreadDevice
 from ipyparallel_lite import batch, fastzmq
 from ipyparallel_lite.connection import (
     CURVE_SERVERKEY,
+    MAX_MESSAGE_BYTES,
     connect_address,
     curve_server_options,
     reply_type,
@@ -63,6 +64,7 @@ from ipyparallel_lite.controller.state import (
     Steal,
     TellToExit,
 )
+from ipyparallel_lite.memory import release_free_memory
 from ipyparallel_lite.processes import process_alive, process_start_time
 
 DELIM = b"<IDS|MSG>"
@@ -124,11 +126,18 @@ class Controller:
         curve_keypair: tuple[bytes, bytes] | None = None,
         record_output: bool = True,
         client_window: int = CLIENT_WINDOW,
+        max_message_bytes: int = 1 << 30,
     ):
         self.session = session
         self.curve_keypair = curve_keypair
         #: options every bound socket gets before binding (none without CURVE)
         self._server_options = curve_server_options(curve_keypair[1]) if curve_keypair else {}
+        #: the largest message part any peer may send: libzmq drops the connection of a
+        #: peer sending more before buffering it, so nobody, signed or not, makes this
+        #: process hold more per part (0: no limit)
+        self.max_message_bytes = max_message_bytes
+        if max_message_bytes:
+            self._server_options[zmq.MAXMSGSIZE] = max_message_bytes
         self.ip = ip
         self.location = connect_address(ip, location)
         self.log = log or logging.getLogger("ipyparallel_lite.controller")
@@ -187,6 +196,7 @@ class Controller:
         self._timers: list[asyncio.TimerHandle] = []
         self._deadline: asyncio.TimerHandle | None = None
         self._hb_counter = 0
+        self._last_heartbeat: float | None = None
         self._iopub: ThreadDevice | None = None
         self.stopped = asyncio.Event()
 
@@ -272,7 +282,9 @@ class Controller:
             "task_scheme": self.scheduler.scheme,
             "hwm": self.scheduler.hwm,
             "hb_period": self.hub.hb_period,
+            "hb_max_misses": self.hub.max_misses,
             "controller_pid": os.getpid(),
+            MAX_MESSAGE_BYTES: self.max_message_bytes,
         }
         if self.curve_keypair:
             info[CURVE_SERVERKEY] = self.curve_keypair[0].decode("ascii")
@@ -452,7 +464,8 @@ class Controller:
                                  TellToExit(action.uuid, action.engine_id, action.reason, action.restart))
             return
         msg = self.session.msg("removal_notification", {"id": action.engine_id,
-                                                        "reason": action.reason})
+                                                        "reason": action.reason,
+                                                        "rejoin": action.restart})
         sent = self._send(self.engine_control,
                           [action.uuid.encode(), *self.session.serialize(msg, ident=[b"x", b"-"])])
         if action.restart and sent in (Sent.SENT, Sent.QUEUED):
@@ -749,6 +762,7 @@ class Controller:
 
     def handle_purge_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         self.state.purge(content.get("msg_ids"), content.get("engine_ids"))
+        release_free_memory()  # purging is how users free big results: make it show in RSS
         self._reply(self.registration, idents, "purge_reply", {"status": "ok"}, parent=msg["header"])
 
     def handle_resubmit_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
@@ -850,7 +864,13 @@ class Controller:
         self.hb_ping.send(str(self._hb_counter).encode())
 
     def _heartbeat(self) -> None:
-        self._reap(None)
+        now = self.loop.time()
+        last, self._last_heartbeat = self._last_heartbeat, now
+        # after the loop stalled (writing a 500 MB record to SQLite took 7 s), the
+        # engines' answers wait unread: judged now, engines would be removed for the
+        # controller's own silence. They are judged at the next beat, answers read
+        if last is None or now - last < 2 * self.hub.hb_period:
+            self._reap(None)
         self._ping()
         self._timers = [t for t in self._timers if not t.cancelled()]
         self._timers.append(self.loop.call_later(self.hub.hb_period, self._heartbeat))

@@ -138,10 +138,13 @@ class SQLiteStore(BaseStore):
     """Task records in an SQLite file (``":memory:"`` for a private in-memory database).
 
     ``table`` names the table, so several stores can share a file. The file is created
-    with mode 0600: records hold the tasks' arguments and results.
+    with mode 0600: records hold the tasks' arguments and results. ``statement_cache``
+    off: every statement is prepared anew (slower reads), and nothing written stays in
+    memory once it is on disk.
     """
 
-    def __init__(self, path: str | Path, table: str = "tasks", batch_size: int = 2000) -> None:
+    def __init__(self, path: str | Path, table: str = "tasks", batch_size: int = 2000,
+                 statement_cache: bool = True) -> None:
         if not table.isidentifier():
             raise ValueError(f"table must be a plain identifier, not {table!r}")
         self.path = str(path)
@@ -149,7 +152,10 @@ class SQLiteStore(BaseStore):
         self.batch_size = batch_size
         if self.path != ":memory:" and not Path(self.path).exists():
             Path(self.path).touch(mode=0o600)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # a cached statement keeps the values last bound to it: with the cache, the
+        # buffers of the last record written stay in memory until the next write
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   cached_statements=128 if statement_cache else 0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         columns = ", ".join(f"{c}" for c in (*COLUMNS, "extra"))

@@ -143,7 +143,9 @@ class Steal:
 @dataclass(slots=True)
 class TellToExit:
     """Send an engine ``removal_notification`` in ``delay`` seconds; with ``restart``,
-    tell :meth:`ControllerState.told_to_restart` once it was sent."""
+    the engine may register again instead of exiting (a restored controller to the
+    engines of the one before), and :meth:`ControllerState.told_to_restart` is told once
+    it was sent."""
 
     uuid: str
     engine_id: int
@@ -502,14 +504,14 @@ class ControllerState:
             # registered with the controller that died: its id, and any task it ran, are
             # gone with it; a plain message in its log beats an engine nobody can reach
             return [TellToExit(uuid, -1, "the controller was restarted and this engine's "
-                               "registration was lost with it; start a new engine", restart=True)]
+                               "registration was lost with it", restart=True)]
         return []
 
     def told_to_restart(self, uuid: str) -> None:
         """An engine of the controller before a restart was told to exit (once is enough)."""
         self._told_to_restart.add(uuid)
         self.log.warning("engine %s registered with the controller before its restart: "
-                         "told to exit; start engines again", uuid)
+                         "told to register again (or exit)", uuid)
 
     def dead_engines(self, now: float, since: float | None = None) -> list[int]:
         """Engines silent too long (or since ``since``, after a dropped connection)."""

@@ -485,7 +485,9 @@ class MemoryStore(BaseStore):
             if path is None:
                 self._spill_dir = tempfile.TemporaryDirectory(prefix="ipp-lite-spill-")
                 path = Path(self._spill_dir.name) / "records.db"
-            self._spill = SQLiteStore(path, table="spilled")
+            # records spill because their buffers are big: none may stay in memory
+            # bound to a cached statement once it is on disk
+            self._spill = SQLiteStore(path, table="spilled", statement_cache=False)
         return self._spill
 
     def __len__(self) -> int:

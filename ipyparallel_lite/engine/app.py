@@ -36,8 +36,11 @@ from ipyparallel_lite.baseapp import ParallelApp, common_aliases, common_flags, 
 from ipyparallel_lite.cluster.launcher import watch_parent
 from ipyparallel_lite.connection import (
     CONNECTION_INFO_ENV,
+    MAX_MESSAGE_BYTES,
     connection_file_path,
+    controller_window,
     curve_client_options,
+    heartbeat_options,
     load_connection_file,
     make_session,
     set_device_options,
@@ -96,7 +99,9 @@ class IPEngine(ParallelApp, IPKernelApp):
     engine_id = Integer(-1, help="Engine id to ask for (-1: the controller picks).").tag(config=True)
     registration_timeout = Float(30.0, help="Seconds to wait for the controller.").tag(config=True)
     controller_timeout = Float(
-        30.0, help="Seconds an engine waits for a lost controller to come back before it exits."
+        30.0, help="Seconds an engine waits for a lost controller (dead, or silent for its "
+        "heartbeat window) to come back before it exits. A controller restarted in that time "
+        "with --restore is joined again, with the engine's id and namespace; 0: exit at once."
     ).tag(config=True)
     engine_set = Unicode(
         "", help="Id of the engine set this engine was started with (the MPI launcher sets "
@@ -161,11 +166,13 @@ class IPEngine(ParallelApp, IPKernelApp):
     def init_poller(self) -> None:
         self.poller = None
 
-    def register(self) -> dict:
+    def register(self, requested: int | None = None) -> dict:
+        """Ask the controller for an id (``requested``, else ``engine_id`` if set); its reply."""
         sock = set_options(self.context.socket(zmq.DEALER), self.curve)
         sock.linger = 0
         sock.connect(url(self.info, "registration"))
-        requested = self.engine_id if self.engine_id >= 0 else None
+        if requested is None and self.engine_id >= 0:
+            requested = self.engine_id
         info = engine_info()
         rank = mpi_rank()
         if rank is not None:
@@ -194,7 +201,12 @@ class IPEngine(ParallelApp, IPKernelApp):
         ident = self.ident.encode()
 
         self.shell_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), self.curve)
-        self.control_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), self.curve)
+        # ZMTP heartbeats: a controller that hangs without closing the connection
+        # (stopped, or a cut network) drops it, and counts as gone, like a dead one. On
+        # control, which carries only small messages: a ping waits behind a message
+        # being transferred, and a big request or result may take longer than the window
+        self.control_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), {
+            **self.curve, **heartbeat_options(info, controller_window(info))})
         for sock, channel in ((self.shell_socket, "shell"), (self.control_socket, "control")):
             sock.identity = ident
             sock.linger = 1000
@@ -216,14 +228,17 @@ class IPEngine(ParallelApp, IPKernelApp):
         self.iopub_socket = self.iopub_thread.background_socket
         self._ports = {}
         self.controller_info = info
-        self._watch_controller(self.shell_socket.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED))
+        # back means a completed handshake: a stopped process's kernel still accepts TCP
+        self._watch_controller(self.control_socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED))
         atexit.register(self.unregister)
 
     def _watch_controller(self, monitor: zmq.Socket) -> None:
         """Exit when the controller is gone for ``controller_timeout`` seconds.
 
-        An engine whose controller crashed would otherwise live on, unreachable.
+        An engine whose controller crashed would otherwise live on, unreachable. One
+        restarted in time with ``--restore`` (same ports and key) is joined again instead:
+        it tells this engine to register again (see :meth:`rejoin`).
         """
         grace = self.controller_timeout
         log = self.log
@@ -235,13 +250,28 @@ class IPEngine(ParallelApp, IPKernelApp):
                     event = recv_monitor_message(monitor)["event"]
                     if event == zmq.EVENT_DISCONNECTED:
                         lost_since = lost_since or time.monotonic()
-                    elif event == zmq.EVENT_CONNECTED:
+                    elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                         lost_since = None
                 if lost_since is not None and time.monotonic() - lost_since > grace:
                     log.critical("the controller is gone since %.0fs; this engine exits", grace)
                     os._exit(1)
 
         threading.Thread(target=watch, name="ipp-lite-controller-watch", daemon=True).start()
+
+    def rejoin(self) -> str | None:
+        """Register again with a controller restarted with ``--restore``, under this
+        engine's id, and say ``engine_ready`` on shell and control, so it is ready again
+        with its namespace as it was; None when done, else why not. Runs on the main
+        thread, which owns the shell socket; the control thread sends on its own."""
+        try:
+            self.register(requested=self.eid)
+        except (RegistrationFailed, zmq.ZMQError) as e:
+            return str(e)
+        kernel = self.kernel
+        self.session.send(kernel.shell_stream, "engine_ready", {"id": self.eid})
+        kernel.control_stream.io_loop.add_callback(
+            self.session.send, kernel.control_stream, "engine_ready", {"id": self.eid})
+        return None
 
     def init_heartbeat(self) -> None:
         info = self.controller_info
@@ -276,6 +306,8 @@ class IPEngine(ParallelApp, IPKernelApp):
         kernel.engine_id = self.eid
         kernel.int_id = self.eid  # ipykernel puts int_id in execute errors' engine_info
         kernel.engine_info = {"engine_id": self.eid, "engine_uuid": self.ident, **engine_info()}
+        kernel.max_message_bytes = self.controller_info.get(MAX_MESSAGE_BYTES)
+        kernel.rejoin = self.rejoin
         topic = f"engine.{self.eid}."
         for stream in (sys.stdout, sys.stderr):
             if hasattr(stream, "topic"):

@@ -35,7 +35,7 @@ from ipykernel.utils import _async_in_context
 from ipykernel.zmqshell import ZMQInteractiveShell
 from traitlets import Dict, Float, Integer, Type
 
-from ipyparallel_lite.connection import STEAL_WINDOW, TASK_IDENT, unpack_message
+from ipyparallel_lite.connection import STEAL_WINDOW, TASK_IDENT, check_message_size, unpack_message
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
 from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpack_apply_message
 
@@ -143,6 +143,9 @@ class EngineKernel(IPythonKernel):
     shell_class = Type(EngineShell)
     engine_id = Integer(-1)
     engine_info = Dict()
+    #: the largest message part the controller reads: a bigger result is an error, not a
+    #: message the controller would drop with this engine's connection (None: no limit)
+    max_message_bytes = Integer(None, allow_none=True)
     # ipykernel sleeps this long after each cell so output "makes it" before the reply;
     # clients here wait for the output a reply announces (iopub_count) instead, which is exact
     _execute_sleep = Float(0.0).tag(config=True)
@@ -386,12 +389,15 @@ class EngineKernel(IPythonKernel):
             f, args, kwargs = unpack_apply_message(parent["buffers"], namespace, self._functions)
             result = f(*args, **kwargs)
             try:
-                result_frames = serialize_object(result)
+                frames = serialize_object(result)
             except Exception as e:
                 raise TypeError(
                     f"the result of {getattr(f, '__name__', f)!r} ({type(result).__name__}) "
                     f"could not be pickled to send back: {e}"
                 ) from e
+            check_message_size(frames, self.max_message_bytes,
+                               f"the result of {getattr(f, '__name__', f)!r}")
+            result_frames = frames
             content: dict = {"status": "ok"}
         except KeyboardInterrupt:
             reason = self._interrupt_reason.pop(msg_id, None)
@@ -511,15 +517,33 @@ class EngineKernel(IPythonKernel):
                 self._interrupt_reason[self._running] = reason
                 _signal_main_thread(signum)
 
+    #: set by the engine app: registers again with a restarted controller, keeping this
+    #: engine's id and namespace; None when done, else why it could not. Called on the
+    #: main thread, which owns the shell socket (so after the task running now)
+    rejoin: Callable[[], str | None] | None = None
+
     def removal_notification(self, stream: Any, idents: list, parent: dict) -> None:
         """The controller removed this engine (it stalled past its heartbeats): exit.
+        Or a controller restarted with ``--restore`` lost its registration: rejoin it.
 
         Its tasks were failed or sent elsewhere and no request will reach it again; an
         engine living on unseen would only hold memory and a core.
         """
         content = parent["content"]
+        if content.get("rejoin") and self.rejoin is not None:
+            self.shell_stream.io_loop.add_callback(self._rejoin, content.get("reason"))
+            return
+        self._leave(content.get("id"), content.get("reason"))
+
+    def _rejoin(self, reason: str) -> None:
+        refused = self.rejoin()
+        if refused is not None:
+            self._leave(self.engine_id, f"{reason}; registering again failed: {refused}")
+        self.log.warning("%s: engine %s registered again, its namespace kept", reason, self.engine_id)
+
+    def _leave(self, engine_id: Any, reason: str) -> None:
         self.log.critical("the controller removed engine %s (%s); this engine exits. Start a "
-                          "new engine to get the capacity back.", content.get("id"), content.get("reason"))
+                          "new engine to get the capacity back.", engine_id, reason)
         for out in (sys.stdout, sys.stderr, sys.__stderr__):
             try:
                 out.flush()
