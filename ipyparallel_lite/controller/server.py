@@ -56,6 +56,7 @@ from ipyparallel_lite.controller.outbox import Outbox, Sent
 from ipyparallel_lite.controller.scheduler import Assign, Fail, Interrupt, TaskScheduler
 from ipyparallel_lite.controller.store import NoStore, RecordNotFound
 from ipyparallel_lite.controller.throttle import ThrottledLog
+from ipyparallel_lite.dask_bridge import ControllerDask
 from ipyparallel_lite.processes import process_alive, process_start_time
 
 DELIM = b"<IDS|MSG>"
@@ -174,6 +175,8 @@ class Controller:
         self._deadline: asyncio.TimerHandle | None = None
         self._hb_counter = 0
         self._iopub: ThreadDevice | None = None
+        #: the dask scheduler of ``rc.become_dask()``, made on the first request
+        self._dask: ControllerDask | None = None
         self.stopped = asyncio.Event()
 
     # ---- set-up ----------------------------------------------------------------
@@ -323,6 +326,8 @@ class Controller:
         self.context.destroy(linger=0)
         if self._iopub_record is not None:
             self._iopub_record.close(linger=0)
+        if self._dask is not None:
+            self._dask.close()
         try:
             self.hub.store.close()
         except Exception:
@@ -713,6 +718,22 @@ class Controller:
         self._notify("shutdown_notification", {"status": "ok"})
         self.log.info("shutdown requested by a client")
         self.loop.call_later(0.1, self.stop)
+
+    def handle_become_dask_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
+        """Start the dask scheduler of ``rc.become_dask()`` off the loop; reply once it
+        listens, with its address."""
+        if self._dask is None:
+            self._dask = ControllerDask(self.loop, self.ip, _error_content)
+        self._dask.become(content, partial(self._reply, self.registration, idents,
+                                           "become_dask_reply", parent=msg["header"]))
+
+    def handle_stop_distributed_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
+        answer = partial(self._reply, self.registration, idents, "stop_distributed_reply",
+                         parent=msg["header"])
+        if self._dask is None:
+            answer({"status": "ok", "stopped": False})
+        else:
+            self._dask.stop(answer)
 
     # ---- engines ---------------------------------------------------------------
 
