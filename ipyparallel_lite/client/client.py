@@ -27,6 +27,7 @@ from ipyparallel_lite.client import reprs
 from ipyparallel_lite.client.asyncresult import AsyncResult
 from ipyparallel_lite.client.progress import Progress
 from ipyparallel_lite.connection import (
+    NOTIFICATION_HWM,
     connection_file_path,
     curve_client_options,
     load_connection_file,
@@ -104,9 +105,13 @@ class Client:
 
     # ---- connection ---------------------------------------------------------------
 
-    def _socket(self, kind: int, channel: str) -> zmq.Socket:
+    def _socket(self, kind: int, channel: str, **options: Any) -> zmq.Socket:
+        """A socket connected to ``channel``, with ``options`` (zmq socket options by
+        attribute name) set before it connects."""
         sock = set_options(fastzmq.socket(self._context, kind), self._curve)
         sock.linger = 0
+        for name, value in options.items():
+            setattr(sock, name, value)
         sock.connect(url(self.connection_info, channel))
         return sock
 
@@ -119,7 +124,8 @@ class Client:
         }
         if "broadcast" in info["ports"]:  # absent from connection files of older controllers
             self._sockets["broadcast"] = self._socket(zmq.DEALER, "broadcast")
-        self._notification = self._socket(zmq.SUB, "notification")
+        # as deep as the controller's side: engines leaving together must not be missed
+        self._notification = self._socket(zmq.SUB, "notification", rcvhwm=NOTIFICATION_HWM)
         self._notification.subscribe(b"")
         self._iopub = self._socket(zmq.SUB, "iopub")
         self._iopub.subscribe(b"")
