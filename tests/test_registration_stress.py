@@ -10,6 +10,7 @@ over its own connections; only the kernel behind it is missing.
 
 from __future__ import annotations
 
+import resource
 import time
 
 import psutil
@@ -83,3 +84,29 @@ def test_engines_that_unregister_leave_at_once(controller):
     while rc.ids and time.monotonic() < deadline:
         time.sleep(0.01)
     assert rc.ids == []
+
+
+def test_a_controller_started_with_1024_open_files_takes_300_engines():
+    """The usual soft limit of 1,024 open files is room for ~200 engines (5 connections
+    each); the controller raises it to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cluster = ipp.Cluster(n=0)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # inherited by the controller
+    try:
+        cluster.start_controller_sync()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    stubs = None
+    try:
+        controller = psutil.Process(cluster.controller.pid)
+        assert controller.rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
+        rc = cluster.connect_client_sync()
+        stubs = EngineStubs(load_connection_file(cluster.connection_file("engine")), 300)
+        stubs.start()
+        rc.wait_for_engines(300, timeout=120)
+        assert controller.num_fds() > 1024
+        rc.close()
+    finally:
+        if stubs is not None:
+            stubs.stop()
+        cluster.stop_cluster_sync()
