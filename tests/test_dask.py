@@ -98,3 +98,21 @@ def test_become_dask_with_nanny_runs_each_worker_in_a_child_of_its_engine(own_cl
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
                    for pid in worker_pids)
     assert rc[:].apply_sync(lambda: "still here") == ["still here"] * 2
+
+
+def test_become_dask_with_a_controller_without_distributed_says_which_extra(tmp_path, monkeypatch):
+    # the controller's environment cannot import distributed; this client's can
+    (tmp_path / "distributed.py").write_text("raise ImportError('no distributed here')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    import ipyparallel_lite as ipp
+
+    cluster = ipp.Cluster(n=0)
+    cluster.start_controller_sync()
+    try:
+        with cluster.connect_client_sync() as rc, pytest.raises(ImportError) as info:
+            rc.become_dask()
+        assert "in the controller's environment" in str(info.value)
+        assert "pip install 'ipyparallel_lite[dask]'" in str(info.value)
+        assert cluster.controller.running  # and it goes on serving
+    finally:
+        cluster.stop_cluster_sync()
