@@ -55,6 +55,8 @@ class LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
         self.server: Any = None
+        #: the scheduler a worker serves (None for the scheduler itself)
+        self.scheduler_address: str | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self, timeout: float = START_TIMEOUT) -> Any:
@@ -169,17 +171,21 @@ def start_worker(address: str, nanny: bool = False, **worker_args: Any) -> str:
     """Make this engine a dask worker of the scheduler at ``address``; its address.
 
     Runs on an engine. The worker (a ``Nanny`` and its worker process with
-    ``nanny=True``) lives in a thread of its own; a second call keeps the running one.
+    ``nanny=True``) lives in a thread of its own; a second call keeps the running one
+    if it serves the same scheduler.
     IPython parallel's name for it in the engine's namespace, ``dask_worker`` (and
     ``distributed_worker``), is set too.
     """
     global _worker
     if _worker is not None and _worker.is_alive():
-        return _worker.server.address
+        if _worker.scheduler_address == address:
+            return _worker.server.address
+        stop_worker()  # of a scheduler that is gone: serve the new one
     distributed = require_distributed("on the engines")
     server_class = distributed.Nanny if nanny else distributed.Worker
     worker_args.setdefault("nthreads", 1)  # an engine is one process for one task at a time
     _worker = LoopThread("ipp-lite-dask-worker", lambda: server_class(address, **worker_args))
+    _worker.scheduler_address = address
     server = _worker.start()
     _publish_in_namespace(server)
     return server.address

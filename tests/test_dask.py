@@ -116,3 +116,15 @@ def test_become_dask_with_a_controller_without_distributed_says_which_extra(tmp_
         assert cluster.controller.running  # and it goes on serving
     finally:
         cluster.stop_cluster_sync()
+
+
+def test_a_worker_left_from_a_stopped_scheduler_serves_the_next_one(own_cluster):
+    _, rc = own_cluster(2)
+    rc.become_dask()
+    rc.stop_distributed(targets=[0])  # the scheduler stops; engine 1 keeps its worker
+    client = rc.become_dask()  # a new scheduler, on another port
+    try:
+        assert len(client.scheduler_info()["workers"]) == 2
+        assert client.submit(sum, [1, 2]).result(timeout=60) == 3
+    finally:
+        rc.stop_distributed()
