@@ -101,3 +101,13 @@ def test_hub_output_benchmark_runs():
     for cells in measured:
         off, on = (float(cell.replace(",", "")) for cell in cells[1:3])
         assert off > 0 and on > 0
+
+
+@pytest.mark.timeout(300)
+def test_registration_benchmark_runs():
+    """``python -m benchmarks.registration --quick``: 50 engine stubs, all registered,
+    kept alive by heartbeats and removed again."""
+    proc = run_quick("benchmarks.registration")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    row = _table_rows(proc.stdout)["50"]
+    assert row[1] == "yes", row
