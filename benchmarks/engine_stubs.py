@@ -8,18 +8,34 @@ as an engine), then ``engine_ready`` on its shell and control DEALERs (identity:
 uuid), then it echoes every heartbeat ping from its SUB socket on its heartbeat DEALER,
 and at the end ``unregistration_request``. It runs no kernel and answers no requests:
 it is a load for the controller's registration and liveness paths, nothing more.
+
+:class:`StubProcess` runs them in a child process (``python -m benchmarks.engine_stubs``),
+so that their thousands of sockets and files are not the caller's: each stub holds four
+zmq sockets, two open files each.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import select
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
-from ipyparallel_lite.connection import curve_client_options, make_session, set_options, url
+from ipyparallel_lite.connection import (
+    curve_client_options,
+    load_connection_file,
+    make_session,
+    set_options,
+    url,
+)
 from ipyparallel_lite.engine.app import engine_info
 
 #: zmq sockets one stub keeps open (shell, control, heartbeat in and out), plus the one
@@ -143,3 +159,95 @@ class EngineStubs:
         while replies < len(self.ids) and leave.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             leave.recv_multipart()
             replies += 1
+
+
+# ---- in a child process ---------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class StubProcess:
+    """``n`` stubs in a child process, registering with the controller whose engine
+    connection file is ``path``; driven through the child's stdin and stdout."""
+
+    def __init__(self, path: str | os.PathLike, n: int):
+        self.n = n
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *sys.path])}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.engine_stubs", str(path), str(n)],
+            cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ids: list[int] = []
+        self.refused: list[str] = []
+        try:
+            self._answer(60.0)  # imported: registering is all that is left
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def start(self) -> None:
+        """Have every stub send its registration request now."""
+        self.proc.stdin.write("start\n")
+        self.proc.stdin.flush()
+
+    def _answer(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise TimeoutError(f"the engine stubs did not answer within {timeout:g}s "
+                               f"(exit code {self.proc.poll()})")
+        return json.loads(line)
+
+    def _ask(self, command: str, timeout: float) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._answer(timeout)
+
+    def wait_registered(self, timeout: float) -> None:
+        """Until every stub has its registration reply: :attr:`ids`, :attr:`refused`."""
+        answer = self._answer(timeout)
+        self.ids, self.refused = answer["ids"], answer["refused"]
+
+    def pings_echoed(self, timeout: float = 30.0) -> int:
+        return self._ask("pings", timeout)["pings"]
+
+    def stop(self, unregister: bool = True, timeout: float = 60.0) -> None:
+        """:meth:`EngineStubs.stop` in the child, which then exits (killed if it does not)."""
+        try:
+            if self.proc.poll() is None:
+                self._ask("stop" if unregister else "vanish", timeout)
+            self.proc.wait(timeout)
+        except (OSError, TimeoutError, subprocess.TimeoutExpired, ValueError):
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.engine_stubs ENGINE_FILE N``: run N stubs until told on stdin.
+
+    Prints ``{}`` once ready and waits for ``start``; prints ``{"ids", "refused"}``
+    once every stub has its registration reply; then answers ``pings``
+    with ``{"pings"}``, and ``stop`` (unregister first) or ``vanish`` with ``{}`` and
+    exits. Stdin closing (the parent gone) makes the stubs vanish.
+    """
+    path, n = (argv or sys.argv[1:])[:2]
+    stubs = EngineStubs(load_connection_file(path), int(n))
+    print("{}", flush=True)
+    if sys.stdin.readline().strip() != "start":
+        return
+    stubs.start()
+    stubs.registered.wait()
+    print(json.dumps({"ids": stubs.ids, "refused": stubs.refused}), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "pings":
+            print(json.dumps({"pings": stubs.pings_echoed}), flush=True)
+        elif command in ("stop", "vanish"):
+            stubs.stop(unregister=command == "stop")
+            print("{}", flush=True)
+            return
+    stubs.stop(unregister=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,9 +3,10 @@ all reported ready; then all of them vanish together and are all removed, cheapl
 client hears of every removal (more notifications at once than zmq's default queue of
 1,000 holds).
 
-The engines are :class:`benchmarks.engine_stubs.EngineStubs`: each speaks the engines'
-real protocol (signed registration, shell and control ``engine_ready``, heartbeat echo)
-over its own connections; only the kernel behind it is missing.
+The engines are :class:`benchmarks.engine_stubs.EngineStubs`, in a child process: each
+speaks the engines' real protocol (signed registration, shell and control
+``engine_ready``, heartbeat echo) over its own connections; only the kernel behind it is
+missing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 import ipyparallel_lite as ipp
-from benchmarks.engine_stubs import EngineStubs
+from benchmarks.engine_stubs import StubProcess
 from benchmarks.registration import cpu_seconds
 from ipyparallel_lite.connection import load_connection_file
 
@@ -39,7 +40,7 @@ def test_1200_engines_register_at_once_and_are_all_ready(controller):
     cluster, rc = controller
     info = load_connection_file(cluster.connection_file("engine"))
     proc = psutil.Process(cluster.controller.pid)
-    stubs = EngineStubs(info, N)
+    stubs = StubProcess(cluster.connection_file("engine"), N)
     try:
         cpu = cpu_seconds(proc)
         start = time.monotonic()
@@ -47,7 +48,8 @@ def test_1200_engines_register_at_once_and_are_all_ready(controller):
         rc.wait_for_engines(N, timeout=120)
         elapsed = time.monotonic() - start
         cpu_per_registration = (cpu_seconds(proc) - cpu) / N
-        assert stubs.registered.wait(30) and not stubs.refused
+        stubs.wait_registered(30)
+        assert not stubs.refused
         assert sorted(stubs.ids) == rc.ids == list(range(N))
         # ready in the Hub's own words (a queue per ready engine), and to a new client
         status = rc.queue_status()
@@ -76,10 +78,12 @@ def test_1200_engines_register_at_once_and_are_all_ready(controller):
 
 def test_engines_that_unregister_leave_at_once(controller):
     cluster, rc = controller
-    stubs = EngineStubs(load_connection_file(cluster.connection_file("engine")), 50)
-    stubs.start()
-    rc.wait_for_engines(50, timeout=60)
-    stubs.stop(unregister=True)
+    stubs = StubProcess(cluster.connection_file("engine"), 50)
+    try:
+        stubs.start()
+        rc.wait_for_engines(50, timeout=60)
+    finally:
+        stubs.stop(unregister=True)
     deadline = time.monotonic() + 30
     while rc.ids and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -101,7 +105,7 @@ def test_a_controller_started_with_1024_open_files_takes_300_engines():
         controller = psutil.Process(cluster.controller.pid)
         assert controller.rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
         rc = cluster.connect_client_sync()
-        stubs = EngineStubs(load_connection_file(cluster.connection_file("engine")), 300)
+        stubs = StubProcess(cluster.connection_file("engine"), 300)
         stubs.start()
         rc.wait_for_engines(300, timeout=120)
         assert controller.num_fds() > 1024
