@@ -17,6 +17,7 @@ zmq sockets, two open files each.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import subprocess
@@ -36,6 +37,7 @@ from ipyparallel_lite.connection import (
     set_options,
     url,
 )
+from ipyparallel_lite.controller.app import raise_open_file_limit
 from ipyparallel_lite.engine.app import engine_info
 
 #: zmq sockets one stub keeps open (shell, control, heartbeat in and out), plus the one
@@ -72,6 +74,8 @@ class EngineStubs:
         self.ids: list[int] = []
         self.refused: list[str] = []
         self.registered = threading.Event()
+        #: why the stubs' thread stopped, if it failed
+        self.error: str | None = None
         self.pings_echoed = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-stubs", daemon=True)
@@ -97,6 +101,13 @@ class EngineStubs:
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # said by main() instead of a stub thread dying unseen
+            self.error = f"{type(e).__name__}: {e}"
+            self.registered.set()
+
+    def _serve(self) -> None:
         poller = zmq.Poller()
         registering = {stub.registration: stub for stub in self.stubs}
         echo: dict[zmq.Socket, zmq.Socket] = {}
@@ -179,7 +190,8 @@ class StubProcess:
         self.ids: list[int] = []
         self.refused: list[str] = []
         try:
-            self._answer(60.0)  # imported: registering is all that is left
+            #: the child's limit of open files, for when it runs out
+            self.open_files_limit = self._answer(60.0)["open_files_limit"]
         except BaseException:
             self.proc.kill()
             self.proc.wait()
@@ -195,7 +207,8 @@ class StubProcess:
         line = self.proc.stdout.readline() if ready else ""
         if not line:
             raise TimeoutError(f"the engine stubs did not answer within {timeout:g}s "
-                               f"(exit code {self.proc.poll()})")
+                               f"(exit code {self.proc.poll()}; open-files limit "
+                               f"{getattr(self, 'open_files_limit', '?')})")
         return json.loads(line)
 
     def _ask(self, command: str, timeout: float) -> dict:
@@ -206,6 +219,9 @@ class StubProcess:
     def wait_registered(self, timeout: float) -> None:
         """Until every stub has its registration reply: :attr:`ids`, :attr:`refused`."""
         answer = self._answer(timeout)
+        if answer["error"]:
+            raise RuntimeError(f"the engine stubs failed: {answer['error']} (open-files "
+                               f"limit {self.open_files_limit})")
         self.ids, self.refused = answer["ids"], answer["refused"]
 
     def pings_echoed(self, timeout: float = 30.0) -> int:
@@ -231,13 +247,15 @@ def main(argv: list[str] | None = None) -> None:
     exits. Stdin closing (the parent gone) makes the stubs vanish.
     """
     path, n = (argv or sys.argv[1:])[:2]
+    # two files per zmq socket (its TCP connection and its mailbox), five sockets per stub
+    limit = raise_open_file_limit(logging.getLogger("engine_stubs"))
     stubs = EngineStubs(load_connection_file(path), int(n))
-    print("{}", flush=True)
+    print(json.dumps({"open_files_limit": limit}), flush=True)
     if sys.stdin.readline().strip() != "start":
         return
     stubs.start()
     stubs.registered.wait()
-    print(json.dumps({"ids": stubs.ids, "refused": stubs.refused}), flush=True)
+    print(json.dumps({"ids": stubs.ids, "refused": stubs.refused, "error": stubs.error}), flush=True)
     for line in sys.stdin:
         command = line.strip()
         if command == "pings":
