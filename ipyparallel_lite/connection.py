@@ -60,6 +60,11 @@ CONTROLLER_FILES = ("client", "engine", "curve")
 
 #: the connection-file field holding the controller's CURVE public key (Z85 text)
 CURVE_SERVERKEY = "curve_serverkey"
+#: notifications that may wait for one client, at the controller and again at the client
+#: (zmq's default is 1,000 each): a PUB drops what a subscriber cannot take, and 2,000
+#: engines lost together are 2,000 notifications at once, after which a client that
+#: missed some listed engines long gone. Each is a few hundred bytes.
+NOTIFICATION_HWM = 100_000
 
 
 def require_curve() -> None:

@@ -151,3 +151,13 @@ def test_floor_pipeline_round_trips_and_stops_its_processes():
         header = (client.send(), client.receive())[1]
         assert header["msg_type"] == "apply_reply"
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.timeout(300)
+def test_registration_benchmark_runs():
+    """``python -m benchmarks.registration --quick``: 50 engine stubs, all registered,
+    kept alive by heartbeats and removed again."""
+    proc = run_quick("benchmarks.registration")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    row = _table_rows(proc.stdout)["50"]
+    assert row[1] == "yes", row

@@ -68,6 +68,8 @@ class Client:
         #: default ``block`` of the control methods (``clear``, ``abort``, ``shutdown``...)
         self.block = False
         self._skew_warned: set[int] = set()
+        #: the distributed.Client of become_dask, closed by stop_dask
+        self._dask_client: Any = None
         #: the sockets, their I/O thread, and the requests waiting for replies
         self.transport = Transport(info, timeout, on_notification=self._on_notification,
                                    on_reconnect=self._resync_with_controller,
@@ -503,6 +505,58 @@ class Client:
     def hub_history(self) -> list[str]:
         """msg_ids of every task the Hub has a record of, oldest submitted first."""
         return self.transport.query("history_request", {})["content"]["history"]
+
+    # ==== dask.distributed =============================================================
+    # A dask scheduler in the controller's process, a worker in each engine: the same
+    # engines then serve both APIs at once (see dask_bridge.py).
+
+    def become_dask(self, targets: Any = "all", port: int = 0, nanny: bool = False,
+                    scheduler_args: dict | None = None, **worker_args: Any) -> Any:
+        """Turn the engines ``targets`` into the workers of a dask.distributed cluster;
+        a ``distributed.Client`` connected to it.
+
+        The scheduler runs in the controller's process, on its interface and ``port``
+        (0: any free port), with ``scheduler_args`` passed to ``distributed.Scheduler``
+        (JSON values only). Each engine runs a ``distributed.Worker`` (with
+        ``nanny=True`` a ``Nanny`` and its worker process), given ``worker_args``
+        (``nthreads`` defaults to 1). Calling it again reuses the running scheduler.
+        Needs ``distributed`` in the client, controller and engines:
+        ``pip install 'ipyparallel_lite[dask]'``.
+        """
+        from ipyparallel_lite import dask_bridge
+
+        distributed = dask_bridge.require_distributed("in this client's environment")
+        view = self.direct_view(targets)
+        try:
+            reply = self.transport.query("become_dask_request",
+                                {"port": port, "scheduler_args": scheduler_args or {}},
+                                timeout=dask_bridge.START_TIMEOUT)
+        except error.RemoteError as e:
+            if e.ename == "ImportError":
+                raise ImportError(e.evalue) from None
+            raise
+        address = reply["content"]["address"]
+        view.apply_sync(dask_bridge.start_worker, address, nanny=nanny, **worker_args)
+        if self._dask_client is not None:
+            self._dask_client.close()
+        self._dask_client = distributed.Client(address)
+        return self._dask_client
+
+    become_distributed = become_dask
+
+    def stop_dask(self, targets: Any = "all") -> None:
+        """Stop the dask workers on the engines ``targets`` and the controller's dask
+        scheduler, and close the ``distributed.Client`` that ``become_dask`` returned.
+        The engines go on as before."""
+        from ipyparallel_lite import dask_bridge
+
+        if self._dask_client is not None:
+            self._dask_client.close()
+            self._dask_client = None
+        self.direct_view(targets).apply_sync(dask_bridge.stop_worker)
+        self.transport.query("stop_distributed_request", {}, timeout=dask_bridge.START_TIMEOUT)
+
+    stop_distributed = stop_dask
 
     def _resync_with_controller(self) -> None:
         """After the controller came back (restarted with --restore): take its engine

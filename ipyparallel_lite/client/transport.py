@@ -36,6 +36,7 @@ from zmq.utils.monitor import parse_monitor_message
 from ipyparallel_lite import batch, error, fastzmq
 from ipyparallel_lite.connection import (
     MAX_MESSAGE_BYTES,
+    NOTIFICATION_HWM,
     check_message_size,
     controller_window,
     curve_client_options,
@@ -148,7 +149,8 @@ class Transport:
         }
         if "broadcast" in info["ports"]:  # absent from connection files of older controllers
             self._sockets["broadcast"] = self._socket(zmq.DEALER, "broadcast")
-        self._notification = self._socket(zmq.SUB, "notification")
+        # as deep as the controller's side: engines leaving together must not be missed
+        self._notification = self._socket(zmq.SUB, "notification", {zmq.RCVHWM: NOTIFICATION_HWM})
         self._notification.subscribe(b"")
         self._iopub = self._socket(zmq.SUB, "iopub")
         self._iopub.subscribe(b"")

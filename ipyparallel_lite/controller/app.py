@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -236,6 +238,7 @@ class IPController(ParallelApp, BaseIPythonApplication):
                                 peer_queue_bytes=self.peer_queue_bytes, curve_keypair=curve_keypair,
                                 client_window=self.client_window,
                                 max_message_bytes=self.max_message_bytes)
+        raise_open_file_limit(self.log)
         try:
             controller.bind(previous[1] if previous else None)
         except PortTaken as e:  # before touching the records a live controller may own
@@ -276,6 +279,30 @@ class IPController(ParallelApp, BaseIPythonApplication):
                 write_connection_file(files[kind], controller.connection_info(kind))
             self.log.info("connection files: %s", ", ".join(str(files[k]) for k in ("client", "engine")))
         await controller.stopped.wait()
+
+
+#: connections each engine keeps open at the controller: shell, control, iopub, and the
+#: heartbeat's ping and pong
+FILES_PER_ENGINE = 5
+
+
+def raise_open_file_limit(log: logging.Logger) -> int:
+    """Raise this process's soft limit of open files to its hard limit; the limit now.
+
+    Every engine holds FILES_PER_ENGINE connections here, so the usual soft limit of
+    1,024 would stop a controller near 200 engines while the hard limit (often 2**19 or
+    more) allows thousands; raising the soft limit up to the hard one needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as e:  # e.g. above the kernel's nr_open
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, wanted, e)
+    log.info("open-files limit %d: room for about %d engines", soft, soft // FILES_PER_ENGINE)
+    return soft
 
 
 class ControllerApp(IPController):
