@@ -112,7 +112,12 @@ def test_a_suspended_client_stalls_nobody(own_cluster, then):
             time.sleep(0.2)
         worst = served_quickly(rc)
         assert worst < SERVED_WITHIN, f"another client waited {worst:.2f}s behind a stopped one"
-        assert rc.queue_status()["backlog"]["peers"] == 1
+        # what waits for it is bounded by its window: the rest of the 10,000 stayed in
+        # its own (stopped) process, and the replies that wait fit in libzmq's queue or
+        # in the controller's outbox
+        window = rc.transport.window
+        assert window and window < n
+        assert rc.queue_status()["backlog"]["messages"] <= window
         if then == "resume":
             os.kill(proc.pid, signal.SIGCONT)
             out, _ = proc.communicate(timeout=120)
