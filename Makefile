@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean chromium mpi sshd slurm
+.PHONY: demo test bench lint clean test-programs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,47 +18,28 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/python -m ipyparallel_lite.demo
 
-test: mpi sshd slurm chromium $(BIN)/.installed
+test: test-programs $(BIN)/.installed
 	$(BIN)/python -m ruff check ipyparallel_lite tests benchmarks hatch_build.py
 	$(BIN)/python -m pytest
 
-# the JupyterLab panel's browser test drives Debian's chromium: installed here when absent
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else \
-	    echo "make test needs chromium for its browser test: sudo apt-get install chromium" >&2; exit 1; \
-	  fi; }
+# programs the tests run for real, from Debian's packages, installed here when absent (one
+# apt-get for all): chromium (the panel's browser test), OpenMPI (mpiexec; mpi4py builds
+# against libopenmpi-dev), OpenSSH (the SSH launcher's tests start their own sshd on
+# 127.0.0.1), Slurm and munge (a single-node cluster the Slurm tests start, as root)
+TEST_PROGRAMS := chromium:chromium mpiexec:openmpi-bin,libopenmpi-dev \
+	/usr/sbin/sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client \
+	sbatch:slurm-wlm /usr/sbin/slurmctld:slurm-wlm /usr/sbin/slurmd:slurm-wlm /usr/sbin/munged:munge
 
-# the MPI launcher's tests run Debian's OpenMPI (mpiexec; mpi4py builds against libopenmpi-dev)
-mpi:
-	@command -v mpiexec >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null; \
-	  else \
-	    echo "make test needs mpiexec for the MPI launcher's tests: sudo apt-get install openmpi-bin libopenmpi-dev" >&2; exit 1; \
-	  fi; }
-
-# the SSH launcher's tests start Debian's OpenSSH server (their own sshd, on a free port of
-# 127.0.0.1) and connect with its client
-sshd:
-	@{ [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1; } || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null; \
-	  else \
-	    echo "make test needs sshd and ssh for the SSH launcher's tests: sudo apt-get install openssh-server openssh-client" >&2; exit 1; \
-	  fi; }
-
-# the Slurm launcher's tests start Debian's Slurm (munged, slurmctld, slurmd: a single-node
-# cluster of their own, as root) and submit with its sbatch
-slurm:
-	@{ command -v sbatch >/dev/null 2>&1 && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ]; } || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
-	  else \
-	    echo "make test needs Slurm and munge for the Slurm launcher's tests (run as root): sudo apt-get install slurm-wlm munge" >&2; exit 1; \
-	  fi; }
+test-programs:
+	@missing=""; for entry in $(TEST_PROGRAMS); do \
+	  command -v "$${entry%%:*}" >/dev/null 2>&1 || missing="$$missing $$(echo $${entry#*:} | tr , ' ')"; \
+	done; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+	  echo "make test needs Debian packages:$$missing (sudo apt-get install$$missing)" >&2; exit 1; \
+	fi
 
 bench: $(BIN)/.bench-installed
 	$(BIN)/python -m benchmarks

@@ -40,6 +40,20 @@ def our_processes() -> list[psutil.Process]:
     return found
 
 
+def wait_gone(pids: set[int], timeout: float = 30) -> set[int]:
+    """Wait up to ``timeout`` s for the processes ``pids`` to end (a zombie counts as
+    ended); those still running."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        time.sleep(0.1)
+    return alive
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_stray_processes():
     """After the whole session, no controller or engine may be left running."""

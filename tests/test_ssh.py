@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import wait_gone
 from traitlets.config import Config
 
 import ipyparallel_lite as ipp
@@ -53,16 +54,6 @@ def _descendants(pid: int) -> set[int]:
                 if p.status() != psutil.STATUS_ZOMBIE}
     except psutil.NoSuchProcess:
         return set()
-
-
-def _wait_gone(pids: set[int], timeout: float = 20) -> set[int]:
-    deadline = time.monotonic() + timeout
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
-        time.sleep(0.1)
-    return alive
 
 
 class Sshd:
@@ -136,7 +127,7 @@ def sshd(tmp_path_factory):
     finally:
         left = server.sessions()
         server.stop()
-        for pid in _wait_gone(left, timeout=5):  # none expected: the tests check it
+        for pid in wait_gone(left, timeout=5):  # none expected: the tests check it
             os.kill(pid, signal.SIGKILL)
 
 
@@ -159,7 +150,7 @@ def test_ssh_cluster_runs_engines_through_sshd(sshd, tmp_path, ipython_dir):
         key = json.loads(cluster.connection_file("engine").read_text())["key"]
         for pid in pids | ssh_clients:
             assert key not in " ".join(psutil.Process(pid).cmdline())
-    assert not _wait_gone(pids | ssh_clients, timeout=20)
+    assert not wait_gone(pids | ssh_clients, timeout=20)
 
 
 def test_controller_over_ssh_and_its_files_copied_back(sshd, tmp_path, ipython_dir):
@@ -186,7 +177,7 @@ def test_controller_over_ssh_and_its_files_copied_back(sshd, tmp_path, ipython_d
         assert len(pids) == 2 and pids <= sshd.sessions()
         assert rc[:].apply_sync(lambda x: x + 1, 1) == [2, 2]
         sessions = sshd.sessions()
-    assert not _wait_gone(sessions, timeout=20)
+    assert not wait_gone(sessions, timeout=20)
     assert not cluster.connection_file("client").exists()
 
 
@@ -204,7 +195,7 @@ def test_loopback_controller_on_another_host_is_refused(sshd, tmp_path, ipython_
     assert "the controller exited before it was ready" in message
     assert ("the ssh controller launcher: the controller on controller-elsewhere listens on "
             "127.0.0.1, a loopback address other hosts cannot reach") in message
-    assert not _wait_gone(sshd.sessions() - sessions_before, timeout=10)
+    assert not wait_gone(sshd.sessions() - sessions_before, timeout=10)
     assert not cluster.connection_file("client").exists()
 
 
@@ -242,11 +233,11 @@ def test_engines_exit_with_their_owner(sshd, tmp_path, ipython_dir):
         owned = _descendants(owner.pid)
         owner.kill()
         owner.wait(10)
-        assert not _wait_gone(pids | owned, timeout=20)
+        assert not wait_gone(pids | owned, timeout=20)
     finally:
         owner.kill()
         owner.wait(10)
-        for pid in _wait_gone(pids, timeout=0.1):
+        for pid in wait_gone(pids, timeout=0.1):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -291,10 +282,10 @@ def test_cli_daemonized_ssh_cluster_stops_from_the_cluster_file(sshd, tmp_path):
         assert all(psutil.pid_exists(p) for p in remote)
         out = cli("stop")
         assert out.returncode == 0 and "3 engines and the controller" in out.stdout, out.stderr
-        assert not _wait_gone(remote | clients | started)
+        assert not wait_gone(remote | clients | started, timeout=20)
     finally:
         cli("stop")
-        for pid in _wait_gone(started, timeout=0.1):
+        for pid in wait_gone(started, timeout=0.1):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -314,7 +305,7 @@ def test_unreachable_host_or_refused_key_is_one_clear_error(sshd, tmp_path, ipyt
     assert "exited with code 255" in message
     said = "Connection refused" if case == "closed port" else "Permission denied"
     assert said in message.split("It said:", 1)[1]
-    assert not _wait_gone((_descendants(me) - before) | (sshd.sessions() - sessions_before),
+    assert not wait_gone((_descendants(me) - before) | (sshd.sessions() - sessions_before),
                           timeout=10)
     assert not cluster.cluster_file.exists()
 
@@ -352,4 +343,4 @@ def test_loopback_controller_is_not_given_to_another_host(sshd, tmp_path, ipytho
     assert ("no engines started on node-elsewhere: the controller listens on 127.0.0.1, a "
             "loopback address other hosts cannot reach") in message
     assert "controller_ip='0.0.0.0'" in message
-    assert not _wait_gone(sshd.sessions() - sessions_before, timeout=10)
+    assert not wait_gone(sshd.sessions() - sessions_before, timeout=10)
