@@ -44,8 +44,10 @@ def test_a_silent_engine_is_removed_within_the_configured_heartbeat_window(own_c
         took = wait_until(lambda: 1 not in rc.ids, 10, "the silent engine's removal")
     finally:
         os.kill(pid, signal.SIGCONT)
-    # 3 missed beats of 0.2 s (the default window is 5 s), plus one period of checking
-    assert 0.5 < took < 2.5, f"silent engine removed after {took:.2f}s"
+    # 3 missed beats of 0.2 s (the default window is 5 s), plus one period of checking;
+    # the last beat it answered may have come up to one period before the stop, so the
+    # removal can come 0.4 s after it (0.41-0.49 s seen), never after one missed beat
+    assert 0.35 < took < 2.5, f"silent engine removed after {took:.2f}s"
     # back, it is told it was removed and exits instead of living on unseen
     assert psutil.Process(pid).wait(20) is not None or not psutil.pid_exists(pid)
 
