@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import subprocess
+import sys
 import tempfile
 
 import psutil
@@ -38,6 +40,24 @@ def our_processes() -> list[psutil.Process]:
         if any(m in cmdline for m in OUR_MODULES):
             found.append(proc)
     return found
+
+
+def ipcluster(ipdir: str, *args: str, timeout: float = 90, **kwargs) -> subprocess.CompletedProcess:
+    """``ipcluster-lite *args`` with its own IPython dir ``ipdir``, output captured;
+    ``env`` adds to the environment."""
+    env = {**os.environ, "IPYTHONDIR": ipdir, **kwargs.pop("env", {})}
+    return subprocess.run([sys.executable, "-m", "ipyparallel_lite.cluster", *args,
+                           "--ipython-dir", ipdir], env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now (for the servers tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_gone(pids: set[int], timeout: float = 30) -> set[int]:

@@ -18,13 +18,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_gone
+from conftest import free_port, ipcluster, wait_gone
 from traitlets.config import Config
 
 import ipyparallel_lite as ipp
@@ -35,11 +35,6 @@ pytestmark = pytest.mark.timeout(240)
 #: engines a single node of the test Slurm takes at once (slurmd told to trust slurm.conf)
 SLURM_CPUS = 8
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Slurm:
@@ -67,7 +62,7 @@ class Slurm:
         self.conf.write_text("\n".join([
             "ClusterName=ipplite", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.munge_socket}",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
             f"StateSaveLocation={folder / 'state'}", f"SlurmdSpoolDir={folder / 'spool'}",
             f"SlurmctldPidFile={folder / 'slurmctld.pid'}", f"SlurmdPidFile={folder / 'slurmd.pid'}",
             f"SlurmctldLogFile={folder / 'slurmctld.log'}", f"SlurmdLogFile={folder / 'slurmd.log'}",
@@ -252,12 +247,7 @@ def test_cli_starts_8_slurm_engines_and_stop_cancels_the_job(slurm, tmp_path):
     """``ipcluster-lite start --engines slurm -n 8 --daemonize``; ``stop`` (another
     process, through the cluster file) cancels the job and every engine ends."""
     ipdir = str(tmp_path / "ipython")
-    env = {**os.environ, "IPYTHONDIR": ipdir}
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ipyparallel_lite.cluster", *args,
-                               "--ipython-dir", ipdir], env=env, capture_output=True, text=True,
-                              timeout=180)
+    cli = partial(ipcluster, ipdir, timeout=180)
 
     pids: set[int] = set()
     try:

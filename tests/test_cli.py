@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ipcluster as cli
 
 import ipyparallel_lite as ipp
 
@@ -53,12 +54,6 @@ def ipdir(tmp_path: Path):
                 pass
         psutil.wait_procs(strays, timeout=5)
         assert not [p for p in strays if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
-def cli(ipdir: str, *args: str, timeout: float = 90, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "IPYTHONDIR": ipdir, **kwargs.pop("env", {})}
-    return subprocess.run([*CLI, *args, "--ipython-dir", ipdir], env=env, capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
 
 
 def listed(ipdir: str, *args: str) -> list[dict]:

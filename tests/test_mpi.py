@@ -13,9 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import psutil
 import pytest
+from conftest import ipcluster
 from IPython.utils.capture import capture_output
 
 import ipyparallel_lite as ipp
@@ -174,12 +176,7 @@ def test_cli_starts_lists_and_stops_an_mpi_cluster(tmp_path):
     """``ipcluster-lite start --engines mpi -n 2``; ``engines`` adds an mpiexec set; ``stop``
     finds both through the cluster file and ends every rank."""
     ipdir = str(tmp_path / "ipython")
-    env = {**os.environ, "IPYTHONDIR": ipdir}
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ipyparallel_lite.cluster", *args,
-                               "--ipython-dir", ipdir], env=env, capture_output=True, text=True,
-                              timeout=120)
+    cli = partial(ipcluster, ipdir, timeout=120)
 
     out = cli("start", "--engines", "mpi", "-n", "2", "--daemonize")
     assert out.returncode == 0, out.stderr

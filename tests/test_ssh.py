@@ -20,12 +20,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from conftest import wait_gone
+from conftest import free_port, ipcluster, wait_gone
 from traitlets.config import Config
 
 import ipyparallel_lite as ipp
@@ -36,11 +37,6 @@ pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parent.parent
 SSHD = "/usr/sbin/sshd"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _keygen(path: Path) -> Path:
@@ -61,7 +57,7 @@ class Sshd:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.key = _keygen(folder / "user_key")
         self.other_key = _keygen(folder / "not_authorized_key")
         host_key = _keygen(folder / "host_key")
@@ -254,12 +250,7 @@ def test_cli_daemonized_ssh_cluster_stops_from_the_cluster_file(sshd, tmp_path):
         f"c.SSHLauncher.ssh_args = {config.SSHLauncher.ssh_args!r}\n"
         f"c.SSHEngineSetLauncher.engines = {config.SSHEngineSetLauncher.engines!r}\n"
         f"c.SSHEngineSetLauncher.engine_cmd = {config.SSHEngineSetLauncher.engine_cmd!r}\n")
-    env = {**os.environ, "IPYTHONDIR": str(ipdir), "PYTHONPATH": str(ROOT)}
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ipyparallel_lite.cluster", *args,
-                               "--ipython-dir", str(ipdir)], env=env, capture_output=True,
-                              text=True, timeout=150)
+    cli = partial(ipcluster, str(ipdir), timeout=150, env={"PYTHONPATH": str(ROOT)})
 
     before = sshd.sessions()
     out = cli("start", "--engines", "ssh", "-n", "2", "--daemonize")
@@ -291,7 +282,7 @@ def test_cli_daemonized_ssh_cluster_stops_from_the_cluster_file(sshd, tmp_path):
 
 @pytest.mark.parametrize("case", ["closed port", "refused key"])
 def test_unreachable_host_or_refused_key_is_one_clear_error(sshd, tmp_path, ipython_dir, case):
-    bad = {"port": _free_port()} if case == "closed port" else {"key": sshd.other_key}
+    bad = {"port": free_port()} if case == "closed port" else {"key": sshd.other_key}
     cluster = ipp.Cluster(n=2, engines="ssh", profile_dir=tmp_path / "p", load_profile=False,
                           config=sshd.config(ipython_dir, **bad))
     me = psutil.Process().pid

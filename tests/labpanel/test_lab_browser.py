@@ -79,7 +79,7 @@ def lab_env(tmp_path) -> dict:
                                     "language": "python"}},
         "nbformat": 4, "nbformat_minor": 5}))
     assert Path(CHROMIUM).exists(), (
-        f"the browser tests need Debian's chromium at {CHROMIUM}: `make chromium` installs it")
+        f"the browser tests need Debian's chromium at {CHROMIUM}: `make test-programs` installs it")
     return env
 
 
