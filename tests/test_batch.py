@@ -101,11 +101,13 @@ class Slurm:
         """Every job the queue still shows: ``"id state"``."""
         return self.run("squeue", "--noheader", "--format=%i %T").stdout.split("\n")[:-1]
 
-    def stepd_descendants(self) -> set[int]:
-        """Processes Slurm runs for jobs (slurmstepd and what it starts)."""
+    def stepd_descendants(self, job: str | None = None) -> set[int]:
+        """Processes Slurm runs for jobs (slurmstepd and what it starts); of job ``job``
+        only, when given (its slurmstepd is named "slurmstepd: [<job>.<step>]")."""
         found = set()
-        for proc in psutil.process_iter(["name"]):
-            if proc.info["name"] == "slurmstepd":
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            if proc.info["name"] == "slurmstepd" and (
+                    job is None or f"[{job}." in " ".join(proc.info["cmdline"] or ())):
                 found |= {p.pid for p in proc.children(recursive=True)}
         return found
 
@@ -257,7 +259,8 @@ def test_cli_starts_8_slurm_engines_and_stop_cancels_the_job(slurm, tmp_path):
         assert job.endswith(" RUNNING")
         [row] = json.loads(cli("list", "-o", "json").stdout)
         assert row["engines"] == SLURM_CPUS
-        pids = slurm.stepd_descendants()
+        # this job's: an earlier test's engines may still be on their way out
+        pids = slurm.stepd_descendants(job.split()[0])
         engines = {p for p in pids if psutil.Process(p).cmdline()[1:3] == ["-m", "ipyparallel_lite.engine"]}
         assert len(engines) == SLURM_CPUS
         out = cli("stop")
