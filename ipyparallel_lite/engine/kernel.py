@@ -33,7 +33,8 @@ from ipykernel.iostream import OutStream
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.utils import _async_in_context
 from ipykernel.zmqshell import ZMQInteractiveShell
-from traitlets import Dict, Float, Integer, Type
+from IPython.core.inputtransformer2 import TransformerManager
+from traitlets import Dict, Float, Instance, Integer, Type
 
 from ipyparallel_lite.connection import STEAL_WINDOW, TASK_IDENT, check_message_size, unpack_message
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
@@ -109,9 +110,48 @@ class EngineOutStream(OutStream):
             super().flush()
 
 
+class CachingTransformerManager(TransformerManager):
+    """IPython's static input transformations (magics, ``!``, ``?``, prompts), remembered
+    per cell text while the transforms are IPython's own.
+
+    Those depend on the text alone, and tokenizing a cell to look for them costs more
+    than running a small one; ``rc[:].execute`` sends the same cells again and again.
+    Once a transform is added, replaced or removed (``input_transformers_cleanup``...),
+    every cell is transformed afresh: a user's transform may keep state.
+    """
+
+    #: cells remembered (the oldest is forgotten first), and the longest one remembered
+    MAX_CELLS = 256
+    MAX_LENGTH = 10_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._own = self._transforms()
+        self._cache: dict[str, str] = {}
+
+    def _transforms(self) -> tuple:
+        return tuple(self.cleanup_transforms), tuple(self.line_transforms), tuple(self.token_transformers)
+
+    def transform_cell(self, cell: str) -> str:
+        if self._transforms() != self._own:
+            return super().transform_cell(cell)
+        cache = self._cache
+        transformed = cache.get(cell)
+        if transformed is None:
+            transformed = super().transform_cell(cell)
+            if len(cell) <= self.MAX_LENGTH:
+                if len(cache) >= self.MAX_CELLS:
+                    del cache[next(iter(cache))]
+                cache[cell] = transformed
+        return transformed
+
+
 class EngineShell(ZMQInteractiveShell):
     """ipykernel's shell, minus a compile per cell: code that has neither ``await`` nor
-    ``async`` in its text cannot need the event loop, so IPython's check is skipped."""
+    ``async`` in its text cannot need the event loop, so IPython's check is skipped; and
+    minus re-tokenizing a cell seen before (:class:`CachingTransformerManager`)."""
+
+    input_transformer_manager = Instance(CachingTransformerManager, ())
 
     def should_run_async(self, raw_cell: str, *, transformed_cell: str | None = None,
                          preprocessing_exc_tuple: Any = None) -> bool:
