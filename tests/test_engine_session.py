@@ -7,6 +7,8 @@ jupyter_client that changes its header, its JSON or its signing fails here.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from datetime import datetime, timezone
 
@@ -116,3 +118,26 @@ def test_messages_for_a_counted_request_are_counted(engine_session):
     engine_session.send(stream, "status", {}, parent={"header": {"msg_id": "req-7"}}, track=True)
     assert engine_session.take_count("req-7") == 4
     assert engine_session.take_count("req-7") is None
+
+
+@pytest.mark.parametrize("scheme", ["hmac-sha256", "hmac-sha512"])
+@pytest.mark.parametrize("key_length", [1, 32, 64, 65, 128, 129, 300])
+def test_signatures_are_hmacs(scheme, key_length):
+    key = bytes(range(256))[:key_length] if key_length <= 256 else b"x" * key_length
+    session = EngineSession(key=key, signature_scheme=scheme)
+    parts = [b'{"msg_id": "a"}', b"{}", memoryview(b'{"k": 1}'), "caf\u00e9".encode()]
+    digest = getattr(hashlib, scheme.split("-")[1])
+    assert session.sign(parts) == hmac.new(key, b"".join(parts), digest).hexdigest().encode()
+    assert session.sign(parts) == Session(key=key, signature_scheme=scheme).sign(parts)
+
+
+def test_a_new_key_or_none_signs_anew():
+    session = EngineSession(key=b"first")
+    parts = [b"{}", b"{}", b"{}", b"{}"]
+    first = session.sign(parts)
+    session.key = b"second"
+    assert session.sign(parts) == hmac.new(b"second", b"{}" * 4, hashlib.sha256).hexdigest().encode() != first
+    session.signature_scheme = "hmac-sha512"
+    assert session.sign(parts) == hmac.new(b"second", b"{}" * 4, hashlib.sha512).hexdigest().encode()
+    session.auth = None
+    assert session.sign(parts) == b""

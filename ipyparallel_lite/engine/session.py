@@ -6,7 +6,9 @@ parts, turns dates into strings through a Python hook, and checks what an engine
 never passes (trackers, version adaptation). :meth:`EngineSession.send` writes the
 header from a template (same keys, order and formats) and encodes the other parts
 with one reusable encoder; the frames on the wire are what ``Session.send`` makes,
-which ``tests/test_engine_session.py`` checks against jupyter_client's own.
+which ``tests/test_engine_session.py`` checks against jupyter_client's own. Signatures
+(of what is sent, and of what arrives: ``unpack_message`` asks ``sign``) are the same
+HMAC-SHA256, computed from the key's two hash states rather than through ``hmac``.
 
 Counting contract: between :meth:`EngineSession.count_for` and
 :meth:`EngineSession.take_count`, every message serialized with that request as
@@ -45,6 +47,10 @@ def _pack(obj: Any) -> bytes:
         return json_packer(obj)  # jupyter_client's fallback: cleans the object, warns
 
 
+_INNER_PAD = bytes(x ^ 0x36 for x in range(256))
+_OUTER_PAD = bytes(x ^ 0x5C for x in range(256))
+
+
 def _date_text(date: datetime) -> str:
     """A header date as ``json_default`` writes it (UTC, ``Z``)."""
     return date.isoformat().replace("+00:00", "Z")
@@ -59,7 +65,6 @@ class _Settings(NamedTuple):
     metadata: dict
     pid: int | None  # the pid to send from, if checked
     copy_threshold: int
-    auth: Any
 
 
 class EngineSession(Session):
@@ -67,6 +72,7 @@ class EngineSession(Session):
 
     def __init__(self, **kwargs: Any):
         self._settings: _Settings | None = None
+        self._pads: tuple[Any, Any] | None = None
         self._templates: dict[str, tuple[str, str, str]] = {}
         super().__init__(**kwargs)
         self._counted_id: str | None = None
@@ -79,13 +85,41 @@ class EngineSession(Session):
     def _settings_changed(self, change: Any) -> None:
         self._settings = None
         self._templates = {}  # they hold the session and username
+        self._pads = None  # the key or its hash changed (Session makes a new auth then)
+
+    def _key_pads(self) -> tuple[Any, Any] | None:
+        """The hash states after the key's inner and outer pads (RFC 2104); None: no key."""
+        if self.auth is None:
+            return None
+        digest_mod = self.digest_mod
+        key = self.key
+        block = digest_mod().block_size
+        if len(key) > block:
+            key = digest_mod(key).digest()
+        key = key.ljust(block, b"\0")
+        self._pads = pads = (digest_mod(key.translate(_INNER_PAD)), digest_mod(key.translate(_OUTER_PAD)))
+        return pads
+
+    def sign(self, msg_list: list) -> bytes:
+        """``Session.sign``: the HMAC of the parts, hex, from copies of the key's two hash
+        states. ``hmac.HMAC.copy`` and its digest copy three OpenSSL contexts a message,
+        which costs 15 us where the process wakes with a cold cache, against 10 us."""
+        pads = self._pads or self._key_pads()
+        if pads is None:
+            return b""
+        inner, outer = pads
+        h = inner.copy()
+        for part in msg_list:
+            h.update(part)
+        h_outer = outer.copy()
+        h_outer.update(h.digest())
+        return h_outer.hexdigest().encode()
 
     def _read_settings(self) -> _Settings:
         self._settings = settings = _Settings(
             lean=not self.adapt_version and not self.debug and self.pack is json_packer,
             session=self.session, username=self.username, metadata=self.metadata,
-            pid=self.pid if self.check_pid else None, copy_threshold=self.copy_threshold,
-            auth=self.auth)
+            pid=self.pid if self.check_pid else None, copy_threshold=self.copy_threshold)
         return settings
 
     @property
@@ -134,12 +168,7 @@ class EngineSession(Session):
         self._counted(parent_header)
         to_send = list(ident) if isinstance(ident, list) else ([] if ident is None else [ident])
         to_send.append(DELIM)
-        if settings.auth is None:
-            to_send.append(b"")
-        else:
-            signer = settings.auth.copy()
-            signer.update(b"".join(parts))
-            to_send.append(signer.hexdigest().encode())
+        to_send.append(self.sign(parts))
         to_send.extend(parts)
         threshold = settings.copy_threshold
         copy = max(map(len, parts)) < threshold
