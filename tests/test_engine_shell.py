@@ -7,10 +7,14 @@ IPython's own on cells of every kind of IPython syntax, and fail if those lists 
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from ipykernel.compiler import XCachingCompiler
 from IPython.core.inputtransformer2 import TransformerManager
 
-from ipyparallel_lite.engine.kernel import CachingTransformerManager
+import ipyparallel_lite as ipp
+from ipyparallel_lite.engine.kernel import CachingTransformerManager, EngineCompiler
 
 CELLS = [
     "a = 1",
@@ -87,3 +91,23 @@ def test_engines_apply_a_transform_added_after_a_cell_ran(dv):
         dv.execute("get_ipython().input_transformers_cleanup.pop()", block=True)
     dv.execute("seen = 'plain'", block=True)
     assert dv["seen"] == ["plain", "plain"]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_code_names_are_ipykernels(cell, monkeypatch):
+    stock, remembering = XCachingCompiler(), EngineCompiler()
+    assert remembering.get_code_name(cell, cell, 1) == stock.get_code_name(cell, cell, 1)
+    assert remembering.get_code_name(cell, cell, 2) == stock.get_code_name(cell, cell, 2)
+    monkeypatch.setenv("IPYKERNEL_CELL_NAME", "named-cell")
+    assert remembering.get_code_name(cell, cell, 3) == stock.get_code_name(cell, cell, 3) == "named-cell"
+
+
+def test_engines_compile_with_the_remembering_compiler(rc):
+    view = rc[0]
+    assert view.apply_sync(lambda: type(get_ipython().compile).__name__) == "EngineCompiler"  # noqa: F821
+    view.execute("def f():\n    return 1 / 0\n", block=True)
+    for _ in range(2):  # named once, then remembered: tracebacks still show the cell's code
+        with pytest.raises(ipp.RemoteError) as info:
+            view.execute("f()", block=True)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(info.value.render_traceback()))
+        assert "return 1 / 0" in text

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
+from ipykernel.compiler import XCachingCompiler
 from ipykernel.iostream import OutStream
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.utils import _async_in_context
@@ -146,6 +147,29 @@ class CachingTransformerManager(TransformerManager):
         return transformed
 
 
+class EngineCompiler(XCachingCompiler):
+    """ipykernel's compiler, which names each cell's code after a pure-Python murmur2
+    hash of its text (the debugger's file name): 10 us for ``a=1``, 0.5 ms a kilobyte.
+    The name is remembered per text, process and ``IPYKERNEL_CELL_NAME``."""
+
+    MAX_CELLS = 256
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._names: dict[tuple, str] = {}
+
+    def get_code_name(self, raw_code: str, code: str, number: int) -> str:
+        key = (raw_code, os.getpid(), os.environ.get("IPYKERNEL_CELL_NAME"))
+        names = self._names
+        name = names.get(key)
+        if name is None:
+            name = super().get_code_name(raw_code, code, number)
+            if len(names) >= self.MAX_CELLS:
+                del names[next(iter(names))]
+            names[key] = name
+        return name
+
+
 class EngineShell(ZMQInteractiveShell):
     """ipykernel's shell, minus a compile per cell: code that has neither ``await`` nor
     ``async`` in its text cannot need the event loop, so IPython's check is skipped; and
@@ -181,6 +205,7 @@ class EngineKernel(IPythonKernel):
     """IPython kernel serving ipyparallel_lite's apply and control requests."""
 
     shell_class = Type(EngineShell)
+    compiler_class = Type(EngineCompiler)
     engine_id = Integer(-1)
     engine_info = Dict()
     #: the largest message part the controller reads: a bigger result is an error, not a
