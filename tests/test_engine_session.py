@@ -13,9 +13,10 @@ import json
 from datetime import datetime, timezone
 
 import pytest
-from jupyter_client.session import DELIM, Session
+from jupyter_client.session import DELIM, Session, json_packer
 
 from ipyparallel_lite.connection import make_session
+from ipyparallel_lite.engine import session as session_module
 from ipyparallel_lite.engine.session import EngineSession
 
 KEY = "k" * 64
@@ -141,3 +142,16 @@ def test_a_new_key_or_none_signs_anew():
     assert session.sign(parts) == hmac.new(b"second", b"{}" * 4, hashlib.sha512).hexdigest().encode()
     session.auth = None
     assert session.sign(parts) == b""
+
+
+def test_the_json_encoder_is_the_stdlibs_c_one_writing_as_json_packer():
+    assert json.encoder.c_make_encoder is not None  # else the lean send makes one per call
+    for obj in ({"a": [1, 2.5e-07, None, True, {"b": "\u2603 \"q\" \n"}]}, {}, {"t": datetime.now(timezone.utc)},
+                {"huge": 10**30, "neg": -0.0}):
+        assert session_module._pack(obj) == json_packer(obj)
+    with pytest.warns(UserWarning, match="not JSON compliant"):  # json_packer's fallback
+        assert session_module._pack({"nan": float("nan")}) == json_packer({"nan": float("nan")})
+    looped: dict = {}
+    looped["self"] = looped
+    with pytest.raises((ValueError, RecursionError)):  # as json_packer
+        session_module._pack(looped)

@@ -38,6 +38,7 @@ from IPython.core.inputtransformer2 import TransformerManager
 from traitlets import Dict, Float, Instance, Integer, Type
 
 from ipyparallel_lite.connection import STEAL_WINDOW, TASK_IDENT, check_message_size, unpack_message
+from ipyparallel_lite.engine.session import json_date
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
 from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpack_apply_message
 
@@ -269,9 +270,11 @@ class EngineKernel(IPythonKernel):
         if parent["header"].get("msg_type") == "execute_request":
             metadata["iopub_count"] = self.session.take_count(parent["header"].get("msg_id"))
         metadata["status"] = reply_content["status"]
-        metadata["completed"] = completed = utcnow()
+        started, completed = metadata["started"], utcnow()
+        # written as text here: the JSON encoder's hook for dates costs more, called per date
+        metadata["started"], metadata["completed"] = json_date(started), json_date(completed)
         # seconds spent on the request, for the scheduler's prefetch estimate
-        metadata["run_time"] = (completed - metadata["started"]).total_seconds()
+        metadata["run_time"] = (completed - started).total_seconds()
         if reply_content["status"] == "error":
             metadata["engine_info"] = self.engine_info
             if reply_content.get("ename") == "UnmetDependency":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import json.encoder
 import os
 import threading
 import uuid
@@ -35,15 +36,29 @@ from jupyter_client.jsonutil import json_default
 from jupyter_client.session import DELIM, DONE, Session, extract_header, json_packer
 from traitlets import observe
 
-#: one encoder for every part (``json.dumps`` with options builds one per call), with
-#: the options of jupyter_client's ``json_packer``
-_encode = json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False).encode
+
+def _json_encoder() -> Any:
+    """A function writing an object as jupyter_client's ``json_packer`` does (same
+    options), made once. ``json.dumps`` with options makes a ``JSONEncoder`` per call,
+    whose ``encode`` makes a C encoder per call: on a cold cache, that setup costs more
+    than writing a small dict. ``json.encoder.c_make_encoder`` is the stdlib's C encoder
+    (None in a build without ``_json``); tests check it is there and writes the same."""
+    make = json.encoder.c_make_encoder
+    if make is None:
+        return json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False).encode
+    # no circular-reference markers: such a message fails either way (RecursionError)
+    encode = make(None, json_default, json.encoder.encode_basestring, None, ": ", ", ",
+                  False, False, False)
+    return lambda obj: "".join(encode(obj, 0))
+
+
+_encode = _json_encoder()
 
 
 def _pack(obj: Any) -> bytes:
     try:
         return _encode(obj).encode("utf8", errors="surrogateescape")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return json_packer(obj)  # jupyter_client's fallback: cleans the object, warns
 
 
@@ -51,8 +66,9 @@ _INNER_PAD = bytes(x ^ 0x36 for x in range(256))
 _OUTER_PAD = bytes(x ^ 0x5C for x in range(256))
 
 
-def _date_text(date: datetime) -> str:
-    """A header date as ``json_default`` writes it (UTC, ``Z``)."""
+def json_date(date: datetime) -> str:
+    """A date as jupyter_client's ``json_default`` writes it (UTC, ``Z``), for metadata
+    written as text at once rather than through the encoder's hook."""
     return date.isoformat().replace("+00:00", "Z")
 
 
@@ -163,7 +179,7 @@ class EngineSession(Session):
         md = {**md, **metadata} if md and metadata else dict(metadata or md)
         if content is None:
             content = {}
-        parts = [f"{head}{pid}_{number}{middle}{_date_text(date)}{tail}".encode("utf8", errors="surrogateescape"),
+        parts = [f"{head}{pid}_{number}{middle}{json_date(date)}{tail}".encode("utf8", errors="surrogateescape"),
                  _pack(parent_header), _pack(md), _pack(content)]
         self._counted(parent_header)
         to_send = list(ident) if isinstance(ident, list) else ([] if ident is None else [ident])
