@@ -155,3 +155,10 @@ def test_the_json_encoder_is_the_stdlibs_c_one_writing_as_json_packer():
     looped["self"] = looped
     with pytest.raises((ValueError, RecursionError)):  # as json_packer
         session_module._pack(looped)
+
+
+def test_empty_parts_read_as_new_dicts(engine_session):
+    first, second = engine_session.unpack(b"{}"), engine_session.unpack(memoryview(b"{}"))
+    assert first == second == {} and first is not second
+    assert engine_session.unpack(b'{"a": [1, "\\u2603"]}') == {"a": [1, "\u2603"]}
+    assert engine_session.unpack(b" {} ") == {}

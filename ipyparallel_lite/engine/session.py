@@ -9,6 +9,7 @@ with one reusable encoder; the frames on the wire are what ``Session.send`` make
 which ``tests/test_engine_session.py`` checks against jupyter_client's own. Signatures
 (of what is sent, and of what arrives: ``unpack_message`` asks ``sign``) are the same
 HMAC-SHA256, computed from the key's two hash states rather than through ``hmac``.
+Parts that are ``{}`` (most of an apply request) are read without the JSON decoder.
 
 Counting contract: between :meth:`EngineSession.count_for` and
 :meth:`EngineSession.take_count`, every message serialized with that request as
@@ -33,7 +34,7 @@ from typing import Any, NamedTuple
 import zmq.asyncio
 from jupyter_client import protocol_version
 from jupyter_client.jsonutil import json_default
-from jupyter_client.session import DELIM, DONE, Session, extract_header, json_packer
+from jupyter_client.session import DELIM, DONE, Session, extract_header, json_packer, json_unpacker
 from traitlets import observe
 
 
@@ -60,6 +61,14 @@ def _pack(obj: Any) -> bytes:
         return _encode(obj).encode("utf8", errors="surrogateescape")
     except (TypeError, ValueError, RecursionError):
         return json_packer(obj)  # jupyter_client's fallback: cleans the object, warns
+
+
+def _unpack(raw: bytes) -> Any:
+    """jupyter_client's ``json_unpacker``, answering the usual empty parts (an apply
+    request's parent, metadata and content) without the JSON decoder's round trip."""
+    if raw == b"{}":
+        return {}
+    return json_unpacker(raw)
 
 
 _INNER_PAD = bytes(x ^ 0x36 for x in range(256))
@@ -91,6 +100,8 @@ class EngineSession(Session):
         self._pads: tuple[Any, Any] | None = None
         self._templates: dict[str, tuple[str, str, str]] = {}
         super().__init__(**kwargs)
+        if self.unpack is json_unpacker:
+            self.unpack = _unpack
         self._counted_id: str | None = None
         self._count = 0
         self._count_lock = threading.Lock()
