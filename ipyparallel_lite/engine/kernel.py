@@ -7,7 +7,9 @@ a load-balanced farm sends thousands of them and nobody renders apply status.
 ``execute_request`` runs ipykernel's own handler, and when nothing is queued before
 it and the cell has no top-level ``await``, runs it at once, also without busy/idle
 status or ``execute_input`` echo: its reply's ``iopub_count`` metadata tells clients
-how many iopub messages the cell published, which is what they wait for.
+how many iopub messages the cell published, which is what they wait for. What IPython
+and ipykernel compute from a cell's text alone (its static input transformations, its
+code name) is remembered per text: ``rc[:].execute`` sends the same cells again and again.
 
 Control messages (``abort_request``, ``clear_request``, ``signal_request``,
 ``steal_request``) run on ipykernel's control thread, so they are served while a task
