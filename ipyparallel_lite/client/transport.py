@@ -1,13 +1,22 @@
-"""The client's transport: every socket to the controller, and the one thread that owns them.
+"""The client's transport: every socket to the controller, and the I/O thread that serves them.
 
-Threads: the user's thread builds and signs messages (the costly part) and queues them
-with :meth:`Transport.submit`; one I/O thread owns every zmq socket. On each wake-up it
+Threads: the user's thread builds and signs messages (the costly part, kept lean by
+:class:`MessageBuilder`) and queues them with :meth:`Transport.submit`; one I/O thread
 sends what is queued, packing the messages waiting for the same channel into one
-:mod:`~ipyparallel_lite.batch` (never waiting to fill one: a lone request goes at once),
-and receives replies, notifications and output. A reply is verified, matched to its
+:mod:`~ipyparallel_lite.batch` (never waiting to fill one), and receives replies,
+notifications and output. A reply is verified, matched to its
 :class:`~ipyparallel_lite.client.asyncresult.AsyncResult` by the parent's ``msg_id`` in
 :attr:`Transport.pending` and handed over as it is; results are unpickled only when
-asked for.
+asked for. The session reads JSON with :func:`unpack_json`.
+
+Sockets: zmq sockets are not thread-safe, so a socket is touched only by the thread
+holding ``_io_lock``. The I/O thread waits without it, in ``select.poll`` on the
+sockets' own FDs (edge-triggered: they signal a change, and after any send or receive
+the socket must be looked at again) and on a pipe that wakes it for queued messages;
+it takes the lock for one turn when something happened, reading only the sockets that
+signalled. A lone request (nothing in flight) is sent by the submitting thread itself
+when the lock is free, which saves the I/O thread a wake-up; if the send may have
+consumed a signal, or stalled, it wakes the I/O thread.
 
 Flow control: when the controller announces a ``window`` in its ``connection_reply``,
 at most that many requests are in flight (sent, not answered); the rest wait here, in
@@ -23,14 +32,22 @@ the Client.
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
+import os
+import select
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable
+from datetime import datetime, timezone
+from json.encoder import encode_basestring
 from typing import Any
 
 import zmq
+from jupyter_client.jsonutil import json_default
+from jupyter_client.session import DELIM, Session, protocol_version
 from zmq.utils.monitor import parse_monitor_message
 
 from ipyparallel_lite import batch, error, fastzmq
@@ -63,6 +80,67 @@ _CHANNEL, _FRAMES, _SLOTS, _TRACK, _SEQ, _IDS = range(6)
 _NEVER = float("inf")
 
 
+class MessageBuilder:
+    """Signed Jupyter messages, byte for byte what ``session.serialize(session.msg(...))``
+    makes, at a third of its cost: the header is formatted from its constant parts
+    (no dict, no datetime to encode), JSON is written by one reused encoder, the
+    empty parent and content are constants. This is the user's thread's share of
+    every request, so it bounds what a burst of ``apply_async`` costs the client.
+
+    Relies on ``jupyter_client``'s header layout (``msg_header``: msg_id, msg_type,
+    username, session, date, version) and JSON packer; ``tests/test_transport.py``
+    compares the two, so a change there fails a test rather than the wire.
+    """
+
+    def __init__(self, session: Session):
+        self.session = session
+        self._auth = session.auth
+        self._encode = json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False).encode
+        # '{"msg_id": %s, "msg_type": %s, ..., "date": "%sZ", ...}', the constant parts encoded
+        self._header = ('{"msg_id": %s, "msg_type": %s, "username": ' + encode_basestring(session.username)
+                        + ', "session": ' + encode_basestring(session.session)
+                        + ', "date": "%sZ", "version": ' + encode_basestring(protocol_version) + "}")
+
+    def pack(self, obj: dict) -> bytes:
+        """``obj`` as the session's JSON packer writes it."""
+        if not obj:
+            return b"{}"
+        try:
+            return self._encode(obj).encode("utf8", "surrogateescape")
+        except (TypeError, ValueError):  # jupyter_client's fallback: cleaned, with a warning
+            return self.session.pack(obj)
+
+    def build(self, msg_type: str, content: dict | None = None, metadata: dict | None = None,
+              ident: list[bytes] | None = None) -> tuple[str, list]:
+        """``(msg_id, [*ident, DELIM, signature, header, parent, metadata, content])``."""
+        session = self.session
+        msg_id = session.msg_id
+        date = datetime.now(timezone.utc).isoformat()[:-6]  # without "+00:00": ...Z
+        header = (self._header % (encode_basestring(msg_id), encode_basestring(msg_type), date)).encode()
+        if session.metadata:
+            metadata = {**session.metadata, **(metadata or {})}
+        parts = [header, b"{}", self.pack(metadata), self.pack(content)]
+        signature = self._auth.copy()
+        for part in parts:
+            signature.update(part)
+        return msg_id, [*(ident or ()), DELIM, signature.hexdigest().encode(), *parts]
+
+
+_decode = json.JSONDecoder().raw_decode
+
+
+def unpack_json(data: bytes) -> Any:
+    """The session's JSON unpacker, without ``json.loads``' checks and dispatch per call
+    (a quarter of its cost for a small dict): whatever is not one JSON value exactly
+    goes to ``json.loads`` for its answer or its error."""
+    text = data.decode("utf8", "replace")
+    try:
+        obj, end = _decode(text)
+    except ValueError:
+        obj, end = None, -1
+    return obj if end == len(text) else json.loads(text)
+
+
 class Transport:
     """The sockets of one Client, their I/O thread, and the requests waiting for replies.
 
@@ -85,6 +163,8 @@ class Transport:
                  controller_timeout: float | None = None):
         self.connection_info = info
         self.session = make_session(info["key"])
+        self.session.unpack = unpack_json
+        self._builder = MessageBuilder(self.session)
         self.on_notification = on_notification
         self.on_reconnect = on_reconnect
         #: CURVE options of every socket to the controller (empty if it does not encrypt)
@@ -112,13 +192,24 @@ class Transport:
         self._held_slots = 0  # reply slots of the entries in _held (under _wake_lock)
         self._aborted: set[str] = set()  # msg_ids to take out of _held (under _wake_lock)
         self._wake_lock = threading.Lock()
-        self._wake_pending = False
+        self._wake_pending = False  # a wake-up byte is in the pipe, not yet taken by the I/O thread
+        #: held by whichever thread touches the sockets (zmq sockets are not thread-safe):
+        #: the I/O thread for a turn, or a user's thread sending a lone request itself
+        self._io_lock = threading.Lock()
         self._stalled_on: zmq.Socket | None = None
+        #: sockets sent on since their FD was last looked at: a send may consume the FD's
+        #: signal of a message that arrived meanwhile (under _io_lock)
+        self._sent_on: set[zmq.Socket] = set()
         self._queued = 0  # messages queued so far (under _wake_lock): the sequence numbers
         #: zmq messages sent so far (a batch counts once)
         self.sends = 0
         self._output_deadlines: collections.deque = collections.deque()
         self.first_reply = self._connect(info, timeout)
+        # the user's threads wake the I/O thread through a pipe: a byte costs one
+        # syscall, and the I/O thread waits on it with the sockets' own FDs
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
         #: most requests in flight at once (None: no limit), as the controller asks
         self.window: int | None = self.first_reply.get("window") or None
         self._io_thread = threading.Thread(target=self._io_loop, name="ipp-lite-client-io", daemon=True)
@@ -154,11 +245,6 @@ class Transport:
         self._notification.subscribe(b"")
         self._iopub = self._socket(zmq.SUB, "iopub")
         self._iopub.subscribe(b"")
-        wake_url = f"inproc://ipp-lite-wake-{id(self)}"
-        self._wake_pull = self._context.socket(zmq.PULL)
-        self._wake_pull.bind(wake_url)
-        self._wake_push = self._context.socket(zmq.PUSH)
-        self._wake_push.connect(wake_url)
         # the first exchange happens here, before the I/O thread owns the sockets
         query = self._sockets["query"]
         # back means a completed handshake: a stopped process's kernel still accepts TCP
@@ -187,12 +273,11 @@ class Transport:
         """A signed message ready to send: ``(msg_id, frames)``."""
         if self.closed:
             raise RuntimeError("this Client is closed; create a new one to keep working")
-        msg = self.session.msg(msg_type, content or {}, metadata=metadata)
-        frames = self.session.serialize(msg, ident=ident)
+        msg_id, frames = self._builder.build(msg_type, content, metadata, ident)
         if buffers:
             frames.extend(buffers)
         check_message_size(frames, self._max_message_bytes, f"{msg_type} message")
-        return msg["header"]["msg_id"], frames
+        return msg_id, frames
 
     def submit(self, channel: str, messages: list[tuple[str, list]], result: Any,
                *, reply_ids: list[str] | None = None, history: list[str] | None = None,
@@ -208,6 +293,8 @@ class Transport:
         ``history`` and ``wait()``.
         """
         windowed = False
+        # nothing in flight: the request goes alone, so this thread may send it itself
+        alone = not self.pending and not self.control_pending
         if control:
             for msg_id, _ in messages:
                 self.control_pending[msg_id] = result
@@ -237,9 +324,41 @@ class Transport:
             self._queued = seq
             if result is not None:
                 result._send_seq = seq
-            if not self._wake_pending:  # one wake-up of the I/O thread for any number of messages
-                self._wake_pending = True
-                self._wake_push.send(b"")
+            if self._wake_pending:  # the I/O thread is on its way: it sends this too
+                return
+            if not alone:  # one wake-up of the I/O thread for any number of messages
+                self._wake_locked()
+                return
+        self._send_here()
+
+    def _wake_locked(self) -> None:
+        """Wake the I/O thread, once for any number of calls until it wakes (holding
+        ``_wake_lock``)."""
+        if not self._wake_pending and self._wake_write >= 0:
+            self._wake_pending = True
+            with contextlib.suppress(BlockingIOError):  # a full pipe wakes it anyway
+                os.write(self._wake_write, b"w")
+
+    def _send_here(self) -> None:
+        """Send what is queued from the calling thread, if the I/O thread is not using the
+        sockets (it sleeps between replies); else wake it to send.
+
+        A lone request saves the I/O thread's wake-up. A send may consume the signal of
+        a message that arrived meanwhile (the sockets' FDs are edge-triggered): if one
+        waits, or the send stalled, the I/O thread is woken to take over.
+        """
+        if self._io_lock.acquire(blocking=False):
+            try:
+                if self.closed:
+                    return
+                self._flush()
+                done = self._stalled_on is None and not self._readable_sent_on()
+            finally:
+                self._io_lock.release()
+            if done:
+                return
+        with self._wake_lock:
+            self._wake_locked()
 
     def send(self, channel: str, msg_type: str, content: dict | None = None, **kwargs: Any) -> str:
         """Build and queue one message whose reply nobody waits for; its msg_id."""
@@ -279,9 +398,7 @@ class Transport:
             if not self._held:
                 return
             self._aborted.update(msg_ids)
-            if not self._wake_pending:
-                self._wake_pending = True
-                self._wake_push.send(b"")
+            self._wake_locked()
 
     def expect_output(self, ar: Any, msg_id: str) -> None:
         """``ar``'s request ``msg_id`` is replied and waits for announced iopub output:
@@ -344,9 +461,9 @@ class Transport:
     # ---- the I/O thread -----------------------------------------------------------
 
     def _io_loop(self) -> None:
-        poller = self._poller = zmq.Poller()
-        handlers = {
-            self._wake_pull: self._on_wake,
+        # the sockets' own FDs (edge-triggered: readable when the socket's state changed)
+        # and the wake pipe; the sockets are touched only under _io_lock
+        self._handlers = {
             self._notification: self._on_notification,
             self._iopub: self._on_iopub,
             self._sockets["query"]: self._on_query_reply,
@@ -354,31 +471,77 @@ class Transport:
         }
         for name in ("mux", "task", "control", "broadcast"):
             if name in self._sockets:
-                handlers[self._sockets[name]] = self._on_replies
-        for sock in handlers:
-            poller.register(sock, zmq.POLLIN)
-        while not self.closed:
-            try:
-                events = poller.poll(100)
-            except zmq.ZMQError:
-                break
-            for sock, _ in events:
-                handler = handlers[sock]
-                for _ in range(512):
-                    try:
-                        if not fastzmq.readable(sock):
-                            break
-                        frames = sock.recv_multipart(NOBLOCK, copy=False)
-                    except zmq.ZMQError:
-                        return
-                    try:
-                        handler(frames)
-                    except Exception as e:  # one bad message must not stop the client
-                        warnings.warn(f"ipyparallel_lite client dropped a message: {e}", stacklevel=1)
-            self._flush()
-            self._expire_output_waits()
-            self._check_controller()
+                self._handlers[self._sockets[name]] = self._on_replies
+        waiter = select.poll()
+        waiter.register(self._wake_read, select.POLLIN)
+        by_fd = {}
+        for sock in self._handlers:
+            by_fd[sock.FD] = sock
+            waiter.register(sock.FD, select.POLLIN)
+        again = list(self._handlers)  # sockets to read at once: first, what came before us
+        try:
+            while not self.closed:
+                events = waiter.poll(0 if again else 100)
+                look, woken = again, False
+                for fd, _ in events:
+                    sock = by_fd.get(fd)
+                    if sock is None:
+                        woken = True
+                    elif sock not in look:
+                        look.append(sock)
+                if not events and not again:  # a quiet tick: every socket, for certain
+                    look = list(self._handlers)
+                with self._io_lock:
+                    if self.closed:
+                        break
+                    again = self._turn(look, woken)
+            with self._io_lock:
+                self._flush()
+        except zmq.ZMQError:  # the context was destroyed under us: the client is closed
+            pass
+
+    def _turn(self, look: list, woken: bool) -> list:
+        """One turn of the I/O thread (holding ``_io_lock``): read what waits on the
+        sockets ``look`` (``woken``: the pipe woke us), send what is queued, expire
+        waits; the sockets to read again at once."""
+        if woken:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_read, 4096)
+            with self._wake_lock:  # after the read: a wake-up from now on leaves a byte
+                self._wake_pending = False
+        handlers = self._handlers
+        again = [sock for sock in look if self._drain(sock, handlers[sock])]
         self._flush()
+        self._expire_output_waits()
+        self._check_controller()
+        sent_on, self._sent_on = self._sent_on, set()
+        again += [sock for sock in sent_on if sock not in again and fastzmq.readable(sock)]
+        stalled = self._stalled_on
+        if stalled is not None and stalled.getsockopt(zmq.EVENTS) & zmq.POLLOUT and stalled not in again:
+            again.append(stalled)  # room again: the next turn sends
+        return again
+
+    @staticmethod
+    def _drain(sock: zmq.Socket, handler: Callable[[list], None]) -> bool:
+        """Hand up to 512 waiting messages of ``sock`` to ``handler``; True if more wait."""
+        for _ in range(512):
+            if not fastzmq.readable(sock):
+                return False
+            frames = sock.recv_multipart(NOBLOCK, copy=False)
+            try:
+                handler(frames)
+            except Exception as e:  # one bad message must not stop the client
+                warnings.warn(f"ipyparallel_lite client dropped a message: {e}", stacklevel=1)
+        return True
+
+    def _readable_sent_on(self) -> bool:
+        """Whether a message waits on a socket sent on since the I/O thread's last turn
+        (holding ``_io_lock``; looking re-arms their FDs)."""
+        readable = fastzmq.readable
+        if any([readable(sock) for sock in self._sent_on]):  # a list: every FD re-armed
+            return True  # the I/O thread reads them on its next turn
+        self._sent_on.clear()
+        return False
 
     def _on_controller_link(self, frames: list) -> None:
         event = parse_monitor_message([bytes(f.bytes) for f in frames])["event"]
@@ -410,10 +573,6 @@ class Transport:
             _, ar, msg_id = waits.popleft()
             ar._count(msg_id)
 
-    def _on_wake(self, frames: list) -> None:
-        with self._wake_lock:
-            self._wake_pending = False
-
     def _flush(self) -> None:
         """Send what is queued, in the order it was queued, never blocking: a blocked send
         here would stop this thread from reading replies, and the controller may be
@@ -434,9 +593,7 @@ class Transport:
                 sent = self._send_from(held, budget, next_out)
             if not sent:
                 return
-        if self._stalled_on is not None:
-            self._poller.modify(self._stalled_on, zmq.POLLIN)
-            self._stalled_on = None
+        self._stalled_on = None
 
     def _send_from(self, queue: collections.deque, budget: int | None, before: float) -> bool:
         """Send ``queue``'s entries queued before sequence number ``before``, in order,
@@ -469,9 +626,9 @@ class Transport:
                     sock.send_multipart(batch.pack([queue[i][_FRAMES] for i in range(count)]),
                                         NOBLOCK, copy=False)
             except zmq.Again:
-                # the controller is not reading: wake when this socket can take more
+                # the controller is not reading: the I/O thread retries when this socket
+                # can take more (its FD signals that too)
                 self._stalled_on = sock
-                self._poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
                 return False
             if budget is not None:
                 budget -= slots
@@ -480,6 +637,7 @@ class Transport:
             for _ in range(count):
                 queue.popleft()
             self.sends += 1
+            self._sent_on.add(sock)
         return True
 
     # ---- receiving --------------------------------------------------------------------
@@ -536,5 +694,18 @@ class Transport:
         while (self._outbox or self._held) and time.monotonic() < deadline:
             time.sleep(0.005)
         self.closed = True
+        with self._wake_lock:
+            self._wake_locked()
         self._io_thread.join(2)
-        self._context.destroy(linger=0 if linger is None else linger)
+        # not under a sending thread's feet (bounded: a stuck done-callback must not hang us)
+        locked = self._io_lock.acquire(timeout=2)
+        try:
+            self._context.destroy(linger=0 if linger is None else linger)
+        finally:
+            if locked:
+                self._io_lock.release()
+        with self._wake_lock:  # no wake-up writes to a closed (or reused) descriptor
+            if not self._io_thread.is_alive():
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+                self._wake_write = -1
