@@ -34,6 +34,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ipyparallel_lite import batch, error, fastzmq
+from ipyparallel_lite.client.message import MessageBuilder
 from ipyparallel_lite.connection import (
     MAX_MESSAGE_BYTES,
     NOTIFICATION_HWM,
@@ -85,6 +86,7 @@ class Transport:
                  controller_timeout: float | None = None):
         self.connection_info = info
         self.session = make_session(info["key"])
+        self._messages = MessageBuilder(self.session)
         self.on_notification = on_notification
         self.on_reconnect = on_reconnect
         #: CURVE options of every socket to the controller (empty if it does not encrypt)
@@ -183,16 +185,20 @@ class Transport:
     # ---- the interface: building and queueing -------------------------------------------
 
     def build(self, msg_type: str, content: dict | None = None, *, ident: list[bytes] | None = None,
-              buffers: list | None = None, metadata: dict | None = None) -> tuple[str, list]:
-        """A signed message ready to send: ``(msg_id, frames)``."""
+              buffers: list | None = None, metadata: dict | bytes | None = None) -> tuple[str, list]:
+        """A signed message ready to send: ``(msg_id, frames)``; ``metadata`` may be
+        packed already (:meth:`pack_metadata`)."""
         if self.closed:
             raise RuntimeError("this Client is closed; create a new one to keep working")
-        msg = self.session.msg(msg_type, content or {}, metadata=metadata)
-        frames = self.session.serialize(msg, ident=ident)
+        msg_id, frames = self._messages.build(msg_type, content, ident=ident, metadata=metadata)
         if buffers:
             frames.extend(buffers)
         check_message_size(frames, self._max_message_bytes, f"{msg_type} message")
-        return msg["header"]["msg_id"], frames
+        return msg_id, frames
+
+    def pack_metadata(self, metadata: dict | None) -> bytes:
+        """``metadata`` packed once, for :meth:`build` to put in many messages."""
+        return self._messages.pack_metadata(metadata)
 
     def submit(self, channel: str, messages: list[tuple[str, list]], result: Any,
                *, reply_ids: list[str] | None = None, history: list[str] | None = None,
