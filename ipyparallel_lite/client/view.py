@@ -253,8 +253,7 @@ class DirectView(View):
             for eid, buffers in per_engine
         ]
         ar = make_result([msg_id for msg_id, _ in messages])
-        for md, (eid, _) in zip(ar._metadata_list(), per_engine):
-            md["engine_id"] = eid
+        ar.preset_metadata("engine_id", [eid for eid, _ in per_engine])
         self._submit("mux", messages, ar, track=track)
         return ar
 
@@ -293,8 +292,7 @@ class DirectView(View):
         reply_ids = [f"{msg_id}_{t}" for t in targets]
         ar = AsyncResult(client, reply_ids, fname, targets, single=single, track=track)
         ar._output_listener = listener
-        for md, eid in zip(ar._metadata_list(), targets):
-            md["engine_id"] = eid
+        ar.preset_metadata("engine_id", targets)
         self._submit(channel, [(msg_id, frames)], ar, reply_ids=reply_ids, track=track)
         return ar
 
@@ -351,8 +349,7 @@ class DirectView(View):
                    "allow_stdin": False, "stop_on_error": False}
         ar = self._send_each("execute_request", content, ids, None, "execute", single, listener)
         ar._await_output = True
-        for md in ar._metadata_list():
-            md["execute_input"] = code  # engines don't echo it back (docs/wire.md)
+        ar.preset_metadata("execute_input", [code] * len(ar.msg_ids))  # engines don't echo it (docs/wire.md)
         return ar
 
     def run(self, filename: str, targets: Any = None, block: bool | None = None) -> AsyncResult:
