@@ -117,3 +117,23 @@ def test_msg_ids_unique_across_threads_and_distinct_from_the_session() -> None:
 def test_non_json_session_is_refused() -> None:
     with pytest.raises(ValueError, match="JSON"):
         MessageBuilder(Session(key=KEY.encode(), packer="pickle", unpacker="pickle"))
+
+
+def test_content_and_metadata_pack_as_the_session_packs() -> None:
+    """Our prebuilt encoder has json_packer's options; what it refuses (NaN, bytes,
+    dates) goes through the session's packer and its fallbacks."""
+    import math
+    import warnings
+    from datetime import datetime, timezone
+
+    session = make_session(KEY)
+    builder = MessageBuilder(session)
+    for obj in ({"code": "print('✓ \\u2028')\n", "silent": False, "user_expressions": {}},
+                {"targets": [0, 1], "timeout": 1.5, "label": None},
+                {"when": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "raw": b"\x00\x01"},
+                {"t": math.nan}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jupyter_client's deprecation of NaN
+            ours, theirs = builder.pack_metadata(obj), session.pack(obj)
+            _, frames = builder.build("execute_request", obj)
+        assert ours == theirs == frames[-1]

@@ -11,6 +11,9 @@ same header fields (``msg_id``, ``msg_type``, ``username``, ``session``, ``date`
   ``json_default``);
 - the date string is cut from a per-second prefix plus the microseconds;
 - the parent header is always empty, and empty content or metadata are ``{}``;
+- content and metadata go through one prebuilt ``json.JSONEncoder`` with the options
+  of ``jupyter_client``'s ``json_packer`` (which builds an encoder per call); what it
+  refuses goes through the session's packer, which has the fallbacks;
 - metadata may come already packed (bytes), so that a map packs it once for all chunks.
 
 Msg_ids are ``f"{uuid}_{pid}_{n}"``, as ``Session`` makes them, from a prefix of their
@@ -29,6 +32,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+from jupyter_client.jsonutil import json_default
 from jupyter_client.session import DELIM, Session, protocol_version
 
 _EMPTY = b"{}"
@@ -41,7 +45,7 @@ class MessageBuilder:
         if session.packer != "json":
             raise ValueError(f"MessageBuilder writes JSON; this session packs with {session.packer!r}")
         self._session = session
-        self._pack = session.pack
+        self._encode = json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False).encode
         self._auth = session.auth  # None only for an unsigned session (make_session refuses those)
         self._default_metadata = session.metadata
         self._prefix = f"{uuid.uuid4()}_{os.getpid()}_"
@@ -70,6 +74,13 @@ class MessageBuilder:
             cached = (second, datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S."))
             self._second = cached
         return f"{cached[1]}{int((now - second) * 1e6):06d}Z"
+
+    def _pack(self, obj: dict) -> bytes:
+        """``obj`` as ``session.pack`` packs it."""
+        try:
+            return self._encode(obj).encode("utf8", "surrogateescape")
+        except (TypeError, ValueError):  # not plain JSON: the session's packer cleans it
+            return self._session.pack(obj)
 
     def pack_metadata(self, metadata: dict | None) -> bytes:
         """``metadata`` (merged over the session's own) as the message part; pass the
