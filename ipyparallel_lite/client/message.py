@@ -16,9 +16,9 @@ same header fields (``msg_id``, ``msg_type``, ``username``, ``session``, ``date`
   refuses goes through the session's packer, which has the fallbacks;
 - metadata may come already packed (bytes), so that a map packs it once for all chunks.
 
-Msg_ids are ``f"{uuid}_{pid}_{n}"``, as ``Session`` makes them, from a prefix of their
-own and a thread-safe counter (``Session.msg_id`` is neither), so they never collide
-with the ids of messages the ``Session`` itself sends. ``tests/test_message.py``
+Msg_ids are ``f"{uuid}_{pid}_{n}"``, as ``Session`` makes them, but with a uuid of the
+builder's own and a thread-safe counter (``Session.msg_id``'s is not), so they never
+collide with the ids of messages the ``Session`` itself sends. ``tests/test_message.py``
 checks that every built message is one ``Session.deserialize`` accepts, with the
 header ``Session.msg`` would give.
 """
@@ -48,7 +48,7 @@ class MessageBuilder:
         self._encode = json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False).encode
         self._auth = session.auth  # None only for an unsigned session (make_session refuses those)
         self._default_metadata = session.metadata
-        self._prefix = f"{uuid.uuid4()}_{os.getpid()}_"
+        self._uuid = str(uuid.uuid4())
         self._count = itertools.count()  # next() is atomic: views may be used from several threads
         self._templates: dict[str, str] = {}
         self._second: tuple[int, str] = (-1, "")
@@ -93,7 +93,7 @@ class MessageBuilder:
               metadata: dict | bytes | None = None) -> tuple[str, list]:
         """``(msg_id, frames)`` of a signed message without buffers; ``metadata`` is a
         dict, or bytes from :meth:`pack_metadata`."""
-        msg_id = f"{self._prefix}{next(self._count)}"
+        msg_id = f"{self._uuid}_{os.getpid()}_{next(self._count)}"  # the pid, as Session: a fork differs
         header = (self._template(msg_type) % (msg_id, self._date())).encode("utf8", "surrogateescape")
         packed_metadata = metadata if type(metadata) is bytes else self.pack_metadata(metadata)
         packed_content = self._pack(content) if content else _EMPTY

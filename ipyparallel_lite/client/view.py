@@ -582,8 +582,8 @@ class LoadBalancedView(View):
         burst then packs its metadata once."""
         if overrides or self.after is not None or self.follow is not None or self.targets is not None:
             return self.client.transport.pack_metadata(self._metadata(**overrides))
-        # typed: 1, 1.0 and True are equal keys but different JSON
-        key = tuple((type(v), v) for v in (self.timeout, self.retries, self.label))
+        timeout, retries = self.timeout, self.retries
+        key = (type(timeout), timeout, type(retries), retries, self.label)  # typed: 1, 1.0, True differ in JSON
         cached = self._plain_metadata
         if cached is None or cached[0] != key:
             cached = self._plain_metadata = (key, self.client.transport.pack_metadata(self._metadata()))
