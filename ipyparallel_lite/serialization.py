@@ -37,7 +37,7 @@ import sys
 import threading
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import cloudpickle
@@ -123,6 +123,37 @@ def _dumps(obj: Any, out_of_band: list) -> bytes:
     stream = io.BytesIO()
     _Pickler(stream, protocol=5, buffer_callback=keep_large).dump(_wrap_large_bytes(obj))
     return stream.getvalue()
+
+
+#: types the standard pickler handles exactly as ours does (no reducer of ours applies)
+_PLAIN_ATOMS = frozenset({type(None), bool, int, float, complex, str, range})
+#: how deep :func:`_plain` looks: the call's (args, kwargs), an argument, and two levels in it
+_PLAIN_DEPTH = 4
+
+
+def _plain(obj: Any, depth: int = _PLAIN_DEPTH) -> bool:
+    """Whether ``obj`` is only atoms of :data:`_PLAIN_ATOMS`, ``bytes`` kept in-band, and
+    small tuples, lists and dicts of them: what ``pickle.dumps`` (C, no per-call setup)
+    pickles exactly as our pickler would, for the arguments of most calls."""
+    kind = type(obj)
+    if kind in _PLAIN_ATOMS:
+        return True
+    if kind is bytes:
+        return len(obj) < OOB_THRESHOLD
+    if kind is not tuple and kind is not list and kind is not dict:
+        return False
+    if depth == 0 or len(obj) > _WRAP_ITEMS:
+        return False
+    if kind is dict:
+        return _all_plain(obj.keys(), depth - 1) and _all_plain(obj.values(), depth - 1)
+    return _all_plain(obj, depth - 1)
+
+
+def _all_plain(items: Iterable, depth: int) -> bool:
+    for item in items:
+        if type(item) not in _PLAIN_ATOMS and not _plain(item, depth):
+            return False
+    return True
 
 
 def _pickle(obj: Any) -> bytes:
@@ -414,8 +445,11 @@ def pack_apply_message(
     """
     if function_frame is None:
         function_frame = serialize_function(f)
+    call = (tuple(args), dict(kwargs or {}))
+    if _plain(call):
+        return [function_frame, pickle.dumps(call, protocol=5)]
     out_of_band: list = []
-    payload = _dumps((tuple(args), dict(kwargs or {})), out_of_band)
+    payload = _dumps(call, out_of_band)
     return [function_frame, payload, *out_of_band]
 
 

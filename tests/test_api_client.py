@@ -88,6 +88,8 @@ def test_results_by_index_wait_for_completion(rc):
     assert ar.engine_id == rc.ids  # metadata does not need the results
     assert ar.completed == [None, None]
     assert ar.get(30) == [2, 2]
+    # the metadata looked at before the replies took them in
+    assert all(isinstance(c, datetime) for c in ar.completed) and ar.status == ["ok", "ok"]
 
 
 def test_index_raises_only_that_requests_error(rc):

@@ -634,9 +634,31 @@ def test_autopx_leaves_our_magics_alone(shell, magics, dv):
     ("-- -a", [], "-a"),
     ("--bogus x", ["--bogus"], "x"),
     ("%time x = 1", [], "%time x = 1"),
+    ("  a = 1  ", [], "a = 1"),
+    ("  -t 0 a", ["-t", "0"], "a"),
 ])
 def test_split_line_flags(line, argv, code):
     assert pxmod.split_line_flags(line) == (argv, code)
+
+
+def test_check_syntax_remembers_only_valid_cells():
+    pxmod.check_syntax("remembered = 1")
+    assert "remembered = 1" in pxmod._valid_cells
+    for _ in range(2):  # an error is found every time
+        with pytest.raises(pxmod.CellSyntaxError):
+            pxmod.check_syntax("x = = 2")
+    assert "x = = 2" not in pxmod._valid_cells
+    pxmod.check_syntax("%time y = 1")  # valid only once transformed: not remembered
+    assert "%time y = 1" not in pxmod._valid_cells
+
+
+def test_options_without_flags_are_fresh_defaults(magics):
+    parser = magics.px.parser
+    first = pxmod._parse(parser, [])
+    assert vars(first) == vars(parser.parse_args([]))
+    first.targets = "changed"
+    assert pxmod._parse(parser, []).targets is None
+    assert pxmod._parse(magics.cell_px.parser, "  ").targets is None
 
 
 def test_parse_targets(px_rc):

@@ -65,6 +65,48 @@ def test_unpicklable_argument_raises_before_sending():
         pack_apply_message(len, (threading.Lock(),), None)
 
 
+PLAIN_CALLS = [
+    ((), {}),
+    ((1, "two", 3.5, None, True, 2j, range(3), b"small"), {"k": [1, (2, 3)], "d": {"x": [b"y"]}}),
+    (([1] * 64,), {}),
+]
+NOT_PLAIN_CALLS = [
+    ((b"x" * OOB_THRESHOLD,), {}),  # out-of-band
+    (([1] * 65,), {}),  # too many items to look through
+    (([[[[1]]]],), {}),  # too deep
+    ((memoryview(b"ab"),), {}),
+    (("a", np.arange(3)), {}),
+    ((len,), {"key": abs}),
+]
+
+
+@pytest.mark.parametrize("call", PLAIN_CALLS + NOT_PLAIN_CALLS)
+def test_plain_arguments_pickle_as_our_pickler_would(call):
+    """Arguments of atoms and small containers skip our pickler: the standard one gives
+    the very same bytes (this fails if cloudpickle starts pickling them differently)."""
+    from ipyparallel_lite.serialization import _dumps, _plain
+
+    plain = any(call is c for c in PLAIN_CALLS)
+    assert _plain(call) == plain
+    if plain:
+        assert pickle.dumps(call, protocol=5) == _dumps(call, [])
+    f, args, kwargs = unpack_apply_message(pack_apply_message(len, *call), {})
+    assert f is len
+    assert _comparable((args, kwargs)) == _comparable(call)
+
+
+def _comparable(obj):
+    if isinstance(obj, memoryview):
+        return bytes(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, list | tuple):
+        return type(obj)(_comparable(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _comparable(v) for k, v in obj.items()}
+    return obj
+
+
 def test_apply_message_roundtrip_with_reference():
     namespace = {"x": 7}
     frames = pack_apply_message(pow, (Reference("x"), 2), {"mod": 5})

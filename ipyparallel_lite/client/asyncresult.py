@@ -127,10 +127,10 @@ class AsyncResult(Future):
         self._values: list | None = None
         self._raw: list = []
         self._errors: list = []
+        self._received: dict[str, float] = {}  # time.time() of each reply
         self._submitted = time.time()
         if track:
             self._trackers = []
-        self.metadata_by_id: dict[str, Metadata] = {m: Metadata(msg_id=m) for m in self.msg_ids}
         if self._npending == 0:
             self.set_result(_DONE)
 
@@ -141,6 +141,45 @@ class AsyncResult(Future):
     def __dir__(self) -> list[str]:
         return sorted({*super().__dir__(), *Metadata()})
 
+    # ---- metadata: made when first looked at ----------------------------------------
+
+    #: msg_id -> Metadata, once made (under ``_lock``); until then the replies hold it
+    _metadata: dict[str, Metadata] | None = None
+    #: metadata key -> values per request, that each request's Metadata starts with
+    _presets: dict[str, list] | None = None
+
+    @property
+    def metadata_by_id(self) -> dict[str, Metadata]:
+        """``{msg_id: Metadata}`` of every request.
+
+        Made on first use, from the replies received so far; the I/O thread then
+        updates it in place. Results nobody looks at the metadata of never build it.
+        """
+        mds = self._metadata
+        if mds is None:
+            with self._lock:
+                mds = self._metadata
+                if mds is None:
+                    mds = {m: Metadata(msg_id=m) for m in self.msg_ids}
+                    for key, values in (self._presets or {}).items():
+                        for md, value in zip(mds.values(), values):
+                            md[key] = value
+                    for msg_id, msg in self._replies.items():
+                        if msg_id in mds:
+                            _take_metadata(mds[msg_id], msg, self._received.get(msg_id))
+                    self._metadata = mds
+        return mds
+
+    def preset_metadata(self, key: str, values: list) -> None:
+        """Start the metadata of request ``i`` with ``{key: values[i]}`` (replies may
+        override it): what the sender knows, such as the engine a request went to."""
+        with self._lock:
+            if self._metadata is None:
+                self._presets = {**(self._presets or {}), key: values}
+                return
+        for md, value in zip(self._metadata_list(), values):
+            md[key] = value
+
     # ---- fed by the client's I/O thread -----------------------------------------
 
     #: execute requests finish when their reply AND their iopub output arrived, so that
@@ -150,16 +189,14 @@ class AsyncResult(Future):
     _await_output = False
 
     def _receive(self, msg_id: str, msg: dict) -> None:
-        md = self.metadata_by_id[msg_id]
-        md.update(msg["metadata"])
-        for key in ("started", "completed"):
-            if isinstance(md.get(key), str):
-                md[key] = _parse_date(md[key])
-        md["received"] = datetime.now().astimezone()
+        received = time.time()
         with self._lock:
             if msg_id in self._replies:
                 return
             self._replies[msg_id] = msg
+            self._received[msg_id] = received
+            if self._metadata is not None:
+                _take_metadata(self._metadata[msg_id], msg, received)
             waiting = self._await_output and not self._output_complete(msg_id)
         if waiting:
             self._client.transport.expect_output(self, msg_id)
@@ -732,6 +769,16 @@ class AsyncMapResult(AsyncResult):
             for seen in range(len(self.msg_ids)):
                 self._wait_until(lambda seen=seen: len(self._arrivals) > seen, None)
                 yield from self._checked_items(self._arrivals[seen])
+
+
+def _take_metadata(md: Metadata, msg: dict, received: float | None) -> None:
+    """A reply's metadata into its request's Metadata (dates as datetimes)."""
+    md.update(msg["metadata"])
+    for key in ("started", "completed"):
+        if isinstance(md.get(key), str):
+            md[key] = _parse_date(md[key])
+    if received is not None:
+        md["received"] = datetime.fromtimestamp(received).astimezone()
 
 
 def _parse_date(value: str) -> datetime | str:

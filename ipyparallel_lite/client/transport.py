@@ -1,7 +1,7 @@
 """The client's transport: every socket to the controller, and the I/O thread that serves them.
 
 Threads: the user's thread builds and signs messages (the costly part, kept lean by
-:class:`MessageBuilder`) and queues them with :meth:`Transport.submit`; one I/O thread
+:class:`~ipyparallel_lite.client.message.MessageBuilder`) and queues them with :meth:`Transport.submit`; one I/O thread
 sends what is queued, packing the messages waiting for the same channel into one
 :mod:`~ipyparallel_lite.batch` (never waiting to fill one), and receives replies,
 notifications and output. A reply is verified, matched to its
@@ -41,16 +41,13 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from datetime import datetime, timezone
-from json.encoder import encode_basestring
 from typing import Any
 
 import zmq
-from jupyter_client.jsonutil import json_default
-from jupyter_client.session import DELIM, Session, protocol_version
 from zmq.utils.monitor import parse_monitor_message
 
 from ipyparallel_lite import batch, error, fastzmq
+from ipyparallel_lite.client.message import MessageBuilder
 from ipyparallel_lite.connection import (
     MAX_MESSAGE_BYTES,
     NOTIFICATION_HWM,
@@ -78,52 +75,6 @@ BATCH_MAX = 64
 _CHANNEL, _FRAMES, _SLOTS, _TRACK, _SEQ, _IDS = range(6)
 #: a sequence number after every other
 _NEVER = float("inf")
-
-
-class MessageBuilder:
-    """Signed Jupyter messages, byte for byte what ``session.serialize(session.msg(...))``
-    makes, at a third of its cost: the header is formatted from its constant parts
-    (no dict, no datetime to encode), JSON is written by one reused encoder, the
-    empty parent and content are constants. This is the user's thread's share of
-    every request, so it bounds what a burst of ``apply_async`` costs the client.
-
-    Relies on ``jupyter_client``'s header layout (``msg_header``: msg_id, msg_type,
-    username, session, date, version) and JSON packer; ``tests/test_transport.py``
-    compares the two, so a change there fails a test rather than the wire.
-    """
-
-    def __init__(self, session: Session):
-        self.session = session
-        self._auth = session.auth
-        self._encode = json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False).encode
-        # '{"msg_id": %s, "msg_type": %s, ..., "date": "%sZ", ...}', the constant parts encoded
-        self._header = ('{"msg_id": %s, "msg_type": %s, "username": ' + encode_basestring(session.username)
-                        + ', "session": ' + encode_basestring(session.session)
-                        + ', "date": "%sZ", "version": ' + encode_basestring(protocol_version) + "}")
-
-    def pack(self, obj: dict) -> bytes:
-        """``obj`` as the session's JSON packer writes it."""
-        if not obj:
-            return b"{}"
-        try:
-            return self._encode(obj).encode("utf8", "surrogateescape")
-        except (TypeError, ValueError):  # jupyter_client's fallback: cleaned, with a warning
-            return self.session.pack(obj)
-
-    def build(self, msg_type: str, content: dict | None = None, metadata: dict | None = None,
-              ident: list[bytes] | None = None) -> tuple[str, list]:
-        """``(msg_id, [*ident, DELIM, signature, header, parent, metadata, content])``."""
-        session = self.session
-        msg_id = session.msg_id
-        date = datetime.now(timezone.utc).isoformat()[:-6]  # without "+00:00": ...Z
-        header = (self._header % (encode_basestring(msg_id), encode_basestring(msg_type), date)).encode()
-        if session.metadata:
-            metadata = {**session.metadata, **(metadata or {})}
-        parts = [header, b"{}", self.pack(metadata), self.pack(content)]
-        signature = self._auth.copy()
-        for part in parts:
-            signature.update(part)
-        return msg_id, [*(ident or ()), DELIM, signature.hexdigest().encode(), *parts]
 
 
 _decode = json.JSONDecoder().raw_decode
@@ -164,7 +115,7 @@ class Transport:
         self.connection_info = info
         self.session = make_session(info["key"])
         self.session.unpack = unpack_json
-        self._builder = MessageBuilder(self.session)
+        self._messages = MessageBuilder(self.session)
         self.on_notification = on_notification
         self.on_reconnect = on_reconnect
         #: CURVE options of every socket to the controller (empty if it does not encrypt)
@@ -269,15 +220,20 @@ class Transport:
     # ---- the interface: building and queueing -------------------------------------------
 
     def build(self, msg_type: str, content: dict | None = None, *, ident: list[bytes] | None = None,
-              buffers: list | None = None, metadata: dict | None = None) -> tuple[str, list]:
-        """A signed message ready to send: ``(msg_id, frames)``."""
+              buffers: list | None = None, metadata: dict | bytes | None = None) -> tuple[str, list]:
+        """A signed message ready to send: ``(msg_id, frames)``; ``metadata`` may be
+        packed already (:meth:`pack_metadata`)."""
         if self.closed:
             raise RuntimeError("this Client is closed; create a new one to keep working")
-        msg_id, frames = self._builder.build(msg_type, content, metadata, ident)
+        msg_id, frames = self._messages.build(msg_type, content, ident=ident, metadata=metadata)
         if buffers:
             frames.extend(buffers)
         check_message_size(frames, self._max_message_bytes, f"{msg_type} message")
         return msg_id, frames
+
+    def pack_metadata(self, metadata: dict | None) -> bytes:
+        """``metadata`` packed once, for :meth:`build` to put in many messages."""
+        return self._messages.pack_metadata(metadata)
 
     def submit(self, channel: str, messages: list[tuple[str, list]], result: Any,
                *, reply_ids: list[str] | None = None, history: list[str] | None = None,

@@ -253,8 +253,7 @@ class DirectView(View):
             for eid, buffers in per_engine
         ]
         ar = make_result([msg_id for msg_id, _ in messages])
-        for md, (eid, _) in zip(ar._metadata_list(), per_engine):
-            md["engine_id"] = eid
+        ar.preset_metadata("engine_id", [eid for eid, _ in per_engine])
         self._submit("mux", messages, ar, track=track)
         return ar
 
@@ -293,8 +292,7 @@ class DirectView(View):
         reply_ids = [f"{msg_id}_{t}" for t in targets]
         ar = AsyncResult(client, reply_ids, fname, targets, single=single, track=track)
         ar._output_listener = listener
-        for md, eid in zip(ar._metadata_list(), targets):
-            md["engine_id"] = eid
+        ar.preset_metadata("engine_id", targets)
         self._submit(channel, [(msg_id, frames)], ar, reply_ids=reply_ids, track=track)
         return ar
 
@@ -351,8 +349,7 @@ class DirectView(View):
                    "allow_stdin": False, "stop_on_error": False}
         ar = self._send_each("execute_request", content, ids, None, "execute", single, listener)
         ar._await_output = True
-        for md in ar._metadata_list():
-            md["execute_input"] = code  # engines don't echo it back (docs/wire.md)
+        ar.preset_metadata("execute_input", [code] * len(ar.msg_ids))  # engines don't echo it (docs/wire.md)
         return ar
 
     def run(self, filename: str, targets: Any = None, block: bool | None = None) -> AsyncResult:
@@ -579,7 +576,23 @@ class LoadBalancedView(View):
             metadata["label"] = flags["label"]
         return metadata
 
-    def _submit_task(self, frame: bytes, args: Sequence, kwargs: dict | None, metadata: dict,
+    def _packed_metadata(self, **overrides: Any) -> bytes:
+        """:meth:`_metadata`, packed for the message. Packed once while the flags stay
+        plain (no dependencies, no targets, no per-call overrides): an ``apply_async``
+        burst then packs its metadata once."""
+        if overrides or self.after is not None or self.follow is not None or self.targets is not None:
+            return self.client.transport.pack_metadata(self._metadata(**overrides))
+        timeout, retries = self.timeout, self.retries
+        key = (type(timeout), timeout, type(retries), retries, self.label)  # typed: 1, 1.0, True differ in JSON
+        cached = self._plain_metadata
+        if cached is None or cached[0] != key:
+            cached = self._plain_metadata = (key, self.client.transport.pack_metadata(self._metadata()))
+        return cached[1]
+
+    #: (flag values, packed metadata) of :meth:`_packed_metadata`
+    _plain_metadata: tuple[tuple, bytes] | None = None
+
+    def _submit_task(self, frame: bytes, args: Sequence, kwargs: dict | None, metadata: bytes,
                      fname: str, return_exceptions: bool = False, track: bool | None = None) -> AsyncResult:
         """Submit one load-balanced ``apply_request`` whose function is the pickled ``frame``.
 
@@ -597,7 +610,7 @@ class LoadBalancedView(View):
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
                       block: bool | None = None, track: bool | None = None, **options: Any) -> Any:
-        metadata = self._metadata(**options)
+        metadata = self._packed_metadata(**options)
         ar = self._submit_task(serialize_function(f), args, kwargs, metadata, _fname(f), track=track)
         return self._finish(ar, block)
 
@@ -613,7 +626,7 @@ class LoadBalancedView(View):
         chunksize = self.chunksize if chunksize is None else chunksize
         self._check_flag("chunksize", chunksize)
         ordered = self.ordered if ordered is None else ordered
-        metadata = self._metadata(**options)
+        metadata = self._packed_metadata(**options)
         sequences = _as_sequences(sequences)
         length = min(len(s) for s in sequences)
         frame = serialize_function(MapTask(f))
@@ -679,7 +692,7 @@ class LoadBalancedView(View):
         else:
             raise ValueError(f"max_outstanding must be 'auto' or an int >= 0 (0: no limit), "
                              f"not {max_outstanding!r}")
-        metadata = self._metadata()
+        metadata = self._packed_metadata()
         frame = serialize_function(f)
         items = zip(*iterables)
         gen = self._imap_results(frame, _fname(f), metadata, items, limit, ordered,
@@ -687,7 +700,7 @@ class LoadBalancedView(View):
         next(gen)  # runs to the priming point: the first tasks are out before we return
         return gen
 
-    def _imap_results(self, frame: bytes, fname: str, metadata: dict, items: Iterator[tuple],
+    def _imap_results(self, frame: bytes, fname: str, metadata: bytes, items: Iterator[tuple],
                       limit: int, ordered: bool, return_exceptions: bool,
                       track: Callable[[AsyncResult], None] | None,
                       deadline: float | None) -> Iterator:

@@ -15,6 +15,7 @@ set, and keeps printing on the thread IPython and ipykernel expect it on.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import queue
@@ -123,7 +124,15 @@ def _local_option(f: Callable) -> Callable:
 
 
 def _parse(parser: Any, argv: list[str] | str) -> Any:
-    """Parsed options; a bad flag raises a UsageError that shows the usage line."""
+    """Parsed options; a bad flag raises a UsageError that shows the usage line.
+
+    No options at all (most calls) gives a copy of the parser's defaults, parsed once.
+    """
+    if not argv or (isinstance(argv, str) and not argv.strip()):
+        defaults = _defaults.get(parser)
+        if defaults is None:
+            defaults = _defaults[parser] = parser.parse_args([])
+        return argparse.Namespace(**vars(defaults))
     try:
         if isinstance(argv, str):
             return parser.parse_argstring(argv)
@@ -131,6 +140,9 @@ def _parse(parser: Any, argv: list[str] | str) -> Any:
     except UsageError as e:
         raise UsageError(f"{e}\n{parser.format_usage().strip()}") from None
 
+
+#: the options of each magic's parser when none are given (parsers live as long as the module)
+_defaults: dict[Any, argparse.Namespace] = {}
 
 #: flags of %px (line form) that take a value, for splitting flags from code
 _VALUED_FLAGS = {"-t", "--targets", "-o", "--out", "--group-outputs", "--progress-after",
@@ -146,6 +158,8 @@ def split_line_flags(line: str) -> tuple[list[str], str]:
     unknown one is then reported by the parser) or is one of the short flags; ``--``
     alone ends the flags, for code that itself starts with a dash.
     """
+    if not line.lstrip().startswith("-"):  # every flag starts with a dash
+        return [], line.strip()
     argv: list[str] = []
     pos = 0
     while True:
@@ -248,6 +262,10 @@ class CellSyntaxError(ParallelMagicError):
 
 
 _transformer_manager: Any = None
+#: cells that parsed as plain Python, oldest first: a cell run again (a %px in a
+#: loop, a re-run notebook cell) is not parsed again
+_valid_cells: dict[str, None] = {}
+_VALID_CELLS, _VALID_CELL_CHARS = 256, 10_000
 
 
 def check_syntax(code: str) -> None:
@@ -258,15 +276,22 @@ def check_syntax(code: str) -> None:
     else unusual is left for the engines to report.
     """
     global _transformer_manager
-    from IPython.core.inputtransformer2 import TransformerManager
-
+    if code in _valid_cells:
+        return
     flags = ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
     try:  # most cells are plain Python, and parse in a fraction of a transform's time
         compile(code, "<%px cell>", "exec", flags=flags, dont_inherit=True)
-        return
     except Exception:
         pass
+    else:
+        if len(code) <= _VALID_CELL_CHARS:
+            if len(_valid_cells) >= _VALID_CELLS:
+                _valid_cells.pop(next(iter(_valid_cells)))
+            _valid_cells[code] = None
+        return
     if _transformer_manager is None:
+        from IPython.core.inputtransformer2 import TransformerManager
+
         # a manager of our own: the shell's may hold the %autopx transformer
         _transformer_manager = TransformerManager()
     try:
