@@ -256,6 +256,7 @@ class Hub:
         """Record a reply; ``content`` may stay packed bytes, it is unpacked on query."""
         if msg_id not in self.store:
             return
+        received = utcnow()
         self.store.update_record(
             msg_id,
             {
@@ -265,8 +266,8 @@ class Hub:
                 "result_buffers": buffers,
                 "engine_uuid": metadata.get("engine"),
                 "started": as_datetime(metadata.get("started")),
-                "completed": as_datetime(metadata.get("completed")) or utcnow(),
-                "received": utcnow(),
+                "completed": as_datetime(metadata.get("completed")) or received,
+                "received": received,
             },
         )
 
@@ -384,6 +385,10 @@ def as_datetime(value: Any) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
     try:
+        return datetime.fromisoformat(value)  # what our engines and clients send
+    except (TypeError, ValueError):
+        pass
+    try:  # "Z" for UTC, which fromisoformat reads only from Python 3.11
         return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
         return None
