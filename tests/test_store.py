@@ -3,12 +3,21 @@
 
 from __future__ import annotations
 
+from array import array
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import zmq
 
-from ipyparallel_lite.controller.sqlitestore import SeenIds, SQLiteStore, decode_value, encode_value
+from ipyparallel_lite.controller.sqlitestore import (
+    SeenIds,
+    SQLiteStore,
+    decode_buffers,
+    decode_value,
+    encode_buffers,
+    encode_value,
+)
 from ipyparallel_lite.controller.store import (
     BaseStore,
     MemoryStore,
@@ -490,6 +499,17 @@ def test_seen_ids_never_miss_and_grow():
 def test_dates_round_trip_with_their_zone(value):
     back = decode_value(encode_value(value))
     assert back == value and back.utcoffset() == value.utcoffset()
+
+
+def test_frames_and_typed_buffers_are_written_as_their_bytes():
+    """zmq Frames are concatenated as they are (their len() is their size): this fails
+    if pyzmq's Frame stops being a flat buffer."""
+    frame, typed = zmq.Frame(b"frame-bytes"), memoryview(array("h", [1, 2, 3]))
+    assert len(frame) == memoryview(frame).nbytes == 11
+    assert decode_value(encode_value(frame)) == b"frame-bytes"
+    assert decode_value(encode_value(typed)) == typed.tobytes()
+    assert decode_buffers(encode_buffers([frame, typed, b"", bytearray(b"ba")])) == [
+        b"frame-bytes", typed.tobytes(), b"", b"ba"]
 
 
 def test_dates_as_earlier_versions_wrote_them_still_read():
