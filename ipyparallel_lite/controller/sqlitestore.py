@@ -329,6 +329,16 @@ class SQLiteStore(BaseStore):
         record = dict(rec)
         record["msg_id"] = msg_id
         self._live[msg_id] = record
+        self._note_new(msg_id)
+
+    def adopt(self, msg_id: str, record: Record) -> None:
+        """Store ``record`` itself, not a copy, unchecked: for a record the caller held
+        until now (a memory store spilling it), so its ``msg_id`` key is set and new
+        here. ``add_record`` is for everything else."""
+        self._live[msg_id] = record
+        self._note_new(msg_id)
+
+    def _note_new(self, msg_id: str) -> None:
         seen = self._seen
         seen.add(msg_id)
         if seen.full:
