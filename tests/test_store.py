@@ -484,7 +484,7 @@ def test_seen_ids_never_miss_and_grow():
     for i, msg_id in enumerate(ids):
         seen.add(msg_id)
         if seen.full:
-            seen.refill(ids[:i + 1])
+            seen.refill(iter(ids[:i + 1]), i + 1)
     assert not seen.full
     assert all(msg_id in seen for msg_id in ids)  # no false negatives, ever
     false = sum(f"other-{i}" in seen for i in range(20_000))

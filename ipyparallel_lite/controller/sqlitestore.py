@@ -24,6 +24,7 @@ new one.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import sqlite3
 import struct
@@ -210,14 +211,15 @@ class SeenIds:
         i = (h >> 32) & mask
         return bool(bits[i >> 3] & (1 << (i & 7)))
 
-    def refill(self, msg_ids: Iterable[str]) -> None:
-        """Start again with just ``msg_ids``, with room for as many again."""
-        ids = list(msg_ids)
+    def refill(self, msg_ids: Iterable[str], count: int) -> None:
+        """Start again with just ``msg_ids`` (about ``count`` of them, or fewer), with
+        room for as many again. They are read one at a time: a list of them all would
+        leave the process's memory that much bigger."""
         bits = 1 << 20
-        while len(ids) > bits >> 5:
+        while count > bits >> 5:
             bits <<= 1
         self._start(bits)
-        for msg_id in ids:
+        for msg_id in msg_ids:
             self.add(msg_id)
 
 
@@ -266,7 +268,7 @@ class SQLiteStore(BaseStore):
         self._held: dict[str, None] = {}
         #: every msg_id of the table or of _live (and some dropped since)
         self._seen = SeenIds()
-        self._seen.refill(self._stored_ids())
+        self._refill_seen()
 
     # ---- writing --------------------------------------------------------------------
 
@@ -342,7 +344,7 @@ class SQLiteStore(BaseStore):
         seen = self._seen
         seen.add(msg_id)
         if seen.full:
-            seen.refill(self._stored_ids())
+            self._refill_seen()
         self._touched(msg_id)
 
     def update_record(self, msg_id: str, rec: Record) -> None:
@@ -430,10 +432,11 @@ class SQLiteStore(BaseStore):
         self.flush(everything=True)
         return self._db.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]
 
-    def _stored_ids(self) -> Iterable[str]:
-        yield from self._live
-        for (msg_id,) in self._db.execute(f"SELECT msg_id FROM {self.table}"):
-            yield msg_id
+    def _refill_seen(self) -> None:
+        """Fill the filter of msg_ids anew from ``_live`` and the table."""
+        count = len(self._live) + self._db.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]
+        rows = self._db.execute(f"SELECT msg_id FROM {self.table}")
+        self._seen.refill(itertools.chain(self._live, (msg_id for (msg_id,) in rows)), count)
 
     def __contains__(self, msg_id: object) -> bool:
         if msg_id in self._live:
