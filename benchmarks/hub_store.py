@@ -2,6 +2,12 @@
 
     python -m benchmarks.hub_store            # 5 x 5,000 tasks per store, RSS after 100,000
     python -m benchmarks.hub_store --quick    # a smoke run in seconds
+    python -m benchmarks.hub_store --records  # only what a record costs, in-process
+
+``--records``: CPU per task of the Hub's record calls with the default store and no
+cluster: ``submitted`` + ``assigned`` + ``finished`` for 40,000 tasks with the headers,
+metadata and frames a load-balanced no-op carries, 500 in flight, and the store's
+``flush`` after each 500 as the controller's timer does (every record spills).
 
 Two numbers, each with a target this run enforces (exit status 1 when one is missed):
 
@@ -89,6 +95,56 @@ def rss_growth(args: list[str], warmup: int, tasks: int, batch: int) -> tuple[fl
         return warm, tree_rss_mb(pid)
 
 
+def record_cost(tasks: int = 40_000, in_flight: int = 500) -> dict[str, float]:
+    """CPU us per task of each record call of a Hub with the default store."""
+    import uuid
+    from datetime import datetime, timezone
+
+    import zmq
+
+    from ipyparallel_lite.controller.hub import Hub
+
+    def now() -> str:
+        return datetime.now(timezone.utc).isoformat()
+
+    session, engines = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(2)]
+    content, buffers, result = zmq.Frame(b"{}"), [zmq.Frame(b"f" * 120), zmq.Frame(b"a" * 40)], [zmq.Frame(b"r" * 60)]
+    made = []  # built first: making messages is not the Hub's cost
+    for i in range(tasks):
+        engine = engines[i % 2]
+        header = {"msg_id": str(uuid.uuid4()), "msg_type": "apply_request", "username": "u",
+                  "session": session, "date": now(), "version": "5.3"}
+        metadata = {"after": [], "follow": [], "timeout": None, "retries": 0, "targets": None}
+        reply = {"msg_id": str(uuid.uuid4()), "msg_type": "apply_reply", "username": "u",
+                 "session": engine, "date": now(), "version": "5.3"}
+        reply_md = {"started": now(), "dependencies_met": True, "engine": engine, "engine_id": i % 2,
+                    "status": "ok", "completed": now(), "run_time": 0.0001}
+        made.append((header, metadata, reply, reply_md, engine))
+    hub = Hub()
+    spent = dict.fromkeys(("submitted", "assigned", "finished", "flush"), 0.0)
+    clock = time.process_time
+    for start in range(0, tasks, in_flight):
+        batch = made[start:start + in_flight]
+        t = clock()
+        for header, metadata, _, _, _ in batch:
+            hub.submitted(header["msg_id"], header, metadata, session, "task", None, content, buffers)
+        spent["submitted"] += clock() - t
+        t = clock()
+        for header, _, _, _, engine in batch:
+            hub.assigned(header["msg_id"], engine)
+        spent["assigned"] += clock() - t
+        t = clock()
+        for header, _, reply, reply_md, _ in batch:
+            hub.finished(header["msg_id"], reply, reply_md, content, result)
+        spent["finished"] += clock() - t
+        t = clock()
+        hub.store.flush()
+        spent["flush"] += clock() - t
+    assert len(hub.store) == tasks
+    hub.store.close()
+    return {name: seconds / tasks * 1e6 for name, seconds in spent.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -96,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=5000, help="tasks per throughput turn")
     parser.add_argument("--repeat", type=int, default=5, help="throughput turns per store")
     parser.add_argument("--rss-tasks", type=int, default=100_000, help="tasks for the RSS figure")
+    parser.add_argument("--records", action="store_true",
+                        help="only the CPU per task of the Hub's record calls, in-process")
     opts = parser.parse_args(argv)
+    if opts.records:
+        cost = record_cost()
+        print(" ".join(f"{name} {us:.1f}" for name, us in cost.items()),
+              f"total {sum(cost.values()):.1f} us of CPU per task")
+        return 0
     warmup, batch = 10_000, 5000
     if opts.quick:
         opts.tasks, opts.repeat, opts.rss_tasks = 300, 1, 2000

@@ -3,12 +3,21 @@
 
 from __future__ import annotations
 
+from array import array
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import zmq
 
-from ipyparallel_lite.controller.sqlitestore import SQLiteStore
+from ipyparallel_lite.controller.sqlitestore import (
+    SeenIds,
+    SQLiteStore,
+    decode_buffers,
+    decode_value,
+    encode_buffers,
+    encode_value,
+)
 from ipyparallel_lite.controller.store import (
     BaseStore,
     MemoryStore,
@@ -449,6 +458,62 @@ def test_sqlite_writes_in_batches_and_survives_reopening(tmp_path):
     assert other.find_records({"completed": None}, ["msg_id"]) == [
         {"msg_id": f"m{i}"} for i in range(5, 9)]
     other.close()
+
+
+def test_sqlite_reopened_knows_its_msg_ids(tmp_path):
+    """The filter of stored msg_ids is filled from the table when a store opens: a
+    duplicate of a record written by an earlier store is still refused."""
+    path = tmp_path / "hub.db"
+    store = SQLiteStore(path)
+    for i in range(5):
+        store.add_record(f"m{i}", _rec(f"m{i}", i, completed=True))
+    store.drop_record("m4")
+    store.close()
+    reopened = SQLiteStore(path)
+    assert "m0" in reopened and "m3" in reopened and "m4" not in reopened and "m9" not in reopened
+    with pytest.raises(KeyError, match="already stored"):
+        reopened.add_record("m2", _rec("m2"))
+    reopened.add_record("m4", _rec("m4"))  # dropped: free again
+    assert reopened.get_record("m4")["msg_id"] == "m4"
+    reopened.close()
+
+
+def test_seen_ids_never_miss_and_grow():
+    seen = SeenIds()
+    ids = [f"task-{i}" for i in range(150_000)]
+    for i, msg_id in enumerate(ids):
+        seen.add(msg_id)
+        if seen.full:
+            seen.refill(iter(ids[:i + 1]), i + 1)
+    assert not seen.full
+    assert all(msg_id in seen for msg_id in ids)  # no false negatives, ever
+    false = sum(f"other-{i}" in seen for i in range(20_000))
+    assert false < 400  # a Bloom filter: rare false positives, which cost a SELECT
+
+
+@pytest.mark.parametrize("value", [
+    T0, datetime(2024, 5, 1, 12, 0, 1, 999_999, tzinfo=timezone.utc),
+    datetime(1, 1, 1, tzinfo=timezone.utc), datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=timezone.utc),
+    datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))), datetime(2024, 5, 1, 12, 0),
+])
+def test_dates_round_trip_with_their_zone(value):
+    back = decode_value(encode_value(value))
+    assert back == value and back.utcoffset() == value.utcoffset()
+
+
+def test_frames_and_typed_buffers_are_written_as_their_bytes():
+    """zmq Frames are concatenated as they are (their len() is their size): this fails
+    if pyzmq's Frame stops being a flat buffer."""
+    frame, typed = zmq.Frame(b"frame-bytes"), memoryview(array("h", [1, 2, 3]))
+    assert len(frame) == memoryview(frame).nbytes == 11
+    assert decode_value(encode_value(frame)) == b"frame-bytes"
+    assert decode_value(encode_value(typed)) == typed.tobytes()
+    assert decode_buffers(encode_buffers([frame, typed, b"", bytearray(b"ba")])) == [
+        b"frame-bytes", typed.tobytes(), b"", b"ba"]
+
+
+def test_dates_as_earlier_versions_wrote_them_still_read():
+    assert decode_value(b'\x00J{"$date":"2024-05-01T12:00:00+00:00"}') == T0
 
 
 def test_sqlite_flushes_itself_at_batch_size(tmp_path):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ipyparallel_lite.controller.store import BaseStore, MemoryStore
+from ipyparallel_lite.controller.store import BaseStore, MemoryStore, RecordNotFound
 from ipyparallel_lite.versions import conflicts, versions
 
 #: the channels an engine must confirm before it is ready
@@ -247,28 +247,29 @@ class Hub:
         })
 
     def assigned(self, msg_id: str, engine_uuid: str) -> None:
-        if msg_id in self.store:
+        try:  # one lookup, not two: a record missing (dropped meanwhile) is rare
             self.store.update_record(msg_id, {"engine_uuid": engine_uuid})
+        except RecordNotFound:
+            pass
 
     def finished(
         self, msg_id: str, header: dict, metadata: dict, content: Any, buffers: list
     ) -> None:
         """Record a reply; ``content`` may stay packed bytes, it is unpacked on query."""
-        if msg_id not in self.store:
-            return
-        self.store.update_record(
-            msg_id,
-            {
+        received = utcnow()
+        try:
+            self.store.update_record(msg_id, {
                 "result_header": header,
                 "result_metadata": metadata,
                 "result_content": content,
                 "result_buffers": buffers,
                 "engine_uuid": metadata.get("engine"),
                 "started": as_datetime(metadata.get("started")),
-                "completed": as_datetime(metadata.get("completed")) or utcnow(),
-                "received": utcnow(),
-            },
-        )
+                "completed": as_datetime(metadata.get("completed")) or received,
+                "received": received,
+            })
+        except RecordNotFound:
+            pass  # dropped by a client's purge meanwhile
 
     def late_result(
         self, msg_id: str, header: dict, metadata: dict, content: Any, buffers: list
@@ -384,6 +385,10 @@ def as_datetime(value: Any) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
     try:
+        return datetime.fromisoformat(value)  # what our engines and clients send
+    except (TypeError, ValueError):
+        pass
+    try:  # "Z" for UTC, which fromisoformat reads only from Python 3.11
         return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
         return None

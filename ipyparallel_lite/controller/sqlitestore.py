@@ -11,20 +11,30 @@ Each record key has its own column, so a query decodes only the columns it names
 Values are stored as: NULL, str, int and float as they are; a BLOB tagged raw for
 bytes-like values (a reply's packed content); a framed BLOB for the buffer lists
 (``"buffers"``, ``"result_buffers"``); a BLOB tagged JSON for everything else, with
-datetimes and bytes marked inside so they come back as they went in. Keys outside :data:`RECORD_KEYS` share one JSON column. Nothing here is
-ever unpickled.
+datetimes and bytes marked inside so they come back as they went in; a UTC datetime
+on its own (the record's dates) is a BLOB tagged date holding its fields, which costs
+a fraction of formatting it. Keys outside :data:`RECORD_KEYS` share one JSON column.
+Nothing here is ever unpickled.
+
+A new record's msg_id must not be stored yet: :class:`SeenIds`, a Bloom filter of the
+msg_ids this store ever held, answers "certainly not" without a SELECT for nearly every
+new one.
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import sqlite3
 import struct
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timezone
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
+
+import zmq
 
 from ipyparallel_lite.controller.store import (
     BUFFER_KEYS,
@@ -42,7 +52,11 @@ __all__ = ["SQLiteStore"]
 #: columns after msg_id; "extra" holds keys outside RECORD_KEYS as one JSON object
 COLUMNS = tuple(k for k in RECORD_KEYS if k != "msg_id")
 _KEY_SET = frozenset(RECORD_KEYS)
+_COLUMN_VALUES = itemgetter(*COLUMNS)
 _LEN = struct.Struct("<Q")
+#: a UTC datetime's fields: year, month, day, hour, minute, second, microsecond
+_DATE = struct.Struct("<HBBBBBI")
+_UTC = timezone.utc
 
 
 # ---- value codec ----------------------------------------------------------------------
@@ -68,34 +82,55 @@ def _json_hook(obj: dict) -> Any:
     return obj
 
 
+#: buffers whose len() is their size in bytes, which bytes concatenate as they are: a
+#: zmq Frame's .buffer costs ten times the concatenation (tested in test_store)
+_FLAT = (bytes, bytearray, zmq.Frame)
+
+
+def _flat(buf: Any) -> Any:
+    """``buf`` as a buffer of bytes (len() its size), without copying it."""
+    if type(buf) in _FLAT:
+        return buf
+    return memoryview(buf.buffer if hasattr(buf, "buffer") else buf).cast("B")
+
+
 def _is_buffer(value: Any) -> bool:
     return isinstance(value, (bytes, bytearray, memoryview)) or hasattr(value, "buffer")
 
 
 _encode_json = json.JSONEncoder(default=_json_default, separators=(",", ":"),
                                 check_circular=False).encode
-#: BLOB prefixes: JSON text, or raw bytes
-_JSON, _RAW = b"\x00J", b"\x00B"
+#: BLOB prefixes: JSON text, raw bytes, or the fields of a UTC datetime
+_JSON, _RAW, _UTC_DATE = b"\x00J", b"\x00B", b"\x00T"
 _PLAIN = (str, int, float)
 
 
 def encode_value(value: Any) -> Any:
     """A record value as SQLite stores it: None, str, int and float as they are (the
-    common case costs nothing), the rest as a tagged BLOB: raw bytes, or JSON."""
+    common case costs nothing), the rest as a tagged BLOB: raw bytes, a UTC datetime's
+    fields, or JSON (other datetimes as ISO text)."""
     if value is None or type(value) in _PLAIN:
         return value
+    if type(value) is dict:  # headers and metadata: most of what is not plain
+        return _JSON + _encode_json(value).encode()
     if isinstance(value, datetime):
+        if value.tzinfo is _UTC:
+            return _UTC_DATE + _DATE.pack(value.year, value.month, value.day, value.hour,
+                                          value.minute, value.second, value.microsecond)
         return b'%s{"$date":"%s"}' % (_JSON, value.isoformat().encode())
     if _is_buffer(value):
-        return _RAW + memoryview(value.buffer if hasattr(value, "buffer") else value).cast("B")
+        return _RAW + _flat(value)
     return _JSON + _encode_json(value).encode()
 
 
 def decode_value(stored: Any) -> Any:
     if type(stored) is not bytes:
         return stored
-    if stored[:2] == _RAW:
+    tag = stored[:2]
+    if tag == _RAW:
         return stored[2:]
+    if tag == _UTC_DATE:
+        return datetime(*_DATE.unpack_from(stored, 2), tzinfo=_UTC)
     return json.loads(stored[2:], object_hook=_json_hook)
 
 
@@ -105,9 +140,9 @@ def encode_buffers(buffers: list | None) -> bytes | None:
         return None
     parts = []
     for buf in buffers:
-        view = memoryview(buf.buffer if hasattr(buf, "buffer") else buf).cast("B")
-        parts.append(_LEN.pack(view.nbytes))
-        parts.append(view)
+        flat = _flat(buf)
+        parts.append(_LEN.pack(len(flat)))
+        parts.append(flat)
     return b"".join(parts)
 
 
@@ -131,6 +166,63 @@ def _decode_column(key: str, stored: Any) -> Any:
     return decode_buffers(stored) if key in BUFFER_KEYS else decode_value(stored)
 
 
+# ---- msg_ids seen -----------------------------------------------------------------------
+
+
+class SeenIds:
+    """A Bloom filter of msg_ids: ``msg_id in seen`` False means never added.
+
+    Two bits per msg_id, from the halves of its (cached) str hash, so a test costs a
+    few operations where a SELECT costs microseconds; a True may be false (about 1% at
+    the fullest), and the store then asks SQLite. Once it holds ``bits // 16`` msg_ids
+    it is ``full``: ``refill`` gives it every msg_id again, with room for twice as many,
+    so its memory stays at 4-8 bytes per record and false positives stay rare. str
+    hashes differ between processes, so a store fills its filter anew from its table
+    when it opens.
+    """
+
+    def __init__(self, bits: int = 1 << 20) -> None:
+        self._start(bits)
+
+    def _start(self, bits: int) -> None:
+        self._mask = bits - 1
+        self._bits = bytearray(bits >> 3)
+        self.count = 0
+
+    @property
+    def full(self) -> bool:
+        return self.count > (self._mask + 1) >> 4
+
+    def add(self, msg_id: str) -> None:
+        h = hash(msg_id)
+        bits, mask = self._bits, self._mask
+        i = h & mask
+        bits[i >> 3] |= 1 << (i & 7)
+        i = (h >> 32) & mask
+        bits[i >> 3] |= 1 << (i & 7)
+        self.count += 1
+
+    def __contains__(self, msg_id: object) -> bool:
+        h = hash(msg_id)
+        bits, mask = self._bits, self._mask
+        i = h & mask
+        if not bits[i >> 3] & (1 << (i & 7)):
+            return False
+        i = (h >> 32) & mask
+        return bool(bits[i >> 3] & (1 << (i & 7)))
+
+    def refill(self, msg_ids: Iterable[str], count: int) -> None:
+        """Start again with just ``msg_ids`` (about ``count`` of them, or fewer), with
+        room for as many again. They are read one at a time: a list of them all would
+        leave the process's memory that much bigger."""
+        bits = 1 << 20
+        while count > bits >> 5:
+            bits <<= 1
+        self._start(bits)
+        for msg_id in msg_ids:
+            self.add(msg_id)
+
+
 # ---- the store ------------------------------------------------------------------------
 
 
@@ -141,6 +233,10 @@ class SQLiteStore(BaseStore):
     with mode 0600: records hold the tasks' arguments and results. ``statement_cache``
     off: every statement is prepared anew (slower reads), and nothing written stays in
     memory once it is on disk.
+
+    This store must be the only writer of its table while it is open (the controller's
+    store is): it knows which msg_ids the table holds from what it wrote itself, and
+    from the table as it was when the store opened.
     """
 
     def __init__(self, path: str | Path, table: str = "tasks", batch_size: int = 2000,
@@ -170,21 +266,28 @@ class SQLiteStore(BaseStore):
         self._dirty: dict[str, None] = {}
         #: new pending records the last flush left for the next one
         self._held: dict[str, None] = {}
+        #: every msg_id of the table or of _live (and some dropped since)
+        self._seen = SeenIds()
+        self._refill_seen()
 
     # ---- writing --------------------------------------------------------------------
 
     def _row(self, record: Record) -> list:
-        get = record.get
-        row = [record["msg_id"]]
-        append = row.append
-        for key in COLUMNS:  # inlined: this loop is most of what a flush costs
-            value = get(key)
-            if value is None or type(value) in _PLAIN:
-                append(value)
-            else:
-                append(_encode_column(key, value))
-        extra = record.keys() - _KEY_SET
-        append(encode_value({k: record[k] for k in extra}) if extra else None)
+        try:
+            values = _COLUMN_VALUES(record)  # one C call: a Hub record has every key
+            complete = True
+        except KeyError:
+            values = [record.get(key) for key in COLUMNS]
+            complete = False
+        # most of what a flush costs: plain values pass as they are
+        row = [v if v is None or type(v) in _PLAIN else _encode_column(k, v)
+               for k, v in zip(COLUMNS, values)]
+        row.insert(0, record["msg_id"])
+        if complete and len(record) == len(RECORD_KEYS):
+            row.append(None)  # every record key and nothing else
+        else:
+            extra = record.keys() - _KEY_SET
+            row.append(encode_value({k: record[k] for k in extra}) if extra else None)
         return row
 
     def flush(self, everything: bool = False) -> int:
@@ -228,6 +331,20 @@ class SQLiteStore(BaseStore):
         record = dict(rec)
         record["msg_id"] = msg_id
         self._live[msg_id] = record
+        self._note_new(msg_id)
+
+    def adopt(self, msg_id: str, record: Record) -> None:
+        """Store ``record`` itself, not a copy, unchecked: for a record the caller held
+        until now (a memory store spilling it), so its ``msg_id`` key is set and new
+        here. ``add_record`` is for everything else."""
+        self._live[msg_id] = record
+        self._note_new(msg_id)
+
+    def _note_new(self, msg_id: str) -> None:
+        seen = self._seen
+        seen.add(msg_id)
+        if seen.full:
+            self._refill_seen()
         self._touched(msg_id)
 
     def update_record(self, msg_id: str, rec: Record) -> None:
@@ -315,9 +432,17 @@ class SQLiteStore(BaseStore):
         self.flush(everything=True)
         return self._db.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]
 
+    def _refill_seen(self) -> None:
+        """Fill the filter of msg_ids anew from ``_live`` and the table."""
+        count = len(self._live) + self._db.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]
+        rows = self._db.execute(f"SELECT msg_id FROM {self.table}")
+        self._seen.refill(itertools.chain(self._live, (msg_id for (msg_id,) in rows)), count)
+
     def __contains__(self, msg_id: object) -> bool:
         if msg_id in self._live:
             return True
+        if msg_id not in self._seen:
+            return False
         row = self._db.execute(f"SELECT 1 FROM {self.table} WHERE msg_id=?", (msg_id,)).fetchone()
         return row is not None
 

@@ -26,7 +26,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ipyparallel_lite.controller.sqlitestore import SQLiteStore
 
 __all__ = [
     "OPERATORS",
@@ -58,7 +61,7 @@ BUFFER_KEYS = ("buffers", "result_buffers")
 #: record keys holding text an engine printed or ran, also counted against ``size_limit``
 TEXT_KEYS = ("stdout", "stderr", "execute_input")
 #: what changes a record's size
-SIZED_KEYS = (*BUFFER_KEYS, *TEXT_KEYS)
+SIZED_KEYS = frozenset((*BUFFER_KEYS, *TEXT_KEYS))
 
 
 class QueryError(ValueError):
@@ -454,7 +457,7 @@ class MemoryStore(BaseStore):
         self.record_limit = record_limit
         self.size_limit = size_limit
         self.spill_path = spill_path
-        self._spill: BaseStore | None = None
+        self._spill: SQLiteStore | None = None
         self._spill_dir: tempfile.TemporaryDirectory | None = None
         self._records: dict[str, Record] = {}
         self._nbytes: dict[str, int] = {}  # buffer and text bytes of each record
@@ -476,7 +479,7 @@ class MemoryStore(BaseStore):
         return msg_id in self._records
 
     @property
-    def spill(self) -> BaseStore:
+    def spill(self) -> SQLiteStore:
         """The SQLite store spilled records go to, made on first use."""
         if self._spill is None:
             from ipyparallel_lite.controller.sqlitestore import SQLiteStore
@@ -501,7 +504,7 @@ class MemoryStore(BaseStore):
 
         ``changed``: the update just applied, when only its keys can have changed them.
         """
-        if changed is None or any(key in changed for key in SIZED_KEYS):
+        if changed is None or not changed.keys().isdisjoint(SIZED_KEYS):
             nbytes = _buffer_bytes(record)
             self._total_bytes += nbytes - self._nbytes.get(msg_id, 0)
             self._nbytes[msg_id] = nbytes
@@ -524,7 +527,8 @@ class MemoryStore(BaseStore):
             len(self._records) > self.record_limit or self._total_bytes > self.size_limit
         ):
             msg_id = next(iter(self._completed))
-            self.spill.add_record(msg_id, self._forget(msg_id))
+            # checked when it came in: a record is either in memory or spilled
+            self.spill.adopt(msg_id, self._forget(msg_id))
 
     def add_record(self, msg_id: str, rec: Record) -> None:
         if rec.get("msg_id", msg_id) != msg_id:
