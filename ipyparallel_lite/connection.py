@@ -37,6 +37,8 @@ from typing import Any
 import zmq
 from jupyter_client.session import Session
 
+from ipyparallel_lite.session import LeanSession
+
 CONNECTION_INFO_ENV = "IPP_LITE_CONNECTION_INFO"
 
 #: channels a client connects to, and the engine-facing ones
@@ -164,9 +166,10 @@ def new_key() -> str:
     return secrets.token_hex(32)
 
 
-def make_session(key: str | bytes, *, username: str = "ipp-lite", session_class: type[Session] = Session,
+def make_session(key: str | bytes, *, username: str = "ipp-lite", session_class: type[Session] = LeanSession,
                  **kwargs: Any) -> Session:
-    """The signing session: HMAC-SHA256 over header, parent, metadata and content."""
+    """The signing session (a :class:`~ipyparallel_lite.session.LeanSession` unless told):
+    HMAC-SHA256 over header, parent, metadata and content."""
     if isinstance(key, str):
         key = key.encode("ascii")
     if not key:

@@ -7,16 +7,13 @@ jupyter_client that changes its header, its JSON or its signing fails here.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from datetime import datetime, timezone
 
 import pytest
-from jupyter_client.session import DELIM, Session, json_packer
+from jupyter_client.session import DELIM, Session
 
 from ipyparallel_lite.connection import make_session
-from ipyparallel_lite.engine import session as session_module
 from ipyparallel_lite.engine.session import EngineSession
 
 KEY = "k" * 64
@@ -119,46 +116,3 @@ def test_messages_for_a_counted_request_are_counted(engine_session):
     engine_session.send(stream, "status", {}, parent={"header": {"msg_id": "req-7"}}, track=True)
     assert engine_session.take_count("req-7") == 4
     assert engine_session.take_count("req-7") is None
-
-
-@pytest.mark.parametrize("scheme", ["hmac-sha256", "hmac-sha512"])
-@pytest.mark.parametrize("key_length", [1, 32, 64, 65, 128, 129, 300])
-def test_signatures_are_hmacs(scheme, key_length):
-    key = bytes(range(256))[:key_length] if key_length <= 256 else b"x" * key_length
-    session = EngineSession(key=key, signature_scheme=scheme)
-    parts = [b'{"msg_id": "a"}', b"{}", memoryview(b'{"k": 1}'), "caf\u00e9".encode()]
-    digest = getattr(hashlib, scheme.split("-")[1])
-    assert session.sign(parts) == hmac.new(key, b"".join(parts), digest).hexdigest().encode()
-    assert session.sign(parts) == Session(key=key, signature_scheme=scheme).sign(parts)
-
-
-def test_a_new_key_or_none_signs_anew():
-    session = EngineSession(key=b"first")
-    parts = [b"{}", b"{}", b"{}", b"{}"]
-    first = session.sign(parts)
-    session.key = b"second"
-    assert session.sign(parts) == hmac.new(b"second", b"{}" * 4, hashlib.sha256).hexdigest().encode() != first
-    session.signature_scheme = "hmac-sha512"
-    assert session.sign(parts) == hmac.new(b"second", b"{}" * 4, hashlib.sha512).hexdigest().encode()
-    session.auth = None
-    assert session.sign(parts) == b""
-
-
-def test_the_json_encoder_is_the_stdlibs_c_one_writing_as_json_packer():
-    assert json.encoder.c_make_encoder is not None  # else the lean send makes one per call
-    for obj in ({"a": [1, 2.5e-07, None, True, {"b": "\u2603 \"q\" \n"}]}, {}, {"t": datetime.now(timezone.utc)},
-                {"huge": 10**30, "neg": -0.0}):
-        assert session_module._pack(obj) == json_packer(obj)
-    with pytest.warns(UserWarning, match="not JSON compliant"):  # json_packer's fallback
-        assert session_module._pack({"nan": float("nan")}) == json_packer({"nan": float("nan")})
-    looped: dict = {}
-    looped["self"] = looped
-    with pytest.raises((ValueError, RecursionError)):  # as json_packer
-        session_module._pack(looped)
-
-
-def test_empty_parts_read_as_new_dicts(engine_session):
-    first, second = engine_session.unpack(b"{}"), engine_session.unpack(memoryview(b"{}"))
-    assert first == second == {} and first is not second
-    assert engine_session.unpack(b'{"a": [1, "\\u2603"]}') == {"a": [1, "\u2603"]}
-    assert engine_session.unpack(b" {} ") == {}

@@ -7,7 +7,7 @@ sends what is queued, packing the messages waiting for the same channel into one
 notifications and output. A reply is verified, matched to its
 :class:`~ipyparallel_lite.client.asyncresult.AsyncResult` by the parent's ``msg_id`` in
 :attr:`Transport.pending` and handed over as it is; results are unpickled only when
-asked for. The session reads JSON with :func:`unpack_json`.
+asked for.
 
 Sockets: zmq sockets are not thread-safe, so a socket is touched only by the thread
 holding ``_io_lock``. The I/O thread waits without it, in ``select.poll`` on the
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import select
 import threading
@@ -77,21 +76,6 @@ _CHANNEL, _FRAMES, _SLOTS, _TRACK, _SEQ, _IDS = range(6)
 _NEVER = float("inf")
 
 
-_decode = json.JSONDecoder().raw_decode
-
-
-def unpack_json(data: bytes) -> Any:
-    """The session's JSON unpacker, without ``json.loads``' checks and dispatch per call
-    (a quarter of its cost for a small dict): whatever is not one JSON value exactly
-    goes to ``json.loads`` for its answer or its error."""
-    text = data.decode("utf8", "replace")
-    try:
-        obj, end = _decode(text)
-    except ValueError:
-        obj, end = None, -1
-    return obj if end == len(text) else json.loads(text)
-
-
 class Transport:
     """The sockets of one Client, their I/O thread, and the requests waiting for replies.
 
@@ -114,7 +98,6 @@ class Transport:
                  controller_timeout: float | None = None):
         self.connection_info = info
         self.session = make_session(info["key"])
-        self.session.unpack = unpack_json
         self._messages = MessageBuilder(self.session)
         self.on_notification = on_notification
         self.on_reconnect = on_reconnect

@@ -40,9 +40,9 @@ from IPython.core.inputtransformer2 import TransformerManager
 from traitlets import Dict, Float, Instance, Integer, Type
 
 from ipyparallel_lite.connection import STEAL_WINDOW, TASK_IDENT, check_message_size, unpack_message
-from ipyparallel_lite.engine.session import json_date
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
 from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpack_apply_message
+from ipyparallel_lite.session import json_date
 
 
 def utcnow() -> datetime:

@@ -1,0 +1,171 @@
+"""The signing session of every process: jupyter_client's ``Session``, its chores lean.
+
+Every message in a cluster is a Jupyter message (``[*idents, DELIM, signature, header,
+parent, metadata, content, *buffers]``, HMAC over the four JSON parts), and what goes
+on the wire is exactly what ``jupyter_client.session.Session`` writes and reads. Each
+process pays the session's chores on every message, so they are done once here, for
+the client, the controller and the engines alike:
+
+- :func:`pack`: JSON with ``json_packer``'s options through one C encoder made once
+  (``json.dumps`` with options makes an encoder, and that a C encoder, per call);
+  whatever it refuses goes to ``json_packer``, which cleans it (and warns);
+- :func:`unpack`: ``{}`` (most parts of an apply request) without the decoder, one JSON
+  value through ``raw_decode`` without ``json.loads``' dispatch; anything else goes to
+  ``json.loads``, for its answer or its error;
+- :meth:`LeanSession.sign`: the same HMAC from copies of the key's inner and outer hash
+  states (``hmac.HMAC.copy`` copies three hash contexts per message);
+- :meth:`LeanSession.header`: a header's JSON from a template per message type, with
+  ``Session.msg_header``'s keys, order and escaping;
+- :attr:`LeanSession.msg_id`: ``Session``'s form, from a counter that threads may share.
+
+These lean on jupyter_client's header layout and packer options; ``tests/test_session.py``
+compares them with jupyter_client's own, so a change there fails a test, not the wire.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import json.encoder
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from jupyter_client import protocol_version
+from jupyter_client.jsonutil import json_default
+from jupyter_client.session import Session, json_packer, json_unpacker
+from traitlets import observe
+
+#: the JSON of an empty dict: parent headers of requests, empty metadata and content
+EMPTY = b"{}"
+
+
+def _json_encoder() -> Any:
+    make = json.encoder.c_make_encoder
+    if make is None:  # a Python built without _json
+        return json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False).encode
+    # json_packer's options; no circular-reference markers: such a message fails either way
+    encode = make(None, json_default, json.encoder.encode_basestring, None, ": ", ", ",
+                  False, False, False)
+    return lambda obj: "".join(encode(obj, 0))
+
+
+_encode = _json_encoder()
+_escape = json.encoder.encode_basestring  # a JSON string as json_packer writes it
+_decode = json.JSONDecoder().raw_decode
+
+
+def pack(obj: Any) -> bytes:
+    """``obj`` as ``jupyter_client``'s ``json_packer`` writes it."""
+    try:
+        return _encode(obj).encode("utf8", "surrogateescape")
+    except (TypeError, ValueError, RecursionError):
+        return json_packer(obj)  # jupyter_client's fallback: cleans the object, warns
+
+
+def unpack(raw: bytes) -> Any:
+    """``raw`` as ``jupyter_client``'s ``json_unpacker`` reads it (the same errors too)."""
+    if type(raw) is not bytes:
+        raw = bytes(raw)
+    if raw == EMPTY:
+        return {}
+    text = raw.decode("utf8", "replace")
+    try:
+        obj, end = _decode(text)
+    except ValueError:
+        return json_unpacker(raw)
+    return obj if end == len(text) else json_unpacker(raw)
+
+
+def json_date(date: datetime) -> str:
+    """A UTC date as ``json_default`` writes it (``...Z``)."""
+    return date.isoformat().replace("+00:00", "Z")
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def now_date() -> str:
+    """Now in UTC as a header's date, always with microseconds: ``2026-12-01T09:07:39.885483Z``."""
+    global _second
+    now = time.time()
+    second = int(now)
+    cached = _second  # one tuple, read and replaced whole by any thread
+    if cached[0] != second:
+        cached = (second, datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S."))
+        _second = cached
+    return f"{cached[1]}{int((now - second) * 1e6):06d}Z"
+
+
+_INNER_PAD = bytes(x ^ 0x36 for x in range(256))
+_OUTER_PAD = bytes(x ^ 0x5C for x in range(256))
+
+
+class LeanSession(Session):
+    """``Session`` with the lean chores above; what it writes and accepts is unchanged."""
+
+    def __init__(self, **kwargs: Any):
+        self._pads: tuple[Any, Any] | None = None
+        self._templates: dict[str, str] = {}
+        super().__init__(**kwargs)
+        if self.pack is json_packer:
+            self.pack = pack
+        if self.unpack is json_unpacker:
+            self.unpack = unpack
+        self._numbers = itertools.count()  # next() is atomic
+
+    @observe("session", "username", "auth")
+    def _identity_changed(self, change: Any) -> None:
+        self._templates = {}  # they hold the session and username
+        self._pads = None  # the key or its hash changed (Session makes a new auth then)
+
+    @property
+    def msg_id(self) -> str:
+        """A new msg_id, in ``Session``'s form: ``{session}_{pid}_{n}``."""
+        return f"{self.session}_{os.getpid()}_{next(self._numbers)}"
+
+    def header(self, msg_type: str, msg_id: str, date: str) -> bytes:
+        """The JSON of the header ``Session.msg_header`` makes, with this msg_id and date
+        (from :func:`now_date` or :func:`json_date`)."""
+        template = self._templates.get(msg_type) or self._header_template(msg_type)
+        return (template % (_escape(msg_id)[1:-1], date)).encode("utf8", "surrogateescape")
+
+    def _header_template(self, msg_type: str) -> str:
+        """The JSON header of ``msg_type`` as a %-template of its (escaped) msg_id and date."""
+        template = self._templates.get(msg_type)
+        if template is None:
+            mark = uuid.uuid4().hex
+            probe = {"msg_id": mark, "msg_type": msg_type, "username": self.username,
+                     "session": self.session, "date": mark[::-1], "version": protocol_version}
+            text = json_packer(probe).decode("utf8", "surrogateescape").replace("%", "%%")
+            template = text.replace(mark, "%s").replace(mark[::-1], "%s")
+            self._templates[msg_type] = template  # a race only computes it twice
+        return template
+
+    def _key_pads(self) -> tuple[Any, Any] | None:
+        """The hash states after the key's inner and outer pads (RFC 2104); None: no key."""
+        if self.auth is None:
+            return None
+        digest_mod = self.digest_mod
+        key = self.key
+        block = digest_mod().block_size
+        if len(key) > block:
+            key = digest_mod(key).digest()
+        key = key.ljust(block, b"\0")
+        self._pads = pads = (digest_mod(key.translate(_INNER_PAD)), digest_mod(key.translate(_OUTER_PAD)))
+        return pads
+
+    def sign(self, msg_list: list) -> bytes:
+        """``Session.sign``: the hex HMAC of the parts."""
+        pads = self._pads or self._key_pads()
+        if pads is None:
+            return b""
+        inner, outer = pads
+        h = inner.copy()
+        for part in msg_list:
+            h.update(part)
+        h_outer = outer.copy()
+        h_outer.update(h.digest())
+        return h_outer.hexdigest().encode()

@@ -1,0 +1,119 @@
+"""The lean session chores (``ipyparallel_lite/session.py``) against jupyter_client's own.
+
+They lean on jupyter_client's header layout, packer options and HMAC: these tests fail
+when that library changes what they copy, before the wire does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from datetime import datetime, timezone
+
+import pytest
+from jupyter_client.session import Session, json_packer, json_unpacker
+
+from ipyparallel_lite import session as lean
+from ipyparallel_lite.connection import make_session, new_key
+from ipyparallel_lite.session import LeanSession
+
+
+@pytest.mark.parametrize("scheme", ["hmac-sha256", "hmac-sha512"])
+@pytest.mark.parametrize("key_length", [1, 32, 64, 65, 128, 129, 300])
+def test_signatures_are_hmacs(scheme, key_length):
+    key = bytes(range(256))[:key_length] if key_length <= 256 else b"x" * key_length
+    session = LeanSession(key=key, signature_scheme=scheme)
+    parts = [b'{"msg_id": "a"}', b"{}", memoryview(b'{"k": 1}'), "caf\u00e9".encode()]
+    digest = getattr(hashlib, scheme.split("-")[1])
+    assert session.sign(parts) == hmac.new(key, b"".join(parts), digest).hexdigest().encode()
+    assert session.sign(parts) == Session(key=key, signature_scheme=scheme).sign(parts)
+
+
+def test_a_new_key_or_none_signs_anew():
+    session = LeanSession(key=b"first")
+    parts = [b"{}", b"{}", b"{}", b"{}"]
+    first = session.sign(parts)
+    session.key = b"second"
+    assert session.sign(parts) == hmac.new(b"second", b"{}" * 4, hashlib.sha256).hexdigest().encode() != first
+    session.signature_scheme = "hmac-sha512"
+    assert session.sign(parts) == hmac.new(b"second", b"{}" * 4, hashlib.sha512).hexdigest().encode()
+    session.auth = None
+    assert session.sign(parts) == b""
+
+
+def test_the_json_encoder_is_the_stdlibs_c_one_writing_as_json_packer():
+    assert json.encoder.c_make_encoder is not None  # else pack makes one per call
+    for obj in ({"a": [1, 2.5e-07, None, True, {"b": "\u2603 \"q\" \n"}]}, {}, {"t": datetime.now(timezone.utc)},
+                {"huge": 10**30, "neg": -0.0}):
+        assert lean.pack(obj) == json_packer(obj)
+    with pytest.warns(UserWarning, match="not JSON compliant"):  # json_packer's fallback
+        assert lean.pack({"nan": float("nan")}) == json_packer({"nan": float("nan")})
+    looped: dict = {}
+    looped["self"] = looped
+    with pytest.raises((ValueError, RecursionError)):  # as json_packer
+        lean.pack(looped)
+
+
+def test_empty_parts_read_as_new_dicts():
+    first, second = lean.unpack(b"{}"), lean.unpack(memoryview(b"{}"))
+    assert first == second == {} and first is not second
+    assert lean.unpack(b'{"a": [1, "\\u2603"]}') == {"a": [1, "\u2603"]}
+    assert lean.unpack(b" {} ") == {}
+
+
+@pytest.mark.parametrize("data", [
+    b"{}", b'{"a": [1, 2.5, null, true, false], "b": {"c": "d"}}', b' {"a": 1} ', b'{"a": 1}\n',
+    b'"text"', b"[1, 2]", b"3", '{"é": "€ \\u00e9"}'.encode(), b'{"a": "\xff"}',
+])
+def test_the_unpacker_reads_what_json_unpacker_reads(data):
+    assert lean.unpack(data) == json_unpacker(data)
+
+
+@pytest.mark.parametrize("data", [b"", b"{", b'{"a": 1} x', b'{"a": 1}{}', b"nope", b"\n"])
+def test_the_unpacker_refuses_what_json_unpacker_refuses(data):
+    with pytest.raises(json.JSONDecodeError):
+        json_unpacker(data)
+    with pytest.raises(json.JSONDecodeError):
+        lean.unpack(data)
+
+
+@pytest.mark.parametrize("username, msg_type", [
+    ("ipp-lite", "apply_request"), ('us\u00e9r "q" 100%', 'weird_%s_"type"'), ("a\\b", "status"),
+])
+def test_a_header_from_its_template_is_what_session_writes(username, msg_type):
+    session = make_session(new_key(), username=username)
+    assert isinstance(session, LeanSession)
+    msg_id, date = session.msg_id, lean.now_date()
+    session.session = 'sess-"quoted\\-%s'  # escaped in the header, not in the msg_id
+    msg_id = session.msg_id
+    written = session.header(msg_type, msg_id, date)
+    stock = Session(key=session.key, username=username, session=session.session)
+    header = stock.msg_header(msg_type)
+    header.update(msg_id=msg_id, date=datetime.fromisoformat(date.replace("Z", "+00:00")))
+    assert written == json_packer(header)
+
+
+def test_dates_are_utc_with_microseconds():
+    date = lean.now_date()
+    parsed = datetime.fromisoformat(date.replace("Z", "+00:00"))
+    assert date.endswith("Z") and len(date) == len("2026-12-01T09:07:39.885483Z")
+    assert abs((datetime.now(timezone.utc) - parsed).total_seconds()) < 5
+    assert lean.json_date(parsed) == json.loads(json_packer({"d": parsed}))["d"]
+
+
+def test_msg_ids_stay_unique_across_threads():
+    session = make_session(new_key())
+    ids: list[str] = []
+
+    def take() -> None:
+        ids.extend(session.msg_id for _ in range(5000))
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 20_000
+    assert all(i.startswith(f"{session.session}_") for i in ids)
