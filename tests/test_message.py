@@ -8,14 +8,15 @@ they fail when that library changes them.
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import datetime, timezone
 
 import pytest
-from jupyter_client.session import Session, protocol_version
+from jupyter_client.session import DELIM, Session, protocol_version
 
 from ipyparallel_lite.client.message import MessageBuilder
-from ipyparallel_lite.connection import make_session
+from ipyparallel_lite.connection import make_session, new_key
 
 KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
@@ -137,3 +138,42 @@ def test_content_and_metadata_pack_as_the_session_packs() -> None:
             ours, theirs = builder.pack_metadata(obj), session.pack(obj)
             _, frames = builder.build("execute_request", obj)
         assert ours == theirs == frames[-1]
+
+
+MESSAGES = [
+    ("apply_request", None, None, None),
+    ("apply_request", {}, {"after": [], "follow": [], "timeout": None, "retries": 0, "targets": None},
+     [b"engine-uuid"]),
+    ("execute_request", {"code": "print('é €')\n", "silent": False, "user_expressions": {}}, {}, None),
+    ("queue_request", {"targets": [0, 1], "verbose": True}, {"when": datetime.now(timezone.utc)}, None),
+    ("db_request", {"query": {"completed": {"$ne": None}}, "keys": ["msg_id"]}, None, [b"a", b"b"]),
+]
+
+
+@pytest.mark.parametrize("msg_type, content, metadata, ident", MESSAGES)
+def test_the_builder_writes_what_session_serialize_writes(msg_type, content, metadata, ident):
+    session = make_session(new_key())
+    msg_id, frames = MessageBuilder(session).build(msg_type, content, ident=ident, metadata=metadata)
+    at = frames.index(DELIM)
+    assert frames[:at] == (ident or [])
+    header = json.loads(frames[at + 2])
+    # the header jupyter_client makes: its keys in its order, its msg_id and date forms
+    reference = session.msg_header(msg_type)
+    assert list(header) == list(reference)
+    assert {k: header[k] for k in ("msg_type", "username", "session", "version")} == {
+        k: reference[k] for k in ("msg_type", "username", "session", "version")}
+    assert header["msg_id"] == msg_id
+    assert datetime.fromisoformat(header["date"].replace("Z", "+00:00")).tzinfo is not None
+    # every frame, byte for byte, as Session.serialize writes the same message
+    expected = session.serialize(session.msg(msg_type, content, header=header, metadata=metadata), ident=ident)
+    assert frames == expected
+    # and a peer's Session takes it
+    peer = make_session(session.key)
+    assert peer.deserialize(peer.feed_identities(frames)[1])["header"]["msg_id"] == msg_id
+
+
+def test_the_builder_keeps_the_session_s_default_metadata():
+    session = make_session(new_key())
+    session.metadata = {"origin": "here", "n": 1}
+    _, frames = MessageBuilder(session).build("apply_request", {}, metadata={"n": 2})
+    assert json.loads(frames[frames.index(DELIM) + 4]) == {"origin": "here", "n": 2}
