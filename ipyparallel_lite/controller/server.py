@@ -620,11 +620,13 @@ class Controller:
 
     # ---- parsing ---------------------------------------------------------------
 
-    def _parse(self, frames: list, *, content: bool = False,
+    def _parse(self, frames: list, *, content: bool = False, parent: bool = False,
                peer: bytes | None = None) -> tuple[list[bytes], list, dict] | None:
         """Verify and unpack a message; None (and a log line) for anything malformed.
 
-        ``peer``: who sent it, for the log (default: the first frame, a ROUTER's identity).
+        Content and parent header stay bytes unless asked for (``content``, ``parent``):
+        only replies are matched by their parent. ``peer``: who sent it, for the log
+        (default: the first frame, a ROUTER's identity).
         """
         if peer is None:
             peer = frames[0].bytes if frames else b""
@@ -639,7 +641,7 @@ class Controller:
                       "delimiter)", len(rest))
             return None
         try:
-            msg = unpack_message(self.session, rest[1:], content=content)
+            msg = unpack_message(self.session, rest[1:], content=content, parent=parent)
         except Exception as e:
             self.warn(peer, "unverified", "dropped a message that failed verification: %s", e)
             return None
@@ -653,7 +655,7 @@ class Controller:
     def on_iopub(self, frames: list) -> None:
         """An engine's iopub message, as the relay forwards it to clients: verified,
         then recorded by the Hub if it is output of a task it has a record of."""
-        parsed = self._parse(frames, peer=b"iopub")
+        parsed = self._parse(frames, parent=True, peer=b"iopub")
         if parsed is None:
             return
         _, rest, msg = parsed
@@ -866,7 +868,7 @@ class Controller:
 
     def on_engine_shell(self, frames: list) -> None:
         engine_ident = frames[0].bytes
-        parsed = self._parse(frames[1:], peer=engine_ident)
+        parsed = self._parse(frames[1:], parent=True, peer=engine_ident)
         if parsed is None:
             return
         idents, rest, msg = parsed
