@@ -177,13 +177,16 @@ def make_session(key: str | bytes, *, username: str = "ipp-lite", session_class:
     return session_class(key=key, signature_scheme="hmac-sha256", username=username, **kwargs)
 
 
-def unpack_message(session: Session, frames: list, content: bool = True) -> dict:
+def unpack_message(session: Session, frames: list, content: bool = True,
+                   parent: bool = True) -> dict:
     """Verify and unpack ``[signature, header, parent, metadata, content, *buffers]``.
 
     The same checks as ``Session.deserialize`` (signature, replays), minus turning
     header dates into datetimes, which costs more than the rest of a hop. Dates stay
     ISO strings; buffers stay the frames they arrived as (zero-copy). Raises
-    ``ValueError`` for an unsigned, replayed or forged message.
+    ``ValueError`` for an unsigned, replayed or forged message. ``content`` or
+    ``parent`` False: that part stays the verified bytes, not decoded (a reader that
+    does not need it saves the JSON parse).
     """
     if len(frames) < 5:
         raise ValueError(f"malformed message: {len(frames)} frames, at least 5 needed")
@@ -203,7 +206,7 @@ def unpack_message(session: Session, frames: list, content: bool = True) -> dict
         "header": header,
         "msg_id": header.get("msg_id"),
         "msg_type": header.get("msg_type"),
-        "parent_header": unpack(raw[2]),
+        "parent_header": unpack(raw[2]) if parent else raw[2],
         "metadata": unpack(raw[3]),
         "content": unpack(raw[4]) if content else raw[4],
         "buffers": list(frames[5:]),

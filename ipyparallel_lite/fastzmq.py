@@ -96,6 +96,14 @@ class Drainer:
             self._scheduled = True
             self.loop.call_soon(self.drain)
 
+    def recheck(self) -> None:
+        """After sends on the socket outside :meth:`drain`: drain on the next turn only if
+        a message waits. One look at the socket now, where :meth:`kick` costs a loop turn
+        (a send consumes the FD's signal, but reading ``EVENTS`` re-arms it for what
+        arrives later)."""
+        if not self.draining and not self._scheduled and readable(self.sock):
+            self.kick()
+
     def drain(self, limit: int | None = None) -> int:
         """Handle up to ``limit`` (default: ``batch``) waiting messages; how many there were."""
         self._scheduled = False

@@ -165,3 +165,57 @@ def test_a_client_that_reads_no_batches_gets_lone_messages():
         ctx.destroy(linger=0)
 
     asyncio.run(run())
+
+
+def test_a_turn_ends_when_defer_says_and_its_replies_go_as_one_batch():
+    """``defer`` decides when a turn ends (the controller: at the end of a reader's drain):
+    the first reply leaves at once, the rest wait for the deferred callback."""
+    async def run():
+        ctx = zmq.Context()
+        peer = batch.reader_identity()
+        router, dealer = pair(ctx, peer)
+        deferred: list = []
+        outbox = Outbox(asyncio.get_running_loop(), defer=deferred.append)
+        for i in range(3):
+            outbox.send_soon(router, [peer, b"reply-%d" % i], lambda: None)
+        assert dealer.poll(2000) and dealer.recv_multipart() == [b"reply-0"]
+        await asyncio.sleep(0.05)
+        assert not dealer.poll(0) and len(deferred) == 1  # nothing but the callback ran it
+        deferred.pop()()
+        assert dealer.poll(2000)
+        frames = dealer.recv_multipart()
+        assert batch.is_batch(frames[0]) and batch.unpack(frames) == [[b"reply-1"], [b"reply-2"]]
+        outbox.close()
+        ctx.destroy(linger=0)
+
+    asyncio.run(run())
+
+
+def test_recheck_after_a_send_finds_a_message_whose_signal_the_send_took():
+    """libzmq's socket FD is edge-triggered, and a send processes the socket's pending
+    commands, which can take the signal of a message that arrived meanwhile. After such
+    a send, ``Drainer.recheck`` (one ``EVENTS`` read) must find the message: this fails if
+    pyzmq or libzmq change how EVENTS and the FD work."""
+    async def run():
+        ctx = zmq.Context()
+        router, dealer = pair(ctx, b"peer")
+        got: list = []
+        reader = fastzmq.Drainer(asyncio.get_running_loop(), router, got.append, 64)
+        await asyncio.sleep(0.05)
+        for i in range(20):
+            dealer.send(b"msg-%d" % i)
+            time_left = 200
+            while not router.poll(0) and time_left:  # arrived, the FD signalled...
+                time_left -= 1
+                await asyncio.sleep(0)
+            router.send_multipart([b"peer", b"ack"])  # ...and the send may take the signal
+            reader.recheck()
+            for _ in range(200):
+                if len(got) > i:
+                    break
+                await asyncio.sleep(0.005)
+            assert [f.bytes for f in got[i]] == [b"peer", b"msg-%d" % i]
+        reader.close()
+        ctx.destroy(linger=0)
+
+    asyncio.run(run())

@@ -16,7 +16,7 @@ import zmq
 
 import ipyparallel_lite
 from ipyparallel_lite import batch, error
-from ipyparallel_lite.connection import load_connection_file, make_session, url
+from ipyparallel_lite.connection import load_connection_file, make_session, unpack_message, url
 from ipyparallel_lite.serialization import pack_apply_message
 
 
@@ -54,6 +54,23 @@ def still_serves(rc) -> None:
 
 
 # ---- the framing ------------------------------------------------------------------
+
+
+def test_unpack_refuses_forged_and_replayed_messages_and_leaves_parts_not_asked_for():
+    """Parts not asked for (the controller never reads a request's parent header) stay
+    the verified bytes; forged and replayed messages are refused all the same."""
+    session = make_session("k" * 64)
+    msg = session.msg("apply_request", {"a": 1}, parent={"msg_id": "p"}, metadata={"m": 2})
+    frames = session.serialize(msg)[1:]  # from the signature on
+    reader = make_session("k" * 64)
+    got = unpack_message(reader, frames, parent=False, content=False)
+    assert got["parent_header"] == frames[2] and got["content"] == frames[4]
+    assert got["metadata"] == {"m": 2} and got["header"]["msg_id"] == msg["header"]["msg_id"]
+    with pytest.raises(ValueError, match="Duplicate"):
+        unpack_message(reader, frames)
+    forged = [frames[0], frames[1], frames[2], frames[3], b'{"a": 2}']
+    with pytest.raises(ValueError, match="Invalid"):
+        unpack_message(make_session("k" * 64), forged)
 
 
 def test_pack_and_unpack_keep_every_frame_of_every_message():

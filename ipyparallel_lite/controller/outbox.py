@@ -15,9 +15,11 @@ reaches ``max_entries`` even so is cut off: its queue is dropped and logged (wha
 would have received stays in the Hub), and its next message starts a new queue.
 
 Replies to clients go through :meth:`Outbox.send_soon`: the first for a client in a
-loop turn leaves at once, the others of the same turn together, as one
-:mod:`~ipyparallel_lite.batch`, at the end of the turn. A batch that zmq refuses waits in the peer's queue message by
-message, so the bounds and rebuilds above hold for each.
+turn leaves at once, the others of the same turn together, as one
+:mod:`~ipyparallel_lite.batch`, at the end of the turn (``defer``: by default the next
+loop turn; the controller ends a turn with each reader's drain). A batch that zmq
+refuses waits in the peer's queue message by message, so the bounds and rebuilds
+above hold for each.
 
 This module knows sockets and bytes, nothing of messages: the controller decides what
 a refusal means.
@@ -69,7 +71,9 @@ class Outbox:
 
     ``on_gone(sock, peer)`` is called when a queued peer turns out to be gone; ``after_send
     (sock)`` after every batch of sends on a socket (sending consumes the socket's
-    edge-triggered read events, so its reader must look again; a refused send as well).
+    edge-triggered read events, so its reader must look again; a refused send as well);
+    ``defer(callback)`` calls back at the end of the current turn (default: the loop's
+    ``call_soon``).
     """
 
     #: retry delays while a queue does not move: short at first, then backing off
@@ -83,6 +87,7 @@ class Outbox:
         max_entries: int = 200_000,
         on_gone: Callable[[zmq.Socket, bytes], None] | None = None,
         after_send: Callable[[zmq.Socket], None] | None = None,
+        defer: Callable[[Callable[[], None]], None] | None = None,
         log: logging.Logger | None = None,
     ):
         self.loop = loop
@@ -90,9 +95,11 @@ class Outbox:
         self.max_entries = max_entries
         self.on_gone = on_gone or (lambda sock, peer: None)
         self.after_send = after_send or (lambda sock: None)
+        #: runs a callback at the end of the current turn (send_soon's batches)
+        self.defer = defer or loop.call_soon
         self.log = log or logging.getLogger("ipyparallel_lite.controller")
         self._queues: dict[tuple[zmq.Socket, bytes], _Queue] = {}
-        #: messages of this loop turn for each peer, sent together at its end (send_soon)
+        #: messages of this turn for each peer, sent together at its end (send_soon)
         self._soon: dict[tuple[zmq.Socket, bytes], list] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._delay = self.RETRY_MIN
@@ -132,7 +139,7 @@ class Outbox:
         return Sent.SENT
 
     def send_soon(self, sock: zmq.Socket, frames: list, later: Callable[[], list | None]) -> None:
-        """Send ``frames`` now if it is the first message for its peer in this loop turn;
+        """Send ``frames`` now if it is the first message for its peer in this turn;
         later ones of the turn wait for its end and go as one batch (to peers that read
         batches; others get each at once). A lone reply thus waits for nothing.
         ``later`` rebuilds the message (see :meth:`send`): a reply always has its record
@@ -146,7 +153,7 @@ class Outbox:
                 self.log.info("peer %r is gone: its reply stays in the Hub", key[1])
             elif batch.reads_batches(key[1]):  # the rest of this turn's replies go together
                 if not self._soon:
-                    self.loop.call_soon(self._send_turn)
+                    self.defer(self._send_turn)
                 self._soon[key] = []
             return
         soon.append((frames, later))
@@ -167,7 +174,7 @@ class Outbox:
             self._timer = None
         self._queues.clear()
 
-    # ---- batches of a loop turn ---------------------------------------------------------
+    # ---- batches of a turn --------------------------------------------------------------
 
     def _send_turn(self) -> None:
         soon, self._soon = self._soon, {}

@@ -202,6 +202,11 @@ class Controller:
             "abort_request": self.handle_abort_request,
         }
         self._readers: list[fastzmq.Drainer] = []
+        #: inside a reader's drain: sends note their socket's reader here, and deferred
+        #: work waits, both for the end of the drain (see _drained)
+        self._in_drain = False
+        self._sent_on: set[fastzmq.Drainer] = set()
+        self._at_drain_end: list[Callable[[], None]] = []
         self._timers: list[asyncio.TimerHandle] = []
         self._deadline: asyncio.TimerHandle | None = None
         self._hb_counter = 0
@@ -330,14 +335,14 @@ class Controller:
         self._reader_of = {}
         self.outbox = Outbox(loop, max_bytes=self.peer_queue_bytes,
                              max_entries=self.peer_queue_entries, on_gone=self._peer_gone,
-                             after_send=self._after_send, log=self.log)
+                             after_send=self._after_send, defer=self._defer, log=self.log)
         # sockets whose peers may send batches: everything but heartbeats and what the
         # controller reads from its own relays
         unbatched = {self.hb_pong, self._monitor, self._iopub_record}
         for sock, handler in handlers.items():
             guarded = self._guarded(handler)
             reader = fastzmq.Drainer(loop, sock, guarded if sock in unbatched else self._unbatching(guarded),
-                                     BATCH)
+                                     BATCH, after=self._drained)
             self._readers.append(reader)
             self._reader_of[sock] = reader
         self._heartbeat()
@@ -346,6 +351,7 @@ class Controller:
 
     def _guarded(self, handler: Callable[[list], None]) -> Callable[[list], None]:
         def handle(frames: list) -> None:
+            self._in_drain = True
             try:
                 handler(frames)
             except Exception:
@@ -517,10 +523,38 @@ class Controller:
         return self.outbox.send(sock, frames, later)
 
     def _after_send(self, sock: zmq.Socket) -> None:
-        # a send consumes the socket's edge-triggered FD events: its reader looks again
+        # a send consumes the socket's edge-triggered FD events: its reader looks again,
+        # once at the end of the drain that sent (a loop turn per send costs more)
         reader = self._reader_of.get(sock)
-        if reader is not None:
+        if reader is None or reader.draining:  # its own drain looks again anyway
+            return
+        if self._in_drain:
+            self._sent_on.add(reader)
+        else:
             reader.kick()
+
+    def _defer(self, callback: Callable[[], None]) -> None:
+        """Call back at the end of this turn: the drain under way, else the next loop turn."""
+        if self._in_drain:
+            self._at_drain_end.append(callback)
+        else:
+            self.loop.call_soon(callback)
+
+    def _drained(self) -> None:
+        """A reader's drain ended: deferred work (this turn's reply batches) goes, then
+        every socket sent on meanwhile is looked at once."""
+        while self._at_drain_end:
+            callbacks, self._at_drain_end = self._at_drain_end, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    self.log.exception("error after a drain; the controller goes on")
+        self._in_drain = False
+        if self._sent_on:
+            sent_on, self._sent_on = self._sent_on, set()
+            for reader in sent_on:
+                reader.recheck()
 
     def _peer_gone(self, sock: zmq.Socket, peer: bytes) -> None:
         """A peer left while messages waited for it (they are dropped with its queue)."""
@@ -586,11 +620,13 @@ class Controller:
 
     # ---- parsing ---------------------------------------------------------------
 
-    def _parse(self, frames: list, *, content: bool = False,
+    def _parse(self, frames: list, *, content: bool = False, parent: bool = False,
                peer: bytes | None = None) -> tuple[list[bytes], list, dict] | None:
         """Verify and unpack a message; None (and a log line) for anything malformed.
 
-        ``peer``: who sent it, for the log (default: the first frame, a ROUTER's identity).
+        Content and parent header stay bytes unless asked for (``content``, ``parent``):
+        only replies are matched by their parent. ``peer``: who sent it, for the log
+        (default: the first frame, a ROUTER's identity).
         """
         if peer is None:
             peer = frames[0].bytes if frames else b""
@@ -605,7 +641,7 @@ class Controller:
                       "delimiter)", len(rest))
             return None
         try:
-            msg = unpack_message(self.session, rest[1:], content=content)
+            msg = unpack_message(self.session, rest[1:], content=content, parent=parent)
         except Exception as e:
             self.warn(peer, "unverified", "dropped a message that failed verification: %s", e)
             return None
@@ -619,7 +655,7 @@ class Controller:
     def on_iopub(self, frames: list) -> None:
         """An engine's iopub message, as the relay forwards it to clients: verified,
         then recorded by the Hub if it is output of a task it has a record of."""
-        parsed = self._parse(frames, peer=b"iopub")
+        parsed = self._parse(frames, parent=True, peer=b"iopub")
         if parsed is None:
             return
         _, rest, msg = parsed
@@ -832,7 +868,7 @@ class Controller:
 
     def on_engine_shell(self, frames: list) -> None:
         engine_ident = frames[0].bytes
-        parsed = self._parse(frames[1:], peer=engine_ident)
+        parsed = self._parse(frames[1:], parent=True, peer=engine_ident)
         if parsed is None:
             return
         idents, rest, msg = parsed
