@@ -103,6 +103,24 @@ def test_hub_output_benchmark_runs():
         assert off > 0 and on > 0
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["lb", "latency"])
+def test_cpu_per_task_benchmark_runs(mode):
+    """``python -m benchmarks.cpu_per_task``: a rate and every process's CPU per task."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cpu_per_task", mode, "--n", "200", "--seconds", "0.5"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=100,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"{mode}: ") and ("tasks/s" in lines[0] or "ms per call" in lines[0])
+    spent = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
+    assert set(spent) == {"client", "controller", "engine0", "engine1", "all"}
+    assert spent["client"] > 0 and spent["controller"] > 0
+    assert spent["all"] >= spent["client"] + spent["controller"]
+
+
 def _number(cell: str) -> float:
     """The leading number of a cell such as ``"2,400"`` or ``"2.85×"``."""
     return float(cell.split()[0].rstrip("×").replace(",", ""))
