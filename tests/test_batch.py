@@ -261,7 +261,17 @@ def test_cli_starts_8_slurm_engines_and_stop_cancels_the_job(slurm, tmp_path):
         assert row["engines"] == SLURM_CPUS
         # this job's: an earlier test's engines may still be on their way out
         pids = slurm.stepd_descendants(job.split()[0])
-        engines = {p for p in pids if psutil.Process(p).cmdline()[1:3] == ["-m", "ipyparallel_lite.engine"]}
+        # a child an engine forks (jupyter_client runs `ip addr` to list this host's
+        # addresses) carries the engine's command line until it execs: not an engine
+        engine_parents = {}
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+                if proc.cmdline()[1:3] == ["-m", "ipyparallel_lite.engine"]:
+                    engine_parents[pid] = proc.ppid()
+            except psutil.NoSuchProcess:
+                pass  # such a child, gone already
+        engines = {pid for pid, parent in engine_parents.items() if parent not in engine_parents}
         assert len(engines) == SLURM_CPUS
         out = cli("stop")
         assert out.returncode == 0, out.stdout + out.stderr
