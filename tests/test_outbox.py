@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import zmq
 
 from ipyparallel_lite import batch, fastzmq
 from ipyparallel_lite.controller.outbox import Outbox, Sent
+
+
+@pytest.fixture
+def ctx():
+    # destroyed even when a test fails: a context left to the garbage collector, with a
+    # socket still holding messages, blocks whichever later test collects it
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
 
 
 def pair(ctx: zmq.Context, peer: bytes) -> tuple[zmq.Socket, zmq.Socket]:
@@ -37,9 +47,8 @@ async def receive(dealer: zmq.Socket, until: bytes, timeout: float = 5) -> list[
     return got
 
 
-def test_a_peer_that_does_not_read_gets_its_messages_in_order_later():
+def test_a_peer_that_does_not_read_gets_its_messages_in_order_later(ctx: zmq.Context):
     async def run():
-        ctx = zmq.Context()
         router, dealer = pair(ctx, b"slow")
         outbox = Outbox(asyncio.get_running_loop(), max_bytes=16 << 20)
         payload = bytes(10_000)
@@ -55,14 +64,12 @@ def test_a_peer_that_does_not_read_gets_its_messages_in_order_later():
         await asyncio.sleep(0.1)
         assert outbox.backlog() == {"peers": 0, "messages": 0, "bytes": 0}
         outbox.close()
-        ctx.destroy(linger=0)
 
     asyncio.run(run())
 
 
-def test_past_its_byte_bound_a_message_waits_as_a_rebuilder_or_is_refused():
+def test_past_its_byte_bound_a_message_waits_as_a_rebuilder_or_is_refused(ctx: zmq.Context):
     async def run():
-        ctx = zmq.Context()
         router, dealer = pair(ctx, b"slow")
         cut = []
         outbox = Outbox(asyncio.get_running_loop(), max_bytes=100_000, max_entries=50)
@@ -85,14 +92,12 @@ def test_past_its_byte_bound_a_message_waits_as_a_rebuilder_or_is_refused():
             outbox.send(router, [b"slow", big], later)
         assert cut and "cut off" in cut[0][0]
         outbox.close()
-        ctx.destroy(linger=0)
 
     asyncio.run(run())
 
 
-def test_a_peer_that_leaves_is_released_and_reported():
+def test_a_peer_that_leaves_is_released_and_reported(ctx: zmq.Context):
     async def run():
-        ctx = zmq.Context()
         router, dealer = pair(ctx, b"gone")
         gone = []
         # as the controller's reader does after every send: reading EVENTS lets libzmq
@@ -112,14 +117,12 @@ def test_a_peer_that_leaves_is_released_and_reported():
         assert outbox.backlog()["peers"] == 0
         assert outbox.send(router, [b"gone", b"x"]) is Sent.GONE
         outbox.close()
-        ctx.destroy(linger=0)
 
     asyncio.run(run())
 
 
-def test_replies_of_one_turn_go_as_one_batch_or_wait_one_by_one_in_order():
+def test_replies_of_one_turn_go_as_one_batch_or_wait_one_by_one_in_order(ctx: zmq.Context):
     async def run():
-        ctx = zmq.Context()
         reader = batch.reader_identity()
         router, dealer = pair(ctx, reader)
         outbox = Outbox(asyncio.get_running_loop(), max_bytes=16 << 20)
@@ -151,14 +154,12 @@ def test_replies_of_one_turn_go_as_one_batch_or_wait_one_by_one_in_order():
                 break
         assert got == list(range(500))
         outbox.close()
-        ctx.destroy(linger=0)
 
     asyncio.run(run())
 
 
-def test_a_client_that_reads_no_batches_gets_lone_messages():
+def test_a_client_that_reads_no_batches_gets_lone_messages(ctx: zmq.Context):
     async def run():
-        ctx = zmq.Context()
         router, dealer = pair(ctx, b"plain-client")
         outbox = Outbox(asyncio.get_running_loop())
         for i in range(3):
@@ -166,16 +167,14 @@ def test_a_client_that_reads_no_batches_gets_lone_messages():
         await asyncio.sleep(0.05)
         assert [dealer.recv_multipart() for _ in range(3)] == [[b"reply-0"], [b"reply-1"], [b"reply-2"]]
         outbox.close()
-        ctx.destroy(linger=0)
 
     asyncio.run(run())
 
 
-def test_a_turn_ends_when_defer_says_and_its_replies_go_as_one_batch():
+def test_a_turn_ends_when_defer_says_and_its_replies_go_as_one_batch(ctx: zmq.Context):
     """``defer`` decides when a turn ends (the controller: at the end of a reader's drain):
     the first reply leaves at once, the rest wait for the deferred callback."""
     async def run():
-        ctx = zmq.Context()
         peer = batch.reader_identity()
         router, dealer = pair(ctx, peer)
         deferred: list = []
@@ -190,18 +189,16 @@ def test_a_turn_ends_when_defer_says_and_its_replies_go_as_one_batch():
         frames = dealer.recv_multipart()
         assert batch.is_batch(frames[0]) and batch.unpack(frames) == [[b"reply-1"], [b"reply-2"]]
         outbox.close()
-        ctx.destroy(linger=0)
 
     asyncio.run(run())
 
 
-def test_recheck_after_a_send_finds_a_message_whose_signal_the_send_took():
+def test_recheck_after_a_send_finds_a_message_whose_signal_the_send_took(ctx: zmq.Context):
     """libzmq's socket FD is edge-triggered, and a send processes the socket's pending
     commands, which can take the signal of a message that arrived meanwhile. After such
     a send, ``Drainer.recheck`` (one ``EVENTS`` read) must find the message: this fails if
     pyzmq or libzmq change how EVENTS and the FD work."""
     async def run():
-        ctx = zmq.Context()
         router, dealer = pair(ctx, b"peer")
         got: list = []
         reader = fastzmq.Drainer(asyncio.get_running_loop(), router, got.append, 64)
@@ -220,6 +217,5 @@ def test_recheck_after_a_send_finds_a_message_whose_signal_the_send_took():
                 await asyncio.sleep(0.005)
             assert [f.bytes for f in got[i]] == [b"peer", b"msg-%d" % i]
         reader.close()
-        ctx.destroy(linger=0)
 
     asyncio.run(run())
