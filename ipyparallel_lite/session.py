@@ -16,7 +16,11 @@ the client, the controller and the engines alike:
   states (``hmac.HMAC.copy`` copies three hash contexts per message);
 - :meth:`LeanSession.header`: a header's JSON from a template per message type, with
   ``Session.msg_header``'s keys, order and escaping;
-- :attr:`LeanSession.msg_id`: ``Session``'s form, from a counter that threads may share.
+- :attr:`LeanSession.msg_id`: ``Session``'s form, from a counter that threads may share;
+- :meth:`LeanSession._add_digest`: the replay window holds exactly the last
+  ``digest_history_size`` signatures, forgetting the oldest one per new one (``Session``
+  forgets a random tenth at a time, after sorting the whole history: about 4 µs per
+  message, paid in bursts of tens of milliseconds every 6,554 messages).
 
 These lean on jupyter_client's header layout and packer options; ``tests/test_session.py``
 compares them with jupyter_client's own, so a change there fails a test, not the wire.
@@ -30,6 +34,7 @@ import json.encoder
 import os
 import time
 import uuid
+from collections import deque
 from datetime import datetime, timezone
 from typing import Any
 
@@ -115,6 +120,8 @@ class LeanSession(Session):
         if self.unpack is json_unpacker:
             self.unpack = unpack
         self._numbers = itertools.count()  # next() is atomic
+        #: digest_history's signatures, oldest first
+        self._digest_order: deque[bytes] = deque()
 
     @observe("session", "username", "auth")
     def _identity_changed(self, change: Any) -> None:
@@ -131,6 +138,17 @@ class LeanSession(Session):
         (from :func:`now_date` or :func:`json_date`)."""
         template = self._templates.get(msg_type) or self._header_template(msg_type)
         return (template % (_escape(msg_id)[1:-1], date)).encode("utf8", "surrogateescape")
+
+    def _add_digest(self, signature: bytes) -> None:
+        """Remember a verified signature (``Session.deserialize`` calls this), and forget
+        the oldest one past ``digest_history_size``."""
+        if self.digest_history_size == 0:
+            return
+        history, order = self.digest_history, self._digest_order
+        history.add(signature)
+        order.append(signature)
+        while len(order) > self.digest_history_size:
+            history.discard(order.popleft())
 
     def _header_template(self, msg_type: str) -> str:
         """The JSON header of ``msg_type`` as a %-template of its (escaped) msg_id and date."""

@@ -117,3 +117,31 @@ def test_msg_ids_stay_unique_across_threads():
         t.join()
     assert len(set(ids)) == 20_000
     assert all(i.startswith(f"{session.session}_") for i in ids)
+
+
+def test_the_replay_window_is_exactly_the_last_signatures():
+    from ipyparallel_lite.connection import unpack_message
+
+    key = new_key()
+    sender, receiver = make_session(key), make_session(key)
+    receiver.digest_history_size = 5
+    messages = [sender.serialize(sender.msg("apply_request", {"n": i}))[1:] for i in range(8)]
+    for frames in messages:
+        unpack_message(receiver, frames)
+    assert len(receiver.digest_history) == 5
+    for frames in messages[3:]:  # the last five: refused as replays
+        with pytest.raises(ValueError, match="Duplicate Signature"):
+            unpack_message(receiver, frames)
+    assert unpack_message(receiver, messages[0])["content"] == {"n": 0}  # forgotten: oldest first
+
+
+def test_session_deserialize_remembers_signatures_through_our_window():
+    # jupyter_client's deserialize (what ipykernel's engines use) must call _add_digest,
+    # which LeanSession overrides; if it stops doing so, the window is not ours any more
+    key = new_key()
+    sender, receiver = make_session(key), make_session(key)
+    frames = sender.serialize(sender.msg("execute_request", {"code": "a=1"}))[1:]
+    receiver.deserialize(frames)
+    assert list(receiver._digest_order) == [frames[0]]
+    with pytest.raises(ValueError, match="Duplicate Signature"):
+        receiver.deserialize(frames)
