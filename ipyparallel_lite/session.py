@@ -131,7 +131,12 @@ class LeanSession(Session):
     @property
     def msg_id(self) -> str:
         """A new msg_id, in ``Session``'s form: ``{session}_{pid}_{n}``."""
-        return f"{self.session}_{os.getpid()}_{next(self._numbers)}"
+        return self.new_msg_id(self.session, os.getpid())
+
+    def new_msg_id(self, session: str, pid: int) -> str:
+        """:attr:`msg_id` for a caller that has the session id and pid at hand (a trait
+        read costs about 0.5 µs)."""
+        return f"{session}_{pid}_{next(self._numbers)}"
 
     def header(self, msg_type: str, msg_id: str, date: str) -> bytes:
         """The JSON of the header ``Session.msg_header`` makes, with this msg_id and date

@@ -79,7 +79,7 @@ class EngineSession(LeanSession):
                 or (settings.pid is not None and pid != settings.pid)):  # stock warns
             return super().send(stream, msg_or_type, content, parent, ident, buffers, track,
                                 header, metadata)
-        msg_id = f"{settings.session}_{pid}_{next(self._numbers)}"
+        msg_id = self.new_msg_id(settings.session, pid)
         date = datetime.now(timezone.utc)
         header = {"msg_id": msg_id, "msg_type": msg_or_type,
                   "username": settings.username, "session": settings.session, "date": date,
