@@ -18,7 +18,8 @@ engine's requests of one turn together): each inner message reaches the callback
 its own, in order, exactly as it would have come alone (the kernel verifies each). A
 batch that does not add up is dropped whole and logged; the next message is served.
 Inner messages not handled yet wait in the stream, so a request that drains the
-stream while it runs (``flush``) queues what it reads behind them.
+stream while it runs (``flush``, as ipykernel's abort does) gets the rest of its batch
+first, then what it read.
 
 Replies that are ready together leave together: while one pass handles requests that
 each take under :data:`HOLD_BELOW` with more requests waiting behind them (in the
@@ -60,8 +61,6 @@ class ShellStream(ZMQStream):
     _held: list | None = None
     #: the last request handled took under HOLD_BELOW: its successor's replies may wait
     _quick = True
-    #: whether :meth:`_serve` runs (further up the stack, if a request drains the stream)
-    _serving = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         #: requests read, not handed to the callback yet: the rest of a batch
@@ -70,6 +69,11 @@ class ShellStream(ZMQStream):
 
     def _init_io_state(self) -> None:
         pass  # the drainer comes with a receive callback (_update_handler)
+
+    @property
+    def waiting(self) -> int:
+        """Requests read and not handed to the callback yet (the rest of a batch)."""
+        return len(self._waiting)
 
     def _update_handler(self, state: int) -> None:
         """ZMQStream's hook for what to watch: a drainer while there is a callback."""
@@ -91,14 +95,14 @@ class ShellStream(ZMQStream):
         else:
             messages = [msg]
         self._waiting.extend(messages)
-        if not self._serving:  # else the request running now drained the stream:
-            self._serve()      # what it read waits behind the rest of its batch
+        self._serve()
         return len(messages)
 
     def _serve(self) -> None:
-        """Hand the requests waiting in the stream to the callback, one by one."""
+        """Hand the requests waiting in the stream to the callback, one by one (a request
+        that drains the stream while it runs serves the rest of its batch first: they
+        share the queue)."""
         waiting = self._waiting
-        self._serving = True
         try:
             while waiting:
                 msg = waiting.popleft()
@@ -113,7 +117,6 @@ class ShellStream(ZMQStream):
                 if not self._quick:
                     self._send_held()
         finally:
-            self._serving = False
             if waiting:  # interrupted (KeyboardInterrupt): the rest gets the next turn
                 self.io_loop.asyncio_loop.call_soon(self._serve)
 
