@@ -1,6 +1,7 @@
 """Batches: several whole Jupyter messages carried by one zmq message, on every hop.
 
-Every hop (client → controller, controller → client, engine → controller) pays a fixed
+Every hop (client → controller, controller → client, controller → engine, engine →
+controller) pays a fixed
 price per zmq message: a wake-up, a Python call per frame to send and to receive, a
 turn of the reader. When several messages to the same peer are ready at the same
 moment, the sender packs them into one zmq message:
@@ -15,9 +16,11 @@ inner message as it would a lone one. A ROUTER puts the sender's identity in fro
 the marker; the receiver puts it in front of each inner message again.
 
 Senders batch only what is already waiting; a lone message goes as it is. The
-controller and engines read batches from anyone; the controller sends batches only to
-clients that said they read them, by the zmq identity their sockets chose
-(:func:`reader_identity`): any other Jupyter-speaking peer keeps getting lone messages.
+controller and engines read batches from anyone. The controller sends batches to its
+engines (every engine of this version reads them, and registration refuses engines of
+another version) and to clients that said they read them, by the zmq identity their
+sockets chose (:func:`reader_identity`): any other Jupyter-speaking client keeps
+getting lone messages.
 """
 
 from __future__ import annotations

@@ -173,3 +173,70 @@ def test_flush_hands_over_waiting_messages_at_once(pair):
     count, got = asyncio.run(main())
     assert count == 4
     assert got == [b"0", b"1", b"2", b"3"]
+
+
+def test_a_batch_of_requests_is_served_in_order_and_answered_by_one_batch(pair, caplog):
+    router, dealer = pair
+
+    async def main() -> tuple:
+        stream = ShellStream(dealer, IOLoop.current())
+        got: list = []
+        behind: list = []
+
+        def on_message(msg: list) -> None:
+            got.append(msg[0].bytes)
+            behind.append(stream.waiting)  # the rest of the batch waits in the stream
+            stream.send_multipart([b"reply-" + msg[0].bytes])
+
+        stream.send_multipart([b"hello"])
+        await _until(lambda: router.poll(0))
+        router.recv_multipart()
+        stream.on_recv(on_message, copy=False)
+        router.send_multipart([b"engine", *batch.pack([[str(i).encode()] for i in range(5)])])
+        await _until(lambda: router.poll(0))
+        answer = router.recv_multipart()[1:]
+        # a malformed batch is dropped whole, with a warning; the next message is served
+        router.send_multipart([b"engine", batch.MARKER, b"\x05\x00\x00\x00", b"x", b"y"])
+        router.send_multipart([b"engine", b"after"])
+        await _until(lambda: router.poll(0))
+        after = router.recv_multipart()[1:]
+        stream.close()
+        return got, behind, answer, after
+
+    with caplog.at_level("WARNING", logger="ipyparallel_lite.engine"):
+        got, behind, answer, after = asyncio.run(main())
+    assert got == [b"0", b"1", b"2", b"3", b"4", b"after"]
+    assert behind == [4, 3, 2, 1, 0, 0]
+    # five quick requests that came together: their replies leave together, in order
+    assert batch.is_batch(answer[0])
+    assert batch.unpack(answer) == [[b"reply-%d" % i] for i in range(5)]
+    assert after == [b"reply-after"]
+    assert "dropped a malformed batch" in caplog.text
+
+
+def test_a_request_that_drains_the_stream_gets_the_rest_of_its_batch_first(pair):
+    router, dealer = pair
+
+    async def main() -> list:
+        stream = ShellStream(dealer, IOLoop.current())
+        got: list = []
+
+        def on_message(msg: list) -> None:
+            got.append(msg[0])
+            if msg[0] == b"0":  # as ipykernel's abort does, while a request runs
+                assert dealer.poll(2000)
+                stream.flush()
+
+        stream.send_multipart([b"hello"])
+        await _until(lambda: router.poll(0))
+        router.recv_multipart()
+        router.send_multipart([b"engine", *batch.pack([[b"0"], [b"1"], [b"2"]])])
+        router.send_multipart([b"engine", b"3"])
+        await _until(lambda: dealer.poll(0))
+        await asyncio.sleep(0.05)  # both wait in libzmq
+        stream.on_recv(on_message)
+        await _until(lambda: len(got) == 4)
+        stream.close()
+        return got
+
+    assert asyncio.run(main()) == [b"0", b"1", b"2", b"3"]

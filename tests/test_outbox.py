@@ -219,3 +219,77 @@ def test_recheck_after_a_send_finds_a_message_whose_signal_the_send_took(ctx: zm
         reader.close()
 
     asyncio.run(run())
+
+
+def test_an_engines_requests_of_one_turn_go_as_one_batch_and_each_refusal_is_reported(ctx: zmq.Context):
+    """Requests to an engine (``reads_batches`` says so) batch like replies; past the byte
+    bound, a request that cannot wait is reported to its ``refused`` callback, at once or
+    at the end of its turn, and every other one arrives once, in order."""
+    async def run():
+        router, dealer = pair(ctx, b"engine")
+        deferred: list = []
+        outbox = Outbox(asyncio.get_running_loop(), max_bytes=200_000, defer=deferred.append,
+                        reads_batches=lambda sock, peer: peer == b"engine")
+        refused: list[int] = []
+        for i in range(3):
+            outbox.send_soon(router, [b"engine", b"request-%d" % i], refused=lambda: refused.append(-1))
+        assert dealer.poll(2000) and dealer.recv_multipart() == [b"request-0"]
+        deferred.pop()()
+        assert dealer.poll(2000)
+        frames = dealer.recv_multipart()
+        assert batch.unpack(frames) == [[b"request-1"], [b"request-2"]]
+        # an engine that does not read: turn after turn, until some are refused
+        payload = bytes(20_000)
+        n = 0
+        for _turn in range(40):
+            for _ in range(10):
+                outbox.send_soon(router, [b"engine", n.to_bytes(4, "big") + payload],
+                                 refused=lambda n=n: refused.append(n))
+                n += 1
+            while deferred:
+                deferred.pop()()
+        assert refused and -1 not in refused
+        got: list[int] = []
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            while dealer.poll(0):
+                frames = dealer.recv_multipart()
+                messages = batch.unpack(frames) if batch.is_batch(frames[0]) else [frames]
+                got.extend(int.from_bytes(m[0][:4], "big") for m in messages)
+            if len(got) + len(refused) == n and not outbox.backlog()["peers"]:
+                break
+        assert got == sorted(got)  # in order, none twice
+        assert sorted(got + refused) == list(range(n))  # each sent or refused, not both
+        outbox.close()
+
+    asyncio.run(run())
+
+
+def test_an_engine_gone_by_the_end_of_its_turn_is_reported(ctx: zmq.Context):
+    async def run():
+        router, dealer = pair(ctx, b"engine")
+        deferred: list = []
+        gone: list = []
+        outbox = Outbox(asyncio.get_running_loop(), defer=deferred.append,
+                        on_gone=lambda sock, peer: gone.append(peer),
+                        reads_batches=lambda sock, peer: True)
+        for i in range(3):
+            outbox.send_soon(router, [b"engine", b"request-%d" % i])
+        assert dealer.poll(2000)
+        dealer.close(linger=0)
+        for _ in range(500):  # until the router has seen the engine leave
+            try:
+                router.send_multipart([b"engine", b"probe"], zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EHOSTUNREACH:
+                    break
+            await asyncio.sleep(0.01)
+        assert not gone
+        deferred.pop()()  # the turn's batch finds the engine gone
+        assert gone == [b"engine"]
+        outbox.send_soon(router, [b"engine", b"alone"])  # so does the first of a turn
+        assert gone == [b"engine", b"engine"] and not deferred
+        assert outbox.backlog()["peers"] == 0
+        outbox.close()
+
+    asyncio.run(run())

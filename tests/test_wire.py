@@ -17,7 +17,7 @@ import zmq
 import ipyparallel_lite
 from ipyparallel_lite import batch, error
 from ipyparallel_lite.connection import load_connection_file, make_session, unpack_message, url
-from ipyparallel_lite.serialization import pack_apply_message
+from ipyparallel_lite.serialization import deserialize_object, pack_apply_message
 
 
 def connect(ctx: zmq.Context, info: dict, channel: str, identity: bytes | None = None) -> zmq.Socket:
@@ -202,6 +202,36 @@ def test_replies_ready_together_on_an_engine_come_back_batched_and_in_order(rc):
     assert [ar.get(timeout=60) for ar in ars] == list(range(500))
     completed = [ar.metadata["completed"] for ar in ars]
     assert completed == sorted(completed)
+
+
+def requests_behind() -> int:
+    """How many requests wait behind this one in the engine's stream (the rest of a batch)."""
+    from IPython import get_ipython
+    return get_ipython().kernel.shell_stream.waiting
+
+
+def test_a_burst_reaches_an_engine_as_batches_and_comes_back_in_order(cluster, rc):
+    info = load_connection_file(cluster.connection_file("client"))
+    session = make_session(info["key"])
+    ctx = zmq.Context()
+    try:
+        # one batch of direct requests: the controller decides them in one turn, and the
+        # engine gets all but the first as one batch, each verified and run in order
+        sock = connect(ctx, info, "mux", batch.reader_identity())
+        engine = [rc.engine_uuid(0).encode()]
+        requests = [apply_request(session, requests_behind, ident=engine) for _ in range(40)]
+        sock.send_multipart(batch.pack([frames for _, frames in requests]))
+        replies, _ = receive(sock, session, 40)
+        sent = [msg_id for msg_id, _ in requests]
+        assert set(replies) == set(sent)
+        assert all(r["metadata"]["status"] == "ok" for r in replies.values())
+        behind = [deserialize_object(replies[m]["buffers"]) for m in sent]
+        # the first went at once; the 39 others came as one batch, or a few
+        assert max(behind) > 1, f"no batch reached the engine: {behind}"
+        completed = [replies[m]["metadata"]["completed"] for m in sent]
+        assert completed == sorted(completed)
+    finally:
+        ctx.destroy(linger=0)
 
 
 # ---- the client's window ------------------------------------------------------------------

@@ -14,12 +14,13 @@ its turn comes; one that cannot is refused, and the caller answers for it. A pee
 reaches ``max_entries`` even so is cut off: its queue is dropped and logged (what it
 would have received stays in the Hub), and its next message starts a new queue.
 
-Replies to clients go through :meth:`Outbox.send_soon`: the first for a client in a
-turn leaves at once, the others of the same turn together, as one
+Replies to clients and requests to engines go through :meth:`Outbox.send_soon`: the
+first for a peer in a turn leaves at once, the others of the same turn together, as one
 :mod:`~ipyparallel_lite.batch`, at the end of the turn (``defer``: by default the next
 loop turn; the controller ends a turn with each reader's drain). A batch that zmq
-refuses waits in the peer's queue message by message, so the bounds and rebuilds
-above hold for each.
+refuses waits in the peer's queue message by message, so the bounds, rebuilds and
+refusals above hold for each; a message refused at the end of the turn is reported to
+its ``refused`` callback, a peer gone by then to ``on_gone``.
 
 This module knows sockets and bytes, nothing of messages: the controller decides what
 a refusal means.
@@ -69,11 +70,13 @@ def _peer(frames: list) -> bytes:
 class Outbox:
     """Non-blocking sends on ROUTER sockets, with a bounded queue per peer that is behind.
 
-    ``on_gone(sock, peer)`` is called when a queued peer turns out to be gone; ``after_send
-    (sock)`` after every batch of sends on a socket (sending consumes the socket's
-    edge-triggered read events, so its reader must look again; a refused send as well);
-    ``defer(callback)`` calls back at the end of the current turn (default: the loop's
-    ``call_soon``).
+    ``on_gone(sock, peer)`` is called when a peer whose messages waited (in its queue, or
+    for the end of a turn) turns out to be gone; ``after_send(sock)`` after every batch
+    of sends on a socket (sending consumes the socket's edge-triggered read events, so
+    its reader must look again; a refused send as well); ``defer(callback)`` calls back
+    at the end of the current turn (default: the loop's ``call_soon``);
+    ``reads_batches(sock, peer)`` says which peers :meth:`send_soon` may send batches to
+    (default: clients that said so, :func:`~ipyparallel_lite.batch.reads_batches`).
     """
 
     #: retry delays while a queue does not move: short at first, then backing off
@@ -88,6 +91,7 @@ class Outbox:
         on_gone: Callable[[zmq.Socket, bytes], None] | None = None,
         after_send: Callable[[zmq.Socket], None] | None = None,
         defer: Callable[[Callable[[], None]], None] | None = None,
+        reads_batches: Callable[[zmq.Socket, bytes], bool] | None = None,
         log: logging.Logger | None = None,
     ):
         self.loop = loop
@@ -97,9 +101,11 @@ class Outbox:
         self.after_send = after_send or (lambda sock: None)
         #: runs a callback at the end of the current turn (send_soon's batches)
         self.defer = defer or loop.call_soon
+        self.reads_batches = reads_batches or (lambda sock, peer: batch.reads_batches(peer))
         self.log = log or logging.getLogger("ipyparallel_lite.controller")
         self._queues: dict[tuple[zmq.Socket, bytes], _Queue] = {}
-        #: messages of this turn for each peer, sent together at its end (send_soon)
+        #: messages of this turn for each peer, sent together at its end (send_soon), as
+        #: (frames, later, refused)
         self._soon: dict[tuple[zmq.Socket, bytes], list] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._delay = self.RETRY_MIN
@@ -116,7 +122,7 @@ class Outbox:
         if self._soon:
             soon = self._soon.get((sock, _peer(frames)))
             if soon is not None:  # behind this turn's messages for the same peer
-                soon.append((frames, later))
+                soon.append((frames, later, None))
                 return Sent.QUEUED
         if self._queues:
             key = (sock, _peer(frames))
@@ -138,25 +144,33 @@ class Outbox:
             self.after_send(sock)
         return Sent.SENT
 
-    def send_soon(self, sock: zmq.Socket, frames: list, later: Callable[[], list | None]) -> None:
+    def send_soon(self, sock: zmq.Socket, frames: list, later: Callable[[], list | None] | None = None,
+                  refused: Callable[[], None] | None = None) -> None:
         """Send ``frames`` now if it is the first message for its peer in this turn;
         later ones of the turn wait for its end and go as one batch (to peers that read
-        batches; others get each at once). A lone reply thus waits for nothing.
-        ``later`` rebuilds the message (see :meth:`send`): a reply always has its record
-        to come back to, so nothing here is refused, only queued or, for a peer that is
-        gone, dropped and logged."""
+        batches; others get each at once). A lone message thus waits for nothing.
+
+        ``later`` rebuilds the message (see :meth:`send`). A message that cannot wait
+        (:attr:`Sent.FULL`), now or at the end of the turn, is reported to ``refused()``;
+        a peer that is gone, to ``on_gone(sock, peer)``. A reply to a client always has
+        its record to come back to (``later``), so it is only queued or, for a client
+        that is gone, left in the Hub."""
         key = (sock, _peer(frames))
         soon = self._soon.get(key)
         if soon is None:
             sent = self.send(sock, frames, later)
             if sent is Sent.GONE:
-                self.log.info("peer %r is gone: its reply stays in the Hub", key[1])
-            elif batch.reads_batches(key[1]):  # the rest of this turn's replies go together
+                self.log.info("peer %r is gone: a message for it was not sent", key[1])
+                self.on_gone(sock, key[1])
+                return
+            if sent is Sent.FULL and refused is not None:
+                refused()
+            if self.reads_batches(sock, key[1]):  # the rest of this turn's messages go together
                 if not self._soon:
                     self.defer(self._send_turn)
                 self._soon[key] = []
             return
-        soon.append((frames, later))
+        soon.append((frames, later, refused))
         if len(soon) >= batch.MAX_MESSAGES:
             self._send_together(key, soon)
             self._soon[key] = []
@@ -198,13 +212,17 @@ class Outbox:
             except zmq.ZMQError as e:
                 if e.errno != zmq.EHOSTUNREACH:
                     raise
-                self.log.info("peer %r is gone: %d replies for it stay in the Hub", peer, len(messages))
+                self.log.info("peer %r is gone: %d messages for it were not sent", peer, len(messages))
+                self.on_gone(sock, peer)
                 return
             finally:
                 self.after_send(sock)
-        for frames, later in messages:  # one by one, each within the queue's bounds
-            if self._enqueue(key, queue, frames, later) is Sent.FULL and key not in self._queues:
-                return  # cut off (logged): the rest stays in the Hub as well
+        for frames, later, refused in messages:  # one by one, each within the queue's bounds
+            if queue is None or self._enqueue(key, queue, frames, later) is Sent.FULL:
+                if refused is not None:
+                    refused()
+                if key not in self._queues:
+                    queue = None  # cut off (logged): replies stay in the Hub as well
 
     # ---- queues ----------------------------------------------------------------------
 

@@ -335,7 +335,8 @@ class Controller:
         self._reader_of = {}
         self.outbox = Outbox(loop, max_bytes=self.peer_queue_bytes,
                              max_entries=self.peer_queue_entries, on_gone=self._peer_gone,
-                             after_send=self._after_send, defer=self._defer, log=self.log)
+                             after_send=self._after_send, defer=self._defer,
+                             reads_batches=self._reads_batches, log=self.log)
         # sockets whose peers may send batches: everything but heartbeats and what the
         # controller reads from its own relays
         unbatched = {self.hb_pong, self._monitor, self._iopub_record}
@@ -427,12 +428,14 @@ class Controller:
             frames = [*frames[:4], signature, packed, *frames[6:]]
         elif action.attempt:
             frames = [*frames[:3], *self._rerun_frames(frames[3:], action.attempt)]
-        sent = self._send(self.engine_shell, frames)
-        if sent is Sent.GONE:
-            self.remove_engine(action.engine_id, "unreachable")  # fails this request too
-        elif sent is Sent.FULL:
-            self._carry_out(self.state.engine_refused(action.engine_id, action.msg_id,
-                                                      self.peer_queue_bytes))
+        # with the engine's other requests of this turn, as one batch; an engine that is
+        # gone meanwhile is removed (_peer_gone), which fails or reroutes its requests
+        self.outbox.send_soon(self.engine_shell, frames,
+                              refused=partial(self._engine_refused, action.engine_id, action.msg_id))
+
+    def _engine_refused(self, engine_id: int, msg_id: str) -> None:
+        """A request for an engine that already has ``peer_queue_bytes`` waiting for it."""
+        self._carry_out(self.state.engine_refused(engine_id, msg_id, self.peer_queue_bytes))
 
     def _rerun_frames(self, frames: list, attempt: int) -> list:
         """The frames of a task sent again (retries, unmet dependency), freshly signed.
@@ -521,6 +524,10 @@ class Controller:
               later: Callable[[], list | None] | None = None) -> Sent:
         """Send frames without blocking (behind the peer's backlog if it has one)."""
         return self.outbox.send(sock, frames, later)
+
+    def _reads_batches(self, sock: zmq.Socket, peer: bytes) -> bool:
+        # every registered engine reads batches (registration refuses other versions)
+        return sock is self.engine_shell or batch.reads_batches(peer)
 
     def _after_send(self, sock: zmq.Socket) -> None:
         # a send consumes the socket's edge-triggered FD events: its reader looks again,

@@ -13,17 +13,27 @@ Contract: messages reach the ``on_recv`` callback one at a time, in arrival orde
 and stay queued in libzmq while no callback is set; a callback returning an
 awaitable has it scheduled, as ``ZMQStream`` does.
 
+Requests may come as one :mod:`~ipyparallel_lite.batch` (the controller sends an
+engine's requests of one turn together): each inner message reaches the callback on
+its own, in order, exactly as it would have come alone (the kernel verifies each). A
+batch that does not add up is dropped whole and logged; the next message is served.
+Inner messages not handled yet wait in the stream, so a request that drains the
+stream while it runs (``flush``, as ipykernel's abort does) gets the rest of its batch
+first, then what it read.
+
 Replies that are ready together leave together: while one pass handles requests that
-each take under :data:`HOLD_BELOW` with more requests waiting behind them (a burst of
-small tasks), their replies wait and go
-out as one :mod:`~ipyparallel_lite.batch` when the pass ends, when a request takes
-longer, or at :data:`~ipyparallel_lite.batch.MAX_MESSAGES`. A request that arrives
-alone is answered at once. The one wait this can add: a reply held behind a quick
-request waits for the next request of the same pass, if that one runs long.
+each take under :data:`HOLD_BELOW` with more requests waiting behind them (in the
+socket, or in the rest of a batch: a burst of small tasks), their replies wait and go
+out as one batch when the pass ends, when a request takes longer, or at
+:data:`~ipyparallel_lite.batch.MAX_MESSAGES`. A request that arrives alone is answered
+at once. The one wait this can add: a reply held behind a quick request waits for the
+next request of the same pass, if that one runs long.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +50,8 @@ BATCH = 64
 #: of the same pass (a no-op apply takes about 0.2 ms here)
 HOLD_BELOW = 0.001
 
+log = logging.getLogger("ipyparallel_lite.engine")
+
 
 class ShellStream(ZMQStream):
     """``ZMQStream`` for an engine's shell socket, without per-message loop turns."""
@@ -50,8 +62,18 @@ class ShellStream(ZMQStream):
     #: the last request handled took under HOLD_BELOW: its successor's replies may wait
     _quick = True
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: requests read, not handed to the callback yet: the rest of a batch
+        self._waiting: collections.deque = collections.deque()
+        super().__init__(*args, **kwargs)
+
     def _init_io_state(self) -> None:
         pass  # the drainer comes with a receive callback (_update_handler)
+
+    @property
+    def waiting(self) -> int:
+        """Requests read and not handed to the callback yet (the rest of a batch)."""
+        return len(self._waiting)
 
     def _update_handler(self, state: int) -> None:
         """ZMQStream's hook for what to watch: a drainer while there is a callback."""
@@ -62,17 +84,41 @@ class ShellStream(ZMQStream):
             self._drainer.close()
             self._drainer = None
 
-    def _handle(self, msg: list) -> None:
-        if self._recv_copy:
-            msg = [frame.bytes for frame in msg]
-        start = time.perf_counter()
+    def _handle(self, msg: list) -> int:
+        """Serve one zmq message, a lone request or a batch; how many requests it held."""
+        if len(msg) > 2 and batch.is_batch(msg[0]):
+            try:
+                messages = batch.unpack(msg)
+            except batch.BatchError as e:
+                log.warning("dropped a malformed batch of requests: %s", e)
+                return 1
+        else:
+            messages = [msg]
+        self._waiting.extend(messages)
+        self._serve()
+        return len(messages)
+
+    def _serve(self) -> None:
+        """Hand the requests waiting in the stream to the callback, one by one (a request
+        that drains the stream while it runs serves the rest of its batch first: they
+        share the queue)."""
+        waiting = self._waiting
         try:
-            self._run_callback(self._recv_callback, msg)
-        except Exception:
-            pass  # logged by _run_callback; the next message still gets its turn
-        self._quick = time.perf_counter() - start < HOLD_BELOW
-        if not self._quick:
-            self._send_held()
+            while waiting:
+                msg = waiting.popleft()
+                if self._recv_copy:
+                    msg = [frame.bytes for frame in msg]
+                start = time.perf_counter()
+                try:
+                    self._run_callback(self._recv_callback, msg)
+                except Exception:
+                    pass  # logged by _run_callback; the next message still gets its turn
+                self._quick = time.perf_counter() - start < HOLD_BELOW
+                if not self._quick:
+                    self._send_held()
+        finally:
+            if waiting:  # interrupted (KeyboardInterrupt): the rest gets the next turn
+                self.io_loop.asyncio_loop.call_soon(self._serve)
 
     def _after_pass(self) -> None:
         if self._held:
@@ -91,7 +137,7 @@ class ShellStream(ZMQStream):
         drainer = self._drainer
         if (drainer is not None and drainer.draining and self._quick and not track
                 and callback is None and not flags and not kwargs
-                and (self._held or readable(self.socket))):  # alone: nothing to wait with
+                and (self._held or self._waiting or readable(self.socket))):  # else alone
             held = self._held
             if held is None:
                 held = self._held = []
