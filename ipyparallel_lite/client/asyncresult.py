@@ -283,7 +283,16 @@ class AsyncResult(Future):
         """Whether every request finished."""
         return self.done()
 
+    def _serve(self, satisfied: Callable[[], bool], timeout: float | None) -> float | None:
+        """Receive our replies on this thread while it waits, if the client's I/O thread
+        is not needed meanwhile (``Transport.serve``: a lone call's reply then costs no
+        thread hand-over); what remains of ``timeout`` for waiting as usual."""
+        start = time.monotonic()
+        self._client.transport.serve(satisfied, timeout)
+        return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+
     def _wait_all(self, timeout: float | None) -> bool:
+        timeout = self._serve(self.done, timeout)
         try:
             super().result(timeout)
         except FutureTimeout:
@@ -296,6 +305,7 @@ class AsyncResult(Future):
             if self._progress_cond is None:
                 self._progress_cond = threading.Condition()
             cond = self._progress_cond
+        timeout = self._serve(satisfied, timeout)
         with cond:
             return cond.wait_for(satisfied, timeout)
 
