@@ -91,6 +91,7 @@ class _HeldSigint:
 
     def __call__(self, signum: int, frame: Any) -> None:
         if self.asleep:
+            self.asleep = False  # one exception: what follows, until restore(), is held
             self.previous(signum, frame)
         else:
             self.held = (signum, frame)
@@ -509,53 +510,61 @@ class Transport:
         hand-over from the I/O thread. Returns at once if the I/O thread is in a turn,
         and early when anything else needs the I/O thread (a message queued by another
         thread, ``close()``); the caller then waits as usual."""
-        if done() or self.closed or not self._io_lock.acquire(blocking=False):
+        if done() or self.closed:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        again = self._again
-        sigint = None
+        sigint = _HeldSigint.install()  # may raise a Ctrl-C pending from before: nothing is taken yet
         try:
-            if self.closed:
+            if not self._io_lock.acquire(blocking=False):
                 return
-            sigint = _HeldSigint.install()
-            self._idle.unregister(self._ready_fd)
+            again = self._again
             try:
-                if again or self._sent_on:  # what the I/O thread had yet to read
-                    again = self._turn(again, False)
-                while not (done() or self.closed):
-                    if again:
-                        wait = 0.0
-                    else:
-                        wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
-                        if wait <= 0:
-                            return
-                    if sigint is None:
-                        events = self._ready.poll(wait)
-                    else:
-                        sigint.asleep = True  # a Ctrl-C now raises: nothing is half-read
-                        events = self._ready.poll(wait)
-                        sigint.asleep = False
-                        if sigint.held:
-                            return
-                    look = again
-                    if self._looked_at(events, look):
-                        return  # the wake pipe: the I/O thread is wanted (its byte stays)
-                    if not events and not again:  # a quiet tick, as the I/O thread's
-                        look = list(self._handlers)
-                    again = self._turn(look, False)
+                if not self.closed:
+                    again = self._serve_locked(done, deadline, sigint)
+            except BaseException:
+                again = list(self._handlers)  # interrupted: the I/O thread looks at every socket
+                raise
             finally:
-                self._idle.register(self._ready_fd, select.EPOLLIN)
-        except BaseException:
-            again = list(self._handlers)  # interrupted anywhere: the I/O thread looks at every socket
-            raise
+                self._again = again
+                if again:  # messages wait that no FD signals any more: the I/O thread reads them
+                    with self._wake_lock:
+                        self._wake_locked()
+                self._io_lock.release()
         finally:
-            self._again = again
-            if again:  # messages wait that no FD signals any more: the I/O thread reads them
-                with self._wake_lock:
-                    self._wake_locked()
-            self._io_lock.release()
             if sigint is not None:
-                sigint.restore()  # raises the KeyboardInterrupt held meanwhile
+                sigint.restore()  # raises a Ctrl-C held meanwhile
+
+    def _serve_locked(self, done: Callable[[], bool], deadline: float | None,
+                      sigint: _HeldSigint | None) -> list:
+        """:meth:`serve`'s turns (holding ``_io_lock``); the sockets to read again at once."""
+        again = self._again
+        self._idle.unregister(self._ready_fd)  # the I/O thread sleeps through what arrives
+        try:
+            if again or self._sent_on:  # what the I/O thread had yet to read
+                again = self._turn(again, False)
+            while not (done() or self.closed):
+                if again:
+                    wait = 0.0
+                else:
+                    wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                    if wait <= 0:
+                        break
+                if sigint is not None:
+                    sigint.asleep = True  # a Ctrl-C now raises: nothing is half-read
+                events = self._ready.poll(wait)
+                if sigint is not None:
+                    sigint.asleep = False
+                    if sigint.held:  # the FDs of events still signal, for the I/O thread
+                        break
+                look = again
+                if self._looked_at(events, look):
+                    break  # the wake pipe: the I/O thread is wanted (its byte stays)
+                if not events and not again:  # a quiet tick, as the I/O thread's
+                    look = list(self._handlers)
+                again = self._turn(look, False)
+        finally:
+            self._idle.register(self._ready_fd, select.EPOLLIN)
+        return again
 
     def _turn(self, look: list, woken: bool) -> list:
         """One turn of the I/O thread (holding ``_io_lock``): read what waits on the
