@@ -121,7 +121,7 @@ class Client:
             return {uuid: eid for eid, uuid in self._engines.items()}
 
     def _on_notification(self, msg: dict) -> None:
-        """A registration notification (on the transport's I/O thread)."""
+        """A registration notification (on the thread serving the transport's sockets)."""
         msg_type, content = msg["header"]["msg_type"], msg["content"]
         with self._engines_changed:
             if msg_type == "registration_notification":
