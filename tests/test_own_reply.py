@@ -39,6 +39,26 @@ def chatty(n, pause):
     return n
 
 
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signal handlers are set from the main thread only")
+def test_the_signal_modules_c_functions_share_its_handlers():
+    # the transport holds Ctrl-C with _signal's functions (signal's own wrap each
+    # handler in an enum lookup, 20x the cost): both must read and set one table
+    import _signal
+
+    def handler(signum, frame):
+        pass
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert _signal.getsignal(int(signal.SIGINT)) is previous
+        _signal.signal(int(signal.SIGINT), handler)
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert _signal.getsignal(int(signal.SIGINT)) is previous
+
+
 def test_a_lone_call_completes_on_the_waiting_thread(rc):
     # the mechanism itself: a done-callback runs where the result was completed, which
     # is the waiting thread whenever it served (the I/O thread may hold the sockets

@@ -563,12 +563,12 @@ class Transport:
                     if wait <= 0:
                         break
                 if sigint is not None:
+                    if sigint.held:  # a Ctrl-C came while dispatching: restore() raises it
+                        break
                     sigint.asleep = True  # a Ctrl-C now raises: nothing is half-read
                 events = self._ready.poll(wait)
                 if sigint is not None:
                     sigint.asleep = False
-                    if sigint.held:  # the FDs of events still signal, for the I/O thread
-                        break
                 look = again
                 if self._looked_at(events, look):
                     break  # the wake pipe: the I/O thread is wanted (its byte stays)
