@@ -2,9 +2,8 @@
 
 An :class:`AsyncResult` is a ``concurrent.futures.Future`` covering the ``msg_ids``
 of one call (one per engine for a direct view, one per chunk for a map). The client's
-I/O thread, or the thread waiting for it (``Transport.serve``), hands it each reply
-with :meth:`_receive`; the reply's buffers stay unpickled until someone asks for the
-value, so results nobody reads cost nothing.
+I/O thread hands it each reply with :meth:`_receive`; the reply's buffers stay
+unpickled until someone asks for the value, so results nobody reads cost nothing.
 One Future per call, not one per message: the client's per-task cost stays small.
 
 As in IPython parallel, results and metadata read by index and name: ``ar[i]`` is the
@@ -87,9 +86,8 @@ class AsyncResult(Future):
     ``concurrent.futures.wait`` and ``await ar`` work) over the requests ``msg_ids``.
     """
 
-    #: called on the thread that receives (the I/O thread, or a thread waiting for
-    #: results) with ``(msg_id, msg)`` for each iopub message (not status) of the
-    #: request, in arrival order; it must be quick and never raise
+    #: called on the client's I/O thread with ``(msg_id, msg)`` for each iopub message
+    #: (not status) of the request, in arrival order; it must be quick and never raise
     _output_listener: Callable[[str, dict], None] | None = None
     #: set by :meth:`split`: msg_id -> the one-request AsyncResult it was split into
     _parts: dict[str, AsyncResult] | None = None
@@ -182,7 +180,7 @@ class AsyncResult(Future):
         for md, value in zip(self._metadata_list(), values):
             md[key] = value
 
-    # ---- fed by the client's I/O thread, or the thread that waits ---------------
+    # ---- fed by the client's I/O thread -----------------------------------------
 
     #: execute requests finish when their reply AND their iopub output arrived, so that
     #: the output of a cell is complete when its result is: the reply's ``iopub_count``
@@ -285,16 +283,7 @@ class AsyncResult(Future):
         """Whether every request finished."""
         return self.done()
 
-    def _serve(self, satisfied: Callable[[], bool], timeout: float | None) -> float | None:
-        """Receive our replies on this thread while it waits, if the client's I/O thread
-        is not needed meanwhile (``Transport.serve``: a lone call's reply then costs no
-        thread hand-over); what remains of ``timeout`` for waiting as usual."""
-        start = time.monotonic()
-        self._client.transport.serve(satisfied, timeout)
-        return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-
     def _wait_all(self, timeout: float | None) -> bool:
-        timeout = self._serve(self.done, timeout)
         try:
             super().result(timeout)
         except FutureTimeout:
@@ -307,7 +296,6 @@ class AsyncResult(Future):
             if self._progress_cond is None:
                 self._progress_cond = threading.Condition()
             cond = self._progress_cond
-        timeout = self._serve(satisfied, timeout)
         with cond:
             return cond.wait_for(satisfied, timeout)
 

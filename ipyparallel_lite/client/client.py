@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ipyparallel_lite import error
@@ -121,7 +121,7 @@ class Client:
             return {uuid: eid for eid, uuid in self._engines.items()}
 
     def _on_notification(self, msg: dict) -> None:
-        """A registration notification (on the thread serving the transport's sockets)."""
+        """A registration notification (on the transport's I/O thread)."""
         msg_type, content = msg["header"]["msg_type"], msg["content"]
         with self._engines_changed:
             if msg_type == "registration_notification":
@@ -274,17 +274,10 @@ class Client:
 
     def wait(self, jobs: Any = None, timeout: float = -1) -> bool:
         """Wait for ``jobs`` (AsyncResults or msg_ids; default all outstanding). True if all done."""
-        results = self._results_of(jobs)
-        seconds = None if timeout is None or timeout < 0 else timeout
-        # this thread receives the replies itself while nothing else needs the I/O
-        # thread (Transport.serve); then one wake-up when the last finishes: waiting on
-        # each in turn woke this thread at every completion, which cost the client's I/O
-        # thread a fifth of its time
-        start = time.monotonic()
-        self.transport.serve(_all_done(results), seconds)
-        if seconds is not None:
-            seconds = max(0.0, seconds - (time.monotonic() - start))
-        _, not_done = concurrent.futures.wait(results, seconds)
+        # one wake-up when the last finishes: waiting on each in turn woke this thread at
+        # every completion, which cost the client's I/O thread a fifth of its time
+        _, not_done = concurrent.futures.wait(
+            self._results_of(jobs), None if timeout is None or timeout < 0 else timeout)
         return not not_done
 
     def wait_interactive(self, jobs: Any = None, interval: float = 1.0, timeout: float = -1) -> None:
@@ -670,16 +663,3 @@ def _value_or_error(ar: AsyncResult) -> Any:
         return ar.get()
     except Exception as e:
         return e
-
-
-def _all_done(results: list) -> Callable[[], bool]:
-    """A check that every one of ``results`` is done, each looked at until it is."""
-    checked = 0
-
-    def check() -> bool:
-        nonlocal checked
-        while checked < len(results) and results[checked].done():
-            checked += 1
-        return checked == len(results)
-
-    return check

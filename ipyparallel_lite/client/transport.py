@@ -10,24 +10,13 @@ notifications and output. A reply is verified, matched to its
 asked for.
 
 Sockets: zmq sockets are not thread-safe, so a socket is touched only by the thread
-holding ``_io_lock``. The sockets' own FDs (edge-triggered: they signal a change, and
-after any send or receive the socket must be looked at again) and a pipe that wakes
-the I/O thread for queued messages are in one epoll, ``_ready``; the I/O thread sleeps,
-without the lock, on a second epoll that holds only ``_ready``, and takes the lock for
-one turn when something happened, reading only the sockets that signalled. A lone
-request (nothing in flight) is sent by the submitting thread itself when the lock is
-free, which saves the I/O thread a wake-up; if the send may have consumed a signal, or
-stalled, it wakes the I/O thread.
-
-A thread that blocks waiting for results (``AsyncResult.get``/``wait``, ``Client.wait``)
-serves the sockets itself while it waits (:meth:`Transport.serve`): it takes the lock,
-takes ``_ready`` out of the I/O thread's epoll (valid while that thread sleeps in it),
-and runs the I/O thread's turns until its results are in, so a lone call's reply wakes
-only the thread that waits for it: no wake-up of the I/O thread and no hand-over of the
-GIL (about 10% of a lone call's wall time and CPU on a 2-core machine). It gives the
-sockets back at once when the wake pipe signals (another thread queued messages,
-``close()``); a thread that finds the lock taken waits as before. Done-callbacks of the
-results it completes run on it.
+holding ``_io_lock``. The I/O thread waits without it, in ``select.poll`` on the
+sockets' own FDs (edge-triggered: they signal a change, and after any send or receive
+the socket must be looked at again) and on a pipe that wakes it for queued messages;
+it takes the lock for one turn when something happened, reading only the sockets that
+signalled. A lone request (nothing in flight) is sent by the submitting thread itself
+when the lock is free, which saves the I/O thread a wake-up; if the send may have
+consumed a signal, or stalled, it wakes the I/O thread.
 
 Flow control: when the controller announces a ``window`` in its ``connection_reply``,
 at most that many requests are in flight (sent, not answered); the rest wait here, in
@@ -42,12 +31,10 @@ the Client.
 
 from __future__ import annotations
 
-import _signal  # signal's C functions: its wrappers turn handlers into enums, 20x the cost
 import collections
 import contextlib
 import os
 import select
-import signal
 import threading
 import time
 import warnings
@@ -74,7 +61,6 @@ from ipyparallel_lite.connection import (
 )
 
 NOBLOCK = int(zmq.NOBLOCK)
-_SIGINT = int(signal.SIGINT)
 
 #: channels views send on, by name (``query`` is the controller's registration socket)
 SEND_CHANNELS = ("mux", "task", "control", "query", "broadcast")
@@ -88,45 +74,6 @@ BATCH_MAX = 64
 _CHANNEL, _FRAMES, _SLOTS, _TRACK, _SEQ, _IDS = range(6)
 #: a sequence number after every other
 _NEVER = float("inf")
-
-
-class _HeldSigint:
-    """The main thread's SIGINT handler while that thread serves the sockets
-    (:meth:`Transport.serve`): a Ctrl-C raises at once while the thread sleeps in poll
-    (nothing is half-read then), and is held while it receives and dispatches, since a
-    KeyboardInterrupt between taking a reply off its socket and handing it to its
-    AsyncResult would drop the result; :meth:`restore` raises it afterwards."""
-
-    def __init__(self, previous: Callable):
-        self.previous = previous
-        self.asleep = False
-        self.held: tuple | None = None
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if self.asleep:
-            self.asleep = False  # one exception: what follows, until restore(), is held
-            self.previous(signum, frame)
-        else:
-            self.held = (signum, frame)
-
-    @classmethod
-    def install(cls) -> _HeldSigint | None:
-        """Hold SIGINT on this thread if it is the main one (the only one Python raises
-        KeyboardInterrupt in) and Python handles SIGINT; None otherwise."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        previous = _signal.getsignal(_SIGINT)
-        if not callable(previous):  # SIG_DFL or SIG_IGN: no exception to hold
-            return None
-        guard = cls(previous)
-        _signal.signal(_SIGINT, guard)
-        return guard
-
-    def restore(self) -> None:
-        """Give SIGINT back to its handler, and hand it what was held."""
-        _signal.signal(_SIGINT, self.previous)
-        if self.held is not None:
-            self.previous(*self.held)
 
 
 class Transport:
@@ -199,10 +146,6 @@ class Transport:
         os.set_blocking(self._wake_write, False)
         #: most requests in flight at once (None: no limit), as the controller asks
         self.window: int | None = self.first_reply.get("window") or None
-        self._setup_waiting()
-        #: sockets the next turn reads without their FD's signal (under _io_lock): first,
-        #: what came before the I/O thread started
-        self._again: list = list(self._handlers)
         self._io_thread = threading.Thread(target=self._io_loop, name="ipp-lite-client-io", daemon=True)
         self._io_thread.start()
 
@@ -456,14 +399,9 @@ class Transport:
 
     # ---- the I/O thread -----------------------------------------------------------
 
-    def _setup_waiting(self) -> None:
-        """The handlers of the sockets, and the two epolls the sockets are waited on with.
-
-        ``_ready`` holds every socket's FD and the wake pipe; whoever serves the sockets
-        waits on it. The I/O thread sleeps on ``_idle``, which holds only ``_ready``: a
-        thread waiting for its own results takes ``_ready`` out of it (one ``epoll_ctl``,
-        valid while the I/O thread sleeps) and serves the sockets itself, so a reply wakes
-        only the thread that waits for it (:meth:`serve`)."""
+    def _io_loop(self) -> None:
+        # the sockets' own FDs (edge-triggered: readable when the socket's state changed)
+        # and the wake pipe; the sockets are touched only under _io_lock
         self._handlers = {
             self._notification: self._on_notification,
             self._iopub: self._on_iopub,
@@ -473,111 +411,33 @@ class Transport:
         for name in ("mux", "task", "control", "broadcast"):
             if name in self._sockets:
                 self._handlers[self._sockets[name]] = self._on_replies
-        self._ready = select.epoll()
-        self._ready.register(self._wake_read, select.EPOLLIN)
-        self._by_fd: dict[int, zmq.Socket] = {}
+        waiter = select.poll()
+        waiter.register(self._wake_read, select.POLLIN)
+        by_fd = {}
         for sock in self._handlers:
-            self._by_fd[sock.FD] = sock
-            self._ready.register(sock.FD, select.EPOLLIN)
-        self._ready_fd = self._ready.fileno()
-        self._idle = select.epoll()
-        self._idle.register(self._ready_fd, select.EPOLLIN)
-
-    def _looked_at(self, events: list, look: list) -> bool:
-        """Add the sockets of ``events`` to ``look``; whether the wake pipe is among them."""
-        woken = False
-        by_fd = self._by_fd
-        for fd, _ in events:
-            sock = by_fd.get(fd)
-            if sock is None:
-                woken = True
-            elif sock not in look:
-                look.append(sock)
-        return woken
-
-    def _io_loop(self) -> None:
+            by_fd[sock.FD] = sock
+            waiter.register(sock.FD, select.POLLIN)
+        again = list(self._handlers)  # sockets to read at once: first, what came before us
         try:
             while not self.closed:
-                # sleeps through what arrives while a waiting thread serves (serve())
-                signalled = True if self._again else bool(self._idle.poll(0.1))
-                if not self._io_lock.acquire(blocking=signalled):
-                    continue  # a quiet tick while a waiting thread serves: it ticks too
-                try:
+                events = waiter.poll(0 if again else 100)
+                look, woken = again, False
+                for fd, _ in events:
+                    sock = by_fd.get(fd)
+                    if sock is None:
+                        woken = True
+                    elif sock not in look:
+                        look.append(sock)
+                if not events and not again:  # a quiet tick: every socket, for certain
+                    look = list(self._handlers)
+                with self._io_lock:
                     if self.closed:
                         break
-                    look = self._again
-                    woken = self._looked_at(self._ready.poll(0), look)
-                    if not signalled:  # a quiet tick: every socket, for certain
-                        look = list(self._handlers)
-                    self._again = self._turn(look, woken)
-                finally:
-                    self._io_lock.release()
+                    again = self._turn(look, woken)
             with self._io_lock:
                 self._flush()
         except zmq.ZMQError:  # the context was destroyed under us: the client is closed
             pass
-
-    def serve(self, done: Callable[[], bool], timeout: float | None) -> None:
-        """Serve the sockets on this thread, which waits for results, until ``done()`` or
-        ``timeout`` seconds: the reply it waits for then wakes only this thread, with no
-        hand-over from the I/O thread. Returns at once if the I/O thread is in a turn,
-        and early when anything else needs the I/O thread (a message queued by another
-        thread, ``close()``); the caller then waits as usual."""
-        if done() or self.closed:
-            return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        sigint = _HeldSigint.install()  # may raise a Ctrl-C pending from before: nothing is taken yet
-        try:
-            if not self._io_lock.acquire(blocking=False):
-                return
-            again = self._again
-            try:
-                if not self.closed:
-                    again = self._serve_locked(done, deadline, sigint)
-            except BaseException:
-                again = list(self._handlers)  # interrupted: the I/O thread looks at every socket
-                raise
-            finally:
-                self._again = again
-                if again:  # messages wait that no FD signals any more: the I/O thread reads them
-                    with self._wake_lock:
-                        self._wake_locked()
-                self._io_lock.release()
-        finally:
-            if sigint is not None:
-                sigint.restore()  # raises a Ctrl-C held meanwhile
-
-    def _serve_locked(self, done: Callable[[], bool], deadline: float | None,
-                      sigint: _HeldSigint | None) -> list:
-        """:meth:`serve`'s turns (holding ``_io_lock``); the sockets to read again at once."""
-        again = self._again
-        self._idle.unregister(self._ready_fd)  # the I/O thread sleeps through what arrives
-        try:
-            if again or self._sent_on:  # what the I/O thread had yet to read
-                again = self._turn(again, False)
-            while not (done() or self.closed):
-                if again:
-                    wait = 0.0
-                else:
-                    wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
-                    if wait <= 0:
-                        break
-                if sigint is not None:
-                    if sigint.held:  # a Ctrl-C came while dispatching: restore() raises it
-                        break
-                    sigint.asleep = True  # a Ctrl-C now raises: nothing is half-read
-                events = self._ready.poll(wait)
-                if sigint is not None:
-                    sigint.asleep = False
-                look = again
-                if self._looked_at(events, look):
-                    break  # the wake pipe: the I/O thread is wanted (its byte stays)
-                if not events and not again:  # a quiet tick, as the I/O thread's
-                    look = list(self._handlers)
-                again = self._turn(look, False)
-        finally:
-            self._idle.register(self._ready_fd, select.EPOLLIN)
-        return again
 
     def _turn(self, look: list, woken: bool) -> list:
         """One turn of the I/O thread (holding ``_io_lock``): read what waits on the
@@ -787,6 +647,4 @@ class Transport:
             if not self._io_thread.is_alive():
                 os.close(self._wake_read)
                 os.close(self._wake_write)
-                self._ready.close()
-                self._idle.close()
                 self._wake_write = -1
