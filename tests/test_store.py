@@ -460,6 +460,41 @@ def test_sqlite_writes_in_batches_and_survives_reopening(tmp_path):
     other.close()
 
 
+def test_sqlite_rewritten_row_loses_the_values_set_to_none(tmp_path):
+    """A row names only its columns that are not NULL: rewriting a record whose values
+    became None must clear them on disk, and rows of different columns keep the order
+    they were added in."""
+    path = tmp_path / "hub.db"
+    store = SQLiteStore(path)
+    store.add_record("a", _rec("a", 0, completed=True, engine_uuid="e", stdout="out", label="x"))
+    store.add_record("b", _rec("b", 1, completed=True))
+    store.add_record("c", _rec("c", 2, completed=True, stdout="more", extra_key={"k": 1}))
+    store.flush()
+    store.update_record("a", {"engine_uuid": None, "stdout": None, "label": None})
+    store.update_record("c", {"extra_key": None})
+    store.close()
+    reopened = SQLiteStore(path)
+    assert [r["msg_id"] for r in reopened.find_records({})] == ["a", "b", "c"]
+    a = reopened.get_record("a")
+    assert a["engine_uuid"] is None and a["stdout"] is None and a["label"] is None
+    assert a["completed"] == T0 + timedelta(seconds=1)
+    assert reopened.get_record("c")["extra_key"] is None
+    reopened.close()
+
+
+def test_sqlite_reads_back_bytearray_blobs_as_bytes(tmp_path):
+    """Blobs are bound as bytearrays (bytes cost more to bind): SQLite must store them
+    as BLOBs that read back as bytes, which decode_value reads."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "t.db")
+    db.execute("CREATE TABLE t (v)")
+    db.execute("INSERT INTO t VALUES (?)", (encode_value({"a": [1, T0]}),))
+    ((stored,),) = db.execute("SELECT v FROM t").fetchall()
+    db.close()
+    assert type(stored) is bytes and decode_value(stored) == {"a": [1, T0]}
+
+
 def test_sqlite_reopened_knows_its_msg_ids(tmp_path):
     """The filter of stored msg_ids is filled from the table when a store opens: a
     duplicate of a record written by an earlier store is still refused."""
