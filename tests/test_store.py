@@ -20,6 +20,7 @@ from ipyparallel_lite.controller.sqlitestore import (
 )
 from ipyparallel_lite.controller.store import (
     BaseStore,
+    JSONDict,
     MemoryStore,
     NoStore,
     QueryError,
@@ -482,6 +483,25 @@ def test_sqlite_rewritten_row_loses_the_values_set_to_none(tmp_path):
     reopened.close()
 
 
+def test_json_dicts_are_written_as_their_text_and_read_back_as_dicts():
+    """A header kept with the JSON it came as is written as that text, even text a
+    session reads only with its bad UTF-8 replaced; reads give plain dicts."""
+    header = {"msg_id": "m1", "date": "2024-05-01T12:00:00Z", "username": "\ufffd"}
+    raw = b'{"msg_id": "m1", "date": "2024-05-01T12:00:00Z", "username": "\xff"}'
+    assert JSONDict.of(header, None) is header and JSONDict.of([1], raw) == [1]
+    kept = JSONDict.of(header, zmq.Frame(raw))
+    assert type(kept) is JSONDict and kept == header and kept.raw == raw
+    assert encode_value(kept) == b"\x00J" + raw
+    assert decode_value(bytes(encode_value(kept))) == header
+    store = MemoryStore(record_limit=0)  # spills the record once it completes
+    store.add_record("m1", _rec("m1", completed=True, header=kept))
+    store.flush()
+    assert not store.is_resident("m1")
+    back = store.get_record("m1")["header"]
+    assert back == header and type(back) is dict
+    store.close()
+
+
 def test_sqlite_reads_back_bytearray_blobs_as_bytes(tmp_path):
     """Blobs are bound as bytearrays (bytes cost more to bind): SQLite must store them
     as BLOBs that read back as bytes, which decode_value reads."""
@@ -734,6 +754,30 @@ def test_default_spill_file_is_private_and_removed_on_close():
     assert path.exists() and oct(path.stat().st_mode & 0o777) == "0o600"
     store.close()
     assert not path.exists()
+
+
+def test_only_the_private_spill_file_is_written_without_a_wal(tmp_path):
+    """The private spill file is a cache (no WAL, no syncs); a spill file the user
+    named and the SQLite store stay in WAL mode, which survives a crash."""
+    import sqlite3
+
+    def journal(path: Path) -> str:
+        db = sqlite3.connect(path)
+        try:
+            return db.execute("PRAGMA journal_mode").fetchone()[0]
+        finally:
+            db.close()
+
+    private, named = MemoryStore(record_limit=0), MemoryStore(record_limit=0, spill_path=tmp_path / "s.db")
+    durable = SQLiteStore(tmp_path / "hub.db")
+    for store in (private, named, durable):
+        store.add_record("a", _rec("a", 0, completed=True))
+        store.flush()
+    assert journal(Path(private.spill.path)) == "delete"
+    assert journal(tmp_path / "s.db") == journal(tmp_path / "hub.db") == "wal"
+    assert private.get_record("a")["msg_id"] == "a"
+    for store in (private, named, durable):
+        store.close()
 
 
 def test_negative_limits_rejected():

@@ -11,7 +11,9 @@ Each record key has its own column, so a query decodes only the columns it names
 Values are stored as: NULL, str, int and float as they are; a BLOB tagged raw for
 bytes-like values (a reply's packed content); a framed BLOB for the buffer lists
 (``"buffers"``, ``"result_buffers"``); a BLOB tagged JSON for everything else, with
-datetimes and bytes marked inside so they come back as they went in; a UTC datetime
+datetimes and bytes marked inside so they come back as they went in (a header or
+metadata as the JSON text the controller received, a :class:`~.store.JSONDict`,
+which is written as it is: encoding it again was most of what a row cost); a UTC datetime
 on its own (the record's dates) is a BLOB tagged date holding its fields, which costs
 a fraction of formatting it. Keys outside :data:`RECORD_KEYS` share one JSON column.
 Nothing here is ever unpickled.
@@ -40,6 +42,7 @@ from ipyparallel_lite.controller.store import (
     BUFFER_KEYS,
     RECORD_KEYS,
     BaseStore,
+    JSONDict,
     Record,
     RecordNotFound,
     compile_query,
@@ -55,7 +58,7 @@ _KEY_SET = frozenset(RECORD_KEYS)
 _COLUMN_VALUES = itemgetter(*COLUMNS)
 #: the columns a row writes, in order: a bit each in the mask of the columns not NULL
 _WRITTEN = (*COLUMNS, "extra")
-_COLUMN_BITS = tuple((key, 1 << i) for i, key in enumerate(COLUMNS))
+_COLUMN_BITS = tuple((1 << i, key in BUFFER_KEYS) for i, key in enumerate(COLUMNS))
 _EXTRA_BIT = 1 << len(COLUMNS)
 _LEN = struct.Struct("<Q")
 #: a UTC datetime's fields: year, month, day, hour, minute, second, microsecond
@@ -119,7 +122,9 @@ def encode_value(value: Any) -> Any:
     UTC datetime's fields, or JSON (other datetimes as ISO text)."""
     if value is None or type(value) in _PLAIN:
         return value
-    if type(value) is dict:  # headers and metadata: most of what is not plain
+    if type(value) is JSONDict:  # headers and metadata as they came: no encoding
+        return _JSON + value.raw
+    if type(value) is dict:
         return _JSON + _encode_json(value).encode()
     if isinstance(value, datetime):
         if value.tzinfo is _UTC:
@@ -141,7 +146,9 @@ def decode_value(stored: Any) -> Any:
         return bytes(stored[2:])
     if tag == _UTC_DATE:
         return datetime(*_DATE.unpack_from(stored, 2), tzinfo=_UTC)
-    return json.loads(stored[2:], object_hook=_json_hook)
+    # read as the session reads a message: a signed header with bad UTF-8 in it was
+    # accepted, and written as it came (JSONDict), so it must read back too
+    return json.loads(stored[2:].decode("utf8", "replace"), object_hook=_json_hook)
 
 
 def encode_buffers(buffers: list | None) -> bytearray | None:
@@ -166,10 +173,6 @@ def decode_buffers(blob: bytes | bytearray | None) -> list[bytes] | None:
         out.append(bytes(view[at:at + n]))
         at += n
     return out
-
-
-def _encode_column(key: str, value: Any) -> Any:
-    return encode_buffers(value) if key in BUFFER_KEYS else encode_value(value)
 
 
 def _decode_column(key: str, stored: Any) -> Any:
@@ -242,7 +245,9 @@ class SQLiteStore(BaseStore):
     ``table`` names the table, so several stores can share a file. The file is created
     with mode 0600: records hold the tasks' arguments and results. ``statement_cache``
     off: every statement is prepared anew (slower reads), and nothing written stays in
-    memory once it is on disk.
+    memory once it is on disk. ``durable`` off: for a file nobody reads after a crash
+    (the memory store's private spill file), written without a journal on disk or a
+    sync (a rollback still works), which costs less per write than WAL.
 
     This store must be the only writer of its table while it is open (the controller's
     store is): it knows which msg_ids the table holds from what it wrote itself, and
@@ -250,7 +255,7 @@ class SQLiteStore(BaseStore):
     """
 
     def __init__(self, path: str | Path, table: str = "tasks", batch_size: int = 2000,
-                 statement_cache: bool = True) -> None:
+                 statement_cache: bool = True, durable: bool = True) -> None:
         if not table.isidentifier():
             raise ValueError(f"table must be a plain identifier, not {table!r}")
         self.path = str(path)
@@ -262,8 +267,12 @@ class SQLiteStore(BaseStore):
         # buffers of the last record written stay in memory until the next write
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    cached_statements=128 if statement_cache else 0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        if durable:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        else:  # a cache: the journal in memory (rollbacks still work), never a sync
+            self._db.execute("PRAGMA journal_mode=MEMORY")
+            self._db.execute("PRAGMA synchronous=OFF")
         columns = ", ".join(f"{c}" for c in (*COLUMNS, "extra"))
         self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (msg_id TEXT PRIMARY KEY, {columns})")
         #: the upsert of each set of non-NULL columns (see _row), made when first needed
@@ -293,11 +302,24 @@ class SQLiteStore(BaseStore):
         row = [record["msg_id"]]
         append = row.append
         mask = 0
-        # most of what a flush costs: plain values pass as they are
-        for (key, bit), value in zip(_COLUMN_BITS, values):
-            if value is not None:
-                mask |= bit
-                append(value if type(value) in _PLAIN else _encode_column(key, value))
+        # most of what a flush costs: plain values pass as they are, and what a Hub
+        # record holds (headers as they came, frames, UTC dates) is written inline
+        for (bit, buffers), value in zip(_COLUMN_BITS, values):
+            if value is None:
+                continue
+            mask |= bit
+            kind = type(value)
+            if kind in _PLAIN:
+                append(value)
+            elif kind is JSONDict:
+                append(_JSON + value.raw)
+            elif kind in _FLAT and not buffers:
+                append(_RAW + value)
+            elif kind is datetime and value.tzinfo is _UTC:
+                append(_UTC_DATE + _DATE.pack(value.year, value.month, value.day, value.hour,
+                                              value.minute, value.second, value.microsecond))
+            else:
+                append(encode_buffers(value) if buffers else encode_value(value))
         if not complete:
             extra = record.keys() - _KEY_SET
             if extra:

@@ -3,7 +3,9 @@
 A task record is a dict keyed by the task's ``msg_id`` with the keys in
 :data:`RECORD_KEYS`; its values may be str, int, float, bool, None, datetime, dicts,
 lists, or buffers (``"buffers"`` and ``"result_buffers"`` are lists of bytes-like
-objects, which the store counts but never looks into).
+objects, which the store counts but never looks into). A header or metadata the
+controller received is a :class:`JSONDict`: the dict, and the JSON text it arrived as,
+which a store writes as it is.
 
 Stores: :class:`MemoryStore` (the default; bounded, spilling its oldest completed
 records to SQLite when full), :class:`~.sqlitestore.SQLiteStore` (durable, for a
@@ -35,6 +37,7 @@ __all__ = [
     "OPERATORS",
     "RECORD_KEYS",
     "BaseStore",
+    "JSONDict",
     "MemoryStore",
     "NoStore",
     "QueryError",
@@ -62,6 +65,27 @@ BUFFER_KEYS = ("buffers", "result_buffers")
 TEXT_KEYS = ("stdout", "stderr", "execute_input")
 #: what changes a record's size
 SIZED_KEYS = frozenset((*BUFFER_KEYS, *TEXT_KEYS))
+
+
+class JSONDict(dict):
+    """A dict that arrived as JSON text (a message's header or metadata): ``raw`` holds
+    that text, verified, so that a store writes it as it is instead of encoding the dict
+    again. Make it with :meth:`of`; a copy (what a store's reads return) is a plain dict.
+    """
+
+    __slots__ = ("raw",)
+    raw: bytes
+
+    @classmethod
+    def of(cls, value: Any, raw: Any) -> Any:
+        """``value`` with ``raw``, the JSON text it was read from (bytes or a zmq Frame),
+        when ``value`` is a dict and ``raw`` is not None; ``value`` itself otherwise."""
+        if raw is None or type(value) is not dict:
+            return value
+        wire = cls(value)
+        # a zmq Frame keeps the bytes its verification read: no copy
+        wire.raw = raw if type(raw) is bytes else getattr(raw, "bytes", None) or bytes(raw)
+        return wire
 
 
 class QueryError(ValueError):
@@ -489,8 +513,10 @@ class MemoryStore(BaseStore):
                 self._spill_dir = tempfile.TemporaryDirectory(prefix="ipp-lite-spill-")
                 path = Path(self._spill_dir.name) / "records.db"
             # records spill because their buffers are big: none may stay in memory
-            # bound to a cached statement once it is on disk
-            self._spill = SQLiteStore(path, table="spilled", statement_cache=False)
+            # bound to a cached statement once it is on disk. A private file is removed
+            # on exit, and nobody reads it after a crash: it need not be durable.
+            self._spill = SQLiteStore(path, table="spilled", statement_cache=False,
+                                      durable=self.spill_path is not None)
         return self._spill
 
     def __len__(self) -> int:
