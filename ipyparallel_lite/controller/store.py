@@ -316,15 +316,21 @@ def project(record: Record, keys: list[str] | None) -> Record:
     return {"msg_id": record["msg_id"], **{k: _copy(record.get(k)) for k in keys}}
 
 
-def _buffer_bytes(record: Record) -> int:
-    """Bytes of a record's buffers, plus the length of its output text."""
+def _buffer_bytes(record: Record, keys: Iterable[str] = SIZED_KEYS) -> int:
+    """Bytes of a record's buffers, plus the length of its output text (of ``keys``)."""
     total = 0
-    for key in TEXT_KEYS:
-        text = record.get(key)
-        if isinstance(text, str):
-            total += len(text)
-    for key in BUFFER_KEYS:
-        for buf in record.get(key) or ():
+    for key in keys:
+        value = record.get(key)
+        if value is None:
+            continue
+        if key in TEXT_KEYS:
+            if isinstance(value, str):
+                total += len(value)
+            continue
+        for buf in value:
+            if type(buf) is bytes:
+                total += len(buf)
+                continue
             try:
                 total += memoryview(buf).nbytes
             except TypeError:  # not a buffer after all: count what we can
@@ -525,17 +531,8 @@ class MemoryStore(BaseStore):
     def __contains__(self, msg_id: object) -> bool:
         return msg_id in self._records or (self._spill is not None and msg_id in self._spill)
 
-    def _account(self, msg_id: str, record: Record, changed: Record | None = None) -> None:
-        """Refresh the byte count and completion state of a stored record.
-
-        ``changed``: the update just applied, when only its keys can have changed them.
-        """
-        if changed is None or not changed.keys().isdisjoint(SIZED_KEYS):
-            nbytes = _buffer_bytes(record)
-            self._total_bytes += nbytes - self._nbytes.get(msg_id, 0)
-            self._nbytes[msg_id] = nbytes
-        if changed is not None and "completed" not in changed:
-            return
+    def _completion(self, msg_id: str, record: Record) -> None:
+        """Note whether a stored record is completed (it may spill) or pending."""
         if record.get("completed") is None:
             self._completed.pop(msg_id, None)  # pending (again): stays in memory
         elif msg_id not in self._completed:
@@ -566,7 +563,9 @@ class MemoryStore(BaseStore):
         record = dict(rec)
         record["msg_id"] = msg_id
         self._records[msg_id] = record
-        self._account(msg_id, record)
+        nbytes = self._nbytes[msg_id] = _buffer_bytes(record)
+        self._total_bytes += nbytes
+        self._completion(msg_id, record)
         self._spill_over()
 
     def update_record(self, msg_id: str, rec: Record) -> None:
@@ -576,8 +575,16 @@ class MemoryStore(BaseStore):
         if record is None:
             self._spilled(msg_id).update_record(msg_id, rec)
             return
+        sized = rec.keys() & SIZED_KEYS
+        if sized:  # the sizes of what changes, before and after: counted once
+            delta = _buffer_bytes(rec, sized) - _buffer_bytes(record, sized)
+            self._nbytes[msg_id] += delta
+            self._total_bytes += delta
         record.update(rec)
-        self._account(msg_id, record, rec)
+        if "completed" in rec:
+            self._completion(msg_id, record)
+        elif not sized:
+            return  # nothing that makes records spill changed
         self._spill_over()
 
     def _spilled(self, msg_id: str) -> BaseStore:
