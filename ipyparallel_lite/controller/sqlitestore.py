@@ -355,28 +355,31 @@ class SQLiteStore(BaseStore):
         # runs of rows with the same columns, each written by one executemany: the rows
         # stay in the order they came, which is the table's order (rowid)
         runs: list[tuple[int, list]] = []
-        count = 0
+        rows: list = []
+        mask = -1
+        completed = []  # written: they leave memory (a later update reads them back)
         row = self._row
         for msg_id in self._dirty:
             record = live[msg_id]
-            if not everything and record.get("completed") is None and msg_id not in self._held:
+            if record.get("completed") is not None:
+                completed.append(msg_id)
+            elif not everything and msg_id not in self._held:
                 held[msg_id] = None
                 continue
-            mask, values = row(record)
-            if not runs or runs[-1][0] != mask:
-                runs.append((mask, []))
-            runs[-1][1].append(values)
-            count += 1
+            columns, values = row(record)
+            if columns != mask:
+                mask, rows = columns, []
+                runs.append((mask, rows))
+            rows.append(values)
         if runs:
             with self._db:
                 self._db.execute("BEGIN")
-                for mask, rows in runs:
-                    self._db.executemany(self._upsert(mask), rows)
-        for msg_id in self._dirty:
-            if msg_id not in held and live[msg_id].get("completed") is not None:
-                del live[msg_id]  # on disk now; pending records stay for their updates
+                for columns, values in runs:
+                    self._db.executemany(self._upsert(columns), values)
+        for msg_id in completed:
+            del live[msg_id]  # on disk now; pending records stay for their updates
         self._dirty, self._held = dict(held), held
-        return count
+        return sum(len(values) for _, values in runs)
 
     def _touched(self, msg_id: str) -> None:
         self._dirty[msg_id] = None
