@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import zmq
+
 if TYPE_CHECKING:
     from ipyparallel_lite.controller.sqlitestore import SQLiteStore
 
@@ -65,6 +67,8 @@ BUFFER_KEYS = ("buffers", "result_buffers")
 TEXT_KEYS = ("stdout", "stderr", "execute_input")
 #: what changes a record's size
 SIZED_KEYS = frozenset((*BUFFER_KEYS, *TEXT_KEYS))
+#: buffers whose len() is their size in bytes (tested in test_store)
+_SIZED_BY_LEN = (bytes, bytearray, zmq.Frame)
 
 
 class JSONDict(dict):
@@ -83,8 +87,9 @@ class JSONDict(dict):
         if raw is None or type(value) is not dict:
             return value
         wire = cls(value)
+        kind = type(raw)
         # a zmq Frame keeps the bytes its verification read: no copy
-        wire.raw = raw if type(raw) is bytes else getattr(raw, "bytes", None) or bytes(raw)
+        wire.raw = raw if kind is bytes else raw.bytes if kind is zmq.Frame else bytes(raw)
         return wire
 
 
@@ -328,7 +333,7 @@ def _buffer_bytes(record: Record, keys: Iterable[str] = SIZED_KEYS) -> int:
                 total += len(value)
             continue
         for buf in value:
-            if type(buf) is bytes:
+            if type(buf) in _SIZED_BY_LEN:
                 total += len(buf)
                 continue
             try:
