@@ -164,8 +164,9 @@ class ControllerState:
     in order. ``record_output``: fill records' ``execute_input`` from requests.
     ``unpack`` turns a verified, stored frame (request or reply content) into
     a dict, for queries (when it reads JSON, the Hub keeps each message's header and
-    metadata frames too, which its SQLite store writes as they came); ``restored``: the records are those of a controller that died
-    (finished tasks named as dependencies are recalled from them).
+    metadata frames too, which its SQLite store writes as they came); ``restored``: the
+    records are those of a controller that died (finished tasks named as dependencies
+    are recalled from them).
     """
 
     def __init__(
