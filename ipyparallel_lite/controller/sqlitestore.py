@@ -91,7 +91,7 @@ def _json_hook(obj: dict) -> Any:
 
 #: buffers whose len() is their size in bytes, which bytes concatenate as they are: a
 #: zmq Frame's .buffer costs ten times the concatenation (tested in test_store)
-_FLAT = (bytes, bytearray, zmq.Frame)
+_FLAT = frozenset((bytes, bytearray, zmq.Frame))
 
 
 def _flat(buf: Any) -> Any:
@@ -113,7 +113,7 @@ _encode_json = json.JSONEncoder(default=_json_default, separators=(",", ":"),
 #: (tested in test_store); SQLite reads them back as bytes.
 _JSON, _RAW, _UTC_DATE = bytearray(b"\x00J"), bytearray(b"\x00B"), bytearray(b"\x00T")
 _BLOBS = (bytes, bytearray)
-_PLAIN = (str, int, float)
+_PLAIN = frozenset((str, int, float))  # a set: a type not in it costs no comparisons
 
 
 def encode_value(value: Any) -> Any:
@@ -309,15 +309,15 @@ class SQLiteStore(BaseStore):
                 continue
             mask |= bit
             kind = type(value)
-            if kind in _PLAIN:
-                append(value)
-            elif kind is JSONDict:
+            if kind is JSONDict:
                 append(_JSON + value.raw)
-            elif kind in _FLAT and not buffers:
-                append(_RAW + value)
             elif kind is datetime and value.tzinfo is _UTC:
                 append(_UTC_DATE + _DATE.pack(value.year, value.month, value.day, value.hour,
                                               value.minute, value.second, value.microsecond))
+            elif kind in _PLAIN:
+                append(value)
+            elif kind in _FLAT and not buffers:
+                append(_RAW + value)
             else:
                 append(encode_buffers(value) if buffers else encode_value(value))
         if not complete:

@@ -67,8 +67,9 @@ BUFFER_KEYS = ("buffers", "result_buffers")
 TEXT_KEYS = ("stdout", "stderr", "execute_input")
 #: what changes a record's size
 SIZED_KEYS = frozenset((*BUFFER_KEYS, *TEXT_KEYS))
+_SIZED_ORDER = (*BUFFER_KEYS, *TEXT_KEYS)
 #: buffers whose len() is their size in bytes (tested in test_store)
-_SIZED_BY_LEN = (bytes, bytearray, zmq.Frame)
+_SIZED_BY_LEN = frozenset((bytes, bytearray, zmq.Frame))
 
 
 class JSONDict(dict):
@@ -321,7 +322,7 @@ def project(record: Record, keys: list[str] | None) -> Record:
     return {"msg_id": record["msg_id"], **{k: _copy(record.get(k)) for k in keys}}
 
 
-def _buffer_bytes(record: Record, keys: Iterable[str] = SIZED_KEYS) -> int:
+def _buffer_bytes(record: Record, keys: Iterable[str] = _SIZED_ORDER) -> int:
     """Bytes of a record's buffers, plus the length of its output text (of ``keys``)."""
     total = 0
     for key in keys:
