@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import pickle
+import sqlite3
 
 import pytest
 
 from ipyparallel_lite.controller.hub import Hub, RegistrationError
 from ipyparallel_lite.controller.scheduler import TaskScheduler
+from ipyparallel_lite.controller.sqlitestore import SQLiteStore
 from ipyparallel_lite.controller.state import (
     BROADCAST,
     MUX,
@@ -66,8 +69,8 @@ def reply(state: ControllerState, engine: str, tag: bytes, parent_id: str, clien
     header = {"msg_id": f"reply-{parent_id}", "msg_type": msg_type}
     metadata = {"status": status, "engine": engine, "started": "2026-12-01T00:00:01+00:00",
                 "completed": "2026-12-01T00:00:02+00:00", **md}
-    frames = [DELIM, b"sig", b"header", b"parent", b"metadata", b'{"status": "%s"}' % status.encode(),
-              b"result:" + parent_id.encode()]
+    frames = [DELIM, b"sig", json.dumps(header).encode(), b"parent", json.dumps(metadata).encode(),
+              b'{"status": "%s"}' % status.encode(), b"result:" + parent_id.encode()]
     return state.reply(engine, tag, client, parent_id, frames, header, metadata, msg_type, now)
 
 
@@ -177,14 +180,44 @@ def test_reply_goes_to_its_client_and_completes_the_record():
     state = core()
     direct(state, "d1", "e0")
     actions = reply(state, "e0", MUX, "d1")
-    assert actions[0] == ReplyToClient(MUX, ALICE, "d1", [ALICE, DELIM, b"sig", b"header", b"parent",
-                                                          b"metadata", b'{"status": "ok"}', b"result:d1"])
+    record = state.hub.store.get_record("d1")
+    header, metadata = record["result_header"], record["result_metadata"]
+    assert actions[0] == ReplyToClient(MUX, ALICE, "d1", [
+        ALICE, DELIM, b"sig", json.dumps(header).encode(), b"parent", json.dumps(metadata).encode(),
+        b'{"status": "ok"}', b"result:d1"])
     assert state.pending == {} and state.waiting == {}
     assert state.completed == {b"e0": 1}
     content, buffers = state.results(["d1"], status_only=False)
     assert content["completed"] == ["d1"] and buffers == [b"result:d1"]
     assert content["d1"]["content"] == {"status": "ok"}
     assert content["d1"]["outputs"] == {}
+
+
+def test_records_keep_the_json_frames_and_write_them_as_they_came(tmp_path):
+    """Headers and metadata are recorded as dicts and written to SQLite as the frames
+    they were read from; a session that does not pack JSON gets its dicts encoded."""
+    path = tmp_path / "hub.db"
+    state = ControllerState(Hub(SQLiteStore(path)), TaskScheduler(), unpack=json.loads)
+    assert state.json_frames
+    ready(state, "e0")
+    frames, header, metadata = request("t1", after=[])
+    frames[2] = json.dumps(header, indent=1).encode()  # not what json.dumps(header) writes
+    state.task(ALICE, frames, header, metadata, 0.0)
+    reply(state, "e0", TASK, "t1")
+    state.hub.store.close()
+    db = sqlite3.connect(path)
+    stored_header, stored_md = db.execute("SELECT header, metadata FROM tasks").fetchone()
+    db.close()
+    assert stored_header == b"\x00J" + frames[2] and stored_md == b"\x00J" + frames[4]
+    record = SQLiteStore(path).get_record("t1")
+    assert record["header"] == header and record["metadata"] == {"after": []}
+    assert record["result_metadata"]["engine"] == "e0"
+    assert type(record["header"]) is dict
+
+    def not_json(raw: bytes) -> object:
+        return pickle.loads(raw)
+
+    assert not ControllerState(unpack=not_json).json_frames
 
 
 def test_execute_reply_records_the_code_of_its_request():

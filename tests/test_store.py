@@ -20,6 +20,7 @@ from ipyparallel_lite.controller.sqlitestore import (
 )
 from ipyparallel_lite.controller.store import (
     BaseStore,
+    JSONDict,
     MemoryStore,
     NoStore,
     QueryError,
@@ -460,6 +461,60 @@ def test_sqlite_writes_in_batches_and_survives_reopening(tmp_path):
     other.close()
 
 
+def test_sqlite_rewritten_row_loses_the_values_set_to_none(tmp_path):
+    """A row names only its columns that are not NULL: rewriting a record whose values
+    became None must clear them on disk, and rows of different columns keep the order
+    they were added in."""
+    path = tmp_path / "hub.db"
+    store = SQLiteStore(path)
+    store.add_record("a", _rec("a", 0, completed=True, engine_uuid="e", stdout="out", label="x"))
+    store.add_record("b", _rec("b", 1, completed=True))
+    store.add_record("c", _rec("c", 2, completed=True, stdout="more", extra_key={"k": 1}))
+    store.flush()
+    store.update_record("a", {"engine_uuid": None, "stdout": None, "label": None})
+    store.update_record("c", {"extra_key": None})
+    store.close()
+    reopened = SQLiteStore(path)
+    assert [r["msg_id"] for r in reopened.find_records({})] == ["a", "b", "c"]
+    a = reopened.get_record("a")
+    assert a["engine_uuid"] is None and a["stdout"] is None and a["label"] is None
+    assert a["completed"] == T0 + timedelta(seconds=1)
+    assert reopened.get_record("c")["extra_key"] is None
+    reopened.close()
+
+
+def test_json_dicts_are_written_as_their_text_and_read_back_as_dicts():
+    """A header kept with the JSON it came as is written as that text, even text a
+    session reads only with its bad UTF-8 replaced; reads give plain dicts."""
+    header = {"msg_id": "m1", "date": "2024-05-01T12:00:00Z", "username": "\ufffd"}
+    raw = b'{"msg_id": "m1", "date": "2024-05-01T12:00:00Z", "username": "\xff"}'
+    assert JSONDict.of(header, None) is header and JSONDict.of([1], raw) == [1]
+    kept = JSONDict.of(header, zmq.Frame(raw))
+    assert type(kept) is JSONDict and kept == header and kept.raw == raw
+    assert encode_value(kept) == b"\x00J" + raw
+    assert decode_value(bytes(encode_value(kept))) == header
+    store = MemoryStore(record_limit=0)  # spills the record once it completes
+    store.add_record("m1", _rec("m1", completed=True, header=kept))
+    store.flush()
+    assert not store.is_resident("m1")
+    back = store.get_record("m1")["header"]
+    assert back == header and type(back) is dict
+    store.close()
+
+
+def test_sqlite_reads_back_bytearray_blobs_as_bytes(tmp_path):
+    """Blobs are bound as bytearrays (bytes cost more to bind): SQLite must store them
+    as BLOBs that read back as bytes, which decode_value reads."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "t.db")
+    db.execute("CREATE TABLE t (v)")
+    db.execute("INSERT INTO t VALUES (?)", (encode_value({"a": [1, T0]}),))
+    ((stored,),) = db.execute("SELECT v FROM t").fetchall()
+    db.close()
+    assert type(stored) is bytes and decode_value(stored) == {"a": [1, T0]}
+
+
 def test_sqlite_reopened_knows_its_msg_ids(tmp_path):
     """The filter of stored msg_ids is filled from the table when a store opens: a
     duplicate of a record written by an earlier store is still refused."""
@@ -699,6 +754,30 @@ def test_default_spill_file_is_private_and_removed_on_close():
     assert path.exists() and oct(path.stat().st_mode & 0o777) == "0o600"
     store.close()
     assert not path.exists()
+
+
+def test_only_the_private_spill_file_is_written_without_a_wal(tmp_path):
+    """The private spill file is a cache (no WAL, no syncs); a spill file the user
+    named and the SQLite store stay in WAL mode, which survives a crash."""
+    import sqlite3
+
+    def journal(path: Path) -> str:
+        db = sqlite3.connect(path)
+        try:
+            return db.execute("PRAGMA journal_mode").fetchone()[0]
+        finally:
+            db.close()
+
+    private, named = MemoryStore(record_limit=0), MemoryStore(record_limit=0, spill_path=tmp_path / "s.db")
+    durable = SQLiteStore(tmp_path / "hub.db")
+    for store in (private, named, durable):
+        store.add_record("a", _rec("a", 0, completed=True))
+        store.flush()
+    assert journal(Path(private.spill.path)) == "delete"
+    assert journal(tmp_path / "s.db") == journal(tmp_path / "hub.db") == "wal"
+    assert private.get_record("a")["msg_id"] == "a"
+    for store in (private, named, durable):
+        store.close()
 
 
 def test_negative_limits_rejected():

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ipyparallel_lite.controller.store import BaseStore, MemoryStore, RecordNotFound
+from ipyparallel_lite.controller.store import BaseStore, JSONDict, MemoryStore, RecordNotFound
 from ipyparallel_lite.versions import conflicts, versions
 
 #: the channels an engine must confirm before it is ready
@@ -219,7 +219,10 @@ class Hub:
     # a dict update in the store, never a copy of the message and never disk I/O (a
     # SQLite store writes in batches when the server flushes it on a timer). The
     # request's and the reply's frames are kept as they arrived; they are unpacked only
-    # when a client asks for them. ``started`` comes with the reply's metadata. The
+    # when a client asks for them. Headers and metadata are kept as dicts, with the JSON
+    # text they arrived as when the caller passes it (``header_json``,
+    # ``metadata_json``: the verified frames), which SQLite stores as it is
+    # (:class:`JSONDict`). ``started`` comes with the reply's metadata. The
     # output keys (stdout, stderr, execute_input, execute_result, error) come from the
     # engines' iopub messages, one :meth:`output` call each.
 
@@ -233,10 +236,13 @@ class Hub:
         engine_uuid: str | None = None,
         content: Any = None,
         buffers: list | None = None,
+        header_json: Any = None,
+        metadata_json: Any = None,
     ) -> None:
         # a literal: twice as fast as filling dict.fromkeys(RECORD_KEYS), on the hot path
         self.store.add_record(msg_id, {
-            "msg_id": msg_id, "header": header, "metadata": metadata, "content": content,
+            "msg_id": msg_id, "header": JSONDict.of(header, header_json),
+            "metadata": JSONDict.of(metadata, metadata_json), "content": content,
             "buffers": buffers, "submitted": as_datetime(header.get("date")),
             "client_uuid": client_uuid, "engine_uuid": engine_uuid, "started": None,
             "completed": None, "resubmitted": None, "received": None, "result_header": None,
@@ -253,14 +259,15 @@ class Hub:
             pass
 
     def finished(
-        self, msg_id: str, header: dict, metadata: dict, content: Any, buffers: list
+        self, msg_id: str, header: dict, metadata: dict, content: Any, buffers: list,
+        header_json: Any = None, metadata_json: Any = None,
     ) -> None:
         """Record a reply; ``content`` may stay packed bytes, it is unpacked on query."""
         received = utcnow()
         try:
             self.store.update_record(msg_id, {
-                "result_header": header,
-                "result_metadata": metadata,
+                "result_header": JSONDict.of(header, header_json),
+                "result_metadata": JSONDict.of(metadata, metadata_json),
                 "result_content": content,
                 "result_buffers": buffers,
                 "engine_uuid": metadata.get("engine"),
@@ -272,7 +279,8 @@ class Hub:
             pass  # dropped by a client's purge meanwhile
 
     def late_result(
-        self, msg_id: str, header: dict, metadata: dict, content: Any, buffers: list
+        self, msg_id: str, header: dict, metadata: dict, content: Any, buffers: list,
+        header_json: Any = None, metadata_json: Any = None,
     ) -> bool:
         """Record a reply that came after the controller answered the task itself (its
         engine was declared dead): it replaces the controller's error, never an
@@ -280,7 +288,7 @@ class Hub:
         store = self.store
         if msg_id not in store or not isinstance(store.get_value(msg_id, "result_content"), dict):
             return False  # no record, or an engine's reply is there already (a rerun's)
-        self.finished(msg_id, header, metadata, content, buffers)
+        self.finished(msg_id, header, metadata, content, buffers, header_json, metadata_json)
         return True
 
     def output(self, msg_id: str, msg_type: str, content: Any, size: int = 0) -> bool:

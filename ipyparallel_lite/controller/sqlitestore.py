@@ -11,7 +11,9 @@ Each record key has its own column, so a query decodes only the columns it names
 Values are stored as: NULL, str, int and float as they are; a BLOB tagged raw for
 bytes-like values (a reply's packed content); a framed BLOB for the buffer lists
 (``"buffers"``, ``"result_buffers"``); a BLOB tagged JSON for everything else, with
-datetimes and bytes marked inside so they come back as they went in; a UTC datetime
+datetimes and bytes marked inside so they come back as they went in (a header or
+metadata as the JSON text the controller received, a :class:`~.store.JSONDict`,
+which is written as it is: encoding it again was most of what a row cost); a UTC datetime
 on its own (the record's dates) is a BLOB tagged date holding its fields, which costs
 a fraction of formatting it. Keys outside :data:`RECORD_KEYS` share one JSON column.
 Nothing here is ever unpickled.
@@ -40,6 +42,7 @@ from ipyparallel_lite.controller.store import (
     BUFFER_KEYS,
     RECORD_KEYS,
     BaseStore,
+    JSONDict,
     Record,
     RecordNotFound,
     compile_query,
@@ -53,6 +56,10 @@ __all__ = ["SQLiteStore"]
 COLUMNS = tuple(k for k in RECORD_KEYS if k != "msg_id")
 _KEY_SET = frozenset(RECORD_KEYS)
 _COLUMN_VALUES = itemgetter(*COLUMNS)
+#: the columns a row writes, in order: a bit each in the mask of the columns not NULL
+_WRITTEN = (*COLUMNS, "extra")
+_COLUMN_BITS = tuple((1 << i, key in BUFFER_KEYS) for i, key in enumerate(COLUMNS))
+_EXTRA_BIT = 1 << len(COLUMNS)
 _LEN = struct.Struct("<Q")
 #: a UTC datetime's fields: year, month, day, hour, minute, second, microsecond
 _DATE = struct.Struct("<HBBBBBI")
@@ -84,7 +91,7 @@ def _json_hook(obj: dict) -> Any:
 
 #: buffers whose len() is their size in bytes, which bytes concatenate as they are: a
 #: zmq Frame's .buffer costs ten times the concatenation (tested in test_store)
-_FLAT = (bytes, bytearray, zmq.Frame)
+_FLAT = frozenset((bytes, bytearray, zmq.Frame))
 
 
 def _flat(buf: Any) -> Any:
@@ -100,41 +107,51 @@ def _is_buffer(value: Any) -> bool:
 
 _encode_json = json.JSONEncoder(default=_json_default, separators=(",", ":"),
                                 check_circular=False).encode
-#: BLOB prefixes: JSON text, raw bytes, or the fields of a UTC datetime
-_JSON, _RAW, _UTC_DATE = b"\x00J", b"\x00B", b"\x00T"
-_PLAIN = (str, int, float)
+#: BLOB prefixes: JSON text, raw bytes, or the fields of a UTC datetime. Blobs are made
+#: as bytearrays: Python's sqlite3 binds a bytearray directly, where bytes (and None) go
+#: through its adaptation protocol first, which costs ten times as much per value
+#: (tested in test_store); SQLite reads them back as bytes.
+_JSON, _RAW, _UTC_DATE = bytearray(b"\x00J"), bytearray(b"\x00B"), bytearray(b"\x00T")
+_BLOBS = (bytes, bytearray)
+_PLAIN = frozenset((str, int, float))  # a set: a type not in it costs no comparisons
 
 
 def encode_value(value: Any) -> Any:
     """A record value as SQLite stores it: None, str, int and float as they are (the
-    common case costs nothing), the rest as a tagged BLOB: raw bytes, a UTC datetime's
-    fields, or JSON (other datetimes as ISO text)."""
+    common case costs nothing), the rest as a tagged BLOB (a bytearray): raw bytes, a
+    UTC datetime's fields, or JSON (other datetimes as ISO text)."""
     if value is None or type(value) in _PLAIN:
         return value
-    if type(value) is dict:  # headers and metadata: most of what is not plain
+    if type(value) is JSONDict:  # headers and metadata as they came: no encoding
+        return _JSON + value.raw
+    if type(value) is dict:
         return _JSON + _encode_json(value).encode()
     if isinstance(value, datetime):
         if value.tzinfo is _UTC:
             return _UTC_DATE + _DATE.pack(value.year, value.month, value.day, value.hour,
                                           value.minute, value.second, value.microsecond)
-        return b'%s{"$date":"%s"}' % (_JSON, value.isoformat().encode())
+        return _JSON + b'{"$date":"%s"}' % value.isoformat().encode()
     if _is_buffer(value):
         return _RAW + _flat(value)
     return _JSON + _encode_json(value).encode()
 
 
 def decode_value(stored: Any) -> Any:
-    if type(stored) is not bytes:
+    """A value as :func:`encode_value` wrote it (bytes as SQLite reads a BLOB back, or
+    the bytearray it was written as)."""
+    if type(stored) not in _BLOBS:
         return stored
     tag = stored[:2]
     if tag == _RAW:
-        return stored[2:]
+        return bytes(stored[2:])
     if tag == _UTC_DATE:
         return datetime(*_DATE.unpack_from(stored, 2), tzinfo=_UTC)
-    return json.loads(stored[2:], object_hook=_json_hook)
+    # read as the session reads a message: a signed header with bad UTF-8 in it was
+    # accepted, and written as it came (JSONDict), so it must read back too
+    return json.loads(stored[2:].decode("utf8", "replace"), object_hook=_json_hook)
 
 
-def encode_buffers(buffers: list | None) -> bytes | None:
+def encode_buffers(buffers: list | None) -> bytearray | None:
     """A list of buffers as one BLOB: each one's length, then its bytes."""
     if buffers is None:
         return None
@@ -143,10 +160,10 @@ def encode_buffers(buffers: list | None) -> bytes | None:
         flat = _flat(buf)
         parts.append(_LEN.pack(len(flat)))
         parts.append(flat)
-    return b"".join(parts)
+    return bytearray().join(parts)
 
 
-def decode_buffers(blob: bytes | None) -> list[bytes] | None:
+def decode_buffers(blob: bytes | bytearray | None) -> list[bytes] | None:
     if blob is None:
         return None
     view, out, at = memoryview(blob), [], 0
@@ -156,10 +173,6 @@ def decode_buffers(blob: bytes | None) -> list[bytes] | None:
         out.append(bytes(view[at:at + n]))
         at += n
     return out
-
-
-def _encode_column(key: str, value: Any) -> Any:
-    return encode_buffers(value) if key in BUFFER_KEYS else encode_value(value)
 
 
 def _decode_column(key: str, stored: Any) -> Any:
@@ -232,7 +245,9 @@ class SQLiteStore(BaseStore):
     ``table`` names the table, so several stores can share a file. The file is created
     with mode 0600: records hold the tasks' arguments and results. ``statement_cache``
     off: every statement is prepared anew (slower reads), and nothing written stays in
-    memory once it is on disk.
+    memory once it is on disk. ``durable`` off: for a file nobody reads after a crash
+    (the memory store's private spill file), written without a journal on disk or a
+    sync (a rollback still works), which costs less per write than WAL.
 
     This store must be the only writer of its table while it is open (the controller's
     store is): it knows which msg_ids the table holds from what it wrote itself, and
@@ -240,7 +255,7 @@ class SQLiteStore(BaseStore):
     """
 
     def __init__(self, path: str | Path, table: str = "tasks", batch_size: int = 2000,
-                 statement_cache: bool = True) -> None:
+                 statement_cache: bool = True, durable: bool = True) -> None:
         if not table.isidentifier():
             raise ValueError(f"table must be a plain identifier, not {table!r}")
         self.path = str(path)
@@ -252,15 +267,16 @@ class SQLiteStore(BaseStore):
         # buffers of the last record written stay in memory until the next write
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    cached_statements=128 if statement_cache else 0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        if durable:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        else:  # a cache: the journal in memory (rollbacks still work), never a sync
+            self._db.execute("PRAGMA journal_mode=MEMORY")
+            self._db.execute("PRAGMA synchronous=OFF")
         columns = ", ".join(f"{c}" for c in (*COLUMNS, "extra"))
         self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (msg_id TEXT PRIMARY KEY, {columns})")
-        names = ", ".join(("msg_id", *COLUMNS, "extra"))
-        marks = ", ".join("?" * (len(COLUMNS) + 2))
-        updates = ", ".join(f"{c}=excluded.{c}" for c in (*COLUMNS, "extra"))
-        self._upsert = (f"INSERT INTO {table} ({names}) VALUES ({marks}) "
-                        f"ON CONFLICT(msg_id) DO UPDATE SET {updates}")
+        #: the upsert of each set of non-NULL columns (see _row), made when first needed
+        self._upserts: dict[int, str] = {}
         #: records changed since the last flush, and records not completed yet
         self._live: dict[str, Record] = {}
         self._dirty: dict[str, None] = {}
@@ -272,23 +288,58 @@ class SQLiteStore(BaseStore):
 
     # ---- writing --------------------------------------------------------------------
 
-    def _row(self, record: Record) -> list:
+    @staticmethod
+    def _row(record: Record) -> tuple[int, list]:
+        """The values of ``record`` to write: msg_id, then each column that is not NULL;
+        and which columns those are, a bit per column of :data:`_WRITTEN` (an unbound
+        column is NULL, and binding None costs as much as binding a blob)."""
         try:
             values = _COLUMN_VALUES(record)  # one C call: a Hub record has every key
-            complete = True
+            complete = len(record) == len(RECORD_KEYS)  # every record key, nothing else
         except KeyError:
             values = [record.get(key) for key in COLUMNS]
             complete = False
-        # most of what a flush costs: plain values pass as they are
-        row = [v if v is None or type(v) in _PLAIN else _encode_column(k, v)
-               for k, v in zip(COLUMNS, values)]
-        row.insert(0, record["msg_id"])
-        if complete and len(record) == len(RECORD_KEYS):
-            row.append(None)  # every record key and nothing else
-        else:
+        row = [record["msg_id"]]
+        append = row.append
+        mask = 0
+        # most of what a flush costs: plain values pass as they are, and what a Hub
+        # record holds (headers as they came, frames, UTC dates) is written inline
+        for (bit, buffers), value in zip(_COLUMN_BITS, values):
+            if value is None:
+                continue
+            mask |= bit
+            kind = type(value)
+            if kind is JSONDict:
+                append(_JSON + value.raw)
+            elif kind is datetime and value.tzinfo is _UTC:
+                append(_UTC_DATE + _DATE.pack(value.year, value.month, value.day, value.hour,
+                                              value.minute, value.second, value.microsecond))
+            elif kind in _PLAIN:
+                append(value)
+            elif kind in _FLAT and not buffers:
+                append(_RAW + value)
+            else:
+                append(encode_buffers(value) if buffers else encode_value(value))
+        if not complete:
             extra = record.keys() - _KEY_SET
-            row.append(encode_value({k: record[k] for k in extra}) if extra else None)
-        return row
+            if extra:
+                mask |= _EXTRA_BIT
+                append(encode_value({k: record[k] for k in extra}))
+        return mask, row
+
+    def _upsert(self, mask: int) -> str:
+        """The statement writing a row of the columns in ``mask`` (see _row). A row that
+        is there already is replaced whole: ``excluded`` holds NULL for the columns not
+        named, so those are set to NULL."""
+        sql = self._upserts.get(mask)
+        if sql is None:
+            names = ", ".join(["msg_id", *(c for i, c in enumerate(_WRITTEN) if mask >> i & 1)])
+            marks = ", ".join("?" * (1 + mask.bit_count()))
+            updates = ", ".join(f"{c}=excluded.{c}" for c in _WRITTEN)
+            sql = self._upserts[mask] = (
+                f"INSERT INTO {self.table} ({names}) VALUES ({marks}) "
+                f"ON CONFLICT(msg_id) DO UPDATE SET {updates}")
+        return sql
 
     def flush(self, everything: bool = False) -> int:
         """Write changed records in one transaction; how many were written.
@@ -301,22 +352,34 @@ class SQLiteStore(BaseStore):
             return 0
         live = self._live
         held: dict[str, None] = {}
-        rows = []
+        # runs of rows with the same columns, each written by one executemany: the rows
+        # stay in the order they came, which is the table's order (rowid)
+        runs: list[tuple[int, list]] = []
+        rows: list = []
+        mask = -1
+        completed = []  # written: they leave memory (a later update reads them back)
+        row = self._row
         for msg_id in self._dirty:
             record = live[msg_id]
-            if not everything and record.get("completed") is None and msg_id not in self._held:
+            if record.get("completed") is not None:
+                completed.append(msg_id)
+            elif not everything and msg_id not in self._held:
                 held[msg_id] = None
-            else:
-                rows.append(self._row(record))
-        if rows:
+                continue
+            columns, values = row(record)
+            if columns != mask:
+                mask, rows = columns, []
+                runs.append((mask, rows))
+            rows.append(values)
+        if runs:
             with self._db:
                 self._db.execute("BEGIN")
-                self._db.executemany(self._upsert, rows)
-        for msg_id in self._dirty:
-            if msg_id not in held and live[msg_id].get("completed") is not None:
-                del live[msg_id]  # on disk now; pending records stay for their updates
+                for columns, values in runs:
+                    self._db.executemany(self._upsert(columns), values)
+        for msg_id in completed:
+            del live[msg_id]  # on disk now; pending records stay for their updates
         self._dirty, self._held = dict(held), held
-        return len(rows)
+        return sum(len(values) for _, values in runs)
 
     def _touched(self, msg_id: str) -> None:
         self._dirty[msg_id] = None

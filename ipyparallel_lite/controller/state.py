@@ -163,8 +163,10 @@ class ControllerState:
     Every event method returns a list of actions (above) for the server to carry out,
     in order. ``record_output``: fill records' ``execute_input`` from requests.
     ``unpack`` turns a verified, stored frame (request or reply content) into
-    a dict, for queries; ``restored``: the records are those of a controller that died
-    (finished tasks named as dependencies are recalled from them).
+    a dict, for queries (when it reads JSON, the Hub keeps each message's header and
+    metadata frames too, which its SQLite store writes as they came); ``restored``: the
+    records are those of a controller that died (finished tasks named as dependencies
+    are recalled from them).
     """
 
     def __init__(
@@ -184,6 +186,7 @@ class ControllerState:
         self.hub = hub or Hub()
         self.scheduler = scheduler or TaskScheduler()
         self.unpack = unpack
+        self.json_frames = _reads_json(unpack)
         self.client_window = client_window
         #: finished tasks that later tasks may still name as dependencies
         self.remember_finished = remember_finished
@@ -201,6 +204,12 @@ class ControllerState:
         self.completed: dict[bytes, int] = {}
         self._finished: collections.deque[str] = collections.deque()
         self._told_to_restart: set[str] = set()
+
+    def _json(self, frames: list) -> tuple:
+        """The header and metadata frames of a message (``frames`` from DELIM on), the
+        JSON text its dicts were read from, for the Hub to keep; Nones when the
+        session's packer is not JSON."""
+        return (frames[2], frames[4]) if self.json_frames else (None, None)
 
     # ---- the table of work in flight ---------------------------------------------
 
@@ -266,7 +275,7 @@ class ControllerState:
         engine = self.hub.by_uuid(target_uuid)
         pending = self._add(msg_id, Pending(client, header, MUX, []))
         self.hub.submitted(msg_id, header, metadata, header.get("session", ""), "mux",
-                           target_uuid, frames[5], frames[6:])
+                           target_uuid, frames[5], frames[6:], *self._json(frames))
         if engine is None or engine.state != "ready":
             return self._fail(msg_id, "EngineError", f"No engine with uuid {target_uuid!r} is "
                               "registered; it may have died. Use rc.ids for the live engines.")
@@ -306,8 +315,11 @@ class ControllerState:
             sub_header = {**header, "msg_id": f"{msg_id}_{eid}"}
             sub_id = sub_header["msg_id"]
             engine = self.hub.engines.get(eid)
+            # the copy's header is its own (packed when it is sent): only the metadata
+            # is as it came
             self.hub.submitted(sub_id, sub_header, metadata, session_id, queue,
-                               engine.uuid if engine is not None else None, tail[2], tail[3:])
+                               engine.uuid if engine is not None else None, tail[2], tail[3:],
+                               None, self._json(frames)[1])
             pending = self._add(sub_id, Pending(client, sub_header, tag, []))
             if not work:
                 out += self._fail(sub_id, "ValueError", "Request rejected: only "
@@ -334,7 +346,7 @@ class ControllerState:
             out = self.recall_dependencies(md)  # tasks finished before the restart
         self._add(msg_id, Pending(client, header, TASK, frames))
         self.hub.submitted(msg_id, header, metadata, header.get("session", ""), "task", None,
-                           frames[5], frames[6:])
+                           frames[5], frames[6:], *self._json(frames))
         if header.get("msg_type") not in WORK_TYPES:
             # an engine answers nothing else: the task would hold its slot forever
             return out + self._fail(msg_id, "ValueError", f"Task rejected: only {' and '.join(WORK_TYPES)} "
@@ -449,7 +461,7 @@ class ControllerState:
         ident = engine.ident
         self.completed[ident] = self.completed.get(ident, 0) + 1
         self._forget_later(parent_id)
-        self.hub.finished(parent_id, header, metadata, frames[5], frames[6:])
+        self.hub.finished(parent_id, header, metadata, frames[5], frames[6:], *self._json(frames))
         if self.record_output and msg_type == "execute_reply":
             self.hub.input_from_request(parent_id, self._unpacked)
         return out
@@ -461,7 +473,7 @@ class ControllerState:
         a rerun's result), so nothing goes to the client; the computed result replaces
         the controller's EngineError in the Hub's record, for ``get_result``/``db_query``."""
         if parent_id not in self.pending and self.hub.late_result(
-                parent_id, header, metadata, frames[5], frames[6:]):
+                parent_id, header, metadata, frames[5], frames[6:], *self._json(frames)):
             self.warn(engine_uuid.encode(), "late reply", "stored the late result of %s from "
                       "removed engine %s in the Hub; its client had its answer already",
                       parent_id, engine_uuid)
@@ -707,6 +719,15 @@ class ControllerState:
                 out += self._scheduled(self.scheduler.record_result(dep, engine.id if engine else -1,
                                                                     status == "ok"))
         return out
+
+
+def _reads_json(unpack: Callable[[bytes], Any]) -> bool:
+    """Whether ``unpack`` reads JSON (the session's default packer), so that the
+    frames it verified are JSON text a store can keep as it is."""
+    try:
+        return unpack(b'{"json": [1, null]}') == {"json": [1, None]}
+    except Exception:  # a pickle or msgpack reader, say
+        return False
 
 
 def _dates_in_query(query: Any) -> Any:

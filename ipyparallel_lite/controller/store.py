@@ -3,7 +3,9 @@
 A task record is a dict keyed by the task's ``msg_id`` with the keys in
 :data:`RECORD_KEYS`; its values may be str, int, float, bool, None, datetime, dicts,
 lists, or buffers (``"buffers"`` and ``"result_buffers"`` are lists of bytes-like
-objects, which the store counts but never looks into).
+objects, which the store counts but never looks into). A header or metadata the
+controller received is a :class:`JSONDict`: the dict, and the JSON text it arrived as,
+which a store writes as it is.
 
 Stores: :class:`MemoryStore` (the default; bounded, spilling its oldest completed
 records to SQLite when full), :class:`~.sqlitestore.SQLiteStore` (durable, for a
@@ -28,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import zmq
+
 if TYPE_CHECKING:
     from ipyparallel_lite.controller.sqlitestore import SQLiteStore
 
@@ -35,6 +39,7 @@ __all__ = [
     "OPERATORS",
     "RECORD_KEYS",
     "BaseStore",
+    "JSONDict",
     "MemoryStore",
     "NoStore",
     "QueryError",
@@ -62,6 +67,31 @@ BUFFER_KEYS = ("buffers", "result_buffers")
 TEXT_KEYS = ("stdout", "stderr", "execute_input")
 #: what changes a record's size
 SIZED_KEYS = frozenset((*BUFFER_KEYS, *TEXT_KEYS))
+_SIZED_ORDER = (*BUFFER_KEYS, *TEXT_KEYS)
+#: buffers whose len() is their size in bytes (tested in test_store)
+_SIZED_BY_LEN = frozenset((bytes, bytearray, zmq.Frame))
+
+
+class JSONDict(dict):
+    """A dict that arrived as JSON text (a message's header or metadata): ``raw`` holds
+    that text, verified, so that a store writes it as it is instead of encoding the dict
+    again. Make it with :meth:`of`; a copy (what a store's reads return) is a plain dict.
+    """
+
+    __slots__ = ("raw",)
+    raw: bytes
+
+    @classmethod
+    def of(cls, value: Any, raw: Any) -> Any:
+        """``value`` with ``raw``, the JSON text it was read from (bytes or a zmq Frame),
+        when ``value`` is a dict and ``raw`` is not None; ``value`` itself otherwise."""
+        if raw is None or type(value) is not dict:
+            return value
+        wire = cls(value)
+        kind = type(raw)
+        # a zmq Frame keeps the bytes its verification read: no copy
+        wire.raw = raw if kind is bytes else raw.bytes if kind is zmq.Frame else bytes(raw)
+        return wire
 
 
 class QueryError(ValueError):
@@ -292,15 +322,21 @@ def project(record: Record, keys: list[str] | None) -> Record:
     return {"msg_id": record["msg_id"], **{k: _copy(record.get(k)) for k in keys}}
 
 
-def _buffer_bytes(record: Record) -> int:
-    """Bytes of a record's buffers, plus the length of its output text."""
+def _buffer_bytes(record: Record, keys: Iterable[str] = _SIZED_ORDER) -> int:
+    """Bytes of a record's buffers, plus the length of its output text (of ``keys``)."""
     total = 0
-    for key in TEXT_KEYS:
-        text = record.get(key)
-        if isinstance(text, str):
-            total += len(text)
-    for key in BUFFER_KEYS:
-        for buf in record.get(key) or ():
+    for key in keys:
+        value = record.get(key)
+        if value is None:
+            continue
+        if key in TEXT_KEYS:
+            if isinstance(value, str):
+                total += len(value)
+            continue
+        for buf in value:
+            if type(buf) in _SIZED_BY_LEN:
+                total += len(buf)
+                continue
             try:
                 total += memoryview(buf).nbytes
             except TypeError:  # not a buffer after all: count what we can
@@ -489,8 +525,10 @@ class MemoryStore(BaseStore):
                 self._spill_dir = tempfile.TemporaryDirectory(prefix="ipp-lite-spill-")
                 path = Path(self._spill_dir.name) / "records.db"
             # records spill because their buffers are big: none may stay in memory
-            # bound to a cached statement once it is on disk
-            self._spill = SQLiteStore(path, table="spilled", statement_cache=False)
+            # bound to a cached statement once it is on disk. A private file is removed
+            # on exit, and nobody reads it after a crash: it need not be durable.
+            self._spill = SQLiteStore(path, table="spilled", statement_cache=False,
+                                      durable=self.spill_path is not None)
         return self._spill
 
     def __len__(self) -> int:
@@ -499,17 +537,8 @@ class MemoryStore(BaseStore):
     def __contains__(self, msg_id: object) -> bool:
         return msg_id in self._records or (self._spill is not None and msg_id in self._spill)
 
-    def _account(self, msg_id: str, record: Record, changed: Record | None = None) -> None:
-        """Refresh the byte count and completion state of a stored record.
-
-        ``changed``: the update just applied, when only its keys can have changed them.
-        """
-        if changed is None or not changed.keys().isdisjoint(SIZED_KEYS):
-            nbytes = _buffer_bytes(record)
-            self._total_bytes += nbytes - self._nbytes.get(msg_id, 0)
-            self._nbytes[msg_id] = nbytes
-        if changed is not None and "completed" not in changed:
-            return
+    def _completion(self, msg_id: str, record: Record) -> None:
+        """Note whether a stored record is completed (it may spill) or pending."""
         if record.get("completed") is None:
             self._completed.pop(msg_id, None)  # pending (again): stays in memory
         elif msg_id not in self._completed:
@@ -540,7 +569,9 @@ class MemoryStore(BaseStore):
         record = dict(rec)
         record["msg_id"] = msg_id
         self._records[msg_id] = record
-        self._account(msg_id, record)
+        nbytes = self._nbytes[msg_id] = _buffer_bytes(record)
+        self._total_bytes += nbytes
+        self._completion(msg_id, record)
         self._spill_over()
 
     def update_record(self, msg_id: str, rec: Record) -> None:
@@ -550,8 +581,16 @@ class MemoryStore(BaseStore):
         if record is None:
             self._spilled(msg_id).update_record(msg_id, rec)
             return
+        sized = rec.keys() & SIZED_KEYS
+        if sized:  # the sizes of what changes, before and after: counted once
+            delta = _buffer_bytes(rec, sized) - _buffer_bytes(record, sized)
+            self._nbytes[msg_id] += delta
+            self._total_bytes += delta
         record.update(rec)
-        self._account(msg_id, record, rec)
+        if "completed" in rec:
+            self._completion(msg_id, record)
+        elif not sized:
+            return  # nothing that makes records spill changed
         self._spill_over()
 
     def _spilled(self, msg_id: str) -> BaseStore:
