@@ -7,7 +7,11 @@ Starts a 2-engine cluster, warms the workload up, then repeats it for ``--second
 prints the wall rate (or time per call) and, for the client, the controller and each
 engine, the CPU time (user + system, from psutil) spent per task or call. Wall figures
 move with the machine's load; CPU per task much less, which is what makes A/B runs of
-two trees (``PYTHONPATH=<tree>``, alternating) comparable on a shared machine.
+two trees (``PYTHONPATH=<tree>``, alternating) comparable on a shared machine. Run them
+from a directory outside both trees: ``python -m`` puts the current directory first on
+``sys.path``, so inside a checkout every run imports that checkout, whatever
+``PYTHONPATH`` says. The last line gives the time the host stole from this virtual
+machine during the run; runs with very different steal do not compare.
 
 Workloads: ``lb`` (``lview.apply_async(noop)`` × ``--n``, then wait), ``map``
 (``lview.map_async(noop1, range(n))``), ``direct`` (``rc[:].apply_async(noop)`` ×
@@ -93,12 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         run()
         run()  # warm: imports, function caches, first records
         procs = processes(psutil.Process())
+        steal_before = psutil.cpu_times()
         before = {name: p.cpu_times() for name, p in procs.items()}
         start, done = time.perf_counter(), 0
         while time.perf_counter() - start < opts.seconds:
             done += run()
         elapsed = time.perf_counter() - start
         after = {name: p.cpu_times() for name, p in procs.items()}
+        steal_after = psutil.cpu_times()
     finally:
         rc.close()
         cluster.stop_cluster_sync()
@@ -115,6 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:10s} {(user + system) / done * 1e6:7.1f} us CPU per task "
               f"(user {user / done * 1e6:.1f}, system {system / done * 1e6:.1f})")
     print(f"  {'all':10s} {total / done * 1e6:7.1f} us CPU per task")
+    # a virtual machine's stolen time: the host ran something else on our cores, and
+    # every figure above is inflated (caches lost, wake-ups late); compare runs alike
+    stolen = getattr(steal_after, "steal", 0.0) - getattr(steal_before, "steal", 0.0)
+    print(f"  steal: {stolen / (elapsed * psutil.cpu_count()) * 100:.0f}% of the machine's "
+          f"CPU time during the run")
 
 
 if __name__ == "__main__":

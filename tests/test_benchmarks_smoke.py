@@ -115,7 +115,8 @@ def test_cpu_per_task_benchmark_runs(mode):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(f"{mode}: ") and ("tasks/s" in lines[0] or "ms per call" in lines[0])
-    spent = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
+    assert lines[-1].startswith("  steal: ") and lines[-1].endswith("during the run")
+    spent = {line.split()[0]: float(line.split()[1]) for line in lines[1:-1]}
     assert set(spent) == {"client", "controller", "engine0", "engine1", "all"}
     assert spent["client"] > 0 and spent["controller"] > 0
     assert spent["all"] >= spent["client"] + spent["controller"]
