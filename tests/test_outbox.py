@@ -35,6 +35,13 @@ def pair(ctx: zmq.Context, peer: bytes) -> tuple[zmq.Socket, zmq.Socket]:
     return router, dealer
 
 
+def numbers(frames: list) -> list[int]:
+    """The numbers the tests put in front of each message's first frame, for a zmq
+    message that is a batch or a lone message."""
+    messages = batch.unpack(frames) if batch.is_batch(frames[0]) else [frames]
+    return [int.from_bytes(m[0][:4], "big") for m in messages]
+
+
 async def receive(dealer: zmq.Socket, until: bytes, timeout: float = 5) -> list[bytes]:
     """What the dealer receives up to the frame ``until``, while the loop retries sends."""
     got: list[bytes] = []
@@ -147,9 +154,7 @@ def test_replies_of_one_turn_go_as_one_batch_or_wait_one_by_one_in_order(ctx: zm
         for _ in range(500):
             await asyncio.sleep(0.01)
             while dealer.poll(0):
-                frames = dealer.recv_multipart()
-                messages = batch.unpack(frames) if batch.is_batch(frames[0]) else [frames]
-                got.extend(int.from_bytes(m[0][:4], "big") for m in messages)
+                got.extend(numbers(dealer.recv_multipart()))
             if len(got) == 500:
                 break
         assert got == list(range(500))
@@ -253,9 +258,7 @@ def test_an_engines_requests_of_one_turn_go_as_one_batch_and_each_refusal_is_rep
         for _ in range(500):
             await asyncio.sleep(0.01)
             while dealer.poll(0):
-                frames = dealer.recv_multipart()
-                messages = batch.unpack(frames) if batch.is_batch(frames[0]) else [frames]
-                got.extend(int.from_bytes(m[0][:4], "big") for m in messages)
+                got.extend(numbers(dealer.recv_multipart()))
             if len(got) + len(refused) == n and not outbox.backlog()["peers"]:
                 break
         assert got == sorted(got)  # in order, none twice
