@@ -31,10 +31,12 @@ the Client.
 
 from __future__ import annotations
 
+import _signal  # signal's C functions: signal.signal wraps handlers in enums, 10x the cost
 import collections
 import contextlib
 import os
 import select
+import signal
 import threading
 import time
 import warnings
@@ -74,6 +76,47 @@ BATCH_MAX = 64
 _CHANNEL, _FRAMES, _SLOTS, _TRACK, _SEQ, _IDS = range(6)
 #: a sequence number after every other
 _NEVER = float("inf")
+
+
+_SIGINT = int(signal.SIGINT)
+
+
+class _SigintHeld:
+    """Ctrl-C held while the main thread queues and sends a request, raised after.
+
+    Python raises KeyboardInterrupt in the main thread between any two bytecodes. In
+    :meth:`Transport.submit` that could land between the frames of a multipart send (the
+    next send would continue the message: two requests garbled into one the controller
+    drops, and their results never come), or after a result was registered and before
+    its request was queued (``wait()`` would wait for it forever). Held, it is raised
+    when the request is on its way, as if Ctrl-C came just after the call returned.
+    A thread other than the main one, or a handler that raises nothing (SIG_IGN,
+    SIG_DFL), is left alone.
+    """
+
+    __slots__ = ("previous", "held")
+
+    def __init__(self) -> None:
+        self.previous: Any = None
+        self.held: tuple | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.held = (signum, frame)
+
+    def __enter__(self) -> _SigintHeld:
+        if threading.get_ident() == threading.main_thread().ident:
+            previous = _signal.getsignal(_SIGINT)
+            if callable(previous):
+                self.previous = previous
+                _signal.signal(_SIGINT, self)  # from here on, a Ctrl-C only sets held
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        previous = self.previous
+        if previous is not None:
+            _signal.signal(_SIGINT, previous)
+            if self.held is not None:
+                previous(*self.held)
 
 
 class Transport:
@@ -229,8 +272,15 @@ class Transport:
         ``history``: a view's history, which records the ids too (:attr:`history` always
         does). ``track``: have zmq track the sends, for ``result.sent`` (needs ``result``).
         ``control``: requests to stop or clear engines, kept out of ``pending``,
-        ``history`` and ``wait()``.
+        ``history`` and ``wait()``. A Ctrl-C meanwhile is raised once the messages are
+        queued (and sent, if this thread sends them): see :class:`_SigintHeld`.
         """
+        with _SigintHeld():
+            self._submit(channel, messages, result, reply_ids, history, track, control)
+
+    def _submit(self, channel: str, messages: list[tuple[str, list]], result: Any,
+                reply_ids: list[str] | None, history: list[str] | None, track: bool,
+                control: bool) -> None:
         windowed = False
         # nothing in flight: the request goes alone, so this thread may send it itself
         alone = not self.pending and not self.control_pending
