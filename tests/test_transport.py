@@ -60,8 +60,9 @@ def test_ctrl_c_while_submitting_garbles_and_loses_nothing(rc):
     # one the controller drops, and one between registering a result and queueing its
     # request would leave wait() waiting forever. Held, it comes after the send, and
     # every request, interrupted or not, gets its answer. (Without the hold, 7 and 9
-    # requests of 400 went unanswered in two runs.) A Ctrl-C that lands while Python
-    # frees a zmq frame is ignored there, as in any program, and warned about.
+    # requests of 400 went unanswered in two runs.) A Ctrl-C that lands in pyzmq's C
+    # code (freeing a frame, checking a return code) is ignored there, as in any
+    # program, and printed.
     view = rc[0]
     armed = threading.Event()
     stop = threading.Event()
@@ -99,7 +100,10 @@ def test_ctrl_c_while_submitting_garbles_and_loses_nothing(rc):
         stop.set()
         thread.join(10)
         signal.signal(signal.SIGINT, previous)
-    assert interrupted == 30, f"only {interrupted} interrupts in {i} submissions"
+    # how many land inside a submission depends on the machine's load (16 in 3,000 in
+    # a full run, 30 in about 400 alone); without the hold each one lost a request
+    # about half the time
+    assert interrupted >= 5, f"only {interrupted} interrupts in {i} submissions"
     assert all(value == i for i, value in answered)
     # the interrupted ones were sent whole, and their results come too
     assert rc.wait(timeout=30), f"{len(rc.outstanding)} requests never answered"
