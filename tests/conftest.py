@@ -65,11 +65,16 @@ def wait_gone(pids: set[int], timeout: float = 30) -> set[int]:
     ended); those still running."""
     import time
 
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # gone, also between looking it up and reading it
+            return False
+
     deadline = time.monotonic() + timeout
     alive = set(pids)
     while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        alive = {p for p in alive if running(p)}
         time.sleep(0.1)
     return alive
 
