@@ -59,6 +59,15 @@ class FastSocket(zmq.Socket):
         return parts
 
 
+def frame_bytes(value: Any) -> bytes:
+    """A received part as bytes: a zmq Frame's cached copy, bytes as they are, any other
+    buffer copied."""
+    kind = type(value)
+    if kind is bytes:
+        return value
+    return value.bytes if kind is zmq.Frame else bytes(value)
+
+
 def readable(sock: zmq.Socket) -> bool:
     """Whether a message waits on ``sock``, without the cost of a failed non-blocking recv.
 

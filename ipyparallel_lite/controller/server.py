@@ -66,6 +66,7 @@ from ipyparallel_lite.controller.state import (
     TellToExit,
 )
 from ipyparallel_lite.dask_bridge import ControllerDask
+from ipyparallel_lite.fastzmq import frame_bytes
 from ipyparallel_lite.memory import release_free_memory
 from ipyparallel_lite.processes import process_alive, process_start_time
 
@@ -446,10 +447,10 @@ class Controller:
         buffers stay as they are.
         """
         delim, _sig, header, parent, metadata, content, *buffers = frames
-        md = self.session.unpack(_bytes(metadata))
+        md = self.session.unpack(frame_bytes(metadata))
         md["attempt"] = attempt
         packed = self.session.pack(md)
-        signature = self.session.sign([_bytes(header), _bytes(parent), packed, _bytes(content)])
+        signature = self.session.sign([frame_bytes(header), frame_bytes(parent), packed, frame_bytes(content)])
         return [delim, signature, header, parent, packed, content, *buffers]
 
     def _reply_to_client(self, action: ReplyToClient) -> None:
@@ -606,7 +607,7 @@ class Controller:
                 content: Any, buffers: list) -> list:
         """A message rebuilt from stored parts, signed anew: ``content`` may stay the packed
         frame it arrived as (it is forwarded as is), or be a dict."""
-        body = _bytes(content) if isinstance(content, bytes | zmq.Frame) else self.session.pack(content)
+        body = frame_bytes(content) if isinstance(content, bytes | zmq.Frame) else self.session.pack(content)
         packed = [self.session.pack(header), self.session.pack(parent), self.session.pack(metadata), body]
         return [*idents, DELIM, self.session.sign(packed), *packed, *buffers]
 
@@ -623,7 +624,7 @@ class Controller:
 
     def _unpack(self, value: Any) -> Any:
         """A verified frame (stored request or reply content) as a dict."""
-        return self.session.unpack(_bytes(value))
+        return self.session.unpack(frame_bytes(value))
 
     # ---- parsing ---------------------------------------------------------------
 
@@ -910,7 +911,7 @@ class Controller:
     def _stolen(self, engine_ident: bytes, msg: dict) -> None:
         """An engine's answer to a steal request, checked, for the core."""
         try:
-            content = self.session.unpack(_bytes(msg["content"]))
+            content = self.session.unpack(frame_bytes(msg["content"]))
             stolen, kept = content["stolen"], content["kept"]
             if not all(isinstance(m, str) for m in (*stolen, *kept)):
                 raise TypeError("msg_ids must be strings")
@@ -993,6 +994,3 @@ class Controller:
 def _error_content(ename: str, evalue: str) -> dict:
     return {"status": "error", "ename": ename, "evalue": evalue, "traceback": [], "engine_info": {}}
 
-
-def _bytes(value: Any) -> bytes:
-    return value.bytes if isinstance(value, zmq.Frame) else bytes(value)

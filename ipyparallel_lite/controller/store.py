@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from ipyparallel_lite.fastzmq import frame_bytes
+
 if TYPE_CHECKING:
     from ipyparallel_lite.controller.sqlitestore import SQLiteStore
 
@@ -88,9 +90,7 @@ class JSONDict(dict):
         if raw is None or type(value) is not dict:
             return value
         wire = cls(value)
-        kind = type(raw)
-        # a zmq Frame keeps the bytes its verification read: no copy
-        wire.raw = raw if kind is bytes else raw.bytes if kind is zmq.Frame else bytes(raw)
+        wire.raw = frame_bytes(raw)  # a zmq Frame keeps the bytes its verification read
         return wire
 
 
