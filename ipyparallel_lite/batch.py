@@ -1,19 +1,27 @@
 """Batches: several whole Jupyter messages carried by one zmq message, on every hop.
 
 Every hop (client → controller, controller → client, controller → engine, engine →
-controller) pays a fixed
-price per zmq message: a wake-up, a Python call per frame to send and to receive, a
-turn of the reader. When several messages to the same peer are ready at the same
-moment, the sender packs them into one zmq message:
+controller) pays a fixed price per zmq message (a wake-up, a turn of the reader) and
+another per zmq frame (a pyzmq and a libzmq call to send it, two to receive it: about
+1 µs a side here, and a Jupyter message has nine or more frames). When several
+messages to the same peer are ready at the same moment, the sender packs them into
+one zmq message of three frames, plus one per large buffer:
 
-    [MARKER, counts, *frames of message 1, *frames of message 2, ...]
+    [MARKER, index, small, *large parts]
 
-``MARKER`` is ``b"<IPP-BATCH>"``; ``counts`` holds one little-endian uint32 per inner
-message, its number of frames. Each inner message is exactly what would have been
-sent on its own (routing identities, ``<IDS|MSG>``, HMAC signature, header, parent,
-metadata, content, buffers): the batch adds no trust, and the receiver verifies each
-inner message as it would a lone one. A ROUTER puts the sender's identity in front of
-the marker; the receiver puts it in front of each inner message again.
+``MARKER`` is ``b"<IPP-BATCH2>"``. ``index`` is little-endian uint32 words: the number
+of messages ``n``, then each message's number of parts, then each part's size in
+order, ``LARGE`` (``0xFFFFFFFF``) for a part that travels as a frame of its own.
+``small`` is the other parts, concatenated. A part goes in ``small`` when it is under
+:data:`INLINE_BELOW` bytes (copying it costs less than a frame); larger ones (numpy
+arrays, big pickles) stay frames of their own and are never copied. Each message's
+parts are exactly what would have been sent on its own (routing identities,
+``<IDS|MSG>``, HMAC signature, header, parent, metadata, content, buffers): the batch
+adds no trust, and the receiver verifies each inner message as it would a lone one.
+Receivers get the small parts as ``bytes`` and the large ones as the frames they
+arrived as, so code reading a message's parts takes either (``fastzmq.frame_bytes``).
+A ROUTER puts the sender's identity in front of the marker; the receiver puts it in
+front of each inner message again.
 
 Senders batch only what is already waiting; a lone message goes as it is. The
 controller and engines read batches from anyone. The controller sends batches to its
@@ -29,10 +37,19 @@ import struct
 import uuid
 from typing import Any
 
-MARKER = b"<IPP-BATCH>"
+import zmq
+
+from ipyparallel_lite.fastzmq import frame_bytes
+
+MARKER = b"<IPP-BATCH2>"
 _MARKER_LEN = len(MARKER)
 #: most messages one batch may carry: senders stop there, receivers refuse more
 MAX_MESSAGES = 1024
+#: parts this size or larger travel as frames of their own (zero-copy); smaller ones are
+#: copied into the batch's one frame of small parts, which costs less than a frame
+INLINE_BELOW = 4096
+#: the size word of a part that travels as a frame of its own
+LARGE = 0xFFFFFFFF
 
 
 #: the start of the zmq identity of a client socket that reads batches
@@ -50,45 +67,83 @@ def reads_batches(identity: bytes) -> bool:
 
 
 class BatchError(ValueError):
-    """A batch whose counts do not match its frames: dropped whole."""
+    """A batch whose index does not match its frames: dropped whole."""
+
+
+def _nbytes(part: Any) -> int:
+    kind = type(part)
+    if kind is bytes or kind is zmq.Frame:
+        return len(part)
+    return memoryview(part).nbytes  # len() of a shaped buffer counts items, not bytes
 
 
 def pack(messages: list[list]) -> list:
-    """One zmq message's frames carrying ``messages`` (each a list of frames)."""
-    counts = struct.pack(f"<{len(messages)}I", *map(len, messages))
-    frames: list = [MARKER, counts]
+    """One zmq message's frames carrying ``messages`` (each a list of parts: bytes,
+    zmq Frames or other contiguous buffers)."""
+    words = [len(messages)]
+    words.extend(map(len, messages))
+    small: list = []
+    large: list = [MARKER, b"", b""]
     for message in messages:
-        frames.extend(message)
-    return frames
+        for part in message:
+            size = _nbytes(part)
+            if size < INLINE_BELOW:
+                words.append(size)
+                small.append(part)
+            else:
+                words.append(LARGE)
+                large.append(part)
+    large[1] = struct.pack(f"<{len(words)}I", *words)
+    large[2] = b"".join(small)
+    return large
 
 
 def is_batch(frame: Any) -> bool:
     """Whether ``frame`` (bytes or a ``zmq.Frame``) is the batch marker."""
-    if len(frame) != _MARKER_LEN:
-        return False
-    return (frame if isinstance(frame, bytes) else frame.bytes) == MARKER
+    return len(frame) == _MARKER_LEN and frame_bytes(frame) == MARKER
 
 
 def unpack(frames: list, at: int = 0) -> list[list]:
-    """The messages of the batch whose marker is ``frames[at]``; frames stay as they are
-    (``zmq.Frame`` objects are not copied). :class:`BatchError` if it does not add up."""
+    """The messages of the batch whose marker is ``frames[at]``: small parts as bytes,
+    large ones the frames they came as (not copied). :class:`BatchError` if it does not
+    add up."""
     if len(frames) < at + 3:
-        raise BatchError(f"a batch needs a marker, counts and frames; got {len(frames) - at} frames")
-    counts_frame = frames[at + 1]
-    raw = counts_frame if isinstance(counts_frame, bytes) else counts_frame.bytes
-    if not raw or len(raw) % 4:
-        raise BatchError(f"the counts frame has {len(raw)} bytes, not a positive multiple of 4")
-    n = len(raw) // 4
-    if n > MAX_MESSAGES:
-        raise BatchError(f"{n} messages in one batch; at most {MAX_MESSAGES} are accepted")
-    counts = struct.unpack(f"<{n}I", raw)
-    body = len(frames) - at - 2
-    if 0 in counts or sum(counts) != body:
-        raise BatchError(f"counts {list(counts)[:8]}{'...' if n > 8 else ''} do not add up to "
-                         f"the {body} frames that follow")
+        raise BatchError(f"a batch needs a marker, an index and a frame of small parts; "
+                         f"got {len(frames) - at} frames")
+    index = frame_bytes(frames[at + 1])
+    if len(index) < 8 or len(index) % 4:
+        raise BatchError(f"the index has {len(index)} bytes, not a multiple of 4 above 4")
+    words = struct.unpack(f"<{len(index) // 4}I", index)
+    n = words[0]
+    if not 0 < n <= MAX_MESSAGES:
+        raise BatchError(f"{n} messages in one batch; 1 to {MAX_MESSAGES} are accepted")
+    counts = words[1:n + 1]
+    sizes = words[n + 1:]
+    if 0 in counts or sum(counts) != len(sizes):
+        raise BatchError(f"part counts {list(counts)[:8]}{'...' if n > 8 else ''} do not add up "
+                         f"to the {len(sizes)} sizes that follow")
+    small = frame_bytes(frames[at + 2])
+    large = iter(frames[at + 3:])
+    parts: list = []
+    pos = 0
+    try:
+        for size in sizes:
+            if size == LARGE:
+                parts.append(next(large))
+            else:
+                end = pos + size
+                parts.append(small[pos:end])
+                pos = end
+    except StopIteration:
+        raise BatchError(f"the index names more large parts than the "
+                         f"{len(frames) - at - 3} that came") from None
+    if pos != len(small) or next(large, None) is not None:
+        raise BatchError(f"the index accounts for {pos} of {len(small)} bytes of small parts "
+                         f"and not for every large part")
     messages = []
-    start = at + 2
+    start = 0
     for count in counts:
-        messages.append(frames[start:start + count])
-        start += count
+        end = start + count
+        messages.append(parts[start:end])
+        start = end
     return messages

@@ -37,6 +37,7 @@ from typing import Any
 import zmq
 from jupyter_client.session import Session
 
+from ipyparallel_lite.fastzmq import frame_bytes
 from ipyparallel_lite.session import LeanSession
 
 CONNECTION_INFO_ENV = "IPP_LITE_CONNECTION_INFO"
@@ -190,7 +191,7 @@ def unpack_message(session: Session, frames: list, content: bool = True,
     """
     if len(frames) < 5:
         raise ValueError(f"malformed message: {len(frames)} frames, at least 5 needed")
-    raw = [f.bytes if hasattr(f, "bytes") else bytes(f) for f in frames[:5]]
+    raw = [frame_bytes(f) for f in frames[:5]]
     if session.auth is not None:
         signature = raw[0]
         if not signature:

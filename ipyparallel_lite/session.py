@@ -17,6 +17,9 @@ the client, the controller and the engines alike:
 - :meth:`LeanSession.header`: a header's JSON from a template per message type, with
   ``Session.msg_header``'s keys, order and escaping;
 - :attr:`LeanSession.msg_id`: ``Session``'s form, from a counter that threads may share;
+- :meth:`LeanSession.feed_identities` and :meth:`LeanSession.deserialize` with
+  ``copy=False`` take a message's parts as bytes or zmq Frames alike: a batch delivers
+  its small parts as bytes and its large ones as frames (``batch.py``);
 - :meth:`LeanSession._add_digest`: the replay window holds exactly the last
   ``digest_history_size`` signatures, forgetting the oldest one per new one (``Session``
   forgets a random tenth at a time, after sorting the whole history: about 4 µs per
@@ -40,8 +43,10 @@ from typing import Any
 
 from jupyter_client import protocol_version
 from jupyter_client.jsonutil import json_default
-from jupyter_client.session import Session, json_packer, json_unpacker
+from jupyter_client.session import DELIM, Session, json_packer, json_unpacker
 from traitlets import observe
+
+from ipyparallel_lite.fastzmq import frame_bytes
 
 #: the JSON of an empty dict: parent headers of requests, empty metadata and content
 EMPTY = b"{}"
@@ -143,6 +148,23 @@ class LeanSession(Session):
         (from :func:`now_date` or :func:`json_date`)."""
         template = self._templates.get(msg_type) or self._header_template(msg_type)
         return (template % (_escape(msg_id)[1:-1], date)).encode("utf8", "surrogateescape")
+
+    def feed_identities(self, msg_list: list, copy: bool = True) -> tuple[list, list]:
+        """``Session.feed_identities``; with ``copy=False`` the parts may be bytes or Frames."""
+        if copy:
+            return super().feed_identities(msg_list, copy)
+        size = len(DELIM)
+        for i, part in enumerate(msg_list):
+            if len(part) == size and frame_bytes(part) == DELIM:
+                return [frame_bytes(ident) for ident in msg_list[:i]], msg_list[i + 1:]
+        raise ValueError("DELIM not in msg_list")
+
+    def deserialize(self, msg_list: list, content: bool = True, copy: bool = True) -> dict:
+        """``Session.deserialize``; with ``copy=False`` the parts may be bytes or Frames
+        (the four signed parts are read as bytes, buffers stay as they came)."""
+        if not copy:
+            msg_list = [frame_bytes(part) for part in msg_list[:5]] + list(msg_list[5:])
+        return super().deserialize(msg_list, content, True)
 
     def _add_digest(self, signature: bytes) -> None:
         """Remember a verified signature (``Session.deserialize`` calls this), and forget

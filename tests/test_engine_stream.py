@@ -47,8 +47,8 @@ def test_messages_arrive_in_order_and_replies_go_straight_out(pair, monkeypatch)
         handled = asyncio.Event()
 
         def on_message(msg: list) -> None:
-            got.append(msg[0].bytes)
-            stream.send_multipart([b"reply-" + msg[0].bytes])
+            got.append(fastzmq.frame_bytes(msg[0]))
+            stream.send_multipart([b"reply-" + fastzmq.frame_bytes(msg[0])])
             if len(got) == 10:
                 handled.set()
 
@@ -88,7 +88,7 @@ def test_a_lone_request_is_answered_at_once_and_a_slow_one_holds_no_replies(pair
         arrivals: list = []
 
         def on_message(msg: list) -> None:
-            name = msg[0].bytes
+            name = fastzmq.frame_bytes(msg[0])
             if name == b"slow":
                 time.sleep(stream_mod.HOLD_BELOW * 20)
             if name == b"after-slow":
@@ -184,9 +184,9 @@ def test_a_batch_of_requests_is_served_in_order_and_answered_by_one_batch(pair, 
         behind: list = []
 
         def on_message(msg: list) -> None:
-            got.append(msg[0].bytes)
+            got.append(fastzmq.frame_bytes(msg[0]))
             behind.append(stream.waiting)  # the rest of the batch waits in the stream
-            stream.send_multipart([b"reply-" + msg[0].bytes])
+            stream.send_multipart([b"reply-" + fastzmq.frame_bytes(msg[0])])
 
         stream.send_multipart([b"hello"])
         await _until(lambda: router.poll(0))
@@ -196,7 +196,7 @@ def test_a_batch_of_requests_is_served_in_order_and_answered_by_one_batch(pair, 
         await _until(lambda: router.poll(0))
         answer = router.recv_multipart()[1:]
         # a malformed batch is dropped whole, with a warning; the next message is served
-        router.send_multipart([b"engine", batch.MARKER, b"\x05\x00\x00\x00", b"x", b"y"])
+        router.send_multipart([b"engine", batch.MARKER, b"\x01\x00\x00\x00\x05\x00\x00\x00", b"x", b"y"])
         router.send_multipart([b"engine", b"after"])
         await _until(lambda: router.poll(0))
         after = router.recv_multipart()[1:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import pickle
+import struct
 import time
 from pathlib import Path
 
@@ -73,21 +74,50 @@ def test_unpack_refuses_forged_and_replayed_messages_and_leaves_parts_not_asked_
         unpack_message(make_session("k" * 64), forged)
 
 
-def test_pack_and_unpack_keep_every_frame_of_every_message():
-    messages = [[b"a"], [b"<IDS|MSG>", b"sig", b"h", b"p", b"m", b"c", b"buf"], [b"x", b"y"]]
+def test_pack_and_unpack_keep_every_part_of_every_message():
+    messages = [[b"a"], [b"<IDS|MSG>", b"sig", b"h", b"p", b"m", b"c", b"buf"], [b"x", b""]]
     frames = batch.pack(messages)
     assert frames[0] == batch.MARKER and batch.is_batch(frames[0])
+    assert len(frames) == 3, "small parts travel in one frame"
     assert batch.unpack(frames) == messages
     assert batch.unpack([b"ident", *frames], 1) == messages
     assert not batch.is_batch(b"<IDS|MSG>") and not batch.is_batch(b"x" * len(batch.MARKER))
 
 
+def test_large_parts_travel_as_frames_of_their_own_and_are_not_copied():
+    big = b"B" * batch.INLINE_BELOW
+    frame = zmq.Frame(b"F" * 100_000)
+    shaped = memoryview(bytearray(batch.INLINE_BELOW)).cast("B", (batch.INLINE_BELOW // 8, 8))
+    small_shaped = memoryview(bytearray(b"s" * 64)).cast("B", (8, 8))
+    messages = [[b"<IDS|MSG>", b"sig", big, b"c", frame], [small_shaped, shaped, b"z" * 10]]
+    frames = batch.pack(messages)
+    assert frames[3:] == [big, frame, shaped]
+    got = batch.unpack(frames)
+    assert got[0][2] is big and got[0][4] is frame and got[1][1] is shaped
+    assert got[0][:2] == [b"<IDS|MSG>", b"sig"] and got[1][0] == b"s" * 64 and got[1][2] == b"z" * 10
+    # as received: every frame a zmq Frame, small parts come out as bytes
+    received = batch.unpack([zmq.Frame(bytes(memoryview(f).cast("B"))) for f in frames])
+    assert [bytes(memoryview(p).cast("B")) for m in received for p in m] == \
+        [bytes(memoryview(p).cast("B")) for m in messages for p in m]
+    assert all(type(p) is bytes for p in received[0][:2] + received[1][:1])
+
+
+def _index(*words: int) -> bytes:
+    return struct.pack(f"<{len(words)}I", *words)
+
+
 @pytest.mark.parametrize("frames, reason", [
-    ([batch.MARKER, b"\x01\x00\x00\x00"], "needs a marker, counts and frames"),
-    ([batch.MARKER, b"\x01\x00\x00", b"a"], "not a positive multiple of 4"),
-    ([batch.MARKER, b"\x02\x00\x00\x00", b"a"], "do not add up"),
-    ([batch.MARKER, b"\x00\x00\x00\x00\x01\x00\x00\x00", b"a"], "do not add up"),
-    ([batch.MARKER, b"\x01\x00\x00\x00" * (batch.MAX_MESSAGES + 1), b"a"], "at most"),
+    ([batch.MARKER, _index(1, 1, 1)], "needs a marker, an index"),
+    ([batch.MARKER, b"\x01\x00\x00", b"a"], "not a multiple of 4"),
+    ([batch.MARKER, _index(1), b""], "not a multiple of 4 above 4"),
+    ([batch.MARKER, _index(0, 1), b"a"], "0 messages"),
+    ([batch.MARKER, _index(batch.MAX_MESSAGES + 1, 1), b"a"], "1 to 1024"),
+    ([batch.MARKER, _index(2, 1, 1, 1), b"a"], "do not add up"),
+    ([batch.MARKER, _index(1, 0, 1), b"a"], "do not add up"),
+    ([batch.MARKER, _index(1, 2, 1, 1), b"a"], "accounts for 2 of 1 bytes"),
+    ([batch.MARKER, _index(1, 1, 1), b"ab"], "accounts for 1 of 2 bytes"),
+    ([batch.MARKER, _index(1, 1, batch.LARGE), b""], "more large parts"),
+    ([batch.MARKER, _index(1, 1, 1), b"a", b"extra"], "not for every large part"),
 ])
 def test_a_batch_that_does_not_add_up_is_refused_whole(frames, reason):
     with pytest.raises(batch.BatchError, match=reason):
@@ -181,8 +211,8 @@ def test_unsigned_or_malformed_batches_are_refused_and_the_rest_is_served(cluste
         # wrongly signed, unsigned and garbage messages inside a batch are dropped one by
         # one; the signed request beside them is served
         sock.send_multipart(batch.pack([forged, unsigned, [b"garbage"], request]))
-        # batches whose counts do not add up are dropped whole, with a warning
-        sock.send_multipart([batch.MARKER, b"\x05\x00\x00\x00", *forged])
+        # batches whose index does not add up are dropped whole, with a warning
+        sock.send_multipart([batch.MARKER, _index(1, 5, 1, 1, 1, 1, 1), b"abcd", *forged])
         sock.send_multipart([batch.MARKER, b"xyz", *forged])
         sock.send_multipart([batch.MARKER])
         replies, _ = receive(sock, good, 1)

@@ -100,8 +100,8 @@ class PortTaken(RuntimeError):
 def _split(frames: list) -> tuple[list[bytes], list] | None:
     """Routing identities and the message frames from DELIM on, or None if malformed."""
     for i in range(min(len(frames), MAX_IDENTS + 1)):
-        if frames[i].bytes == DELIM:
-            return [f.bytes for f in frames[:i]], frames[i:]
+        if frame_bytes(frames[i]) == DELIM:
+            return [frame_bytes(f) for f in frames[:i]], frames[i:]
     return None
 
 
@@ -425,7 +425,7 @@ class Controller:
         frames = action.frames
         if action.header is not None:  # a fan-out copy: its own header, signed here
             packed = self.session.pack(action.header)
-            signature = self.session.sign([packed, *(f.buffer for f in frames[6:9])])
+            signature = self.session.sign([packed, *frames[6:9]])
             frames = [*frames[:4], signature, packed, *frames[6:]]
         elif action.attempt:
             frames = [*frames[:3], *self._rerun_frames(frames[3:], action.attempt)]

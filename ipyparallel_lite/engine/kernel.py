@@ -41,6 +41,7 @@ from traitlets import Dict, Float, Instance, Integer, Type
 
 from ipyparallel_lite.connection import STEAL_WINDOW, TASK_IDENT, check_message_size, unpack_message
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
+from ipyparallel_lite.fastzmq import frame_bytes
 from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpack_apply_message
 from ipyparallel_lite.session import json_date
 
@@ -81,14 +82,14 @@ def _may_await(frames: list) -> bool:
     """
     if len(frames) < 5:
         return True
-    raw = frames[4].bytes if hasattr(frames[4], "bytes") else bytes(frames[4])
+    raw = frame_bytes(frames[4])
     return b"await" in raw or b"async" in raw
 
 
 def _msg_type(session: Any, frames: list) -> str | None:
     """The msg_type of a message from its header alone (its signature is checked later)."""
     try:
-        return session.unpack(frames[1].bytes).get("msg_type")
+        return session.unpack(frame_bytes(frames[1])).get("msg_type")
     except Exception:
         return None
 

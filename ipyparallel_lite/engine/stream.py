@@ -11,7 +11,9 @@ queues what the controller has not read yet).
 
 Contract: messages reach the ``on_recv`` callback one at a time, in arrival order,
 and stay queued in libzmq while no callback is set; a callback returning an
-awaitable has it scheduled, as ``ZMQStream`` does.
+awaitable has it scheduled, as ``ZMQStream`` does. With ``copy=False`` a message's
+parts are zmq Frames, or bytes for the small parts of a batch (read either with
+``fastzmq.frame_bytes``; the engine's session takes both).
 
 Requests may come as one :mod:`~ipyparallel_lite.batch` (the controller sends an
 engine's requests of one turn together): each inner message reaches the callback on
@@ -42,7 +44,7 @@ import zmq
 from zmq.eventloop.zmqstream import ZMQStream
 
 from ipyparallel_lite import batch
-from ipyparallel_lite.fastzmq import Drainer, readable
+from ipyparallel_lite.fastzmq import Drainer, frame_bytes, readable
 
 #: messages handled in one pass before other callbacks on the loop get a turn
 BATCH = 64
@@ -107,7 +109,7 @@ class ShellStream(ZMQStream):
             while waiting:
                 msg = waiting.popleft()
                 if self._recv_copy:
-                    msg = [frame.bytes for frame in msg]
+                    msg = [frame_bytes(frame) for frame in msg]
                 start = time.perf_counter()
                 try:
                     self._run_callback(self._recv_callback, msg)
