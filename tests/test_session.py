@@ -145,3 +145,23 @@ def test_session_deserialize_remembers_signatures_through_our_window():
     assert list(receiver._digest_order) == [frames[0]]
     with pytest.raises(ValueError, match="Duplicate Signature"):
         receiver.deserialize(frames)
+
+
+def test_parts_read_without_copy_may_be_bytes_or_frames_alike():
+    # a batch delivers its small parts as bytes and its large ones as zmq Frames
+    import zmq
+
+    writer, reader = make_session("k" * 64), make_session("k" * 64)
+    big = b"B" * 10_000
+    msg = writer.msg("execute_request", {"code": "a=1"}, metadata={"m": 1})
+    frames = writer.serialize(msg, ident=[b"client"]) + [b"small", big]
+    mixed = [f if i % 2 else zmq.Frame(f) for i, f in enumerate(frames[:-1])] + [zmq.Frame(big)]
+    idents, rest = reader.feed_identities(mixed, copy=False)
+    assert idents == [b"client"]
+    got = reader.deserialize(rest, copy=False)
+    assert got["content"] == {"code": "a=1"} and got["metadata"] == {"m": 1}
+    assert [bytes(b) for b in got["buffers"]] == [b"small", big]
+    with pytest.raises(ValueError, match="Duplicate"):
+        reader.deserialize(rest, copy=False)
+    with pytest.raises(ValueError, match="DELIM"):
+        reader.feed_identities([b"a", zmq.Frame(b"b")], copy=False)

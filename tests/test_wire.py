@@ -234,6 +234,22 @@ def test_replies_ready_together_on_an_engine_come_back_batched_and_in_order(rc):
     assert completed == sorted(completed)
 
 
+def test_a_burst_of_small_and_large_arguments_comes_back_whole(rc, lview):
+    # small parts travel packed in a batch, parts of 4 KiB and more as frames of their
+    # own: on every hop, both kinds (and arrays) must reach the engine and come back
+    import numpy as np
+
+    def args(i: int) -> tuple:
+        return b"s" * (i % 7), b"L" * (batch.INLINE_BELOW - 3 + i), np.arange(i, i + 3_000, dtype="f8")
+
+    views = [lview, rc[0], rc[1]] * 30
+    ars = [view.apply_async(lambda a, b, c: (a, b, c * 2), *args(i)) for i, view in enumerate(views)]
+    for i, ar in enumerate(ars):
+        a, b, c = ar.get(timeout=60)
+        small, large, array = args(i)
+        assert (a, b) == (small, large) and np.array_equal(c, array * 2)
+
+
 def requests_behind() -> int:
     """How many requests wait behind this one in the engine's stream (the rest of a batch)."""
     from IPython import get_ipython
