@@ -296,3 +296,36 @@ def test_an_engine_gone_by_the_end_of_its_turn_is_reported(ctx: zmq.Context):
         outbox.close()
 
     asyncio.run(run())
+
+
+def test_a_message_sent_behind_a_turns_batch_follows_it_and_gets_its_own_answer(ctx: zmq.Context):
+    """``send`` for a peer whose turn batch waits sends that batch first (order kept), and
+    then answers for its own message: refused when it cannot wait, never silently lost."""
+    async def run():
+        router, dealer = pair(ctx, b"ipp-batch-reader:x")
+        deferred: list = []
+        outbox = Outbox(asyncio.get_running_loop(), max_bytes=100_000, defer=deferred.append)
+        for i in range(3):
+            outbox.send_soon(router, [b"ipp-batch-reader:x", b"reply-%d" % i])
+        assert outbox.send(router, [b"ipp-batch-reader:x", b"control"]) is Sent.SENT
+        got = []
+        for _ in range(3):
+            assert dealer.poll(2000)
+            frames = dealer.recv_multipart()
+            got.extend(batch.unpack(frames) if batch.is_batch(frames[0]) else [frames])
+        assert got == [[b"reply-0"], [b"reply-1"], [b"reply-2"], [b"control"]]
+        while deferred:
+            deferred.pop()()  # the turn's end finds nothing left to send
+        assert not dealer.poll(100)
+        # a peer that does not read: a message behind a refused batch is refused itself
+        big = bytes(40_000)
+        answers = [outbox.send(router, [b"ipp-batch-reader:x", big]) for _ in range(30)]
+        assert Sent.FULL in answers
+        refused: list[int] = []
+        outbox.send_soon(router, [b"ipp-batch-reader:x", big], refused=lambda: refused.append(1))
+        outbox.send_soon(router, [b"ipp-batch-reader:x", big], refused=lambda: refused.append(2))
+        assert outbox.send(router, [b"ipp-batch-reader:x", big]) is Sent.FULL
+        assert 2 in refused
+        outbox.close()
+
+    asyncio.run(run())

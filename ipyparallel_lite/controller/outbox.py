@@ -118,12 +118,15 @@ class Outbox:
 
         ``later``, if given, rebuilds an equivalent message when called: it lets the
         message wait at almost no cost once the peer's queue is at its byte bound.
+        Messages :meth:`send_soon` holds for the peer's end of turn go first, at once, so
+        that this one keeps its place behind them and its answer is its own.
         """
         if self._soon:
-            soon = self._soon.get((sock, _peer(frames)))
-            if soon is not None:  # behind this turn's messages for the same peer
-                soon.append((frames, later, None))
-                return Sent.QUEUED
+            key = (sock, _peer(frames))
+            soon = self._soon.get(key)
+            if soon:
+                self._soon[key] = []
+                self._send_together(key, soon)
         if self._queues:
             key = (sock, _peer(frames))
             queue = self._queues.get(key)
