@@ -70,13 +70,6 @@ class BatchError(ValueError):
     """A batch whose index does not match its frames: dropped whole."""
 
 
-def _nbytes(part: Any) -> int:
-    kind = type(part)
-    if kind is bytes or kind is zmq.Frame:
-        return len(part)
-    return memoryview(part).nbytes  # len() of a shaped buffer counts items, not bytes
-
-
 def pack(messages: list[list]) -> list:
     """One zmq message's frames carrying ``messages`` (each a list of parts: bytes,
     zmq Frames or other contiguous buffers)."""
@@ -86,7 +79,9 @@ def pack(messages: list[list]) -> list:
     large: list = [MARKER, b"", b""]
     for message in messages:
         for part in message:
-            size = _nbytes(part)
+            kind = type(part)
+            # (len() of a shaped buffer, an array's memoryview, counts items, not bytes)
+            size = len(part) if kind is bytes or kind is zmq.Frame else memoryview(part).nbytes
             if size < INLINE_BELOW:
                 words.append(size)
                 small.append(part)

@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import socket
-from hmac import compare_digest
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +177,7 @@ def make_session(key: str | bytes, *, username: str = "ipp-lite", session_class:
     return session_class(key=key, signature_scheme="hmac-sha256", username=username, **kwargs)
 
 
-def unpack_message(session: Session, frames: list, content: bool = True,
+def unpack_message(session: LeanSession, frames: list, content: bool = True,
                    parent: bool = True) -> dict:
     """Verify and unpack ``[signature, header, parent, metadata, content, *buffers]``.
 
@@ -192,16 +191,7 @@ def unpack_message(session: Session, frames: list, content: bool = True,
     if len(frames) < 5:
         raise ValueError(f"malformed message: {len(frames)} frames, at least 5 needed")
     raw = [frame_bytes(f) for f in frames[:5]]
-    if session.auth is not None:
-        signature = raw[0]
-        if not signature:
-            raise ValueError("Unsigned Message")
-        if signature in session.digest_history:
-            raise ValueError(f"Duplicate Signature: {signature!r}")
-        if not compare_digest(signature, session.sign(raw[1:5])):
-            raise ValueError(f"Invalid Signature: {signature!r}")
-        session._add_digest(signature)
-    unpack = session.unpack
+    unpack = session.verify(raw)
     header = unpack(raw[1])
     return {
         "header": header,
