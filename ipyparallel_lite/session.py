@@ -17,6 +17,8 @@ the client, the controller and the engines alike:
 - :meth:`LeanSession.header`: a header's JSON from a template per message type, with
   ``Session.msg_header``'s keys, order and escaping;
 - :attr:`LeanSession.msg_id`: ``Session``'s form, from a counter that threads may share;
+- :meth:`LeanSession.verify`: ``Session.deserialize``'s signature and replay checks,
+  with the replay window's traits read once, not per message;
 - :meth:`LeanSession.feed_identities` and :meth:`LeanSession.deserialize` with
   ``copy=False`` take a message's parts as bytes or zmq Frames alike: a batch delivers
   its small parts as bytes and its large ones as frames (``batch.py``);

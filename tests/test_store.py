@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from array import array
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -569,6 +570,22 @@ def test_frames_and_typed_buffers_are_written_as_their_bytes():
 
 def test_dates_as_earlier_versions_wrote_them_still_read():
     assert decode_value(b'\x00J{"$date":"2024-05-01T12:00:00+00:00"}') == T0
+
+
+def test_a_users_dict_that_only_looks_tagged_reads_back_as_it_was(tmp_path):
+    """Client metadata is stored as the JSON it came as; a one-key dict in it that is
+    not a valid tagged value must not make the record unreadable."""
+    metadata = {"when": {"$date": "garbage"}, "blob": {"$bytes": "not base64!"},
+                "n": {"$date": 5}}
+    raw = json.dumps(metadata).encode()
+    assert decode_value(b"\x00J" + raw) == metadata
+    store = SQLiteStore(tmp_path / "hub.db")
+    store.add_record("m1", _rec("m1", completed=True, metadata=JSONDict.of(metadata, raw)))
+    store.flush()
+    store.close()
+    reopened = SQLiteStore(tmp_path / "hub.db")
+    assert reopened.get_record("m1")["metadata"] == metadata
+    reopened.close()
 
 
 def test_sqlite_flushes_itself_at_batch_size(tmp_path):

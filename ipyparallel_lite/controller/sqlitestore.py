@@ -81,11 +81,16 @@ def _json_default(value: Any) -> Any:
 
 
 def _json_hook(obj: dict) -> Any:
+    """A tagged value back from JSON. A user's own one-key dict that only looks tagged
+    (``{"$date": "soon"}`` in a client's metadata, stored as it came) stays a dict."""
     if len(obj) == 1:
-        if "$date" in obj:
-            return datetime.fromisoformat(obj["$date"])
-        if "$bytes" in obj:
-            return base64.b64decode(obj["$bytes"])
+        try:
+            if "$date" in obj:
+                return datetime.fromisoformat(obj["$date"])
+            if "$bytes" in obj:
+                return base64.b64decode(obj["$bytes"], validate=True)
+        except (TypeError, ValueError):
+            pass
     return obj
 
 
