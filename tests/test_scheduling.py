@@ -437,6 +437,9 @@ def test_broadcast_sends_one_message_and_can_be_depended_on(rc, lview, sent_mess
     with lview.temp_flags(after=ar):
         later = lview.apply_async(pid)
     later.get(timeout=10)
+    # the broadcast's replies travel another socket than the task's: they may reach
+    # this client after the task's, though the controller saw them first
+    ar.get(timeout=10)
     assert later.metadata["started"] >= max(md["completed"] for md in ar.metadata)
     status = rc.queue_status(verbose=True)
     queued = {m for eid in rc.ids for m in status[eid]["queue"]}
