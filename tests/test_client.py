@@ -380,6 +380,40 @@ def test_abort_running_task_keeps_engine(rc):
     assert view.apply_sync(square, 3) == 9
 
 
+def _signal_after_the_code(kind: str) -> None:
+    """On an engine: the next ``kind`` request gets a SIGINT once its code has run, just
+    before its reply is built, as when an abort or interrupt reaches the engine at the
+    moment a task ends."""
+    import signal
+    import threading
+
+    from IPython import get_ipython
+
+    kernel = get_ipython().kernel
+    this_request = kernel.get_parent()["header"]["msg_id"]
+    original = kernel.finish_metadata
+
+    def late(parent: dict, metadata: dict, reply_content: dict) -> dict:
+        header = parent["header"]
+        if header.get("msg_type") == kind and header.get("msg_id") != this_request:
+            del kernel.finish_metadata  # once
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        return original(parent, metadata, reply_content)
+
+    kernel.finish_metadata = late
+
+
+@pytest.mark.parametrize("kind", ["apply_request", "execute_request"])
+def test_an_interrupt_landing_after_the_code_ran_loses_no_reply(rc, kind):
+    view = rc[0]
+    view.apply_async(_signal_after_the_code, kind).get(timeout=10)
+    if kind == "apply_request":
+        assert view.apply_async(square, 4).get(timeout=10) == 16
+    else:
+        view.execute("late_signal = 1", block=False).get(timeout=10)
+    assert view.apply_async(square, 5).get(timeout=10) == 25  # and the engine serves on
+
+
 def test_display_outputs(dv, capsys):
     ar = dv.execute("print('shown', 1)", block=False)
     ar.get(timeout=10)

@@ -37,6 +37,7 @@ from ipykernel.ipkernel import IPythonKernel
 from ipykernel.utils import _async_in_context
 from ipykernel.zmqshell import ZMQInteractiveShell
 from IPython.core.inputtransformer2 import TransformerManager
+from IPython.core.interactiveshell import ExecutionResult
 from traitlets import Dict, Float, Instance, Integer, Type
 
 from ipyparallel_lite.connection import STEAL_WINDOW, TASK_IDENT, check_message_size, unpack_message
@@ -245,6 +246,8 @@ class EngineKernel(IPythonKernel):
         self._begun_count: dict[str, int] = {}
         self._stolen: dict[str, int] = {}
         self._executing_now = False  # a cell runs on the fast path (see _execute_now)
+        #: a request's own code runs (a task's function, a cell): SIGINT may interrupt it
+        self._interruptible = False
 
     @property
     def _supports_kernel_subshells(self) -> bool:
@@ -346,20 +349,31 @@ class EngineKernel(IPythonKernel):
         signature on every call; the reply is built the same way.
         """
         if not self._executing_now:
-            return await super().do_execute(code, silent, store_history, user_expressions, allow_stdin,
-                                            cell_meta=cell_meta, cell_id=cell_id)
+            self._interruptible = True
+            try:
+                return await super().do_execute(code, silent, store_history, user_expressions,
+                                                allow_stdin, cell_meta=cell_meta, cell_id=cell_id)
+            finally:
+                self._interruptible = False
         shell = self.shell
         self._forward_input(allow_stdin)
+        traceback: list | None = None  # the cell's, from IPython
         try:
+            self._interruptible = True
             res = shell.run_cell(code, store_history=store_history, silent=silent, cell_id=cell_id)
+        except KeyboardInterrupt as e:  # in IPython's bookkeeping around the cell's code
+            res = ExecutionResult(None)
+            res.error_in_exec, traceback = e, []
         finally:
+            self._interruptible = False
             self._restore_input()
         err = res.error_before_exec if res.error_before_exec is not None else res.error_in_exec
         reply: dict[str, Any]
         if res.success and not getattr(shell, "_last_traceback_during_displayhook", False):
             reply = {"status": "ok", "user_expressions": shell.user_expressions(user_expressions or {})}
         else:
-            reply = {"status": "error", "traceback": shell._last_traceback or [],
+            reply = {"status": "error",
+                     "traceback": (shell._last_traceback or []) if traceback is None else traceback,
                      "ename": type(err).__name__, "evalue": str(err), "user_expressions": {},
                      "engine_info": {"engine_uuid": self.ident, "engine_id": self.int_id,
                                      "method": "execute"}}
@@ -407,7 +421,15 @@ class EngineKernel(IPythonKernel):
     # ipykernel's hooks, through _signal: signal.signal turns each handler it returns
     # into an enum, which cost about 10 us a request
     def pre_handler_hook(self) -> None:
-        self.saved_sigint_handler = _signal.signal(_signal.SIGINT, signal.default_int_handler)
+        self.saved_sigint_handler = _signal.signal(_signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        """SIGINT while a request is handled: a KeyboardInterrupt in the request's own code
+        (a task's function, a cell), where the handler answers it. One that arrives once
+        that code has run is dropped, so the reply it was about to send still goes: an
+        abort or interrupt may reach the engine at the very moment its task ends."""
+        if self._interruptible:
+            raise KeyboardInterrupt
 
     def post_handler_hook(self) -> None:
         _signal.signal(_signal.SIGINT, self.saved_sigint_handler)
@@ -453,9 +475,12 @@ class EngineKernel(IPythonKernel):
         msg_id = parent["header"]["msg_id"]
         md = self.init_metadata(parent)
         result_frames: list = []
-        with self._state_lock:
-            self._running = msg_id
         try:
+            # from here until the result is pickled, an interrupt for this task stops it
+            # (an abort, a timeout, rc.interrupt); one that comes later is dropped
+            self._interruptible = True
+            with self._state_lock:
+                self._running = msg_id
             namespace = self.shell.user_ns
             f, args, kwargs = unpack_apply_message(parent["buffers"], namespace, self._functions)
             result = f(*args, **kwargs)
@@ -466,18 +491,22 @@ class EngineKernel(IPythonKernel):
                     f"the result of {getattr(f, '__name__', f)!r} ({type(result).__name__}) "
                     f"could not be pickled to send back: {e}"
                 ) from e
+            self._interruptible = False
             check_message_size(frames, self.max_message_bytes,
                                f"the result of {getattr(f, '__name__', f)!r}")
             result_frames = frames
             content: dict = {"status": "ok"}
         except KeyboardInterrupt:
+            self._interruptible = False
             reason = self._interrupt_reason.pop(msg_id, None)
             content = self._interrupted_content(reason)
         except BaseException as e:
+            self._interruptible = False
             content = self._error_content(e)
         finally:
             with self._state_lock:
                 self._running = None
+                self._interrupt_reason.pop(msg_id, None)  # sent too late: dropped
         for out in (sys.stdout, sys.stderr):
             if out is not None:
                 out.flush()  # EngineOutStream: free unless something was written
