@@ -169,20 +169,23 @@ def _widen_sidebar(page, pixels: int) -> None:
 
 
 def _palette(page, label: str) -> None:
-    """Run a command through the palette (its shortcut is retried: a page still loading
-    under load may drop the first key press)."""
+    """Run a command through the palette. Its shortcut is retried: a page still loading
+    under load may drop a key press, or take two late ones, the second closing the
+    palette the first opened, between our look at it and typing into it."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     palette = page.locator(".lm-CommandPalette-input")
     deadline = time.monotonic() + WAIT_MS / 1000
-    while not palette.is_visible():
-        page.keyboard.press("Control+Shift+c")
+    while True:
         try:
-            palette.wait_for(state="visible", timeout=2000)
+            if not palette.is_visible():
+                page.keyboard.press("Control+Shift+c")
+                palette.wait_for(state="visible", timeout=2000)
+            palette.fill(label, timeout=2000)
+            break
         except PlaywrightTimeout:
             if time.monotonic() > deadline:
                 raise
-    palette.fill(label)
     page.locator(".lm-CommandPalette-item", has_text=label).first.click()
 
 
