@@ -37,9 +37,7 @@ import struct
 import uuid
 from typing import Any
 
-import zmq
-
-from ipyparallel_lite.fastzmq import frame_bytes
+from ipyparallel_lite.fastzmq import SIZED_BY_LEN, frame_bytes
 
 MARKER = b"<IPP-BATCH2>"
 _MARKER_LEN = len(MARKER)
@@ -79,9 +77,7 @@ def pack(messages: list[list]) -> list:
     large: list = [MARKER, b"", b""]
     for message in messages:
         for part in message:
-            kind = type(part)
-            # (len() of a shaped buffer, an array's memoryview, counts items, not bytes)
-            size = len(part) if kind is bytes or kind is zmq.Frame else memoryview(part).nbytes
+            size = len(part) if type(part) in SIZED_BY_LEN else memoryview(part).nbytes
             if size < INLINE_BELOW:
                 words.append(size)
                 small.append(part)

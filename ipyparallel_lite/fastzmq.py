@@ -59,6 +59,11 @@ class FastSocket(zmq.Socket):
         return parts
 
 
+#: part types whose len() is their size in bytes, which bytes.join takes as they are (a
+#: shaped memoryview's len() counts items): batches, records and their blobs size parts by it
+SIZED_BY_LEN = frozenset((bytes, bytearray, zmq.Frame))
+
+
 def frame_bytes(value: Any) -> bytes:
     """A received part as bytes: a zmq Frame's cached copy, bytes as they are, any other
     buffer copied."""

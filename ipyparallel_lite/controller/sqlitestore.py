@@ -36,8 +36,6 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from ipyparallel_lite.controller.store import (
     BUFFER_KEYS,
     RECORD_KEYS,
@@ -49,6 +47,7 @@ from ipyparallel_lite.controller.store import (
     history_order,
     project,
 )
+from ipyparallel_lite.fastzmq import SIZED_BY_LEN
 
 __all__ = ["SQLiteStore"]
 
@@ -94,14 +93,10 @@ def _json_hook(obj: dict) -> Any:
     return obj
 
 
-#: buffers whose len() is their size in bytes, which bytes concatenate as they are: a
-#: zmq Frame's .buffer costs ten times the concatenation (tested in test_store)
-_FLAT = frozenset((bytes, bytearray, zmq.Frame))
-
-
 def _flat(buf: Any) -> Any:
     """``buf`` as a buffer of bytes (len() its size), without copying it."""
-    if type(buf) in _FLAT:
+    # (a zmq Frame's .buffer costs ten times the concatenation: tested in test_store)
+    if type(buf) in SIZED_BY_LEN:
         return buf
     return memoryview(buf.buffer if hasattr(buf, "buffer") else buf).cast("B")
 
@@ -321,7 +316,7 @@ class SQLiteStore(BaseStore):
                                               value.minute, value.second, value.microsecond))
             elif kind in _PLAIN:
                 append(value)
-            elif kind in _FLAT and not buffers:
+            elif kind in SIZED_BY_LEN and not buffers:
                 append(_RAW + value)
             else:
                 append(encode_buffers(value) if buffers else encode_value(value))

@@ -30,9 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import zmq
-
-from ipyparallel_lite.fastzmq import frame_bytes
+from ipyparallel_lite.fastzmq import SIZED_BY_LEN, frame_bytes
 
 if TYPE_CHECKING:
     from ipyparallel_lite.controller.sqlitestore import SQLiteStore
@@ -70,8 +68,6 @@ TEXT_KEYS = ("stdout", "stderr", "execute_input")
 #: what changes a record's size
 SIZED_KEYS = frozenset((*BUFFER_KEYS, *TEXT_KEYS))
 _SIZED_ORDER = (*BUFFER_KEYS, *TEXT_KEYS)
-#: buffers whose len() is their size in bytes (tested in test_store)
-_SIZED_BY_LEN = frozenset((bytes, bytearray, zmq.Frame))
 
 
 class JSONDict(dict):
@@ -334,7 +330,7 @@ def _buffer_bytes(record: Record, keys: Iterable[str] = _SIZED_ORDER) -> int:
                 total += len(value)
             continue
         for buf in value:
-            if type(buf) in _SIZED_BY_LEN:
+            if type(buf) in SIZED_BY_LEN:
                 total += len(buf)
                 continue
             try:
