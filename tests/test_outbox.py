@@ -35,11 +35,14 @@ def pair(ctx: zmq.Context, peer: bytes) -> tuple[zmq.Socket, zmq.Socket]:
     return router, dealer
 
 
+def messages(frames: list) -> list[list]:
+    """The messages one zmq message carries: a batch's, or itself."""
+    return batch.unpack(frames) if batch.is_batch(frames[0]) else [frames]
+
+
 def numbers(frames: list) -> list[int]:
-    """The numbers the tests put in front of each message's first frame, for a zmq
-    message that is a batch or a lone message."""
-    messages = batch.unpack(frames) if batch.is_batch(frames[0]) else [frames]
-    return [int.from_bytes(m[0][:4], "big") for m in messages]
+    """The numbers the tests put in front of each message's first frame."""
+    return [int.from_bytes(m[0][:4], "big") for m in messages(frames)]
 
 
 async def receive(dealer: zmq.Socket, until: bytes, timeout: float = 5) -> list[bytes]:
@@ -311,8 +314,7 @@ def test_a_message_sent_behind_a_turns_batch_follows_it_and_gets_its_own_answer(
         got = []
         for _ in range(3):
             assert dealer.poll(2000)
-            frames = dealer.recv_multipart()
-            got.extend(batch.unpack(frames) if batch.is_batch(frames[0]) else [frames])
+            got.extend(messages(dealer.recv_multipart()))
         assert got == [[b"reply-0"], [b"reply-1"], [b"reply-2"], [b"control"]]
         while deferred:
             deferred.pop()()  # the turn's end finds nothing left to send
