@@ -3,7 +3,8 @@
 Threads: the user's thread builds and signs messages (the costly part, kept lean by
 :class:`~ipyparallel_lite.client.message.MessageBuilder`) and queues them with :meth:`Transport.submit`; one I/O thread
 sends what is queued, packing the messages waiting for the same channel into one
-:mod:`~ipyparallel_lite.batch` (never waiting to fill one), and receives replies,
+:mod:`~ipyparallel_lite.batch` (never waiting to fill one; direct requests, which the
+controller routes in C by their first frame, go one by one), and receives replies,
 notifications and output. A reply is verified, matched to its
 :class:`~ipyparallel_lite.client.asyncresult.AsyncResult` by the parent's ``msg_id`` in
 :attr:`Transport.pending` and handed over as it is; results are unpickled only when
@@ -70,6 +71,9 @@ SEND_CHANNELS = ("mux", "task", "control", "query", "broadcast")
 WINDOWED = frozenset(("mux", "task", "broadcast"))
 #: most messages the I/O thread packs into one batch
 BATCH_MAX = 64
+#: channels whose messages go one by one: the controller's mux device routes each
+#: message by its first frame, the engine's identity
+UNBATCHED = frozenset(("mux",))
 
 # an outbox entry: (channel, frames, reply slots it takes in the window, the AsyncResult
 # to give a zmq tracker or None, sequence number, the msg_ids its replies will carry)
@@ -594,7 +598,8 @@ class Transport:
             channel = first[_CHANNEL]
             sock = sockets[channel]
             count, slots = 1, first[_SLOTS]
-            if first[_TRACK] is None:  # a tracked send goes alone, so that its tracker is its own
+            # a tracked send goes alone, so that its tracker is its own
+            if first[_TRACK] is None and channel not in UNBATCHED:
                 limit = min(len(queue), BATCH_MAX)
                 while count < limit:
                     entry = queue[count]

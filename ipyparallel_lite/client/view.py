@@ -260,16 +260,11 @@ class DirectView(View):
     def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
                    fname: str, single: bool, listener: Callable | None = None,
                    track: bool | None = None) -> AsyncResult:
-        """The same request to every target; ``listener`` hears its output from the first message.
-
-        Several distinct engines get one message, which the controller fans out (so
-        the request and its buffers are serialized and sent once); a repeated target
-        gets one message per mention, as each mention is a request of its own.
-        """
+        """The same request to every target, one message per engine (the controller's
+        mux device routes each by its engine; the buffers are serialized once); a
+        repeated target gets one message per mention. ``listener`` hears its output
+        from the first message."""
         track = self.track if track is None else track
-        if len(targets) > 1 and len(set(targets)) == len(targets):
-            return self._fan_out("mux", msg_type, content, targets, buffers, fname, single, listener,
-                                 track=track)
 
         def make_result(msg_ids: list[str]) -> AsyncResult:
             ar = AsyncResult(self.client, msg_ids, fname, targets, single=single, track=track)

@@ -9,10 +9,19 @@ or a rerun, answer with an error, notify, interrupt. Content and buffers are
 forwarded as they came, never re-serialized. Each socket has one handler (``start``);
 the registration and control sockets dispatch on msg_type through one table each.
 
+Direct requests do not pass through Python. The ``mux`` channel is a C routing device
+(pyzmq's ``MonitoredQueue``, in a thread of its own, without the GIL): a client's
+``[engine_uuid, DELIM, ...]`` reaches that engine's ``mux`` socket as ``[client, DELIM,
+...]``, and the engine's answer comes back the same way. The device publishes a copy of
+every message it routes on an inproc socket, and :meth:`Controller.on_mux_copy` feeds
+those to the core: the Hub records them and the core tracks them like other work in
+flight, but never sends them. What the controller itself answers on that path (an
+unknown engine, an engine that died) it sends through the device as :data:`INJECTOR`.
+
 Routing frames (after the ROUTER's identity frame)::
 
     client -> mux      [engine_uuid, DELIM, sig, header, parent, metadata, content, *buffers]
-    client -> mux      [DELIM, ...]  to several engines: metadata["targets"] (ControllerState.fan_out)
+                       (the device, not Python: one message per engine, never a batch)
     client -> task     [DELIM, ...]
     client -> control  [engine_uuid, DELIM, ...]  to one engine, or [DELIM, ...] to the controller
     client -> broadcast  [DELIM, ...]  metadata["targets"] lists engine ids
@@ -35,7 +44,7 @@ from uuid import uuid4
 
 import zmq
 from jupyter_client.session import Session
-from zmq.devices import ThreadDevice
+from zmq.devices import ThreadDevice, ThreadMonitoredQueue
 
 from ipyparallel_lite import batch, fastzmq
 from ipyparallel_lite.connection import (
@@ -87,6 +96,11 @@ IOPUB_RECORD_HWM = 100_000
 LISTEN_BACKLOG = 4096
 #: the prefix of every topic engines publish on iopub
 ENGINE_TOPIC = b"engine."
+#: the identity the controller sends with through the mux device, for the answers it
+#: gives on that path itself (no engine has it: engines' identities are uuids)
+INJECTOR = b"controller"
+#: the prefixes of the mux device's copies: a request routed in, a reply routed out
+ROUTED_IN, ROUTED_OUT = b"in", b"out"
 #: messages handled per socket before other sockets get their turn: small enough that a
 #: client flooding one socket delays others' requests by milliseconds (256 let a flood of
 #: 40,000 requests delay them by up to 1.3 s on a loaded machine; 64: at most 71 ms)
@@ -260,7 +274,7 @@ class Controller:
         self.registration = self._bind("registration", zmq.ROUTER, c)
         e["registration"] = c["registration"]
         self.notification = self._bind("notification", zmq.PUB, c, sndhwm=NOTIFICATION_HWM)
-        self.mux = self._bind("mux", zmq.ROUTER, c)
+        self._bind_mux_device(c, e)
         self.task = self._bind("task", zmq.ROUTER, c)
         self.control = self._bind("control", zmq.ROUTER, c)
         self.broadcast = self._bind("broadcast", zmq.ROUTER, c)
@@ -297,6 +311,42 @@ class Controller:
             self._iopub_record.connect(inproc)
         self._monitor = self.engine_shell.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
+    def _bind_mux_device(self, c: dict, e: dict) -> None:
+        """The direct path: a C device between clients' and engines' ``mux`` sockets,
+        with a copy of what it routes for the Hub, and the injector (see the module)."""
+        device = self._mux_device = ThreadMonitoredQueue(zmq.ROUTER, zmq.ROUTER, zmq.PUB,
+                                                         ROUTED_IN, ROUTED_OUT)
+        for option, value in {zmq.LINGER: 0, zmq.BACKLOG: LISTEN_BACKLOG,
+                              # a ROUTER drops what meets a full queue: the device must not
+                              # lose a request or a reply (clients' windows bound them)
+                              zmq.SNDHWM: 0, zmq.RCVHWM: 0, **self._server_options}.items():
+            device.setsockopt_in(option, value)
+            device.setsockopt_out(option, value)
+        device.setsockopt_mon(zmq.SNDHWM, 0)  # a PUB drops what its subscriber cannot take
+        c["mux"] = self._bind_port("mux", c, lambda p: device.bind_in(f"tcp://{self.ip}:{p}"),
+                                   lambda: device.bind_in_to_random_port(f"tcp://{self.ip}"))
+        e["mux"] = self._bind_port("mux", e, lambda p: device.bind_out(f"tcp://{self.ip}:{p}"),
+                                   lambda: device.bind_out_to_random_port(f"tcp://{self.ip}"))
+        # the device's sockets live in zmq's global context: so do the inproc peers
+        name = f"ipp-lite-mux-{uuid4()}"
+        device.bind_mon(f"inproc://{name}-copies")
+        device.bind_out(f"inproc://{name}-engines")
+        device.daemon = True
+        device.start()
+        context = zmq.Context.instance()
+        self._mux_copies = fastzmq.socket(context, zmq.SUB)
+        self._mux_copies.linger = 0
+        self._mux_copies.rcvhwm = 0
+        self._mux_copies.subscribe(b"")
+        self._mux_injector = fastzmq.socket(context, zmq.DEALER)
+        self._mux_injector.linger = 0
+        self._mux_injector.sndhwm = 0
+        self._mux_injector.identity = INJECTOR
+        self._mux_sockets = (self._mux_copies, self._mux_injector)
+        # (libzmq lets inproc connect before the device's thread binds)
+        self._mux_copies.connect(f"inproc://{name}-copies")
+        self._mux_injector.connect(f"inproc://{name}-engines")
+
     def connection_info(self, kind: str) -> dict:
         ports = self.ports if kind == "client" else self.engine_ports
         info = {
@@ -322,7 +372,8 @@ class Controller:
         loop = self.loop = asyncio.get_running_loop()
         handlers = {
             self.registration: self.on_registration,
-            self.mux: self.on_mux,
+            self._mux_copies: self.on_mux_copy,
+            self._mux_injector: self.on_injector,
             self.task: self.on_task,
             self.control: self.on_control,
             self.broadcast: self.on_broadcast,
@@ -340,7 +391,7 @@ class Controller:
                              reads_batches=self._reads_batches, log=self.log)
         # sockets whose peers may send batches: everything but heartbeats and what the
         # controller reads from its own relays
-        unbatched = {self.hb_pong, self._monitor, self._iopub_record}
+        unbatched = {self.hb_pong, self._monitor, self._iopub_record, *self._mux_sockets}
         for sock, handler in handlers.items():
             guarded = self._guarded(handler)
             reader = fastzmq.Drainer(loop, sock, guarded if sock in unbatched else self._unbatching(guarded),
@@ -404,6 +455,8 @@ class Controller:
         self.context.destroy(linger=0)
         if self._iopub_record is not None:
             self._iopub_record.close(linger=0)
+        for sock in self._mux_sockets:
+            sock.close(linger=0)
         if self._dask is not None:
             self._dask.close()
         try:
@@ -527,7 +580,10 @@ class Controller:
         return self.outbox.send(sock, frames, later)
 
     def _reads_batches(self, sock: zmq.Socket, peer: bytes) -> bool:
-        # every registered engine reads batches (registration refuses other versions)
+        # every registered engine reads batches (registration refuses other versions);
+        # the mux device routes each message by its first frame, so none goes through it
+        if sock is self._mux_injector:
+            return False
         return sock is self.engine_shell or batch.reads_batches(peer)
 
     def _after_send(self, sock: zmq.Socket) -> None:
@@ -574,7 +630,7 @@ class Controller:
     def _client_socket(self, tag: bytes) -> zmq.Socket:
         """The client-facing socket a reply with routing ``tag`` goes back through."""
         if tag == MUX:
-            return self.mux
+            return self._mux_injector
         if tag == BROADCAST:
             return self.broadcast
         return self.task
@@ -678,21 +734,43 @@ class Controller:
 
     # ---- client requests: mux, broadcast, task, control ----------------------------
 
-    def on_mux(self, frames: list) -> None:
-        parsed = self._parse(frames)
+    def on_mux_copy(self, frames: list) -> None:
+        """The mux device's copy of a message it routed: ``[ROUTED_IN, engine_uuid, client,
+        DELIM, ...]`` or ``[ROUTED_OUT, client, engine_uuid, DELIM, ...]``, for the core's
+        records (the device delivered it already)."""
+        routed_in = frame_bytes(frames[0]) == ROUTED_IN
+        parsed = self._parse(frames[1:], parent=not routed_in, peer=b"mux device")
         if parsed is None:
             return
         idents, rest, msg = parsed
-        header = msg["header"]
-        if len(idents) == 1:  # several engines: one message, fanned out by the core
-            self._carry_out(self.state.fan_out(idents[0], MUX, rest, header, msg["metadata"]))
-        elif len(idents) == 2:
-            client, target = idents
-            self._carry_out(self.state.direct(client, target.decode(errors="replace"), rest,
-                                              header, msg["metadata"]))
-        else:
-            self.warn(frames[0].bytes, "bad identities", "dropped a mux request with unexpected "
-                      "routing identities")
+        if len(idents) != 2:
+            self.warn(idents[0] if idents else b"", "bad identities", "the mux device routed a "
+                      "message with unexpected identities (%d)", len(idents))
+            return
+        if routed_in:
+            target, client = idents
+            self._carry_out(self.state.routed_request(client, target.decode(errors="replace"),
+                                                      rest, msg["header"], msg["metadata"]))
+            return
+        client, engine = idents
+        if engine == INJECTOR:  # the controller's own answer, recorded when it was sent
+            return
+        self._carry_out(self.state.routed_reply(engine.decode(errors="replace"), client,
+                                                msg["parent_header"].get("msg_id"), rest,
+                                                msg["header"], msg["metadata"], msg["msg_type"],
+                                                self.loop.time()))
+
+    def on_injector(self, frames: list) -> None:
+        """A message a client addressed to :data:`INJECTOR` through the mux device."""
+        self.warn(frames[0].bytes if frames else b"", "bad identities", "dropped a direct "
+                  "request addressed to the controller itself")
+
+    def _catch_up(self) -> None:
+        """Take in the mux device's copies that wait, before a request that may name what
+        they record (a query, an abort, a task depending on a direct request)."""
+        sock, handle = self._mux_copies, self.on_mux_copy
+        while fastzmq.readable(sock):
+            handle(sock.recv_multipart(zmq.NOBLOCK, copy=False))
 
     def on_broadcast(self, frames: list) -> None:
         parsed = self._parse(frames)
@@ -703,7 +781,7 @@ class Controller:
             self.warn(frames[0].bytes, "bad identities", "dropped a broadcast request with "
                       "unexpected routing identities")
             return
-        self._carry_out(self.state.fan_out(idents[0], BROADCAST, rest, msg["header"],
+        self._carry_out(self.state.fan_out(idents[0], rest, msg["header"],
                                            msg["metadata"]))
 
     def on_task(self, frames: list) -> None:
@@ -715,6 +793,9 @@ class Controller:
             self.warn(frames[0].bytes, "bad identities", "dropped a task request with unexpected "
                       "routing identities")
             return
+        metadata = msg["metadata"]
+        if isinstance(metadata, dict) and (metadata.get("after") or metadata.get("follow")):
+            self._catch_up()  # its dependencies may be direct requests
         self._carry_out(self.state.task(idents[0], rest, msg["header"], msg["metadata"],
                                         self.loop.time()))
 
@@ -742,6 +823,7 @@ class Controller:
         handler(idents, msg, content)
 
     def handle_abort_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
+        self._catch_up()
         self._carry_out(self.state.abort(content.get("msg_ids") or [], self.loop.time()))
         self._reply(self.control, idents, "abort_reply", {"status": "ok"}, parent=msg["header"])
 
@@ -751,6 +833,7 @@ class Controller:
         parsed = self._parse(frames, content=True)
         if parsed is None:
             return
+        self._catch_up()  # queries see every direct request the device routed before
         idents, _, msg = parsed
         header = msg["header"]
         msg_type = header["msg_type"]

@@ -207,6 +207,10 @@ class IPEngine(ParallelApp, IPKernelApp):
         # being transferred, and a big request or result may take longer than the window
         self.control_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), {
             **self.curve, **heartbeat_options(info, controller_window(info))})
+        # direct requests come through the controller's mux device, which routes by this
+        # identity: connected before the engine says it is ready, or the first ones drop
+        self.mux_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), self.curve)
+        self._connect_mux(ident, url(info, "mux"))
         for sock, channel in ((self.shell_socket, "shell"), (self.control_socket, "control")):
             sock.identity = ident
             sock.linger = 1000
@@ -232,6 +236,25 @@ class IPEngine(ParallelApp, IPKernelApp):
         self._watch_controller(self.control_socket.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED))
         atexit.register(self.unregister)
+
+    def _connect_mux(self, ident: bytes, address: str) -> None:
+        """Connect the mux socket and wait for its handshake (up to the registration
+        timeout): the device drops what it cannot route to a connected engine."""
+        sock = self.mux_socket
+        sock.identity = ident
+        sock.linger = 1000
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            sock.connect(address)
+            deadline = time.monotonic() + self.registration_timeout
+            while (left := deadline - time.monotonic()) > 0 and monitor.poll(int(left * 1000)):
+                if recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    return
+            raise RegistrationFailed(f"the controller's mux channel at {address} did not "
+                                     f"answer within {self.registration_timeout}s")
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
 
     def _watch_controller(self, monitor: zmq.Socket) -> None:
         """Exit when the controller is gone for ``controller_timeout`` seconds.
@@ -302,6 +325,7 @@ class IPEngine(ParallelApp, IPKernelApp):
         plain = kernel.shell_stream
         plain.io_loop.remove_handler(plain.socket)
         kernel.shell_stream = ShellStream(self.shell_socket, plain.io_loop)
+        kernel.mux_stream = ShellStream(self.mux_socket, plain.io_loop, hold_replies=False)
         kernel.ident = self.ident
         kernel.engine_id = self.eid
         kernel.int_id = self.eid  # ipykernel puts int_id in execute errors' engine_info

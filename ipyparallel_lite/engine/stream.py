@@ -29,7 +29,9 @@ socket, or in the rest of a batch: a burst of small tasks), their replies wait a
 out as one batch when the pass ends, when a request takes longer, or at
 :data:`~ipyparallel_lite.batch.MAX_MESSAGES`. A request that arrives alone is answered
 at once. The one wait this can add: a reply held behind a quick request waits for the
-next request of the same pass, if that one runs long.
+next request of the same pass, if that one runs long. A stream made with
+``hold_replies=False`` sends every reply at once: the engine's ``mux`` stream, whose
+replies the controller's C device routes one by one, each to its own client.
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ class ShellStream(ZMQStream):
     #: the last request handled took under HOLD_BELOW: its successor's replies may wait
     _quick = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hold_replies: bool = True, **kwargs: Any) -> None:
         #: requests read, not handed to the callback yet: the rest of a batch
         self._waiting: collections.deque = collections.deque()
+        self._hold_replies = hold_replies
         super().__init__(*args, **kwargs)
 
     def _init_io_state(self) -> None:
@@ -137,7 +140,7 @@ class ShellStream(ZMQStream):
     def send_multipart(self, msg: Sequence[Any], flags: int = 0, copy: bool = True,
                        track: bool = False, callback: Any = None, **kwargs: Any) -> None:
         drainer = self._drainer
-        if (drainer is not None and drainer.draining and self._quick and not track
+        if (drainer is not None and drainer.draining and self._quick and self._hold_replies and not track
                 and callback is None and not flags and not kwargs
                 and (self._held or self._waiting or readable(self.socket))):  # else alone
             held = self._held
