@@ -92,6 +92,17 @@ def test_pack_and_unpack_keep_every_part_of_every_message():
     assert not batch.is_batch(b"<IDS|MSG>") and not batch.is_batch(b"x" * len(batch.MARKER))
 
 
+def test_a_routed_batch_carries_its_peer_once_and_gives_it_back_to_each_message():
+    # through the mux device, which routes by the first frame: [peer, MARKER, ...]
+    messages = [[b"engine-0", b"<IDS|MSG>", b"sig", b"h"], [b"engine-0", b"<IDS|MSG>", b"s2"]]
+    frames = batch.pack_routed(b"engine-0", messages)
+    assert frames[0] == b"engine-0" and batch.is_batch(frames[1])
+    assert batch.unpack(frames, 1) == [m[1:] for m in messages]
+    # the device swaps the first frame for the sender's; the receiver puts it back
+    assert batch.unpack_routed([b"client", *frames[1:]], 1) == [[b"client", *m[1:]] for m in messages]
+    assert batch.unpack_routed([b"a", b"b", *frames[1:]], 2)[1] == [b"a", b"b", b"<IDS|MSG>", b"s2"]
+
+
 def test_large_parts_travel_as_frames_of_their_own_and_are_not_copied():
     big = b"B" * batch.INLINE_BELOW
     frame = zmq.Frame(b"F" * 100_000)

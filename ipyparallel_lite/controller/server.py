@@ -101,6 +101,9 @@ ENGINE_TOPIC = b"engine."
 INJECTOR = b"controller"
 #: the prefixes of the mux device's copies: a request routed in, a reply routed out
 ROUTED_IN, ROUTED_OUT = b"in", b"out"
+#: seconds a task naming msg_ids the controller does not know waits for the mux
+#: device's copies to name them, and how often it looks (see _when_dependencies_known)
+DEVICE_GRACE, DEVICE_RETRY = 1.0, 0.005
 #: messages handled per socket before other sockets get their turn: small enough that a
 #: client flooding one socket delays others' requests by milliseconds (256 let a flood of
 #: 40,000 requests delay them by up to 1.3 s on a loaded machine; 64: at most 71 ms)
@@ -418,17 +421,22 @@ class Controller:
             if len(frames) < 3 or not batch.is_batch(frames[1]):
                 handler(frames)
                 return 1
-            peer = frames[0]
             try:
-                messages = batch.unpack(frames, 1)
+                messages = batch.unpack_routed(frames, 1)
             except batch.BatchError as e:
-                self.warn(peer.bytes, "bad batch", "dropped a malformed batch: %s", e)
+                self.warn(frames[0].bytes, "bad batch", "dropped a malformed batch: %s", e)
                 return 1
             for message in messages:
-                message.insert(0, peer)
                 handler(message)
             return len(messages)
         return handle
+
+    def _later(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
+        """``callback(*args)`` in ``delay`` seconds, cancelled by :meth:`stop`."""
+        now = self.loop.time()
+        # (a timer that fired is not cancelled: it is dropped here once its time passed)
+        self._timers = [t for t in self._timers if t.when() > now and not t.cancelled()]
+        self._timers.append(self.loop.call_later(delay, callback, *args))
 
     def _flush_store(self) -> None:
         """Write the Hub's records that changed since the last time, then come back."""
@@ -436,8 +444,7 @@ class Controller:
             self.hub.store.flush()
         except Exception:
             self.log.exception("writing task records failed; they stay in memory for the next try")
-        self._timers = [t for t in self._timers if not t.cancelled()]
-        self._timers.append(self.loop.call_later(self.flush_interval, self._flush_store))
+        self._later(self.flush_interval, self._flush_store)
 
     def stop(self) -> None:
         if hasattr(self, "outbox"):
@@ -736,10 +743,23 @@ class Controller:
 
     def on_mux_copy(self, frames: list) -> None:
         """The mux device's copy of a message it routed: ``[ROUTED_IN, engine_uuid, client,
-        DELIM, ...]`` or ``[ROUTED_OUT, client, engine_uuid, DELIM, ...]``, for the core's
-        records (the device delivered it already)."""
+        DELIM, ...]`` or ``[ROUTED_OUT, client, engine_uuid, DELIM, ...]`` (or a batch in
+        place of the message), for the core's records (the device delivered it already)."""
         routed_in = frame_bytes(frames[0]) == ROUTED_IN
-        parsed = self._parse(frames[1:], parent=not routed_in, peer=b"mux device")
+        if len(frames) > 5 and batch.is_batch(frames[3]):
+            try:
+                messages = batch.unpack_routed(frames[1:], 2)
+            except batch.BatchError as e:
+                self.warn(frame_bytes(frames[2]), "bad batch", "the mux device routed a "
+                          "malformed batch: %s", e)
+                return
+            for message in messages:
+                self._routed(routed_in, message)
+        else:
+            self._routed(routed_in, frames[1:])
+
+    def _routed(self, routed_in: bool, frames: list) -> None:
+        parsed = self._parse(frames, parent=not routed_in, peer=b"mux device")
         if parsed is None:
             return
         idents, rest, msg = parsed
@@ -794,10 +814,26 @@ class Controller:
                       "routing identities")
             return
         metadata = msg["metadata"]
+        submit = partial(self.state.task, idents[0], rest, msg["header"], metadata)
         if isinstance(metadata, dict) and (metadata.get("after") or metadata.get("follow")):
-            self._catch_up()  # its dependencies may be direct requests
-        self._carry_out(self.state.task(idents[0], rest, msg["header"], msg["metadata"],
-                                        self.loop.time()))
+            self._when_dependencies_known(metadata, submit)
+        else:
+            self._carry_out(submit(self.loop.time()))
+
+    def _when_dependencies_known(self, metadata: dict, submit: Callable[[float], list],
+                                 deadline: float | None = None) -> None:
+        """Submit a task once the core knows the msg_ids it depends on, or after
+        :data:`DEVICE_GRACE` (then the scheduler names the unknown ones). A direct
+        request sent just before the task, on the client's other connection, may reach
+        the mux device, and its copy this loop, after the task did."""
+        self._catch_up()
+        now = self.loop.time()
+        if deadline is None:
+            deadline = now + DEVICE_GRACE
+        if now >= deadline or self.state.knows_dependencies(metadata):
+            self._carry_out(submit(now))
+        else:
+            self._later(DEVICE_RETRY, self._when_dependencies_known, metadata, submit, deadline)
 
     def on_control(self, frames: list) -> None:
         parsed = self._parse(frames, content=True)
@@ -1061,8 +1097,7 @@ class Controller:
         if last is None or now - last < 2 * self.hub.hb_period:
             self._reap(None)
         self._ping()
-        self._timers = [t for t in self._timers if not t.cancelled()]
-        self._timers.append(self.loop.call_later(self.hub.hb_period, self._heartbeat))
+        self._later(self.hub.hb_period, self._heartbeat)
 
     def _reap(self, since: float | None) -> None:
         """Remove engines that stopped answering (since ``since``, or for too long)."""

@@ -710,26 +710,43 @@ class ControllerState:
             md["targets"] = [engine.id] if engine is not None else [-1]
         return md
 
+    @staticmethod
+    def _dependency_ids(md: dict) -> list[str]:
+        """The msg_ids ``md``'s ``after``/``follow`` name (none of a malformed one: the
+        scheduler rejects it with the reason)."""
+        ids: list[str] = []
+        for key in ("after", "follow"):
+            try:
+                spec = parse_dependency(md.get(key) or None)
+            except ValueError:
+                continue
+            if spec is not None:
+                ids += spec.ids
+        return ids
+
+    def knows_dependencies(self, md: Any) -> bool:
+        """Whether a task with metadata ``md`` names only msg_ids the controller knows
+        (submitted, or recorded by the Hub)."""
+        if not isinstance(md, dict):
+            return True
+        scheduler, store = self.scheduler, self.hub.store
+        return all(scheduler.knows(dep) or dep in store for dep in self._dependency_ids(md))
+
     def recall_dependencies(self, md: dict) -> list:
         """Tell the scheduler how the finished tasks that ``md``'s ``after``/``follow``
         name ended, from the Hub's records: it forgets finished tasks after a while (and
         a restored controller never saw them), which would make them unknown ids."""
         out: list = []
-        for key in ("after", "follow"):
-            try:
-                spec = parse_dependency(md.get(key) or None)
-            except ValueError:
-                continue  # the scheduler rejects it with the reason
-            for dep in spec.ids if spec is not None else ():
-                if dep in self.pending or dep not in self.hub.store:
-                    continue
-                record = self.hub.store.get_record(dep)
-                if record.get("completed") is None:
-                    continue
-                engine = self.hub.by_uuid(record.get("engine_uuid") or "")
-                status = (record.get("result_metadata") or {}).get("status")
-                out += self._scheduled(self.scheduler.record_result(dep, engine.id if engine else -1,
-                                                                    status == "ok"))
+        for dep in self._dependency_ids(md):
+            if dep in self.pending or dep not in self.hub.store:
+                continue
+            record = self.hub.store.get_record(dep)
+            if record.get("completed") is None:
+                continue
+            engine = self.hub.by_uuid(record.get("engine_uuid") or "")
+            status = (record.get("result_metadata") or {}).get("status")
+            out += self._scheduled(self.scheduler.record_result(dep, engine.id if engine else -1,
+                                                                status == "ok"))
         return out
 
 

@@ -325,7 +325,7 @@ class IPEngine(ParallelApp, IPKernelApp):
         plain = kernel.shell_stream
         plain.io_loop.remove_handler(plain.socket)
         kernel.shell_stream = ShellStream(self.shell_socket, plain.io_loop)
-        kernel.mux_stream = ShellStream(self.mux_socket, plain.io_loop, hold_replies=False)
+        kernel.mux_stream = ShellStream(self.mux_socket, plain.io_loop, routed=True)
         kernel.ident = self.ident
         kernel.engine_id = self.eid
         kernel.int_id = self.eid  # ipykernel puts int_id in execute errors' engine_info
