@@ -21,7 +21,7 @@ unknown engine, an engine that died) it sends through the device as :data:`INJEC
 Routing frames (after the ROUTER's identity frame)::
 
     client -> mux      [engine_uuid, DELIM, sig, header, parent, metadata, content, *buffers]
-                       (the device, not Python: one message per engine, never a batch)
+                       (the device, not Python; a batch: [engine_uuid, MARKER, ...])
     client -> task     [DELIM, ...]
     client -> control  [engine_uuid, DELIM, ...]  to one engine, or [DELIM, ...] to the controller
     client -> broadcast  [DELIM, ...]  metadata["targets"] lists engine ids
@@ -759,6 +759,8 @@ class Controller:
             self._routed(routed_in, frames[1:])
 
     def _routed(self, routed_in: bool, frames: list) -> None:
+        if not routed_in and len(frames) > 1 and frame_bytes(frames[1]) == INJECTOR:
+            return  # the controller's own answer, recorded when it was sent
         parsed = self._parse(frames, parent=not routed_in, peer=b"mux device")
         if parsed is None:
             return
@@ -773,8 +775,6 @@ class Controller:
                                                       rest, msg["header"], msg["metadata"]))
             return
         client, engine = idents
-        if engine == INJECTOR:  # the controller's own answer, recorded when it was sent
-            return
         self._carry_out(self.state.routed_reply(engine.decode(errors="replace"), client,
                                                 msg["parent_header"].get("msg_id"), rest,
                                                 msg["header"], msg["metadata"], msg["msg_type"],
