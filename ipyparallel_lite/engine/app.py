@@ -239,22 +239,30 @@ class IPEngine(ParallelApp, IPKernelApp):
 
     def _connect_mux(self, ident: bytes, address: str) -> None:
         """Connect the mux socket and wait for its handshake (up to the registration
-        timeout): the device drops what it cannot route to a connected engine."""
+        timeout): the device drops what it cannot route to a connected engine. A thread
+        keeps ``_mux_up`` set while it is connected, for :meth:`rejoin` too."""
         sock = self.mux_socket
         sock.identity = ident
         sock.linger = 1000
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        try:
-            sock.connect(address)
-            deadline = time.monotonic() + self.registration_timeout
-            while (left := deadline - time.monotonic()) > 0 and monitor.poll(int(left * 1000)):
-                if recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        up = self._mux_up = threading.Event()
+
+        def watch() -> None:
+            while True:
+                try:
+                    event = recv_monitor_message(monitor)["event"]
+                except zmq.ZMQError:  # the engine is closing
                     return
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    up.set()
+                else:
+                    up.clear()
+
+        threading.Thread(target=watch, name="ipp-lite-mux-watch", daemon=True).start()
+        sock.connect(address)
+        if not up.wait(self.registration_timeout):
             raise RegistrationFailed(f"the controller's mux channel at {address} did not "
-                                     f"answer within {self.registration_timeout}s")
-        finally:
-            sock.disable_monitor()
-            monitor.close(linger=0)
+                                     f"answer within {self.registration_timeout:g}s")
 
     def _watch_controller(self, monitor: zmq.Socket) -> None:
         """Exit when the controller is gone for ``controller_timeout`` seconds.
@@ -290,6 +298,10 @@ class IPEngine(ParallelApp, IPKernelApp):
             self.register(requested=self.eid)
         except (RegistrationFailed, zmq.ZMQError) as e:
             return str(e)
+        # the mux socket reconnects by itself, maybe not yet: the device would drop
+        # the direct requests clients send once this engine says it is ready
+        if not self._mux_up.wait(self.registration_timeout):
+            return f"its mux channel did not reconnect within {self.registration_timeout:g}s"
         kernel = self.kernel
         self.session.send(kernel.shell_stream, "engine_ready", {"id": self.eid})
         kernel.control_stream.io_loop.add_callback(
