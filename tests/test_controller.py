@@ -312,3 +312,20 @@ def test_waiting_for_engines_survives_lost_notifications():
         client.close()
     finally:
         cluster.stop_cluster_sync()
+
+
+def test_timers_that_fired_are_not_kept():
+    # the store's flush and the heartbeat re-arm themselves: a handle kept per firing
+    # grew the controller by about five objects a second for its whole life
+    from ipyparallel_lite.controller.server import Controller
+
+    async def main() -> int:
+        controller = Controller(make_session("timers"), flush_interval=0.002)
+        controller.bind()
+        controller.start()
+        await asyncio.sleep(0.5)
+        kept = len(controller._timers)
+        controller.stop()
+        return kept
+
+    assert asyncio.run(main()) <= 3

@@ -379,14 +379,20 @@ class Controller:
             return len(messages)
         return handle
 
+    def _later(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
+        """``callback(*args)`` in ``delay`` seconds, cancelled by :meth:`stop`."""
+        now = self.loop.time()
+        # (a timer that fired is not cancelled: it is dropped here once its time passed)
+        self._timers = [t for t in self._timers if t.when() > now and not t.cancelled()]
+        self._timers.append(self.loop.call_later(delay, callback, *args))
+
     def _flush_store(self) -> None:
         """Write the Hub's records that changed since the last time, then come back."""
         try:
             self.hub.store.flush()
         except Exception:
             self.log.exception("writing task records failed; they stay in memory for the next try")
-        self._timers = [t for t in self._timers if not t.cancelled()]
-        self._timers.append(self.loop.call_later(self.flush_interval, self._flush_store))
+        self._later(self.flush_interval, self._flush_store)
 
     def stop(self) -> None:
         if hasattr(self, "outbox"):
@@ -978,8 +984,7 @@ class Controller:
         if last is None or now - last < 2 * self.hub.hb_period:
             self._reap(None)
         self._ping()
-        self._timers = [t for t in self._timers if not t.cancelled()]
-        self._timers.append(self.loop.call_later(self.hub.hb_period, self._heartbeat))
+        self._later(self.hub.hb_period, self._heartbeat)
 
     def _reap(self, since: float | None) -> None:
         """Remove engines that stopped answering (since ``since``, or for too long)."""
