@@ -208,7 +208,8 @@ class Controller:
         self._in_drain = False
         self._sent_on: set[fastzmq.Drainer] = set()
         self._at_drain_end: list[Callable[[], None]] = []
-        self._timers: list[asyncio.TimerHandle] = []
+        #: the pending timer of each job that re-arms itself (store flush, heartbeat)
+        self._timers: dict[Callable[[], None], asyncio.TimerHandle] = {}
         self._deadline: asyncio.TimerHandle | None = None
         self._hb_counter = 0
         self._last_heartbeat: float | None = None
@@ -379,12 +380,10 @@ class Controller:
             return len(messages)
         return handle
 
-    def _later(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
-        """``callback(*args)`` in ``delay`` seconds, cancelled by :meth:`stop`."""
-        now = self.loop.time()
-        # (a timer that fired is not cancelled: it is dropped here once its time passed)
-        self._timers = [t for t in self._timers if t.when() > now and not t.cancelled()]
-        self._timers.append(self.loop.call_later(delay, callback, *args))
+    def _later(self, delay: float, callback: Callable[[], None]) -> None:
+        """``callback()`` in ``delay`` seconds, cancelled by :meth:`stop`; its timer
+        replaces the one that called it."""
+        self._timers[callback] = self.loop.call_later(delay, callback)
 
     def _flush_store(self) -> None:
         """Write the Hub's records that changed since the last time, then come back."""
@@ -399,7 +398,7 @@ class Controller:
             self.outbox.close()
         for reader in self._readers:
             reader.close()
-        for timer in self._timers:
+        for timer in self._timers.values():
             timer.cancel()
         if self._deadline:
             self._deadline.cancel()
