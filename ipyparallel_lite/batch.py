@@ -21,7 +21,11 @@ adds no trust, and the receiver verifies each inner message as it would a lone o
 Receivers get the small parts as ``bytes`` and the large ones as the frames they
 arrived as, so code reading a message's parts takes either (``fastzmq.frame_bytes``).
 A ROUTER puts the sender's identity in front of the marker; the receiver puts it in
-front of each inner message again.
+front of each inner message again (:func:`unpack_routed`). Through the controller's mux
+device, which routes each zmq message by its first frame, a batch goes to one peer:
+``[identity, MARKER, ...]`` with that identity taken off each inner message
+(:func:`pack_routed`); the device swaps it for the sender's, and the receiver puts it
+back.
 
 Senders batch only what is already waiting; a lone message goes as it is. The
 controller and engines read batches from anyone. The controller sends batches to its
@@ -92,6 +96,20 @@ def pack(messages: list[list]) -> list:
 def is_batch(frame: Any) -> bool:
     """Whether ``frame`` (bytes or a ``zmq.Frame``) is the batch marker."""
     return len(frame) == _MARKER_LEN and frame_bytes(frame) == MARKER
+
+
+def pack_routed(identity: Any, messages: list[list]) -> list:
+    """One batch of ``messages`` that all start with ``identity`` (their peer's, for a
+    device that routes by the first frame): the identity, then the batch of the
+    messages without it."""
+    return [identity, *pack([message[1:] for message in messages])]
+
+
+def unpack_routed(frames: list, at: int) -> list[list]:
+    """:func:`unpack` of the batch behind ``at`` routing identities, which go back in
+    front of each message, as if it had come alone."""
+    identities = frames[:at]
+    return [[*identities, *message] for message in unpack(frames, at)]
 
 
 def unpack(frames: list, at: int = 0) -> list[list]:

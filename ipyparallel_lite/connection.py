@@ -43,7 +43,7 @@ CONNECTION_INFO_ENV = "IPP_LITE_CONNECTION_INFO"
 
 #: channels a client connects to, and the engine-facing ones
 CLIENT_CHANNELS = ("registration", "notification", "mux", "task", "broadcast", "control", "iopub")
-ENGINE_CHANNELS = ("registration", "shell", "control", "iopub", "hb_ping", "hb_pong")
+ENGINE_CHANNELS = ("registration", "shell", "mux", "control", "iopub", "hb_ping", "hb_pong")
 
 #: the routing identity before a load-balanced task's message on an engine's shell
 #: channel (the controller's tag for its scheduler's tasks)

@@ -60,8 +60,9 @@ def task(state: ControllerState, msg_id: str, client: bytes = ALICE, now: float 
 
 def direct(state: ControllerState, msg_id: str, engine: str, client: bytes = ALICE,
            msg_type: str = "apply_request") -> list:
+    """A direct request as the mux device routed it."""
     frames, header, metadata = request(msg_id, msg_type)
-    return state.direct(client, engine, frames, header, metadata)
+    return state.routed_request(client, engine, frames, header, metadata)
 
 
 def reply(state: ControllerState, engine: str, tag: bytes, parent_id: str, client: bytes = ALICE,
@@ -71,6 +72,8 @@ def reply(state: ControllerState, engine: str, tag: bytes, parent_id: str, clien
                 "completed": "2026-12-01T00:00:02+00:00", **md}
     frames = [DELIM, b"sig", json.dumps(header).encode(), b"parent", json.dumps(metadata).encode(),
               b'{"status": "%s"}' % status.encode(), b"result:" + parent_id.encode()]
+    if tag == MUX:  # as the mux device routed it to the client
+        return state.routed_reply(engine, client, parent_id, frames, header, metadata, msg_type, now)
     return state.reply(engine, tag, client, parent_id, frames, header, metadata, msg_type, now)
 
 
@@ -113,12 +116,11 @@ def test_a_task_submitted_before_any_engine_runs_on_the_first_one_ready():
 # ---- routing -----------------------------------------------------------------------
 
 
-def test_direct_request_goes_to_its_engine_with_the_frames_as_they_came():
+def test_direct_request_routed_by_the_device_is_recorded_and_tracked_not_sent():
     state = core()
-    frames, header, md = request("d1")
-    (action,) = state.direct(ALICE, "e1", frames, header, md)
-    assert action == SendToEngine(1, "d1", [b"e1", MUX, ALICE, *frames])
+    assert direct(state, "d1", "e1") == []
     assert state.pending["d1"].engine_id == 1
+    assert state.waiting == {}  # the client's own window bounds direct requests
     record = state.hub.store.get_record("d1")
     assert (record["queue"], record["engine_uuid"], record["completed"]) == ("mux", "e1", None)
     assert state.queue_status(None, verbose=True)["1"] == {"queue": ["d1"], "tasks": [], "completed": 0}
@@ -154,7 +156,7 @@ def test_task_of_a_type_engines_do_not_answer_is_rejected():
 def test_fan_out_sends_one_copy_per_distinct_engine_and_fails_unknown_ones():
     state = core(2)
     frames, header, md = request("b1", targets=[0, 1, 1, 7])
-    actions = state.fan_out(ALICE, BROADCAST, frames, header, md)
+    actions = state.fan_out(ALICE, frames, header, md)
     assert sends(actions) == [("b1_0", 0), ("b1_1", 1)]
     copy = actions[0]
     assert copy.header == {**header, "msg_id": "b1_0"}  # signed by the server
@@ -169,7 +171,7 @@ def test_fan_out_with_malformed_targets_is_dropped():
     state = core(2)
     for targets in (None, [], ["0"], [True]):
         frames, header, md = request("b1", targets=targets)
-        assert state.fan_out(ALICE, MUX, frames, header, md) == []
+        assert state.fan_out(ALICE, frames, header, md) == []
     assert state.pending == {}
 
 
@@ -178,19 +180,27 @@ def test_fan_out_with_malformed_targets_is_dropped():
 
 def test_reply_goes_to_its_client_and_completes_the_record():
     state = core()
-    direct(state, "d1", "e0")
-    actions = reply(state, "e0", MUX, "d1")
-    record = state.hub.store.get_record("d1")
+    task(state, "t1")
+    actions = reply(state, "e0", TASK, "t1")
+    record = state.hub.store.get_record("t1")
     header, metadata = record["result_header"], record["result_metadata"]
-    assert actions[0] == ReplyToClient(MUX, ALICE, "d1", [
+    assert actions[0] == ReplyToClient(TASK, ALICE, "t1", [
         ALICE, DELIM, b"sig", json.dumps(header).encode(), b"parent", json.dumps(metadata).encode(),
-        b'{"status": "ok"}', b"result:d1"])
+        b'{"status": "ok"}', b"result:t1"])
     assert state.pending == {} and state.waiting == {}
     assert state.completed == {b"e0": 1}
-    content, buffers = state.results(["d1"], status_only=False)
-    assert content["completed"] == ["d1"] and buffers == [b"result:d1"]
-    assert content["d1"]["content"] == {"status": "ok"}
-    assert content["d1"]["outputs"] == {}
+    content, buffers = state.results(["t1"], status_only=False)
+    assert content["completed"] == ["t1"] and buffers == [b"result:t1"]
+    assert content["t1"]["content"] == {"status": "ok"}
+    assert content["t1"]["outputs"] == {}
+
+
+def test_reply_the_device_routed_completes_the_record_and_is_not_sent_again():
+    state = core()
+    direct(state, "d1", "e0")
+    assert reply(state, "e0", MUX, "d1") == []
+    assert state.pending == {} and state.completed == {b"e0": 1}
+    assert state.hub.store.get_record("d1")["result_buffers"] == [b"result:d1"]
 
 
 def test_records_keep_the_json_frames_and_write_them_as_they_came(tmp_path):
@@ -264,8 +274,8 @@ def test_task_without_retries_on_a_lost_engine_fails_with_engine_error():
 
 def test_send_refused_by_a_full_engine_queue_fails_that_request():
     state = core(1)
-    direct(state, "d1", "e0")
-    (fail,) = state.engine_refused(0, "d1", 64 << 20)
+    task(state, "t1")
+    (fail,) = state.engine_refused(0, "t1", 64 << 20)
     assert (fail.ename, fail.engine_id) == ("EngineError", 0) and "64 MB" in fail.evalue
 
 
@@ -335,7 +345,7 @@ def test_a_task_after_a_direct_request_is_released_by_its_reply():
     direct(state, "d1", "e0")
     assert task(state, "t1", after=["d1"]) == []
     actions = reply(state, "e0", MUX, "d1")
-    assert replies(actions) == ["d1"] and sends(actions) == [("t1", 0)]
+    assert replies(actions) == [] and sends(actions) == [("t1", 0)]
 
 
 def test_a_task_after_a_failed_direct_request_fails_as_impossible():
@@ -375,31 +385,31 @@ def test_hub_queries_on_pending_and_finished_work():
 
 
 def test_a_request_beyond_the_clients_window_is_refused_at_once_and_others_go_on():
-    state = core(1, client_window=2)
+    state = core(1, hwm=2, client_window=2)
     assert state.connection()["window"] == 2
-    direct(state, "d1", "e0")
     assert sends(task(state, "t1")) == [("t1", 0)]
-    (refused,) = task(state, "t2")
+    assert sends(task(state, "t2")) == [("t2", 0)]
+    (refused,) = task(state, "t3")
     assert (refused.ename, refused.record, refused.client) == (WINDOW_ENAME, False, ALICE)
     assert "2 requests waiting" in refused.evalue and "client_window" in refused.evalue
-    assert "t2" not in state.pending and "t2" not in state.hub.store  # never queued
-    assert fails(direct(state, "d2", "e0")) == {"d2": WINDOW_ENAME}
+    assert "t3" not in state.pending and "t3" not in state.hub.store  # never queued
     frames, header, md = request("b1", targets=[0])
-    assert fails(state.fan_out(ALICE, BROADCAST, frames, header, md)) == {"b1_0": WINDOW_ENAME}
+    assert fails(state.fan_out(ALICE, frames, header, md)) == {"b1_0": WINDOW_ENAME}
+    # the mux device delivered a direct request already: it is recorded, never refused
+    assert direct(state, "d1", "e0") == [] and "d1" in state.pending
     assert task(state, "u1", client=BOB) == []  # another client has its own window
     assert state.waiting == {ALICE: 2, BOB: 1}
-    reply(state, "e0", MUX, "d1")  # an answer frees a place
+    reply(state, "e0", TASK, "t1")  # an answer frees a place
     assert state.waiting == {ALICE: 1, BOB: 1}
-    assert fails(direct(state, "d3", "e0")) == {}
 
 
 def test_a_fan_out_needs_room_for_all_its_copies():
     state = core(2, client_window=3)
-    direct(state, "d1", "e0")
+    task(state, "t1")
     frames, header, md = request("b1", targets=[0, 1, 1])
-    assert sends(state.fan_out(ALICE, MUX, frames, header, md)) == [("b1_0", 0), ("b1_1", 1)]
+    assert sends(state.fan_out(ALICE, frames, header, md)) == [("b1_0", 0), ("b1_1", 1)]
     frames, header, md = request("b2", targets=[0])
-    assert fails(state.fan_out(ALICE, MUX, frames, header, md)) == {"b2_0": WINDOW_ENAME}
+    assert fails(state.fan_out(ALICE, frames, header, md)) == {"b2_0": WINDOW_ENAME}
 
 
 def test_client_window_zero_is_no_limit_and_negative_is_refused():

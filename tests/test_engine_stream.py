@@ -214,6 +214,54 @@ def test_a_batch_of_requests_is_served_in_order_and_answered_by_one_batch(pair, 
     assert "dropped a malformed batch" in caplog.text
 
 
+def test_a_routed_stream_reads_batches_behind_the_client_and_batches_replies_per_client(pair):
+    # the engine's mux stream, behind the controller's device: every message starts with
+    # the client's identity, and a batch of replies may only go to one client
+    router, dealer = pair
+
+    async def main() -> list:
+        stream = ShellStream(dealer, IOLoop.current(), routed=True)
+        got: list = []
+
+        def on_message(msg: list) -> None:
+            client, body = (fastzmq.frame_bytes(f) for f in msg)
+            got.append((client, body))
+            stream.send_multipart([client, b"reply-" + body])
+
+        stream.send_multipart([b"hello"])
+        await _until(lambda: router.poll(0))
+        router.recv_multipart()
+        stream.on_recv(on_message, copy=False)
+        alice = [[b"alice", b"a%d" % i] for i in range(3)]
+        router.send_multipart([b"engine", *batch.pack_routed(b"alice", alice)])
+        answers: list = []
+        await _until(lambda: router.poll(0))
+        answers.append(router.recv_multipart()[1:])
+        # requests of two clients in one pass: each client's replies go on their own
+        router.send_multipart([b"engine", b"bob", b"b0"])
+        router.send_multipart([b"engine", *batch.pack_routed(b"alice", [[b"alice", b"a3"]] * 2)])
+        router.send_multipart([b"engine", b"bob", b"b1"])
+        while sum(len(batch.unpack(a, 1)) if batch.is_batch(a[1]) else 1 for a in answers) < 7:
+            await _until(lambda: router.poll(0))
+            answers.append(router.recv_multipart()[1:])
+        stream.close()
+        return got, answers
+
+    got, answers = asyncio.run(main())
+    assert got[:3] == [(b"alice", b"a0"), (b"alice", b"a1"), (b"alice", b"a2")]
+    assert got[3:] == [(b"bob", b"b0"), (b"alice", b"a3"), (b"alice", b"a3"), (b"bob", b"b1")]
+    replies = []
+    for answer in answers:
+        if batch.is_batch(answer[1]):
+            peer = answer[0]
+            assert all(m[0] == peer for m in batch.unpack_routed(answer, 1))
+            replies += batch.unpack_routed(answer, 1)
+        else:
+            replies.append(answer)
+    assert replies == [[c, b"reply-" + b] for c, b in got]
+    assert batch.is_batch(answers[0][1]), "three quick requests that came together: one batch"
+
+
 def test_a_request_that_drains_the_stream_gets_the_rest_of_its_batch_first(pair):
     router, dealer = pair
 

@@ -20,7 +20,7 @@ from ipyparallel_lite.connection import load_connection_file, make_session
 from ipyparallel_lite.serialization import pack_apply_message
 
 CLIENT_CHANNELS = ("registration", "mux", "task", "control", "broadcast")
-ENGINE_CHANNELS = ("registration", "shell", "control", "hb_pong")
+ENGINE_CHANNELS = ("registration", "shell", "mux", "control", "hb_pong")
 
 
 def connect(ctx: zmq.Context, info: dict, channel: str) -> zmq.Socket:

@@ -30,9 +30,17 @@ def connect(ctx: zmq.Context, info: dict, channel: str, identity: bytes | None =
     return sock
 
 
-def apply_request(session, f, *args, ident: list[bytes] | None = None) -> tuple[str, list]:
-    msg = session.msg("apply_request", {})
+def apply_request(session, f, *args, ident: list[bytes] | None = None,
+                  metadata: dict | None = None) -> tuple[str, list]:
+    msg = session.msg("apply_request", {}, metadata=metadata)
     return msg["header"]["msg_id"], session.serialize(msg, ident=ident) + pack_apply_message(f, args, {})
+
+
+def to_engine_0(session, f, *args) -> tuple[str, list]:
+    """A broadcast for engine 0 alone, and the msg_id its reply answers: copies the
+    controller sends an engine in one turn travel to it as one batch."""
+    msg_id, frames = apply_request(session, f, *args, metadata={"targets": [0]})
+    return f"{msg_id}_0", frames
 
 
 def receive(sock: zmq.Socket, session, n: int, timeout: float = 30) -> tuple[dict, int]:
@@ -82,6 +90,17 @@ def test_pack_and_unpack_keep_every_part_of_every_message():
     assert batch.unpack(frames) == messages
     assert batch.unpack([b"ident", *frames], 1) == messages
     assert not batch.is_batch(b"<IDS|MSG>") and not batch.is_batch(b"x" * len(batch.MARKER))
+
+
+def test_a_routed_batch_carries_its_peer_once_and_gives_it_back_to_each_message():
+    # through the mux device, which routes by the first frame: [peer, MARKER, ...]
+    messages = [[b"engine-0", b"<IDS|MSG>", b"sig", b"h"], [b"engine-0", b"<IDS|MSG>", b"s2"]]
+    frames = batch.pack_routed(b"engine-0", messages)
+    assert frames[0] == b"engine-0" and batch.is_batch(frames[1])
+    assert batch.unpack(frames, 1) == [m[1:] for m in messages]
+    # the device swaps the first frame for the sender's; the receiver puts it back
+    assert batch.unpack_routed([b"client", *frames[1:]], 1) == [[b"client", *m[1:]] for m in messages]
+    assert batch.unpack_routed([b"a", b"b", *frames[1:]], 2)[1] == [b"a", b"b", b"<IDS|MSG>", b"s2"]
 
 
 def test_large_parts_travel_as_frames_of_their_own_and_are_not_copied():
@@ -170,10 +189,9 @@ def test_controller_unpacks_batches_and_batches_replies_only_for_readers(cluster
     session = make_session(info["key"])
     ctx = zmq.Context()
     try:
-        # direct requests queue on one engine: its replies, and the controller's, batch
-        sock = connect(ctx, info, "mux", batch.reader_identity() if reader else None)
-        engine = [rc.engine_uuid(0).encode()]
-        requests = [apply_request(session, abs, -i, ident=engine) for i in range(40)]
+        # requests queue on one engine: its replies, and the controller's, batch
+        sock = connect(ctx, info, "broadcast", batch.reader_identity() if reader else None)
+        requests = [to_engine_0(session, abs, -i) for i in range(40)]
         sock.send_multipart(batch.pack([frames for _, frames in requests]))
         replies, zmq_messages = receive(sock, session, 40)
         assert set(replies) == {msg_id for msg_id, _ in requests}
@@ -261,11 +279,10 @@ def test_a_burst_reaches_an_engine_as_batches_and_comes_back_in_order(cluster, r
     session = make_session(info["key"])
     ctx = zmq.Context()
     try:
-        # one batch of direct requests: the controller decides them in one turn, and the
-        # engine gets all but the first as one batch, each verified and run in order
-        sock = connect(ctx, info, "mux", batch.reader_identity())
-        engine = [rc.engine_uuid(0).encode()]
-        requests = [apply_request(session, requests_behind, ident=engine) for _ in range(40)]
+        # one batch of requests for one engine: the controller decides them in one turn,
+        # and the engine gets all but the first as one batch, each verified and run in order
+        sock = connect(ctx, info, "broadcast", batch.reader_identity())
+        requests = [to_engine_0(session, requests_behind) for _ in range(40)]
         sock.send_multipart(batch.pack([frames for _, frames in requests]))
         replies, _ = receive(sock, session, 40)
         sent = [msg_id for msg_id, _ in requests]

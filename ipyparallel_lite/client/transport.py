@@ -3,7 +3,8 @@
 Threads: the user's thread builds and signs messages (the costly part, kept lean by
 :class:`~ipyparallel_lite.client.message.MessageBuilder`) and queues them with :meth:`Transport.submit`; one I/O thread
 sends what is queued, packing the messages waiting for the same channel into one
-:mod:`~ipyparallel_lite.batch` (never waiting to fill one), and receives replies,
+:mod:`~ipyparallel_lite.batch` (never waiting to fill one; direct requests, which the
+controller routes in C by their first frame, into one batch per engine), and receives replies,
 notifications and output. A reply is verified, matched to its
 :class:`~ipyparallel_lite.client.asyncresult.AsyncResult` by the parent's ``msg_id`` in
 :attr:`Transport.pending` and handed over as it is; results are unpickled only when
@@ -70,6 +71,9 @@ SEND_CHANNELS = ("mux", "task", "control", "query", "broadcast")
 WINDOWED = frozenset(("mux", "task", "broadcast"))
 #: most messages the I/O thread packs into one batch
 BATCH_MAX = 64
+#: channels whose zmq messages the controller's mux device routes by their first frame,
+#: the engine's identity: a batch there carries the messages for one engine
+ROUTED = frozenset(("mux",))
 
 # an outbox entry: (channel, frames, reply slots it takes in the window, the AsyncResult
 # to give a zmq tracker or None, sequence number, the msg_ids its replies will carry)
@@ -586,8 +590,8 @@ class Transport:
 
     def _send_from(self, queue: collections.deque, budget: int | None, before: float) -> bool:
         """Send ``queue``'s entries queued before sequence number ``before``, in order,
-        those for one channel packed into batches, until ``budget`` reply slots are used;
-        False if zmq refused."""
+        those for one channel packed into batches (on a routed channel, one batch per
+        engine), until ``budget`` reply slots are used; False if zmq refused."""
         sockets = self._sockets
         while queue and queue[0][_SEQ] < before and (budget is None or budget > 0):
             first = queue[0]
@@ -604,6 +608,7 @@ class Transport:
                         break
                     slots += entry[_SLOTS]
                     count += 1
+            sends = 1
             try:
                 if count == 1:
                     if first[_TRACK] is None:
@@ -611,9 +616,14 @@ class Transport:
                     else:
                         first[_TRACK]._tracked(sock.send_multipart(first[_FRAMES], NOBLOCK, copy=False,
                                                                    track=True))
+                    queue.popleft()
+                elif channel in ROUTED:
+                    sends = self._send_routed(sock, queue, count)
                 else:
                     sock.send_multipart(batch.pack([queue[i][_FRAMES] for i in range(count)]),
                                         NOBLOCK, copy=False)
+                    for _ in range(count):
+                        queue.popleft()
             except zmq.Again:
                 # the controller is not reading: the I/O thread retries when this socket
                 # can take more (its FD signals that too)
@@ -621,13 +631,43 @@ class Transport:
                 return False
             if budget is not None:
                 budget -= slots
-                with self._wake_lock:
-                    self._held_slots -= slots
-            for _ in range(count):
-                queue.popleft()
-            self.sends += 1
+            self._release_slots(slots)
+            self.sends += sends
             self._sent_on.add(sock)
         return True
+
+    def _send_routed(self, sock: zmq.Socket, queue: collections.deque, count: int) -> int:
+        """Send the first ``count`` entries of ``queue`` as one batch per engine, each
+        engine's in order, and take them off it; how many zmq messages that took. If zmq
+        refuses one (zmq.Again), what was sent is accounted for and the rest goes back
+        to the front of ``queue``, in order."""
+        taken = [queue.popleft() for _ in range(count)]
+        groups: dict[bytes, list] = {}
+        for entry in taken:
+            groups.setdefault(bytes(entry[_FRAMES][0]), []).append(entry)
+        sent: set[int] = set()
+        sends = 0
+        try:
+            for entries in groups.values():
+                frames = [entry[_FRAMES] for entry in entries]
+                sock.send_multipart(frames[0] if len(frames) == 1 else
+                                    batch.pack_routed(frames[0][0], frames), NOBLOCK, copy=False)
+                sent.update(map(id, entries))
+                sends += 1
+        except zmq.Again:
+            if sent:
+                self._release_slots(sum(entry[_SLOTS] for entry in taken if id(entry) in sent))
+                self.sends += sends
+                self._sent_on.add(sock)
+            queue.extendleft(reversed([entry for entry in taken if id(entry) not in sent]))
+            raise
+        return sends
+
+    def _release_slots(self, slots: int) -> None:
+        """Sent requests held by the window no longer wait here (only they take slots)."""
+        if slots:
+            with self._wake_lock:
+                self._held_slots -= slots
 
     # ---- receiving --------------------------------------------------------------------
 
@@ -637,8 +677,10 @@ class Transport:
         return unpack_message(self.session, msg_frames)
 
     def _on_replies(self, frames: list) -> None:
-        if batch.is_batch(frames[0]):
-            for message in batch.unpack(frames):
+        # a batch comes behind the engine's identity on a routed channel (mux)
+        at = 0 if batch.is_batch(frames[0]) else 1 if len(frames) > 3 and batch.is_batch(frames[1]) else -1
+        if at >= 0:
+            for message in batch.unpack(frames, at):
                 try:
                     self._on_reply(message)
                 except Exception as e:  # the batch's other replies still count

@@ -260,16 +260,11 @@ class DirectView(View):
     def _send_each(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
                    fname: str, single: bool, listener: Callable | None = None,
                    track: bool | None = None) -> AsyncResult:
-        """The same request to every target; ``listener`` hears its output from the first message.
-
-        Several distinct engines get one message, which the controller fans out (so
-        the request and its buffers are serialized and sent once); a repeated target
-        gets one message per mention, as each mention is a request of its own.
-        """
+        """The same request to every target, one message per engine (the controller's
+        mux device routes each by its engine; the buffers are serialized once); a
+        repeated target gets one message per mention. ``listener`` hears its output
+        from the first message."""
         track = self.track if track is None else track
-        if len(targets) > 1 and len(set(targets)) == len(targets):
-            return self._fan_out("mux", msg_type, content, targets, buffers, fname, single, listener,
-                                 track=track)
 
         def make_result(msg_ids: list[str]) -> AsyncResult:
             ar = AsyncResult(self.client, msg_ids, fname, targets, single=single, track=track)
@@ -278,23 +273,6 @@ class DirectView(View):
 
         return self._send_to_engines(msg_type, content, [(t, buffers) for t in targets], make_result,
                                      track=track)
-
-    def _fan_out(self, channel: str, msg_type: str, content: dict, targets: list[int],
-                 buffers: list | None, fname: str, single: bool, listener: Callable | None,
-                 metadata: dict | None = None, track: bool = False) -> AsyncResult:
-        """One message for all ``targets`` (distinct engine ids); the controller sends each
-        engine a copy whose msg_id is ``f"{msg_id}_{engine_id}"``, the AsyncResult's ids."""
-        client = self.client
-        for t in targets:
-            client.engine_uuid(t)  # a clear error for an engine that is gone, before sending
-        msg_id, frames = client.transport.build(msg_type, content, buffers=buffers, metadata={
-            **(metadata or {}), **(self._request_metadata() or {}), "targets": targets})
-        reply_ids = [f"{msg_id}_{t}" for t in targets]
-        ar = AsyncResult(client, reply_ids, fname, targets, single=single, track=track)
-        ar._output_listener = listener
-        ar.preset_metadata("engine_id", targets)
-        self._submit(channel, [(msg_id, frames)], ar, reply_ids=reply_ids, track=track)
-        return ar
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
                       block: bool | None = None, targets: Any = None, track: bool | None = None,
@@ -517,9 +495,26 @@ class BroadcastView(DirectView):
         targets = list(dict.fromkeys(targets))
         if not targets:  # nothing to fan out to: an empty result, as a DirectView gives
             return AsyncResult(self.client, [], fname, targets, single=single)
-        return self._fan_out("broadcast", msg_type, content, targets, buffers, fname, single, listener,
+        return self._fan_out(msg_type, content, targets, buffers, fname, single, listener,
                              {"is_broadcast": True, "is_coalescing": self.is_coalescing},
                              track=self.track if track is None else track)
+
+    def _fan_out(self, msg_type: str, content: dict, targets: list[int], buffers: list | None,
+                 fname: str, single: bool, listener: Callable | None, metadata: dict,
+                 track: bool = False) -> AsyncResult:
+        """One message for all ``targets`` (distinct engine ids); the controller sends each
+        engine a copy whose msg_id is ``f"{msg_id}_{engine_id}"``, the AsyncResult's ids."""
+        client = self.client
+        for t in targets:
+            client.engine_uuid(t)  # a clear error for an engine that is gone, before sending
+        msg_id, frames = client.transport.build(msg_type, content, buffers=buffers, metadata={
+            **metadata, **(self._request_metadata() or {}), "targets": targets})
+        reply_ids = [f"{msg_id}_{t}" for t in targets]
+        ar = AsyncResult(client, reply_ids, fname, targets, single=single, track=track)
+        ar._output_listener = listener
+        ar.preset_metadata("engine_id", targets)
+        self._submit("broadcast", [(msg_id, frames)], ar, reply_ids=reply_ids, track=track)
+        return ar
 
 
 class LoadBalancedView(View):

@@ -371,6 +371,11 @@ class TaskScheduler:
         """
         return msg_id in self._tasks
 
+    def knows(self, msg_id: str) -> bool:
+        """Whether a task may depend on ``msg_id``: a task of this scheduler, a direct
+        request not finished, or one that finished and is not forgotten."""
+        return msg_id in self._done or msg_id in self._tasks or msg_id in self._pending_ext
+
     # ------------------------------------------------------------------ tasks in
 
     def note_pending(self, msg_id: str) -> None:
@@ -447,8 +452,7 @@ class TaskScheduler:
         if msg_id in spec.ids:
             return (f"Task {msg_id} depends on itself (in {kind!r}); a task cannot wait for "
                     f"its own result. Remove its own msg_id from {kind!r}.")
-        unknown = [d for d in spec.ids
-                   if d not in self._done and d not in self._tasks and d not in self._pending_ext]
+        unknown = [d for d in spec.ids if not self.knows(d)]
         if unknown:
             shown = ", ".join(sorted(unknown)[:5]) + (" ..." if len(unknown) > 5 else "")
             return (f"Task {msg_id} depends (in {kind!r}) on msg_id(s) the scheduler does not know: "

@@ -9,10 +9,19 @@ or a rerun, answer with an error, notify, interrupt. Content and buffers are
 forwarded as they came, never re-serialized. Each socket has one handler (``start``);
 the registration and control sockets dispatch on msg_type through one table each.
 
+Direct requests do not pass through Python. The ``mux`` channel is a C routing device
+(pyzmq's ``MonitoredQueue``, in a thread of its own, without the GIL): a client's
+``[engine_uuid, DELIM, ...]`` reaches that engine's ``mux`` socket as ``[client, DELIM,
+...]``, and the engine's answer comes back the same way. The device publishes a copy of
+every message it routes on an inproc socket, and :meth:`Controller.on_mux_copy` feeds
+those to the core: the Hub records them and the core tracks them like other work in
+flight, but never sends them. What the controller itself answers on that path (an
+unknown engine, an engine that died) it sends through the device as :data:`INJECTOR`.
+
 Routing frames (after the ROUTER's identity frame)::
 
     client -> mux      [engine_uuid, DELIM, sig, header, parent, metadata, content, *buffers]
-    client -> mux      [DELIM, ...]  to several engines: metadata["targets"] (ControllerState.fan_out)
+                       (the device, not Python; a batch: [engine_uuid, MARKER, ...])
     client -> task     [DELIM, ...]
     client -> control  [engine_uuid, DELIM, ...]  to one engine, or [DELIM, ...] to the controller
     client -> broadcast  [DELIM, ...]  metadata["targets"] lists engine ids
@@ -35,7 +44,7 @@ from uuid import uuid4
 
 import zmq
 from jupyter_client.session import Session
-from zmq.devices import ThreadDevice
+from zmq.devices import ThreadDevice, ThreadMonitoredQueue
 
 from ipyparallel_lite import batch, fastzmq
 from ipyparallel_lite.connection import (
@@ -87,6 +96,14 @@ IOPUB_RECORD_HWM = 100_000
 LISTEN_BACKLOG = 4096
 #: the prefix of every topic engines publish on iopub
 ENGINE_TOPIC = b"engine."
+#: the identity the controller sends with through the mux device, for the answers it
+#: gives on that path itself (no engine has it: engines' identities are uuids)
+INJECTOR = b"controller"
+#: the prefixes of the mux device's copies: a request routed in, a reply routed out
+ROUTED_IN, ROUTED_OUT = b"in", b"out"
+#: seconds a task naming msg_ids the controller does not know waits for the mux
+#: device's copies to name them, and how often it looks (see _when_dependencies_known)
+DEVICE_GRACE, DEVICE_RETRY = 1.0, 0.005
 #: messages handled per socket before other sockets get their turn: small enough that a
 #: client flooding one socket delays others' requests by milliseconds (256 let a flood of
 #: 40,000 requests delay them by up to 1.3 s on a loaded machine; 64: at most 71 ms)
@@ -210,6 +227,8 @@ class Controller:
         self._at_drain_end: list[Callable[[], None]] = []
         #: the pending timer of each job that re-arms itself (store flush, heartbeat)
         self._timers: dict[Callable[[], None], asyncio.TimerHandle] = {}
+        # tasks whose dependencies name direct requests the device's copies have not shown yet
+        self._waiting_for_dependencies: list[tuple[dict, Callable[[float], list], float]] = []
         self._deadline: asyncio.TimerHandle | None = None
         self._hb_counter = 0
         self._last_heartbeat: float | None = None
@@ -261,7 +280,7 @@ class Controller:
         self.registration = self._bind("registration", zmq.ROUTER, c)
         e["registration"] = c["registration"]
         self.notification = self._bind("notification", zmq.PUB, c, sndhwm=NOTIFICATION_HWM)
-        self.mux = self._bind("mux", zmq.ROUTER, c)
+        self._bind_mux_device(c, e)
         self.task = self._bind("task", zmq.ROUTER, c)
         self.control = self._bind("control", zmq.ROUTER, c)
         self.broadcast = self._bind("broadcast", zmq.ROUTER, c)
@@ -298,6 +317,42 @@ class Controller:
             self._iopub_record.connect(inproc)
         self._monitor = self.engine_shell.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
+    def _bind_mux_device(self, c: dict, e: dict) -> None:
+        """The direct path: a C device between clients' and engines' ``mux`` sockets,
+        with a copy of what it routes for the Hub, and the injector (see the module)."""
+        device = self._mux_device = ThreadMonitoredQueue(zmq.ROUTER, zmq.ROUTER, zmq.PUB,
+                                                         ROUTED_IN, ROUTED_OUT)
+        for option, value in {zmq.LINGER: 0, zmq.BACKLOG: LISTEN_BACKLOG,
+                              # a ROUTER drops what meets a full queue: the device must not
+                              # lose a request or a reply (clients' windows bound them)
+                              zmq.SNDHWM: 0, zmq.RCVHWM: 0, **self._server_options}.items():
+            device.setsockopt_in(option, value)
+            device.setsockopt_out(option, value)
+        device.setsockopt_mon(zmq.SNDHWM, 0)  # a PUB drops what its subscriber cannot take
+        c["mux"] = self._bind_port("mux", c, lambda p: device.bind_in(f"tcp://{self.ip}:{p}"),
+                                   lambda: device.bind_in_to_random_port(f"tcp://{self.ip}"))
+        e["mux"] = self._bind_port("mux", e, lambda p: device.bind_out(f"tcp://{self.ip}:{p}"),
+                                   lambda: device.bind_out_to_random_port(f"tcp://{self.ip}"))
+        # the device's sockets live in zmq's global context: so do the inproc peers
+        name = f"ipp-lite-mux-{uuid4()}"
+        device.bind_mon(f"inproc://{name}-copies")
+        device.bind_out(f"inproc://{name}-engines")
+        device.daemon = True
+        device.start()
+        context = zmq.Context.instance()
+        self._mux_copies = fastzmq.socket(context, zmq.SUB)
+        self._mux_copies.linger = 0
+        self._mux_copies.rcvhwm = 0
+        self._mux_copies.subscribe(b"")
+        self._mux_injector = fastzmq.socket(context, zmq.DEALER)
+        self._mux_injector.linger = 0
+        self._mux_injector.sndhwm = 0
+        self._mux_injector.identity = INJECTOR
+        self._mux_sockets = (self._mux_copies, self._mux_injector)
+        # (libzmq lets inproc connect before the device's thread binds)
+        self._mux_copies.connect(f"inproc://{name}-copies")
+        self._mux_injector.connect(f"inproc://{name}-engines")
+
     def connection_info(self, kind: str) -> dict:
         ports = self.ports if kind == "client" else self.engine_ports
         info = {
@@ -323,7 +378,8 @@ class Controller:
         loop = self.loop = asyncio.get_running_loop()
         handlers = {
             self.registration: self.on_registration,
-            self.mux: self.on_mux,
+            self._mux_copies: self.on_mux_copy,
+            self._mux_injector: self.on_injector,
             self.task: self.on_task,
             self.control: self.on_control,
             self.broadcast: self.on_broadcast,
@@ -341,7 +397,7 @@ class Controller:
                              reads_batches=self._reads_batches, log=self.log)
         # sockets whose peers may send batches: everything but heartbeats and what the
         # controller reads from its own relays
-        unbatched = {self.hb_pong, self._monitor, self._iopub_record}
+        unbatched = {self.hb_pong, self._monitor, self._iopub_record, *self._mux_sockets}
         for sock, handler in handlers.items():
             guarded = self._guarded(handler)
             reader = fastzmq.Drainer(loop, sock, guarded if sock in unbatched else self._unbatching(guarded),
@@ -368,14 +424,12 @@ class Controller:
             if len(frames) < 3 or not batch.is_batch(frames[1]):
                 handler(frames)
                 return 1
-            peer = frames[0]
             try:
-                messages = batch.unpack(frames, 1)
+                messages = batch.unpack_routed(frames, 1)
             except batch.BatchError as e:
-                self.warn(peer.bytes, "bad batch", "dropped a malformed batch: %s", e)
+                self.warn(frames[0].bytes, "bad batch", "dropped a malformed batch: %s", e)
                 return 1
             for message in messages:
-                message.insert(0, peer)
                 handler(message)
             return len(messages)
         return handle
@@ -409,6 +463,8 @@ class Controller:
         self.context.destroy(linger=0)
         if self._iopub_record is not None:
             self._iopub_record.close(linger=0)
+        for sock in self._mux_sockets:
+            sock.close(linger=0)
         if self._dask is not None:
             self._dask.close()
         try:
@@ -532,7 +588,10 @@ class Controller:
         return self.outbox.send(sock, frames, later)
 
     def _reads_batches(self, sock: zmq.Socket, peer: bytes) -> bool:
-        # every registered engine reads batches (registration refuses other versions)
+        # every registered engine reads batches (registration refuses other versions);
+        # the mux device routes each message by its first frame, so none goes through it
+        if sock is self._mux_injector:
+            return False
         return sock is self.engine_shell or batch.reads_batches(peer)
 
     def _after_send(self, sock: zmq.Socket) -> None:
@@ -579,7 +638,7 @@ class Controller:
     def _client_socket(self, tag: bytes) -> zmq.Socket:
         """The client-facing socket a reply with routing ``tag`` goes back through."""
         if tag == MUX:
-            return self.mux
+            return self._mux_injector
         if tag == BROADCAST:
             return self.broadcast
         return self.task
@@ -683,21 +742,56 @@ class Controller:
 
     # ---- client requests: mux, broadcast, task, control ----------------------------
 
-    def on_mux(self, frames: list) -> None:
-        parsed = self._parse(frames)
+    def on_mux_copy(self, frames: list) -> None:
+        """The mux device's copy of a message it routed: ``[ROUTED_IN, engine_uuid, client,
+        DELIM, ...]`` or ``[ROUTED_OUT, client, engine_uuid, DELIM, ...]`` (or a batch in
+        place of the message), for the core's records (the device delivered it already)."""
+        routed_in = frame_bytes(frames[0]) == ROUTED_IN
+        if len(frames) > 5 and batch.is_batch(frames[3]):
+            try:
+                messages = batch.unpack_routed(frames[1:], 2)
+            except batch.BatchError as e:
+                self.warn(frame_bytes(frames[2]), "bad batch", "the mux device routed a "
+                          "malformed batch: %s", e)
+                return
+            for message in messages:
+                self._routed(routed_in, message)
+        else:
+            self._routed(routed_in, frames[1:])
+
+    def _routed(self, routed_in: bool, frames: list) -> None:
+        if not routed_in and len(frames) > 1 and frame_bytes(frames[1]) == INJECTOR:
+            return  # the controller's own answer, recorded when it was sent
+        parsed = self._parse(frames, parent=not routed_in, peer=b"mux device")
         if parsed is None:
             return
         idents, rest, msg = parsed
-        header = msg["header"]
-        if len(idents) == 1:  # several engines: one message, fanned out by the core
-            self._carry_out(self.state.fan_out(idents[0], MUX, rest, header, msg["metadata"]))
-        elif len(idents) == 2:
-            client, target = idents
-            self._carry_out(self.state.direct(client, target.decode(errors="replace"), rest,
-                                              header, msg["metadata"]))
-        else:
-            self.warn(frames[0].bytes, "bad identities", "dropped a mux request with unexpected "
-                      "routing identities")
+        if len(idents) != 2:
+            self.warn(idents[0] if idents else b"", "bad identities", "the mux device routed a "
+                      "message with unexpected identities (%d)", len(idents))
+            return
+        if routed_in:
+            target, client = idents
+            self._carry_out(self.state.routed_request(client, target.decode(errors="replace"),
+                                                      rest, msg["header"], msg["metadata"]))
+            return
+        client, engine = idents
+        self._carry_out(self.state.routed_reply(engine.decode(errors="replace"), client,
+                                                msg["parent_header"].get("msg_id"), rest,
+                                                msg["header"], msg["metadata"], msg["msg_type"],
+                                                self.loop.time()))
+
+    def on_injector(self, frames: list) -> None:
+        """A message a client addressed to :data:`INJECTOR` through the mux device."""
+        self.warn(frames[0].bytes if frames else b"", "bad identities", "dropped a direct "
+                  "request addressed to the controller itself")
+
+    def _catch_up(self) -> None:
+        """Take in the mux device's copies that wait, before a request that may name what
+        they record (a query, an abort, a task depending on a direct request)."""
+        sock, handle = self._mux_copies, self.on_mux_copy
+        while fastzmq.readable(sock):
+            handle(sock.recv_multipart(zmq.NOBLOCK, copy=False))
 
     def on_broadcast(self, frames: list) -> None:
         parsed = self._parse(frames)
@@ -708,7 +802,7 @@ class Controller:
             self.warn(frames[0].bytes, "bad identities", "dropped a broadcast request with "
                       "unexpected routing identities")
             return
-        self._carry_out(self.state.fan_out(idents[0], BROADCAST, rest, msg["header"],
+        self._carry_out(self.state.fan_out(idents[0], rest, msg["header"],
                                            msg["metadata"]))
 
     def on_task(self, frames: list) -> None:
@@ -720,8 +814,40 @@ class Controller:
             self.warn(frames[0].bytes, "bad identities", "dropped a task request with unexpected "
                       "routing identities")
             return
-        self._carry_out(self.state.task(idents[0], rest, msg["header"], msg["metadata"],
-                                        self.loop.time()))
+        metadata = msg["metadata"]
+        submit = partial(self.state.task, idents[0], rest, msg["header"], metadata)
+        if isinstance(metadata, dict) and (metadata.get("after") or metadata.get("follow")):
+            self._when_dependencies_known(metadata, submit)
+        else:
+            self._carry_out(submit(self.loop.time()))
+
+    def _when_dependencies_known(self, metadata: dict, submit: Callable[[float], list]) -> None:
+        """Submit a task once the core knows the msg_ids it depends on, or after
+        :data:`DEVICE_GRACE` (then the scheduler names the unknown ones). A direct
+        request sent just before the task, on the client's other connection, may reach
+        the mux device, and its copy this loop, after the task did."""
+        self._catch_up()
+        now = self.loop.time()
+        if self.state.knows_dependencies(metadata):
+            self._carry_out(submit(now))
+            return
+        self._waiting_for_dependencies.append((metadata, submit, now + DEVICE_GRACE))
+        if len(self._waiting_for_dependencies) == 1:
+            self._later(DEVICE_RETRY, self._submit_waiting_tasks)
+
+    def _submit_waiting_tasks(self) -> None:
+        """Submit the waiting tasks whose dependencies are now known or whose grace
+        ran out, in the order they came; come back while any still wait."""
+        self._catch_up()
+        now = self.loop.time()
+        waiting, self._waiting_for_dependencies = self._waiting_for_dependencies, []
+        for metadata, submit, deadline in waiting:
+            if now >= deadline or self.state.knows_dependencies(metadata):
+                self._carry_out(submit(now))
+            else:
+                self._waiting_for_dependencies.append((metadata, submit, deadline))
+        if self._waiting_for_dependencies:
+            self._later(DEVICE_RETRY, self._submit_waiting_tasks)
 
     def on_control(self, frames: list) -> None:
         parsed = self._parse(frames, content=True)
@@ -747,6 +873,7 @@ class Controller:
         handler(idents, msg, content)
 
     def handle_abort_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
+        self._catch_up()
         self._carry_out(self.state.abort(content.get("msg_ids") or [], self.loop.time()))
         self._reply(self.control, idents, "abort_reply", {"status": "ok"}, parent=msg["header"])
 
@@ -756,6 +883,7 @@ class Controller:
         parsed = self._parse(frames, content=True)
         if parsed is None:
             return
+        self._catch_up()  # queries see every direct request the device routed before
         idents, _, msg = parsed
         header = msg["header"]
         msg_type = header["msg_type"]

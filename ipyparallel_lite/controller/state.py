@@ -8,8 +8,9 @@ it gets back (small dataclasses below). Nothing here touches a socket, an event 
 or a clock: times come in with the events (``now``, the loop's monotonic time), and
 what must be signed is signed by the server when it carries an action out.
 
-Events: a request from a client (:meth:`direct`, :meth:`fan_out`, :meth:`task`,
-:meth:`abort`), a reply from an engine (:meth:`reply`), an engine registering,
+Events: a request from a client (:meth:`fan_out`, :meth:`task`, :meth:`abort`), a
+direct request or its reply as the mux device routed it (:meth:`routed_request`,
+:meth:`routed_reply`: recorded, never sent), a reply from an engine (:meth:`reply`), an engine registering,
 ready, answering a heartbeat or lost (:meth:`register`, :meth:`engine_ready`,
 :meth:`pong`, :meth:`engine_lost`), a send the server could not make
 (:meth:`engine_refused`), time passing (:meth:`tick`), and Hub queries
@@ -19,6 +20,8 @@ Per-client flow control: a client connection may have at most ``client_window`` 
 here (received, not yet answered). A request beyond that is answered at once with a
 ``TooManyPendingTasks`` error and never queued, so what one client can make the
 controller hold is bounded. The window is announced in ``connection_reply`` (0: no limit).
+Direct requests do not count: the mux device has delivered them before the core hears
+of them, and the client's own window bounds them.
 """
 
 from __future__ import annotations
@@ -214,20 +217,23 @@ class ControllerState:
     # ---- the table of work in flight ---------------------------------------------
 
     def _admit(self, client: bytes, count: int) -> bool:
-        """Whether ``client`` may have ``count`` more requests waiting here."""
+        """Whether ``client`` may have ``count`` more requests waiting here (direct
+        requests do not count: the mux device routes them, and the client's own window
+        bounds them)."""
         window = self.client_window
         return not window or self.waiting.get(client, 0) + count <= window
 
     def _add(self, msg_id: str, pending: Pending) -> Pending:
         self.pending[msg_id] = pending
-        client = pending.client
-        self.waiting[client] = self.waiting.get(client, 0) + 1
+        if pending.tag != MUX:
+            client = pending.client
+            self.waiting[client] = self.waiting.get(client, 0) + 1
         return pending
 
     def _take(self, msg_id: str) -> Pending | None:
         """Remove ``msg_id`` from the work in flight (it is answered now)."""
         pending = self.pending.pop(msg_id, None)
-        if pending is not None:
+        if pending is not None and pending.tag != MUX:
             client = pending.client
             left = self.waiting[client] - 1
             if left:
@@ -266,12 +272,13 @@ class ControllerState:
 
     # ---- requests from clients ---------------------------------------------------
 
-    def direct(self, client: bytes, target_uuid: str, frames: list, header: dict,
-               metadata: Any) -> list:
-        """A direct request for one engine (``mux``); ``frames`` from DELIM on."""
+    def routed_request(self, client: bytes, target_uuid: str, frames: list, header: dict,
+                       metadata: Any) -> list:
+        """A direct request the mux device routed to engine ``target_uuid`` (``frames``
+        from DELIM on): recorded and tracked until its reply. It fails at once, answered
+        by the controller, if no such engine is ready (the device dropped it, or gave it
+        to an engine not serving yet) or engines do not answer its type."""
         msg_id = header["msg_id"]
-        if not self._admit(client, 1):
-            return [self._window_full(msg_id, client, MUX, header)]
         engine = self.hub.by_uuid(target_uuid)
         pending = self._add(msg_id, Pending(client, header, MUX, []))
         self.hub.submitted(msg_id, header, metadata, header.get("session", ""), "mux",
@@ -284,11 +291,10 @@ class ControllerState:
                               f"{header.get('msg_type')!r} requests")
         pending.engine_id = engine.id
         self.scheduler.note_pending(msg_id)
-        return [SendToEngine(engine.id, msg_id, [engine.ident, MUX, client, *frames])]
+        return []
 
-    def fan_out(self, client: bytes, tag: bytes, frames: list, header: dict, metadata: Any) -> list:
-        """One request for the engines its ``metadata["targets"]`` names (``broadcast``,
-        or ``mux`` without an engine identity).
+    def fan_out(self, client: bytes, frames: list, header: dict, metadata: Any) -> list:
+        """One request for the engines its ``metadata["targets"]`` names (``broadcast``).
 
         Each engine gets its own copy whose ``msg_id`` is ``f"{msg_id}_{engine_id}"`` (the
         ids the client waits on); parent, metadata, content and buffers are the frames
@@ -298,16 +304,14 @@ class ControllerState:
         if (not isinstance(targets, list) or not targets
                 or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets)):
             # the client registered no reply ids we could answer: nothing to fail
-            self.warn(client, "bad targets", "dropped %s request %s: metadata 'targets' must be a "
-                      "non-empty list of engine ids, got %r",
-                      "broadcast" if tag == BROADCAST else "direct", header["msg_id"], targets)
+            self.warn(client, "bad targets", "dropped broadcast request %s: metadata 'targets' "
+                      "must be a non-empty list of engine ids, got %r", header["msg_id"], targets)
             return []
         msg_id, session_id = header["msg_id"], header.get("session", "")
         eids = list(dict.fromkeys(targets))  # repeated targets count once
         if not self._admit(client, len(eids)):
-            return [self._window_full(f"{msg_id}_{eid}", client, tag,
+            return [self._window_full(f"{msg_id}_{eid}", client, BROADCAST,
                                       {**header, "msg_id": f"{msg_id}_{eid}"}) for eid in eids]
-        queue = "broadcast" if tag == BROADCAST else "mux"
         work = header.get("msg_type") in WORK_TYPES
         tail = frames[3:]  # parent, metadata, content, *buffers: forwarded as they came
         out: list = []
@@ -317,10 +321,10 @@ class ControllerState:
             engine = self.hub.engines.get(eid)
             # the copy's header is its own (packed when it is sent): only the metadata
             # is as it came
-            self.hub.submitted(sub_id, sub_header, metadata, session_id, queue,
+            self.hub.submitted(sub_id, sub_header, metadata, session_id, "broadcast",
                                engine.uuid if engine is not None else None, tail[2], tail[3:],
                                None, self._json(frames)[1])
-            pending = self._add(sub_id, Pending(client, sub_header, tag, []))
+            pending = self._add(sub_id, Pending(client, sub_header, BROADCAST, []))
             if not work:
                 out += self._fail(sub_id, "ValueError", "Request rejected: only "
                                   f"{' and '.join(WORK_TYPES)} can go to several engines at "
@@ -331,7 +335,7 @@ class ControllerState:
             else:
                 pending.engine_id = eid
                 self.scheduler.note_pending(sub_id)
-                out.append(SendToEngine(eid, sub_id, [engine.ident, tag, client, *frames],
+                out.append(SendToEngine(eid, sub_id, [engine.ident, BROADCAST, client, *frames],
                                         header=sub_header))
         return out
 
@@ -465,6 +469,14 @@ class ControllerState:
         if self.record_output and msg_type == "execute_reply":
             self.hub.input_from_request(parent_id, self._unpacked)
         return out
+
+    def routed_reply(self, engine_uuid: str, client: bytes, parent_id: str, frames: list,
+                     header: dict, metadata: dict, msg_type: str, now: float) -> list:
+        """An engine's reply to a direct request, which the mux device delivered to
+        ``client``: :meth:`reply`, without sending it again."""
+        return [action for action in self.reply(engine_uuid, MUX, client, parent_id, frames,
+                                                 header, metadata, msg_type, now)
+                if type(action) is not ReplyToClient]
 
     def _late_reply(self, engine_uuid: str, parent_id: str, frames: list, header: dict,
                     metadata: dict) -> list:
@@ -698,26 +710,43 @@ class ControllerState:
             md["targets"] = [engine.id] if engine is not None else [-1]
         return md
 
+    @staticmethod
+    def _dependency_ids(md: dict) -> list[str]:
+        """The msg_ids ``md``'s ``after``/``follow`` name (none of a malformed one: the
+        scheduler rejects it with the reason)."""
+        ids: list[str] = []
+        for key in ("after", "follow"):
+            try:
+                spec = parse_dependency(md.get(key) or None)
+            except ValueError:
+                continue
+            if spec is not None:
+                ids += spec.ids
+        return ids
+
+    def knows_dependencies(self, md: Any) -> bool:
+        """Whether a task with metadata ``md`` names only msg_ids the controller knows
+        (submitted, or recorded by the Hub)."""
+        if not isinstance(md, dict):
+            return True
+        scheduler, store = self.scheduler, self.hub.store
+        return all(scheduler.knows(dep) or dep in store for dep in self._dependency_ids(md))
+
     def recall_dependencies(self, md: dict) -> list:
         """Tell the scheduler how the finished tasks that ``md``'s ``after``/``follow``
         name ended, from the Hub's records: it forgets finished tasks after a while (and
         a restored controller never saw them), which would make them unknown ids."""
         out: list = []
-        for key in ("after", "follow"):
-            try:
-                spec = parse_dependency(md.get(key) or None)
-            except ValueError:
-                continue  # the scheduler rejects it with the reason
-            for dep in spec.ids if spec is not None else ():
-                if dep in self.pending or dep not in self.hub.store:
-                    continue
-                record = self.hub.store.get_record(dep)
-                if record.get("completed") is None:
-                    continue
-                engine = self.hub.by_uuid(record.get("engine_uuid") or "")
-                status = (record.get("result_metadata") or {}).get("status")
-                out += self._scheduled(self.scheduler.record_result(dep, engine.id if engine else -1,
-                                                                    status == "ok"))
+        for dep in self._dependency_ids(md):
+            if dep in self.pending or dep not in self.hub.store:
+                continue
+            record = self.hub.store.get_record(dep)
+            if record.get("completed") is None:
+                continue
+            engine = self.hub.by_uuid(record.get("engine_uuid") or "")
+            status = (record.get("result_metadata") or {}).get("status")
+            out += self._scheduled(self.scheduler.record_result(dep, engine.id if engine else -1,
+                                                                status == "ok"))
         return out
 
 

@@ -248,6 +248,8 @@ class EngineKernel(IPythonKernel):
         self._executing_now = False  # a cell runs on the fast path (see _execute_now)
         #: a request's own code runs (a task's function, a cell): SIGINT may interrupt it
         self._interruptible = False
+        #: direct requests, routed by the controller's mux device (set by the engine app)
+        self.mux_stream: Any = None
 
     @property
     def _supports_kernel_subshells(self) -> bool:
@@ -291,10 +293,19 @@ class EngineKernel(IPythonKernel):
 
     def start(self) -> None:
         super().start()
-        stream = self.shell_stream
-        if stream is None:
-            return
-        queued = _async_in_context(partial(self.shell_main, None))
+        self._in_flight = 0
+        for stream in (self.shell_stream, self.mux_stream):
+            if stream is not None:
+                self._serve_requests(stream)
+
+    def _serve_requests(self, stream: Any) -> None:
+        """Serve the cluster's requests arriving on ``stream``: load-balanced tasks and
+        what the controller sends on the shell stream, direct requests on the mux stream.
+        Each is answered on the stream it came from."""
+        if stream is self.shell_stream:
+            queued = _async_in_context(partial(self.shell_main, None))
+        else:
+            queued = _async_in_context(partial(self._dispatch_from, stream))
 
         async def in_order(msg: list) -> None:
             try:
@@ -302,28 +313,37 @@ class EngineKernel(IPythonKernel):
             finally:
                 self._in_flight -= 1
 
-        self._queued_dispatch = in_order
-        self._in_flight = 0
-        stream.on_recv(self._on_shell_message, copy=False)
+        stream.on_recv(partial(self._on_request, stream, in_order), copy=False)
 
-    def _on_shell_message(self, msg: list) -> Any:
+    async def _dispatch_from(self, stream: Any, msg: list) -> None:
+        """ipykernel's dispatch of a request from ``stream``, answered there: its handlers
+        reply on ``self.shell_stream``, which points there while the request holds the
+        lock every request takes."""
+        async with self._main_asyncio_lock:
+            shell_stream, self.shell_stream = self.shell_stream, stream
+            try:
+                await self.dispatch_shell(msg)
+            finally:
+                self.shell_stream = shell_stream
+
+    def _on_request(self, stream: Any, queued: Callable[[list], Any], msg: list) -> Any:
         """Run an apply or execute request right here when nothing is queued before it.
 
         This skips the asyncio task and lock ipykernel spends on every request; anything
         else, a cell with top-level ``await``, or a request arriving while others wait,
-        takes ipykernel's path so the order of requests is kept.
+        takes ipykernel's path (``queued``) so the order of requests is kept.
         """
         if self._in_flight == 0 and not self._main_asyncio_lock.locked():
             idents, frames = self.session.feed_identities(msg, copy=False)
             msg_type = _msg_type(self.session, frames)
             if msg_type == "apply_request":
-                self._handle_now(idents, frames, self.apply_request)
+                self._handle_now(stream, idents, frames, self.apply_request)
                 return None
             if msg_type == "execute_request" and not self._aborting and not _may_await(frames):
-                self._handle_now(idents, frames, self._execute_now)
+                self._handle_now(stream, idents, frames, self._execute_now)
                 return None
         self._in_flight += 1
-        return self._queued_dispatch(msg)
+        return queued(msg)
 
     def _execute_now(self, reply_to: Any, idents: list, msg: dict) -> None:
         """ipykernel's execute handler, run to completion here, without busy/idle status."""
@@ -390,19 +410,19 @@ class EngineKernel(IPythonKernel):
         if _msg_type(self.session, frames) != "apply_request":
             await super().dispatch_shell(msg, subshell_id, **kwargs)
             return
-        self._handle_now(idents, frames, self.apply_request)
+        self._handle_now(self.shell_stream, idents, frames, self.apply_request)
 
-    def _handle_now(self, idents: list, frames: list, handler: Callable[[Any, list, dict], None]) -> None:
-        """Verify a request and run ``handler(shell_stream, idents, msg)`` at once, as
+    def _handle_now(self, stream: Any, idents: list, frames: list,
+                    handler: Callable[[Any, list, dict], None]) -> None:
+        """Verify a request and run ``handler(stream, idents, msg)`` at once, as
         ipykernel's dispatch would (parent, abort check, SIGINT handler), minus its status
-        messages."""
+        messages; ``stream`` is where the request came from and its reply goes."""
         try:
             parsed = unpack_message(self.session, frames)
         except Exception:
             self.log.error("Invalid request", exc_info=True)
             return
         self.set_parent(idents, parsed, channel="shell")
-        stream = self.shell_stream
         if not self.should_handle(stream, parsed, idents):
             return
         # a request read while this one runs (a stream flush in a cell) queues behind it
@@ -540,15 +560,7 @@ class EngineKernel(IPythonKernel):
         such a request holds the lock every shell request takes.
         """
 
-        async def dispatch(msg: list) -> None:
-            async with self._main_asyncio_lock:
-                cluster_stream, self.shell_stream = self.shell_stream, stream
-                try:
-                    await self.dispatch_shell(msg)
-                finally:
-                    self.shell_stream = cluster_stream
-
-        stream.on_recv(_async_in_context(dispatch), copy=False)
+        stream.on_recv(_async_in_context(partial(self._dispatch_from, stream)), copy=False)
 
     def publish_data(self, data: dict) -> None:
         """Send ``data`` to the client of the running request (``ipp.datapub.publish_data``):

@@ -30,6 +30,11 @@ out as one batch when the pass ends, when a request takes longer, or at
 :data:`~ipyparallel_lite.batch.MAX_MESSAGES`. A request that arrives alone is answered
 at once. The one wait this can add: a reply held behind a quick request waits for the
 next request of the same pass, if that one runs long.
+
+A ``routed`` stream is the engine's ``mux`` socket, behind the controller's C device,
+which routes each zmq message by its first frame: requests come as ``[client, ...]``
+(a batch as ``[client, MARKER, ...]``, each request put back behind its client), and
+replies held together go as one batch only while they are for the same client.
 """
 
 from __future__ import annotations
@@ -64,9 +69,11 @@ class ShellStream(ZMQStream):
     #: the last request handled took under HOLD_BELOW: its successor's replies may wait
     _quick = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, routed: bool = False, **kwargs: Any) -> None:
         #: requests read, not handed to the callback yet: the rest of a batch
         self._waiting: collections.deque = collections.deque()
+        #: routing identities in front of a batch's marker (see the module)
+        self._routed = int(routed)
         super().__init__(*args, **kwargs)
 
     def _init_io_state(self) -> None:
@@ -88,9 +95,10 @@ class ShellStream(ZMQStream):
 
     def _handle(self, msg: list) -> int:
         """Serve one zmq message, a lone request or a batch; how many requests it held."""
-        if len(msg) > 2 and batch.is_batch(msg[0]):
+        at = self._routed
+        if len(msg) > at + 2 and batch.is_batch(msg[at]):
             try:
-                messages = batch.unpack(msg)
+                messages = batch.unpack_routed(msg, at)
             except batch.BatchError as e:
                 log.warning("dropped a malformed batch of requests: %s", e)
                 return 1
@@ -132,7 +140,13 @@ class ShellStream(ZMQStream):
         held = self._held
         if held:
             self._held = None
-            self.socket.send_multipart(held[0] if len(held) == 1 else batch.pack(held), copy=False)
+            if len(held) == 1:
+                frames = held[0]
+            elif self._routed:
+                frames = batch.pack_routed(held[0][0], held)
+            else:
+                frames = batch.pack(held)
+            self.socket.send_multipart(frames, copy=False)
 
     def send_multipart(self, msg: Sequence[Any], flags: int = 0, copy: bool = True,
                        track: bool = False, callback: Any = None, **kwargs: Any) -> None:
@@ -141,6 +155,9 @@ class ShellStream(ZMQStream):
                 and callback is None and not flags and not kwargs
                 and (self._held or self._waiting or readable(self.socket))):  # else alone
             held = self._held
+            if held and self._routed and frame_bytes(held[0][0]) != frame_bytes(msg[0]):
+                self._send_held()  # a routed batch goes to one client
+                held = None
             if held is None:
                 held = self._held = []
             held.append(list(msg))

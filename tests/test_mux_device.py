@@ -1,0 +1,66 @@
+"""Direct requests through the controller's mux device (a C ROUTER-ROUTER queue): what it
+cannot deliver is answered by the controller, and the Hub sees all it routes."""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from ipyparallel_lite.connection import load_connection_file, make_session
+
+
+def triple(x):
+    return 3 * x
+
+
+def test_what_the_device_cannot_deliver_is_answered_by_the_controller(cluster, rc, raw_socket):
+    info = load_connection_file(cluster.connection_file("client"))
+    session = make_session(info["key"])
+    ctx = zmq.Context()
+    try:
+        sock = raw_socket(ctx, info, "mux")
+        nobody = session.msg("apply_request", {})
+        sock.send_multipart(session.serialize(nobody, ident=[b"no-such-engine"]))
+        # an engine gets this one, and does not answer it: the controller does
+        bogus = session.msg("bogus_request", {})
+        sock.send_multipart(session.serialize(bogus, ident=[rc.engine_uuid(0).encode()]))
+        to_controller = session.msg("apply_request", {})
+        sock.send_multipart(session.serialize(to_controller, ident=[b"controller"]))
+        replies = {}
+        while len(replies) < 3:
+            assert sock.poll(5000), f"{len(replies)} of 3 answers"
+            frames = sock.recv_multipart()
+            assert frames[0] == b"controller"  # sent by the controller, through the device
+            reply = session.deserialize(session.feed_identities(frames)[1])
+            replies[reply["parent_header"]["msg_id"]] = reply["content"]
+        lost = replies[nobody["header"]["msg_id"]]
+        assert lost["ename"] == "EngineError" and "no-such-engine" in lost["evalue"]
+        refused = replies[bogus["header"]["msg_id"]]
+        assert refused["ename"] == "ValueError" and "engines do not answer" in refused["evalue"]
+        assert replies[to_controller["header"]["msg_id"]]["ename"] == "EngineError"
+        assert not sock.poll(500), "a request was answered twice"
+        assert rc[0].apply_sync(triple, 2) == 6
+    finally:
+        ctx.destroy(linger=0)
+    log = cluster.controller.log_file.read_text(errors="replace")
+    assert "addressed to the controller itself" in log
+
+
+def test_a_task_after_a_direct_request_sent_just_before_it_waits_for_it(rc):
+    # the task may reach the controller before the mux device routed the request (they
+    # travel apart): the controller waits for the device's copy instead of refusing an
+    # unknown dependency
+    lview = rc.load_balanced_view()
+    for i in range(20):
+        first = rc[i % 2].apply_async(time.sleep, 0.01)
+        with lview.temp_flags(after=first):
+            then = lview.apply_async(triple, i)
+        assert then.get(timeout=10) == 3 * i
+        first.get(timeout=10)
+        assert then.metadata["started"] >= first.metadata["completed"]
+    (record,) = rc.db_query({"msg_id": first.msg_ids[0]},
+                            keys=["queue", "engine_uuid", "completed", "result_content"])
+    assert record["queue"] == "mux" and record["engine_uuid"] == rc.engine_uuid(1)
+    assert record["completed"] is not None and record["result_content"]["status"] == "ok"
+    assert rc.get_result(first.msg_ids[0]).get(timeout=5) is None
