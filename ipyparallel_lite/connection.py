@@ -21,10 +21,18 @@ files hold no client secret: the controller authenticates messages by their HMAC
 signature, not by CURVE client keys, so a stored client key would protect nothing more.
 The controller keeps its own keypair in a third 0600 file, ``...-curve.json``, so that
 ``--restore`` comes back with the key clients and engines know.
+
+The ``mux`` channel, a C device that routes by frames no signature covers, lets in only
+peers that hold the key (:func:`mux_client_options`, :func:`mux_server_options`): a
+password derived from it (ZMQ's PLAIN mechanism), or with CURVE a client keypair derived
+from it, checked by the controller's ZAP handler when a peer connects. A peer without
+the key never gets a frame to the device. The HMAC key itself never travels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -35,6 +43,7 @@ from typing import Any
 
 import zmq
 from jupyter_client.session import Session
+from zmq.utils import z85
 
 from ipyparallel_lite.fastzmq import frame_bytes
 from ipyparallel_lite.session import LeanSession
@@ -98,6 +107,51 @@ def curve_client_options(info: dict) -> dict[int, Any]:
     public, secret = zmq.curve_keypair()
     return {zmq.CURVE_SERVERKEY: server_key.encode("ascii"), zmq.CURVE_PUBLICKEY: public,
             zmq.CURVE_SECRETKEY: secret}
+
+
+#: the ZAP domain of the mux device's sockets, whose peers must prove they hold the key
+MUX_ZAP_DOMAIN = b"ipp-lite-mux"
+#: the PLAIN user name peers of the mux device give (only the password is checked)
+MUX_PLAIN_USER = b"ipp-lite"
+
+
+def _mux_secret(key: str | bytes) -> bytes:
+    """32 bytes only a holder of the cluster's ``key`` can compute."""
+    key = key.encode() if isinstance(key, str) else key
+    return hmac.new(key, b"ipyparallel_lite mux channel", hashlib.sha256).digest()
+
+
+def mux_credentials(key: str | bytes, curve: bool) -> tuple[bytes, bytes]:
+    """What the controller's ZAP handler expects from a peer of the mux device:
+    ``(b"PLAIN", password)``, or with CURVE ``(b"CURVE", client_public_key)`` (binary)."""
+    secret = _mux_secret(key)
+    if curve:
+        return b"CURVE", z85.decode(zmq.curve_public(z85.encode(secret)))
+    return b"PLAIN", secret.hex().encode("ascii")
+
+
+def mux_client_options(info: dict) -> dict[int, Any]:
+    """Socket options for a client's or an engine's ``mux`` socket (set before connect):
+    the credentials the device's ZAP handler checks, derived from ``info["key"]``."""
+    secret = _mux_secret(info["key"])
+    server_key = info.get(CURVE_SERVERKEY)
+    if not server_key:
+        return {zmq.PLAIN_USERNAME: MUX_PLAIN_USER,
+                zmq.PLAIN_PASSWORD: secret.hex().encode("ascii")}
+    require_curve()
+    secret_z85 = z85.encode(secret)
+    return {zmq.CURVE_SERVERKEY: server_key.encode("ascii"),
+            zmq.CURVE_PUBLICKEY: zmq.curve_public(secret_z85), zmq.CURVE_SECRETKEY: secret_z85}
+
+
+def mux_server_options(server_options: dict[int, Any]) -> dict[int, Any]:
+    """The mux device's socket options: the controller's ``server_options`` (CURVE or
+    not), PLAIN without CURVE, and every connection checked by the ZAP handler, which
+    must be bound first (with no handler, libzmq refuses rather than lets in)."""
+    options = {**server_options, zmq.ZAP_DOMAIN: MUX_ZAP_DOMAIN, zmq.ZAP_ENFORCE_DOMAIN: 1}
+    if zmq.CURVE_SERVER not in server_options:
+        options[zmq.PLAIN_SERVER] = 1
+    return options
 
 
 #: the connection-file field holding the largest message part the controller reads

@@ -24,7 +24,7 @@ from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from traitlets.config import Config  # noqa: E402
 
 import ipyparallel_lite as ipp  # noqa: E402
-from ipyparallel_lite.connection import url  # noqa: E402
+from ipyparallel_lite.connection import mux_client_options, set_options, url  # noqa: E402
 
 OUR_MODULES = ("ipyparallel_lite.engine", "ipyparallel_lite.controller")
 
@@ -167,11 +167,15 @@ def pickle_test_module_by_value(request):
 @pytest.fixture
 def raw_socket():
     """``raw_socket(ctx, info, channel)``: a bare socket connected to a controller channel,
-    for sending it whatever a test likes."""
+    for sending it whatever a test likes (on ``mux``, with the key's credentials unless
+    not ``keyed``)."""
 
-    def connect(ctx: zmq.Context, info: dict, channel: str, kind: int = zmq.DEALER) -> zmq.Socket:
+    def connect(ctx: zmq.Context, info: dict, channel: str, kind: int = zmq.DEALER,
+                keyed: bool = True) -> zmq.Socket:
         sock = ctx.socket(kind)
         sock.linger = 0
+        if channel == "mux" and keyed:
+            set_options(sock, mux_client_options(info))
         sock.connect(url(info, channel))
         return sock
 

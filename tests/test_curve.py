@@ -71,7 +71,8 @@ def test_a_plain_peer_gets_no_answer_and_the_controller_keeps_serving(curve_clus
     session = make_session(info["key"])  # it even knows the HMAC key, but not CURVE
     ctx = zmq.Context()
     try:
-        socks = {ch: raw_socket(ctx, info, ch) for ch in ("registration", "mux", "task", "control")}
+        socks = {ch: raw_socket(ctx, info, ch, keyed=False)
+                 for ch in ("registration", "mux", "task", "control")}
         session.send(socks["registration"], "connection_request", {})
         for ch in ("mux", "task", "control"):
             session.send(socks[ch], "apply_request", {}, ident=[] if ch == "task" else None)

@@ -16,19 +16,35 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipyparallel_lite.connection import load_connection_file, make_session
+from ipyparallel_lite.connection import (
+    load_connection_file,
+    make_session,
+    mux_client_options,
+    set_options,
+)
 from ipyparallel_lite.serialization import pack_apply_message
 
 CLIENT_CHANNELS = ("registration", "mux", "task", "control", "broadcast")
 ENGINE_CHANNELS = ("registration", "shell", "mux", "control", "hb_pong")
 
 
-def connect(ctx: zmq.Context, info: dict, channel: str) -> zmq.Socket:
+def connect(ctx: zmq.Context, info: dict, channel: str, keyed: bool = True) -> zmq.Socket:
+    """A DEALER on ``channel``; on ``mux``, with the key's credentials unless not ``keyed``
+    (the device lets in no one else)."""
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.sndhwm = 0  # the test decides how much to send, not zmq
+    if channel == "mux" and keyed:
+        set_options(sock, mux_client_options(info))
     sock.connect(f"{info['interface']}:{info['ports'][channel]}")
     return sock
+
+
+def routable(frames: list) -> list:
+    """What even a key holder's garbage to the mux device keeps: a destination frame and
+    more. One frame alone derails pyzmq's device (docs/security.md); only peers with the
+    key can reach it, and those may run any code on the engines anyway."""
+    return frames if len(frames) > 1 else [*frames, b""]
 
 
 def still_serves(rc) -> None:
@@ -164,6 +180,9 @@ def test_fuzzing_every_controller_socket_leaves_it_serving(own_cluster):
              for kind, info, channels in (("client", client_info, CLIENT_CHANNELS),
                                           ("engine", engine_info, ENGINE_CHANNELS))
              for ch in channels}
+    # and peers without the key, which the mux device must not let in
+    socks.update({(kind, "mux without the key"): connect(ctx, info, "mux", keyed=False)
+                  for kind, info in (("client", client_info), ("engine", engine_info))})
     uuids = [u.encode() for u in rc._engines.values()]
     still_serves(rc)
     baseline = controller.memory_info().rss
@@ -188,7 +207,13 @@ def test_fuzzing_every_controller_socket_leaves_it_serving(own_cluster):
             frames = [*idents, b"<IDS|MSG>", signer.sign(packed), *packed, *buffers]
             if how == "truncated":
                 frames = frames[: max(1, len(frames) - 3)]
-        sock.send_multipart(frames)
+        if where[1] == "mux without the key":
+            try:  # refused at every handshake: most of the time there is nothing to send on
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        else:
+            sock.send_multipart(routable(frames) if where[1] == "mux" else frames)
         sent["n"] += 1
 
     try:
@@ -273,7 +298,7 @@ def test_fuzzing_an_engines_sockets_leaves_it_serving(own_cluster, tmp_path):
                 frames += [payload, payload]
                 if how == "truncated":
                     frames = frames[: max(1, len(frames) - 4)]
-        sock.send_multipart(frames)
+        sock.send_multipart(routable(frames) if where == "controller mux" else frames)
         sent["n"] += 1
 
     try:

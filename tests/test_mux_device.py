@@ -3,6 +3,7 @@ cannot deliver is answered by the controller, and the Hub sees all it routes."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import zmq
@@ -64,3 +65,41 @@ def test_a_task_after_a_direct_request_sent_just_before_it_waits_for_it(rc):
     assert record["queue"] == "mux" and record["engine_uuid"] == rc.engine_uuid(1)
     assert record["completed"] is not None and record["result_content"]["status"] == "ok"
     assert rc.get_result(first.msg_ids[0]).get(timeout=5) is None
+
+
+def test_a_peer_without_the_key_cannot_derail_the_mux_device(cluster, rc):
+    # pyzmq's device reads [sender, destination] without checking that more follows: a
+    # one-frame message would glue the next client's request to it and route it where
+    # that peer chose (to another engine, its reply to that peer). Only key holders get
+    # in: a peer with no credentials, or a wrong password, never completes a handshake
+    client_info = load_connection_file(cluster.connection_file("client"))
+    engine_info = load_connection_file(cluster.connection_file("engine"))
+    pids = rc[:].apply_sync(os.getpid)
+    other_engine = rc.engine_uuid(1).encode()
+    ctx = zmq.Context()
+    try:
+        peers = []
+        for info in (client_info, engine_info):
+            for password in (None, b"guess"):
+                peer = ctx.socket(zmq.DEALER)
+                peer.linger = 0
+                peer.identity = b"ATTACKER"
+                if password:
+                    peer.plain_username, peer.plain_password = b"ipp-lite", password
+                peer.connect(f"{info['interface']}:{info['ports']['mux']}")
+                peers.append(peer)
+        for _ in range(5):
+            for peer in peers:
+                try:  # one frame alone, as if the start of a message
+                    peer.send(other_engine, zmq.NOBLOCK)
+                except zmq.Again:  # no handshake completed: nothing to send it on
+                    pass
+            time.sleep(0.05)
+            assert rc[0].apply_sync(os.getpid) == pids[0], "a request ran on the wrong engine"
+            assert rc[1].apply_sync(os.getpid) == pids[1]
+        for peer in peers:
+            assert not peer.poll(200), "a peer without the key received something"
+    finally:
+        ctx.destroy(linger=0)
+    log = cluster.controller.log_file.read_text(errors="replace")
+    assert "refused a connection to the mux channel" in log  # (the wrong password)

@@ -15,7 +15,12 @@ import time
 import pytest
 import zmq
 
-from ipyparallel_lite.connection import load_connection_file, make_session
+from ipyparallel_lite.connection import (
+    load_connection_file,
+    make_session,
+    mux_client_options,
+    set_options,
+)
 
 #: how long another client's task may take while a peer stalls (it takes ms when healthy)
 SERVED_WITHIN = 1.0
@@ -43,6 +48,8 @@ def deaf_socket(ctx: zmq.Context, info: dict, channel: str) -> zmq.Socket:
     sock.linger = 0
     sock.rcvhwm = 1
     sock.setsockopt(zmq.RCVBUF, 4096)
+    if channel == "mux":
+        set_options(sock, mux_client_options(info))
     sock.connect(f"{info['interface']}:{info['ports'][channel]}")
     return sock
 

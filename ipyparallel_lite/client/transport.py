@@ -58,6 +58,7 @@ from ipyparallel_lite.connection import (
     curve_client_options,
     heartbeat_options,
     make_session,
+    mux_client_options,
     set_options,
     unpack_message,
     url,
@@ -208,7 +209,7 @@ class Transport:
 
     def _connect(self, info: dict, timeout: float) -> dict:
         self._sockets = {
-            "mux": self._socket(zmq.DEALER, "mux"),
+            "mux": self._socket(zmq.DEALER, "mux", mux_client_options(info)),
             "task": self._socket(zmq.DEALER, "task"),
             # ZMTP heartbeats, answered by the controller's libzmq thread (a busy
             # controller still answers): a controller that hangs without closing the

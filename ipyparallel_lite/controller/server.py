@@ -17,6 +17,10 @@ every message it routes on an inproc socket, and :meth:`Controller.on_mux_copy` 
 those to the core: the Hub records them and the core tracks them like other work in
 flight, but never sends them. What the controller itself answers on that path (an
 unknown engine, an engine that died) it sends through the device as :data:`INJECTOR`.
+The device routes by frames that no signature covers, and pyzmq's device does not
+check message boundaries (a one-frame message leaves it inside the next one), so it
+lets in only peers that prove they hold the key: :meth:`Controller.on_zap` checks each
+connection's credentials (connection.py) before the peer can send a frame.
 
 Routing frames (after the ROUTER's identity frame)::
 
@@ -34,9 +38,11 @@ Engines answer with the identities they were given, so ``tag`` (``m`` mux, ``t``
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -53,6 +59,8 @@ from ipyparallel_lite.connection import (
     NOTIFICATION_HWM,
     connect_address,
     curve_server_options,
+    mux_credentials,
+    mux_server_options,
     reply_type,
     set_device_options,
     set_options,
@@ -181,6 +189,8 @@ class Controller:
         #: subscribe to the iopub relay and record output in the Hub (off: faster %px)
         self.record_output = self.state.record_output
         self._iopub_record: zmq.Socket | None = None
+        self._mux_context: zmq.Context | None = None  # (set by bind)
+        self._mux_sockets: tuple[zmq.Socket, ...] = ()
         #: engine id -> (pid, start time) of engines running on this machine: when a
         #: connection drops, their processes say at once which one died
         self._local_processes: dict[int, tuple[int, float]] = {}
@@ -319,13 +329,22 @@ class Controller:
 
     def _bind_mux_device(self, c: dict, e: dict) -> None:
         """The direct path: a C device between clients' and engines' ``mux`` sockets,
-        with a copy of what it routes for the Hub, and the injector (see the module)."""
+        with a copy of what it routes for the Hub, the injector (see the module), and the
+        ZAP handler that lets in only peers holding the key, in a context of their own."""
+        context = self._mux_context = zmq.Context()
+        # bound before the device's sockets exist: every connection to them asks it first
+        self._zap = fastzmq.socket(context, zmq.REP)
+        self._zap.linger = 0
+        self._zap.bind("inproc://zeromq.zap.01")
+        self._mux_credentials = mux_credentials(self.session.key, bool(self.curve_keypair))
         device = self._mux_device = ThreadMonitoredQueue(zmq.ROUTER, zmq.ROUTER, zmq.PUB,
                                                          ROUTED_IN, ROUTED_OUT)
+        device.context_factory = lambda: context
         for option, value in {zmq.LINGER: 0, zmq.BACKLOG: LISTEN_BACKLOG,
                               # a ROUTER drops what meets a full queue: the device must not
                               # lose a request or a reply (clients' windows bound them)
-                              zmq.SNDHWM: 0, zmq.RCVHWM: 0, **self._server_options}.items():
+                              zmq.SNDHWM: 0, zmq.RCVHWM: 0,
+                              **mux_server_options(self._server_options)}.items():
             device.setsockopt_in(option, value)
             device.setsockopt_out(option, value)
         device.setsockopt_mon(zmq.SNDHWM, 0)  # a PUB drops what its subscriber cannot take
@@ -333,13 +352,10 @@ class Controller:
                                    lambda: device.bind_in_to_random_port(f"tcp://{self.ip}"))
         e["mux"] = self._bind_port("mux", e, lambda p: device.bind_out(f"tcp://{self.ip}:{p}"),
                                    lambda: device.bind_out_to_random_port(f"tcp://{self.ip}"))
-        # the device's sockets live in zmq's global context: so do the inproc peers
-        name = f"ipp-lite-mux-{uuid4()}"
-        device.bind_mon(f"inproc://{name}-copies")
-        device.bind_out(f"inproc://{name}-engines")
+        device.bind_mon("inproc://copies")
+        device.bind_out("inproc://engines")  # (inproc connections skip ZAP)
         device.daemon = True
         device.start()
-        context = zmq.Context.instance()
         self._mux_copies = fastzmq.socket(context, zmq.SUB)
         self._mux_copies.linger = 0
         self._mux_copies.rcvhwm = 0
@@ -348,10 +364,10 @@ class Controller:
         self._mux_injector.linger = 0
         self._mux_injector.sndhwm = 0
         self._mux_injector.identity = INJECTOR
-        self._mux_sockets = (self._mux_copies, self._mux_injector)
+        self._mux_sockets = (self._mux_copies, self._mux_injector, self._zap)
         # (libzmq lets inproc connect before the device's thread binds)
-        self._mux_copies.connect(f"inproc://{name}-copies")
-        self._mux_injector.connect(f"inproc://{name}-engines")
+        self._mux_copies.connect("inproc://copies")
+        self._mux_injector.connect("inproc://engines")
 
     def connection_info(self, kind: str) -> dict:
         ports = self.ports if kind == "client" else self.engine_ports
@@ -380,6 +396,7 @@ class Controller:
             self.registration: self.on_registration,
             self._mux_copies: self.on_mux_copy,
             self._mux_injector: self.on_injector,
+            self._zap: self.on_zap,
             self.task: self.on_task,
             self.control: self.on_control,
             self.broadcast: self.on_broadcast,
@@ -465,6 +482,12 @@ class Controller:
             self._iopub_record.close(linger=0)
         for sock in self._mux_sockets:
             sock.close(linger=0)
+        # the device's thread closes its sockets when its context ends (ports freed for
+        # a controller restored in this process); bounded, in case it is stuck
+        if self._mux_context is not None:
+            ending = threading.Thread(target=self._mux_context.term, daemon=True)
+            ending.start()
+            ending.join(2)
         if self._dask is not None:
             self._dask.close()
         try:
@@ -785,6 +808,24 @@ class Controller:
         """A message a client addressed to :data:`INJECTOR` through the mux device."""
         self.warn(frames[0].bytes if frames else b"", "bad identities", "dropped a direct "
                   "request addressed to the controller itself")
+
+    def on_zap(self, frames: list) -> None:
+        """A ZAP request (ZMQ RFC 27) for a peer connecting to the mux device: let it in
+        only with the credentials derived from the key (connection.py); others never
+        reach the device, whose routing a malformed message could derail."""
+        request = [frame_bytes(f) for f in frames]
+        request += [b""] * (6 - len(request))  # (libzmq sends all six; a REP must answer)
+        version, request_id, address = request[0], request[1], request[3]
+        mechanism, credentials = self._mux_credentials
+        given = request[6:]
+        ok = (version == b"1.0" and request[5] == mechanism and len(given) == (2 if mechanism
+              == b"PLAIN" else 1) and hmac.compare_digest(given[-1], credentials))
+        if not ok:
+            self.warn(address, "refused", "refused a connection to the mux channel from %s: "
+                      "it did not show the cluster's key (a client or engine with another "
+                      "cluster's connection file?)", address.decode(errors="replace"))
+        self._zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
+                                  b"OK" if ok else b"not this cluster's key", b"", b""])
 
     def _catch_up(self) -> None:
         """Take in the mux device's copies that wait, before a request that may name what

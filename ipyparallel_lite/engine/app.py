@@ -43,6 +43,7 @@ from ipyparallel_lite.connection import (
     heartbeat_options,
     load_connection_file,
     make_session,
+    mux_client_options,
     set_device_options,
     set_options,
     url,
@@ -209,7 +210,7 @@ class IPEngine(ParallelApp, IPKernelApp):
             **self.curve, **heartbeat_options(info, controller_window(info))})
         # direct requests come through the controller's mux device, which routes by this
         # identity: connected before the engine says it is ready, or the first ones drop
-        self.mux_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), self.curve)
+        self.mux_socket = set_options(fastzmq.socket(ctx, zmq.DEALER), mux_client_options(info))
         self._connect_mux(ident, url(info, "mux"))
         for sock, channel in ((self.shell_socket, "shell"), (self.control_socket, "control")):
             sock.identity = ident
