@@ -884,7 +884,10 @@ class Controller:
         waiting, self._waiting_for_dependencies = self._waiting_for_dependencies, []
         for metadata, submit, deadline in waiting:
             if now >= deadline or self.state.knows_dependencies(metadata):
-                self._carry_out(submit(now))
+                try:  # (a timer's job: no handler guards it, and one task must not stop the rest)
+                    self._carry_out(submit(now))
+                except Exception:
+                    self.log.exception("error submitting a task that waited for its dependencies")
             else:
                 self._waiting_for_dependencies.append((metadata, submit, deadline))
         if self._waiting_for_dependencies:
