@@ -112,8 +112,14 @@ def test_sigkill_then_restore_keeps_results_and_reports_lost_tasks(ipython_dir):
         assert rc2.ids == [0]
         assert rc2[0].apply_sync(os.getpid) in engine_pids
         assert rc2[0].pull("kept", block=True) == "namespace"
-        logs = " ".join(la.log_file.read_text() for ls in cluster.engines.values() for la in ls)
-        assert "controller was restarted" in logs and "registered again" in logs
+        # (the engine logs it once it has said it is ready again, so maybe just after this)
+        deadline = time.monotonic() + 30
+        while True:
+            logs = " ".join(la.log_file.read_text() for ls in cluster.engines.values() for la in ls)
+            if "controller was restarted" in logs and "registered again" in logs:
+                break
+            assert time.monotonic() < deadline, "no engine logged that it registered again"
+            time.sleep(0.2)
         assert all(psutil.pid_exists(pid) for pid in engine_pids)
 
         # and work goes on
