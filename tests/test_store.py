@@ -492,7 +492,7 @@ def test_json_dicts_are_written_as_their_text_and_read_back_as_dicts():
     assert JSONDict.of(header, None) is header and JSONDict.of([1], raw) == [1]
     kept = JSONDict.of(header, zmq.Frame(raw))
     assert type(kept) is JSONDict and kept == header and kept.raw == raw
-    assert encode_value(kept) == b"\x00J" + raw
+    assert encode_value(kept) == b"\x00W" + raw  # the wire tag: read back without tags
     assert decode_value(bytes(encode_value(kept))) == header
     store = MemoryStore(record_limit=0)  # spills the record once it completes
     store.add_record("m1", _rec("m1", completed=True, header=kept))
@@ -572,13 +572,16 @@ def test_dates_as_earlier_versions_wrote_them_still_read():
     assert decode_value(b'\x00J{"$date":"2024-05-01T12:00:00+00:00"}') == T0
 
 
-def test_a_users_dict_that_only_looks_tagged_reads_back_as_it_was(tmp_path):
-    """Client metadata is stored as the JSON it came as; a one-key dict in it that is
-    not a valid tagged value must not make the record unreadable."""
+def test_a_users_dict_that_looks_tagged_reads_back_as_it_was(tmp_path):
+    """Client metadata is stored as the JSON it came as; a one-key dict in it that looks
+    like a tagged value, valid or not, reads back as the dict it was."""
     metadata = {"when": {"$date": "garbage"}, "blob": {"$bytes": "not base64!"},
-                "n": {"$date": 5}}
+                "n": {"$date": 5}, "date": {"$date": "2024-05-01T12:00:00+00:00"},
+                "bytes": {"$bytes": "aGk="}}
     raw = json.dumps(metadata).encode()
-    assert decode_value(b"\x00J" + raw) == metadata
+    assert decode_value(encode_value(JSONDict.of(metadata, raw))) == metadata
+    # rows an earlier version wrote read as they did: only the invalid ones stay dicts
+    assert decode_value(b"\x00J" + raw) == {**metadata, "date": T0, "bytes": b"hi"}
     store = SQLiteStore(tmp_path / "hub.db")
     store.add_record("m1", _rec("m1", completed=True, metadata=JSONDict.of(metadata, raw)))
     store.flush()

@@ -112,6 +112,11 @@ _encode_json = json.JSONEncoder(default=_json_default, separators=(",", ":"),
 #: through its adaptation protocol first, which costs ten times as much per value
 #: (tested in test_store); SQLite reads them back as bytes.
 _JSON, _RAW, _UTC_DATE = bytearray(b"\x00J"), bytearray(b"\x00B"), bytearray(b"\x00T")
+#: JSON as it came on the wire (a JSONDict's text, such as a client's metadata): read
+#: back without looking for tagged values, which only this module's encoder writes, so
+#: a user's ``{"$date": "<ISO date>"}`` stays the dict it was (rows written with
+#: ``_JSON`` by earlier versions read as before)
+_WIRE = bytearray(b"\x00W")
 _BLOBS = (bytes, bytearray)
 _PLAIN = frozenset((str, int, float))  # a set: a type not in it costs no comparisons
 
@@ -123,7 +128,7 @@ def encode_value(value: Any) -> Any:
     if value is None or type(value) in _PLAIN:
         return value
     if type(value) is JSONDict:  # headers and metadata as they came: no encoding
-        return _JSON + value.raw
+        return _WIRE + value.raw
     if type(value) is dict:
         return _JSON + _encode_json(value).encode()
     if isinstance(value, datetime):
@@ -148,7 +153,10 @@ def decode_value(stored: Any) -> Any:
         return datetime(*_DATE.unpack_from(stored, 2), tzinfo=_UTC)
     # read as the session reads a message: a signed header with bad UTF-8 in it was
     # accepted, and written as it came (JSONDict), so it must read back too
-    return json.loads(stored[2:].decode("utf8", "replace"), object_hook=_json_hook)
+    text = stored[2:].decode("utf8", "replace")
+    if tag == _WIRE:
+        return json.loads(text)
+    return json.loads(text, object_hook=_json_hook)
 
 
 def encode_buffers(buffers: list | None) -> bytearray | None:
@@ -310,7 +318,7 @@ class SQLiteStore(BaseStore):
             mask |= bit
             kind = type(value)
             if kind is JSONDict:
-                append(_JSON + value.raw)
+                append(_WIRE + value.raw)
             elif kind is datetime and value.tzinfo is _UTC:
                 append(_UTC_DATE + _DATE.pack(value.year, value.month, value.day, value.hour,
                                               value.minute, value.second, value.microsecond))
