@@ -218,7 +218,7 @@ def test_records_keep_the_json_frames_and_write_them_as_they_came(tmp_path):
     db = sqlite3.connect(path)
     stored_header, stored_md = db.execute("SELECT header, metadata FROM tasks").fetchone()
     db.close()
-    assert stored_header == b"\x00J" + frames[2] and stored_md == b"\x00J" + frames[4]
+    assert stored_header == b"\x00W" + frames[2] and stored_md == b"\x00W" + frames[4]
     record = SQLiteStore(path).get_record("t1")
     assert record["header"] == header and record["metadata"] == {"after": []}
     assert record["result_metadata"]["engine"] == "e0"
