@@ -115,33 +115,35 @@ MUX_ZAP_DOMAIN = b"ipp-lite-mux"
 MUX_PLAIN_USER = b"ipp-lite"
 
 
-def _mux_secret(key: str | bytes) -> bytes:
-    """32 bytes only a holder of the cluster's ``key`` can compute."""
+def _mux_peer_options(key: str | bytes, curve: bool) -> dict[int, Any]:
+    """A mux peer's credentials, all derived from the cluster's ``key`` (only its holders
+    can compute them): PLAIN user and password, or a CURVE client keypair."""
     key = key.encode() if isinstance(key, str) else key
-    return hmac.new(key, b"ipyparallel_lite mux channel", hashlib.sha256).digest()
+    secret = hmac.new(key, b"ipyparallel_lite mux channel", hashlib.sha256).digest()
+    if not curve:
+        return {zmq.PLAIN_USERNAME: MUX_PLAIN_USER, zmq.PLAIN_PASSWORD: secret.hex().encode("ascii")}
+    secret_z85 = z85.encode(secret)
+    return {zmq.CURVE_PUBLICKEY: zmq.curve_public(secret_z85), zmq.CURVE_SECRETKEY: secret_z85}
 
 
 def mux_credentials(key: str | bytes, curve: bool) -> tuple[bytes, bytes]:
     """What the controller's ZAP handler expects from a peer of the mux device:
     ``(b"PLAIN", password)``, or with CURVE ``(b"CURVE", client_public_key)`` (binary)."""
-    secret = _mux_secret(key)
+    options = _mux_peer_options(key, curve)
     if curve:
-        return b"CURVE", z85.decode(zmq.curve_public(z85.encode(secret)))
-    return b"PLAIN", secret.hex().encode("ascii")
+        return b"CURVE", z85.decode(options[zmq.CURVE_PUBLICKEY])
+    return b"PLAIN", options[zmq.PLAIN_PASSWORD]
 
 
 def mux_client_options(info: dict) -> dict[int, Any]:
     """Socket options for a client's or an engine's ``mux`` socket (set before connect):
     the credentials the device's ZAP handler checks, derived from ``info["key"]``."""
-    secret = _mux_secret(info["key"])
     server_key = info.get(CURVE_SERVERKEY)
     if not server_key:
-        return {zmq.PLAIN_USERNAME: MUX_PLAIN_USER,
-                zmq.PLAIN_PASSWORD: secret.hex().encode("ascii")}
+        return _mux_peer_options(info["key"], curve=False)
     require_curve()
-    secret_z85 = z85.encode(secret)
     return {zmq.CURVE_SERVERKEY: server_key.encode("ascii"),
-            zmq.CURVE_PUBLICKEY: zmq.curve_public(secret_z85), zmq.CURVE_SECRETKEY: secret_z85}
+            **_mux_peer_options(info["key"], curve=True)}
 
 
 def mux_server_options(server_options: dict[int, Any]) -> dict[int, Any]:
