@@ -89,7 +89,7 @@ def test_prefetch_is_capped():
     s = TaskScheduler(seed=0)
     s.add_engine(0, now=0.0)
     s.submit("t0", now=0.0)
-    submit_many(s, [f"q{i}" for i in range(40)], 0.0)
+    submit_many(s, [f"q{i}" for i in range(PREFETCH_MAX + 10)], 0.0)
     s.task_done("t0", 0, success=True, now=1.0, run_time=0.0)  # instant tasks
     assert s.load(0) == 1 + PREFETCH_MAX
 
