@@ -164,22 +164,25 @@ def pickle_test_module_by_value(request):
     cloudpickle.unregister_pickle_by_value(request.module)
 
 
+def channel_socket(ctx: zmq.Context, info: dict, channel: str, kind: int = zmq.DEALER,
+                   keyed: bool = True, **options: int) -> zmq.Socket:
+    """A bare socket connected to a controller channel, for sending it whatever a test
+    likes; on ``mux`` with the key's credentials unless not ``keyed`` (the device lets in
+    no one else). ``options``: socket options set before connecting (``rcvhwm=1``)."""
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    for name, value in options.items():
+        sock.setsockopt(getattr(zmq, name.upper()), value)
+    if channel == "mux" and keyed:
+        set_options(sock, mux_client_options(info))
+    sock.connect(url(info, channel))
+    return sock
+
+
 @pytest.fixture
 def raw_socket():
-    """``raw_socket(ctx, info, channel)``: a bare socket connected to a controller channel,
-    for sending it whatever a test likes (on ``mux``, with the key's credentials unless
-    not ``keyed``)."""
-
-    def connect(ctx: zmq.Context, info: dict, channel: str, kind: int = zmq.DEALER,
-                keyed: bool = True) -> zmq.Socket:
-        sock = ctx.socket(kind)
-        sock.linger = 0
-        if channel == "mux" and keyed:
-            set_options(sock, mux_client_options(info))
-        sock.connect(url(info, channel))
-        return sock
-
-    return connect
+    """:func:`channel_socket`, for tests that take it as a fixture."""
+    return channel_socket
 
 
 @pytest.fixture

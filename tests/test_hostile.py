@@ -13,15 +13,11 @@ import time
 import psutil
 import pytest
 import zmq
+from conftest import channel_socket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipyparallel_lite.connection import (
-    load_connection_file,
-    make_session,
-    mux_client_options,
-    set_options,
-)
+from ipyparallel_lite.connection import load_connection_file, make_session
 from ipyparallel_lite.serialization import pack_apply_message
 
 CLIENT_CHANNELS = ("registration", "mux", "task", "control", "broadcast")
@@ -29,15 +25,9 @@ ENGINE_CHANNELS = ("registration", "shell", "mux", "control", "hb_pong")
 
 
 def connect(ctx: zmq.Context, info: dict, channel: str, keyed: bool = True) -> zmq.Socket:
-    """A DEALER on ``channel``; on ``mux``, with the key's credentials unless not ``keyed``
-    (the device lets in no one else)."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.sndhwm = 0  # the test decides how much to send, not zmq
-    if channel == "mux" and keyed:
-        set_options(sock, mux_client_options(info))
-    sock.connect(f"{info['interface']}:{info['ports'][channel]}")
-    return sock
+    """A DEALER on ``channel`` that sends whatever it is given (no high-water mark: the
+    test decides how much to send, not zmq)."""
+    return channel_socket(ctx, info, channel, keyed=keyed, sndhwm=0)
 
 
 def routable(frames: list) -> list:

@@ -14,13 +14,9 @@ import time
 
 import pytest
 import zmq
+from conftest import channel_socket
 
-from ipyparallel_lite.connection import (
-    load_connection_file,
-    make_session,
-    mux_client_options,
-    set_options,
-)
+from ipyparallel_lite.connection import load_connection_file, make_session
 
 #: how long another client's task may take while a peer stalls (it takes ms when healthy)
 SERVED_WITHIN = 1.0
@@ -44,14 +40,7 @@ def served_quickly(rc, n: int = 5) -> float:
 
 def deaf_socket(ctx: zmq.Context, info: dict, channel: str) -> zmq.Socket:
     """A DEALER that will never read: the smallest buffers, so its backlog shows at once."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.rcvhwm = 1
-    sock.setsockopt(zmq.RCVBUF, 4096)
-    if channel == "mux":
-        set_options(sock, mux_client_options(info))
-    sock.connect(f"{info['interface']}:{info['ports'][channel]}")
-    return sock
+    return channel_socket(ctx, info, channel, rcvhwm=1, rcvbuf=4096)
 
 
 @pytest.mark.timeout(180)
