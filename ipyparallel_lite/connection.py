@@ -38,6 +38,7 @@ import json
 import os
 import secrets
 import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import zmq
 from jupyter_client.session import Session
 from zmq.utils import z85
 
+from ipyparallel_lite import batch
 from ipyparallel_lite.fastzmq import frame_bytes
 from ipyparallel_lite.session import LeanSession
 
@@ -57,6 +59,26 @@ ENGINE_CHANNELS = ("registration", "shell", "mux", "control", "iopub", "hb_ping"
 #: the routing identity before a load-balanced task's message on an engine's shell
 #: channel (the controller's tag for its scheduler's tasks)
 TASK_IDENT = b"t"
+#: the same, for a task its engine holds alone, whose client takes replies on its mux
+#: socket: the engine sends its success straight there, through the mux device, and
+#: the controller learns of it from the device's copy (see docs/wire.md)
+LONE_TASK_IDENT = b"T"
+
+#: what a client's zmq identity starts with (after batch.READER_PREFIX) when all its
+#: sockets share it: an engine may then send that client a load-balanced task's reply
+#: through the mux device, which routes by identity (see :data:`LONE_TASK_IDENT`)
+SHARED_IDENTITY = batch.READER_PREFIX + b"shared:"
+
+
+def shared_identity() -> bytes:
+    """A new zmq identity for all of one client's sockets (see :data:`SHARED_IDENTITY`)."""
+    return SHARED_IDENTITY + uuid.uuid4().hex.encode()
+
+
+def takes_replies_on_mux(identity: bytes) -> bool:
+    """Whether the client with this identity reads load-balanced replies on its mux socket."""
+    return identity.startswith(SHARED_IDENTITY)
+
 
 #: how many load-balanced tasks an engine remembers having begun, to answer a steal
 #: request exactly. A task the controller may still ask back is outstanding there, so

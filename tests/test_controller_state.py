@@ -8,11 +8,13 @@ import sqlite3
 
 import pytest
 
+from ipyparallel_lite.connection import shared_identity
 from ipyparallel_lite.controller.hub import Hub, RegistrationError
 from ipyparallel_lite.controller.scheduler import TaskScheduler
 from ipyparallel_lite.controller.sqlitestore import SQLiteStore
 from ipyparallel_lite.controller.state import (
     BROADCAST,
+    LONE_TASK,
     MUX,
     TASK,
     WINDOW_ENAME,
@@ -66,13 +68,15 @@ def direct(state: ControllerState, msg_id: str, engine: str, client: bytes = ALI
 
 
 def reply(state: ControllerState, engine: str, tag: bytes, parent_id: str, client: bytes = ALICE,
-          status: str = "ok", now: float = 1.0, msg_type: str = "apply_reply", **md) -> list:
+          status: str = "ok", now: float = 1.0, msg_type: str = "apply_reply", routed: bool = False,
+          **md) -> list:
+    """An engine's reply; ``routed``: the mux device delivered it (always, for MUX)."""
     header = {"msg_id": f"reply-{parent_id}", "msg_type": msg_type}
     metadata = {"status": status, "engine": engine, "started": "2026-12-01T00:00:01+00:00",
                 "completed": "2026-12-01T00:00:02+00:00", **md}
     frames = [DELIM, b"sig", json.dumps(header).encode(), b"parent", json.dumps(metadata).encode(),
               b'{"status": "%s"}' % status.encode(), b"result:" + parent_id.encode()]
-    if tag == MUX:  # as the mux device routed it to the client
+    if tag == MUX or routed:  # as the mux device routed it to the client
         return state.routed_reply(engine, client, parent_id, frames, header, metadata, msg_type, now)
     return state.reply(engine, tag, client, parent_id, frames, header, metadata, msg_type, now)
 
@@ -201,6 +205,48 @@ def test_reply_the_device_routed_completes_the_record_and_is_not_sent_again():
     assert reply(state, "e0", MUX, "d1") == []
     assert state.pending == {} and state.completed == {b"e0": 1}
     assert state.hub.store.get_record("d1")["result_buffers"] == [b"result:d1"]
+
+
+def tags(actions: list) -> dict[str, bytes]:
+    return {a.msg_id: a.frames[1] for a in actions if isinstance(a, SendToEngine)}
+
+
+def test_a_task_its_engine_holds_alone_is_tagged_lone_for_a_client_that_takes_replies_on_mux():
+    carol = shared_identity()  # one identity on all its sockets, as our client has
+    state = core(1, hwm=3)
+    assert tags(task(state, "t1", client=carol)) == {"t1": LONE_TASK}
+    assert tags(task(state, "t2", client=carol)) == {"t2": TASK}  # the engine holds t1 too
+    # a client whose mux socket has another identity never gets a reply that way
+    assert tags(task(state, "u1", client=ALICE)) == {"u1": TASK}
+    reply(state, "e0", TASK, "t2", client=carol)
+    reply(state, "e0", TASK, "u1")
+    # its engine answered through the controller after all (an error, say): same tag back
+    assert replies(reply(state, "e0", LONE_TASK, "t1", client=carol, status="error")) == ["t1"]
+    assert state.pending == {}
+
+
+def test_a_lone_tasks_success_the_device_routed_completes_it_and_frees_its_engine():
+    carol = shared_identity()
+    state = core(1, hwm=1)
+    assert tags(task(state, "t1", client=carol)) == {"t1": LONE_TASK}
+    assert sends(task(state, "t2", client=carol)) == []  # waits for the engine
+    assert state.waiting == {carol: 2}
+    actions = reply(state, "e0", TASK, "t1", client=carol, routed=True)
+    assert replies(actions) == []  # the client has it already
+    assert tags(actions) == {"t2": LONE_TASK}
+    assert state.waiting == {carol: 1} and state.completed == {b"e0": 1}
+    assert state.hub.store.get_record("t1")["result_buffers"] == [b"result:t1"]
+
+
+def test_a_client_taking_replies_on_mux_may_exceed_its_window_by_the_tasks_on_engines():
+    # the client counts a reply the device delivered before this core reads its copy
+    carol = shared_identity()
+    state = core(2, hwm=1, client_window=2)
+    assert len(sends(task(state, "t1", client=carol) + task(state, "t2", client=carol))) == 2
+    assert task(state, "t3", client=carol) == []  # t1 or t2 may be answered already
+    assert task(state, "t4", client=carol) == []
+    assert fails(task(state, "t5", client=carol)) == {"t5": WINDOW_ENAME}  # 2 + 2 running
+    assert state.waiting == {carol: 4}
 
 
 def test_records_keep_the_json_frames_and_write_them_as_they_came(tmp_path):

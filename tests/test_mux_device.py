@@ -8,11 +8,26 @@ import time
 
 import zmq
 
-from ipyparallel_lite.connection import load_connection_file, make_session
+from ipyparallel_lite.connection import load_connection_file, make_session, shared_identity
+from ipyparallel_lite.serialization import deserialize_object, pack_apply_message
 
 
 def triple(x):
     return 3 * x
+
+
+def fails(x):
+    raise ValueError(x)
+
+
+def answer(sock: zmq.Socket, session, timeout: float = 10) -> dict:
+    assert sock.poll(int(timeout * 1000)), "no answer"
+    return session.deserialize(session.feed_identities(sock.recv_multipart())[1])
+
+
+def apply_request(session, f, *args, ident: list[bytes] | None = None) -> tuple[str, list]:
+    msg = session.msg("apply_request", {})
+    return msg["header"]["msg_id"], session.serialize(msg, ident=ident) + pack_apply_message(f, args, {})
 
 
 def test_what_the_device_cannot_deliver_is_answered_by_the_controller(cluster, rc, raw_socket):
@@ -103,3 +118,41 @@ def test_a_peer_without_the_key_cannot_derail_the_mux_device(cluster, rc):
         ctx.destroy(linger=0)
     log = cluster.controller.log_file.read_text(errors="replace")
     assert "refused a connection to the mux channel" in log  # (the wrong password)
+
+
+def test_a_lone_tasks_success_comes_straight_through_the_mux_device_and_the_rest_does_not(
+        cluster, rc, raw_socket):
+    # a client whose sockets share one identity (as ours do) gets the success of a task
+    # its engine holds alone on its mux socket, without a turn of the controller's Python
+    info = load_connection_file(cluster.connection_file("client"))
+    session = make_session(info["key"])
+    ctx = zmq.Context()
+    try:
+        identity = shared_identity()
+        mux = raw_socket(ctx, info, "mux", identity=identity)
+        task = raw_socket(ctx, info, "task", identity=identity)
+        # a direct request answered on mux: the device knows this identity now
+        _, frames = apply_request(session, triple, 1, ident=[rc.engine_uuid(0).encode()])
+        mux.send_multipart(frames)
+        assert answer(mux, session)["content"]["status"] == "ok"
+
+        ok_id, frames = apply_request(session, triple, 5)
+        task.send_multipart(frames)
+        reply = answer(mux, session)
+        assert reply["parent_header"]["msg_id"] == ok_id
+        assert deserialize_object(reply["buffers"]) == 15
+        assert not task.poll(300), "the controller sent the reply again"
+        # the controller recorded it from the device's copy, and freed the engine
+        assert rc.get_result(ok_id).get(timeout=10) == 15
+        assert rc.queue_status()["unassigned"] == 0
+
+        # an error may be retried or rerun: it goes through the controller, as before
+        bad_id, frames = apply_request(session, fails, "no")
+        task.send_multipart(frames)
+        reply = answer(task, session)
+        assert reply["parent_header"]["msg_id"] == bad_id
+        assert reply["content"]["ename"] == "ValueError"
+        assert not mux.poll(300)
+    finally:
+        ctx.destroy(linger=0)
+    assert rc.load_balanced_view().apply_sync(triple, 4) == 12

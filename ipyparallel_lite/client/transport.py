@@ -19,6 +19,12 @@ signalled. A lone request (nothing in flight) is sent by the submitting thread i
 when the lock is free, which saves the I/O thread a wake-up; if the send may have
 consumed a signal, or stalled, it wakes the I/O thread.
 
+Identity: all the DEALER sockets share one zmq identity (``connection.shared_identity``),
+so an engine can send the success of a task it held alone straight to the ``mux``
+socket, through the controller's device (docs/wire.md); replies are read alike on every
+socket. The constructor returns once the ``mux`` handshake is done: the device drops
+what it cannot route.
+
 Flow control: when the controller announces a ``window`` in its ``connection_reply``,
 at most that many requests are in flight (sent, not answered); the rest wait here, in
 the user's process, and go out as replies come back. A ``view.map`` of any size then
@@ -60,6 +66,7 @@ from ipyparallel_lite.connection import (
     make_session,
     mux_client_options,
     set_options,
+    shared_identity,
     unpack_message,
     url,
 )
@@ -157,6 +164,9 @@ class Transport:
         #: the largest message part the controller reads (absent from older files: no limit)
         self._max_message_bytes = info.get(MAX_MESSAGE_BYTES)
         self._context = zmq.Context()
+        #: the zmq identity of all this client's sockets: it reads batches, and takes a
+        #: load-balanced task's reply on its mux socket (connection.shared_identity)
+        self.identity = shared_identity()
         self.closed = False
         #: msg_id -> AsyncResult of every request waiting for its reply
         self.pending: dict[str, Any] = {}
@@ -199,17 +209,24 @@ class Transport:
 
     # ---- connection ---------------------------------------------------------------
 
-    def _socket(self, kind: int, channel: str, options: dict | None = None) -> zmq.Socket:
+    def _socket(self, kind: int, channel: str, options: dict | None = None,
+                watch: int = 0) -> zmq.Socket:
+        """A socket connected to ``channel``; ``watch``: monitor events to watch from
+        before it connects (its monitor is then ``self._monitors[channel]``)."""
         sock = set_options(fastzmq.socket(self._context, kind), {**self._curve, **(options or {})})
         sock.linger = 0
-        if kind == zmq.DEALER:  # the controller may send it batches of replies
-            sock.identity = batch.reader_identity()
+        if kind == zmq.DEALER:  # the controller (and engines, through the mux device) may
+            sock.identity = self.identity  # send it replies, batched, on any of them
+        if watch:
+            self._monitors[channel] = sock.get_monitor_socket(watch)
         sock.connect(url(self.connection_info, channel))
         return sock
 
     def _connect(self, info: dict, timeout: float) -> dict:
+        self._monitors: dict[str, zmq.Socket] = {}
         self._sockets = {
-            "mux": self._socket(zmq.DEALER, "mux", mux_client_options(info)),
+            "mux": self._socket(zmq.DEALER, "mux", mux_client_options(info),
+                                watch=zmq.EVENT_HANDSHAKE_SUCCEEDED),
             "task": self._socket(zmq.DEALER, "task"),
             # ZMTP heartbeats, answered by the controller's libzmq thread (a busy
             # controller still answers): a controller that hangs without closing the
@@ -235,6 +252,7 @@ class Transport:
         self._controller_lost_since: float | None = None
         self._controller_was_lost = False
         self.session.send(query, "connection_request", {})
+        deadline = time.monotonic() + timeout
         if not query.poll(int(timeout * 1000)):
             self._context.destroy(linger=0)
             raise error.TimeoutError(
@@ -242,6 +260,17 @@ class Transport:
                 "Is the cluster running, and is its connection file current?"
             )
         _, reply = self.session.recv(query, mode=0)
+        # engines answer lone tasks through the mux device, which drops what it cannot
+        # route: the mux connection is up before a request goes (it came up meanwhile)
+        mux_up = self._monitors.pop("mux")
+        if not mux_up.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            self._context.destroy(linger=0)
+            raise error.TimeoutError(
+                f"The controller's mux channel at {url(info, 'mux')} did not accept this client "
+                f"within {timeout}s, though the controller answered. Is its connection file "
+                "current (the mux channel lets in only holders of the cluster's key)?")
+        self._sockets["mux"].disable_monitor()
+        mux_up.close()
         return reply["content"]
 
     def has_channel(self, channel: str) -> bool:

@@ -356,6 +356,10 @@ class TaskScheduler:
         """Number of tasks outstanding on ``engine_id`` (0 for unknown engines)."""
         return len(self._running.get(engine_id, ()))
 
+    def running(self) -> int:
+        """Number of tasks outstanding on engines, all together."""
+        return sum(len(tasks) for tasks in self._running.values())
+
     def queue_status(self) -> dict:
         """``{"unassigned": n, engine_id: {"tasks": [msg_ids outstanding]}, ...}``."""
         status: dict = {}

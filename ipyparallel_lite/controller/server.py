@@ -12,7 +12,9 @@ the registration and control sockets dispatch on msg_type through one table each
 Direct requests do not pass through Python. The ``mux`` channel is a C routing device
 (pyzmq's ``MonitoredQueue``, in a thread of its own, without the GIL): a client's
 ``[engine_uuid, DELIM, ...]`` reaches that engine's ``mux`` socket as ``[client, DELIM,
-...]``, and the engine's answer comes back the same way. The device publishes a copy of
+...]``, and the engine's answer comes back the same way (so does the success of a
+load-balanced task its engine held alone, tagged ``LONE_TASK``: the engine sends it
+straight to our client). The device publishes a copy of
 every message it routes on an inproc socket, and :meth:`Controller.on_mux_copy` feeds
 those to the core: the Hub records them and the core tracks them like other work in
 flight, but never sends them. What the controller itself answers on that path (an
@@ -32,7 +34,8 @@ Routing frames (after the ROUTER's identity frame)::
     controller -> engine (shell or control)  [engine_uuid, tag, client_ident, DELIM, ...]
 
 Engines answer with the identities they were given, so ``tag`` (``m`` mux, ``t`` task,
-``b`` broadcast, ``c`` control) tells which client socket a reply returns through.
+``T`` a task its engine holds alone, ``b`` broadcast, ``c`` control) tells which client
+socket a reply returns through.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ipyparallel_lite.connection import TASK_IDENT
+from ipyparallel_lite.connection import LONE_TASK_IDENT, TASK_IDENT, takes_replies_on_mux
 from ipyparallel_lite.controller import scheduler as sched
 from ipyparallel_lite.controller.dependency import parse_dependency
 from ipyparallel_lite.controller.hub import Engine, Hub, as_datetime
@@ -43,6 +43,9 @@ from ipyparallel_lite.controller.throttle import ThrottledLog
 #: routing tags of requests forwarded to engines: which client socket a reply returns by
 #: (engines know the task tag: see connection.TASK_IDENT)
 MUX, TASK, BROADCAST = b"m", TASK_IDENT, b"b"
+#: an engine's tag for a task it holds alone: a TASK whose success it may send the
+#: client itself, through the mux device (:meth:`ControllerState.routed_reply`)
+LONE_TASK = LONE_TASK_IDENT
 #: requests that engines answer with exactly one reply: all that tasks and broadcasts carry
 WORK_TYPES = ("apply_request", "execute_request")
 #: what an engine answers on its shell channel (ipykernel's requests, and apply): a
@@ -219,9 +222,20 @@ class ControllerState:
     def _admit(self, client: bytes, count: int) -> bool:
         """Whether ``client`` may have ``count`` more requests waiting here (direct
         requests do not count: the mux device routes them, and the client's own window
-        bounds them)."""
+        bounds them).
+
+        A client that takes replies on its mux socket (our own: it keeps to the window
+        itself) may have as many more as there are tasks running on engines: an engine
+        may have sent it some of their replies through the mux device (see
+        :meth:`routed_reply`), and the client counts those slots free before this core
+        reads the device's copies. What waits here stays bounded by the window plus
+        what the engines hold."""
         window = self.client_window
-        return not window or self.waiting.get(client, 0) + count <= window
+        if not window:
+            return True
+        waiting = self.waiting.get(client, 0) + count
+        return waiting <= window or (takes_replies_on_mux(client)
+                                     and waiting <= window + self.scheduler.running())
 
     def _add(self, msg_id: str, pending: Pending) -> Pending:
         self.pending[msg_id] = pending
@@ -410,7 +424,11 @@ class ControllerState:
         self.hub.assigned(msg_id, engine.uuid)
         attempt = pending.sends
         pending.sends += 1
-        return [SendToEngine(eid, msg_id, [engine.ident, TASK, pending.client, *pending.frames],
+        client = pending.client
+        # a task its engine holds alone: its success may go straight to the client
+        tag = (LONE_TASK if self.scheduler.load(eid) == 1 and takes_replies_on_mux(client)
+               else TASK)
+        return [SendToEngine(eid, msg_id, [engine.ident, tag, client, *pending.frames],
                              attempt=attempt)]
 
     def stolen(self, engine_uuid: str, stolen: list[str], kept: list[str], now: float) -> list:
@@ -439,6 +457,8 @@ class ControllerState:
     def reply(self, engine_uuid: str, tag: bytes, client: bytes, parent_id: str, frames: list,
               header: dict, metadata: dict, msg_type: str, now: float) -> list:
         """An engine's reply to ``parent_id``; ``frames`` from DELIM on, as they arrived."""
+        if tag == LONE_TASK:
+            tag = TASK
         engine = self.hub.by_uuid(engine_uuid)
         if engine is None:
             return self._late_reply(engine_uuid, parent_id, frames, header, metadata)
@@ -472,9 +492,12 @@ class ControllerState:
 
     def routed_reply(self, engine_uuid: str, client: bytes, parent_id: str, frames: list,
                      header: dict, metadata: dict, msg_type: str, now: float) -> list:
-        """An engine's reply to a direct request, which the mux device delivered to
-        ``client``: :meth:`reply`, without sending it again."""
-        return [action for action in self.reply(engine_uuid, MUX, client, parent_id, frames,
+        """An engine's reply that the mux device delivered to ``client``: :meth:`reply`,
+        without sending it again. A direct request's, or a load-balanced task's success
+        (engines send a lone one that way; it is final, so nothing holds it back)."""
+        pending = self.pending.get(parent_id)
+        tag = TASK if pending is not None and pending.tag == TASK else MUX
+        return [action for action in self.reply(engine_uuid, tag, client, parent_id, frames,
                                                  header, metadata, msg_type, now)
                 if type(action) is not ReplyToClient]
 

@@ -40,11 +40,21 @@ from IPython.core.inputtransformer2 import TransformerManager
 from IPython.core.interactiveshell import ExecutionResult
 from traitlets import Dict, Float, Instance, Integer, Type
 
-from ipyparallel_lite.connection import STEAL_WINDOW, TASK_IDENT, check_message_size, unpack_message
+from ipyparallel_lite.connection import (
+    LONE_TASK_IDENT,
+    STEAL_WINDOW,
+    TASK_IDENT,
+    check_message_size,
+    takes_replies_on_mux,
+    unpack_message,
+)
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
 from ipyparallel_lite.fastzmq import frame_bytes
 from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpack_apply_message
 from ipyparallel_lite.session import json_date
+
+#: the routing tags of load-balanced tasks (see connection.py)
+_TASK_IDENTS = (TASK_IDENT, LONE_TASK_IDENT)
 
 
 def utcnow() -> datetime:
@@ -456,7 +466,7 @@ class EngineKernel(IPythonKernel):
 
     def should_handle(self, stream: Any, msg: dict, idents: list) -> bool:
         msg_id = msg["header"]["msg_id"]
-        if idents and idents[0] == TASK_IDENT and not self._begin_task(msg_id):
+        if idents and idents[0] in _TASK_IDENTS and not self._begin_task(msg_id):
             return False  # handed back to the scheduler: it runs elsewhere, no reply from here
         aborted = msg_id in self._aborted
         if not aborted and self._abort_before is not None:
@@ -531,9 +541,23 @@ class EngineKernel(IPythonKernel):
             if out is not None:
                 out.flush()  # EngineOutStream: free unless something was written
         md = self.finish_metadata(parent, md, content)
+        if content["status"] == "ok":
+            stream, ident = self._success_route(stream, ident)
         self.session.send(
             stream, "apply_reply", content, parent=parent, ident=ident, buffers=result_frames, metadata=md
         )
+
+    def _success_route(self, stream: Any, ident: list) -> tuple[Any, list]:
+        """Where a successful reply goes: where its request came from, except a lone
+        task's (:data:`LONE_TASK_IDENT`), which goes straight to its client through the
+        mux device, without a turn of the controller's Python (the controller learns of
+        it from the device's copy). A success is final (no retry, no rerun), so the
+        controller never has to hold it back; other replies go through the controller."""
+        mux = self.mux_stream
+        if (mux is not None and len(ident) == 2 and ident[0] == LONE_TASK_IDENT
+                and takes_replies_on_mux(ident[1])):
+            return mux, [ident[1]]
+        return stream, ident
 
     def _error_content(self, e: BaseException) -> dict:
         content = wrap_exception({**self.engine_info, "method": "apply"}, exc=e)
