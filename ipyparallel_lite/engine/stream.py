@@ -169,7 +169,7 @@ class ShellStream(ZMQStream):
         if callback is not None:
             callback(msg, None)
         if drainer is not None and not drainer.draining:
-            drainer.kick()  # a send may consume the FD's signal; a drain looks again anyway
+            drainer.recheck()  # a send may consume the FD's signal: one look now, no loop turn
 
     def flush(self, flag: int = zmq.POLLIN | zmq.POLLOUT, limit: int | None = None) -> int:
         """Handle the messages waiting now (sends never wait); how many there were."""
