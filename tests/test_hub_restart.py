@@ -128,6 +128,10 @@ def test_sigkill_then_restore_keeps_results_and_reports_lost_tasks(ipython_dir):
         later.set_flags(after=done[0].msg_ids)  # finished before the restart: still counts
         assert later.apply_sync(square, 9) == 81
         _wait_for(lambda: len(rc.ids) == 1, 30, "the old client seeing the new engine")
+        # the old client's mux link is back too: lone tasks' replies reach it through the
+        # restored controller's mux device
+        old = rc.load_balanced_view()
+        assert [old.apply_async(square, i).get(10) for i in range(10)] == [i * i for i in range(10)]
         assert rc.resubmit(queued.msg_ids, block=True) == [49]
     finally:
         for client in (rc, rc2):

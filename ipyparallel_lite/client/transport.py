@@ -49,6 +49,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import zmq
@@ -72,6 +73,14 @@ from ipyparallel_lite.connection import (
 )
 
 NOBLOCK = int(zmq.NOBLOCK)
+#: what the client watches on its links to the controller: back means a completed
+#: handshake (a stopped process's kernel still accepts TCP)
+_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+def _link_event(frames: list) -> int:
+    """The event of a socket monitor's message."""
+    return parse_monitor_message([fastzmq.frame_bytes(f) for f in frames])["event"]
 
 #: channels views send on, by name (``query`` is the controller's registration socket)
 SEND_CHANNELS = ("mux", "task", "control", "query", "broadcast")
@@ -210,23 +219,27 @@ class Transport:
     # ---- connection ---------------------------------------------------------------
 
     def _socket(self, kind: int, channel: str, options: dict | None = None,
-                watch: int = 0) -> zmq.Socket:
-        """A socket connected to ``channel``; ``watch``: monitor events to watch from
-        before it connects (its monitor is then ``self._monitors[channel]``)."""
+                watch: bool = False) -> zmq.Socket:
+        """A socket connected to ``channel``; ``watch``: its link to the controller is
+        watched (:meth:`_on_link`), from before it connects."""
         sock = set_options(fastzmq.socket(self._context, kind), {**self._curve, **(options or {})})
         sock.linger = 0
         if kind == zmq.DEALER:  # the controller (and engines, through the mux device) may
             sock.identity = self.identity  # send it replies, batched, on any of them
         if watch:
-            self._monitors[channel] = sock.get_monitor_socket(watch)
+            self._links[channel] = sock.get_monitor_socket(_LINK_EVENTS)
         sock.connect(url(self.connection_info, channel))
         return sock
 
     def _connect(self, info: dict, timeout: float) -> dict:
-        self._monitors: dict[str, zmq.Socket] = {}
+        #: monitors of the links whose loss and return the client follows: control (its
+        #: heartbeats notice a controller that hangs), mux (the device drops replies for a
+        #: client whose mux link is down) and query (what resynchronizes goes there)
+        self._links: dict[str, zmq.Socket] = {}
+        #: watched links that went down and are not back yet
+        self._links_down: set[str] = set()
         self._sockets = {
-            "mux": self._socket(zmq.DEALER, "mux", mux_client_options(info),
-                                watch=zmq.EVENT_HANDSHAKE_SUCCEEDED),
+            "mux": self._socket(zmq.DEALER, "mux", mux_client_options(info), watch=True),
             "task": self._socket(zmq.DEALER, "task"),
             # ZMTP heartbeats, answered by the controller's libzmq thread (a busy
             # controller still answers): a controller that hangs without closing the
@@ -234,8 +247,8 @@ class Transport:
             # control channel, which carries only small messages: a ping waits behind
             # a message being transferred, and a big one may take longer than the window
             "control": self._socket(zmq.DEALER, "control",
-                                    heartbeat_options(info, self.controller_timeout)),
-            "query": self._socket(zmq.DEALER, "registration"),
+                                    heartbeat_options(info, self.controller_timeout), watch=True),
+            "query": self._socket(zmq.DEALER, "registration", watch=True),
         }
         if "broadcast" in info["ports"]:  # absent from connection files of older controllers
             self._sockets["broadcast"] = self._socket(zmq.DEALER, "broadcast")
@@ -246,9 +259,6 @@ class Transport:
         self._iopub.subscribe(b"")
         # the first exchange happens here, before the I/O thread owns the sockets
         query = self._sockets["query"]
-        # back means a completed handshake: a stopped process's kernel still accepts TCP
-        self._controller_link = self._sockets["control"].get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._controller_lost_since: float | None = None
         self._controller_was_lost = False
         self.session.send(query, "connection_request", {})
@@ -262,16 +272,17 @@ class Transport:
         _, reply = self.session.recv(query, mode=0)
         # engines answer lone tasks through the mux device, which drops what it cannot
         # route: the mux connection is up before a request goes (it came up meanwhile)
-        mux_up = self._monitors.pop("mux")
-        if not mux_up.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            self._context.destroy(linger=0)
-            raise error.TimeoutError(
-                f"The controller's mux channel at {url(info, 'mux')} did not accept this client "
-                f"within {timeout}s, though the controller answered. Is its connection file "
-                "current (the mux channel lets in only holders of the cluster's key)?")
-        self._sockets["mux"].disable_monitor()
-        mux_up.close()
-        return reply["content"]
+        mux_link = self._links["mux"]
+        while True:
+            if not mux_link.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                self._context.destroy(linger=0)
+                raise error.TimeoutError(
+                    f"The controller's mux channel at {url(info, 'mux')} did not accept this "
+                    f"client within {timeout}s, though the controller answered. Is its "
+                    "connection file current (the mux channel lets in only holders of the "
+                    "cluster's key)?")
+            if _link_event(mux_link.recv_multipart()) == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return reply["content"]
 
     def has_channel(self, channel: str) -> bool:
         """Whether the controller offers ``channel`` (older ones have no ``broadcast``)."""
@@ -490,7 +501,7 @@ class Transport:
             self._notification: self._on_notification,
             self._iopub: self._on_iopub,
             self._sockets["query"]: self._on_query_reply,
-            self._controller_link: self._on_controller_link,
+            **{link: partial(self._on_link, channel) for channel, link in self._links.items()},
         }
         for name in ("mux", "task", "control", "broadcast"):
             if name in self._sockets:
@@ -566,12 +577,19 @@ class Transport:
         self._sent_on.clear()
         return False
 
-    def _on_controller_link(self, frames: list) -> None:
-        event = parse_monitor_message([bytes(f.bytes) for f in frames])["event"]
+    def _on_link(self, channel: str, frames: list) -> None:
+        """A watched link to the controller went down or came back. The controller is
+        back once every link that went down is back: then ``on_reconnect`` runs (the
+        Client asks the Hub for the results it may have missed meanwhile)."""
+        event = _link_event(frames)
         if event == zmq.EVENT_DISCONNECTED:
+            self._links_down.add(channel)
             self._controller_lost_since = self._controller_lost_since or time.monotonic()
             self._controller_was_lost = True
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._links_down.discard(channel)
+            if self._links_down:
+                return
             self._controller_lost_since = None
             if self._controller_was_lost:  # back (a restart): the queries block, not this thread
                 self._controller_was_lost = False
