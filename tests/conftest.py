@@ -25,6 +25,7 @@ from traitlets.config import Config  # noqa: E402
 
 import ipyparallel_lite as ipp  # noqa: E402
 from ipyparallel_lite.connection import mux_client_options, set_options, url  # noqa: E402
+from ipyparallel_lite.serialization import pack_apply_message  # noqa: E402
 
 OUR_MODULES = ("ipyparallel_lite.engine", "ipyparallel_lite.controller")
 
@@ -177,6 +178,21 @@ def channel_socket(ctx: zmq.Context, info: dict, channel: str, kind: int = zmq.D
         set_options(sock, mux_client_options(info))
     sock.connect(url(info, channel))
     return sock
+
+
+def apply_request(session, f, *args, ident: list[bytes] | None = None,
+                  metadata: dict | None = None) -> tuple[str, list]:
+    """A signed ``apply_request`` of ``f(*args)`` for a raw socket: its msg_id and frames
+    (``ident``: routing identities in front, such as an engine's uuid on ``mux``)."""
+    msg = session.msg("apply_request", {}, metadata=metadata)
+    return msg["header"]["msg_id"], session.serialize(msg, ident=ident) + pack_apply_message(f, args, {})
+
+
+def next_reply(sock: zmq.Socket, session, timeout: float = 30.0) -> dict:
+    """The next message on a raw socket, verified and unpacked (routing identities dropped)."""
+    assert sock.poll(timeout * 1000), f"no reply within {timeout}s"
+    _, frames = session.feed_identities(sock.recv_multipart())
+    return session.deserialize(frames)
 
 
 @pytest.fixture

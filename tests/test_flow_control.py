@@ -10,17 +10,12 @@ import time
 import psutil
 import pytest
 import zmq
+from conftest import next_reply
 
 import ipyparallel_lite as ipp
 from ipyparallel_lite.connection import load_connection_file, make_session
 
 WINDOW = 3
-
-
-def receive(sock: zmq.Socket, session, timeout: float = 30.0) -> dict:
-    assert sock.poll(timeout * 1000), "no reply from the controller"
-    _, frames = session.feed_identities(sock.recv_multipart())
-    return session.deserialize(frames)
 
 
 def test_requests_beyond_the_client_window_are_refused_at_once(own_cluster, raw_socket):
@@ -31,7 +26,7 @@ def test_requests_beyond_the_client_window_are_refused_at_once(own_cluster, raw_
     try:
         registration = raw_socket(ctx, info, "registration")
         registration.send_multipart(session.serialize(session.msg("connection_request", {})))
-        assert receive(registration, session)["content"]["window"] == WINDOW
+        assert next_reply(registration, session)["content"]["window"] == WINDOW
 
         task = raw_socket(ctx, info, "task")
         sent = []
@@ -41,7 +36,7 @@ def test_requests_beyond_the_client_window_are_refused_at_once(own_cluster, raw_
             sent.append(msg["header"]["msg_id"])
             task.send_multipart(session.serialize(msg))
         start = time.monotonic()
-        refused = [receive(task, session, timeout=10) for _ in range(2)]
+        refused = [next_reply(task, session, timeout=10) for _ in range(2)]
         assert time.monotonic() - start < 2.5, "refusals waited for the running tasks"
         assert sorted(r["parent_header"]["msg_id"] for r in refused) == sorted(sent[WINDOW:])
         for r in refused:
@@ -50,13 +45,13 @@ def test_requests_beyond_the_client_window_are_refused_at_once(own_cluster, raw_
             assert f"client_window = {WINDOW}" in r["content"]["evalue"]
         # another client is not limited by this one's window
         assert client.load_balanced_view().apply_async(abs, -7).get(timeout=30) == 7
-        done = [receive(task, session) for _ in range(WINDOW)]
+        done = [next_reply(task, session) for _ in range(WINDOW)]
         assert sorted(d["parent_header"]["msg_id"] for d in done) == sorted(sent[:WINDOW])
         assert all(d["content"]["status"] == "ok" for d in done)
         # answered: the window is free again
         msg = session.msg("execute_request", {"code": "b = 2", "silent": False, "store_history": False})
         task.send_multipart(session.serialize(msg))
-        assert receive(task, session)["content"]["status"] == "ok"
+        assert next_reply(task, session)["content"]["status"] == "ok"
         assert client.queue_status()["unassigned"] == 0
     finally:
         ctx.destroy(linger=0)

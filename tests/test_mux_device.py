@@ -7,9 +7,10 @@ import os
 import time
 
 import zmq
+from conftest import apply_request, next_reply
 
 from ipyparallel_lite.connection import load_connection_file, make_session, shared_identity
-from ipyparallel_lite.serialization import deserialize_object, pack_apply_message
+from ipyparallel_lite.serialization import deserialize_object
 
 
 def triple(x):
@@ -18,16 +19,6 @@ def triple(x):
 
 def fails(x):
     raise ValueError(x)
-
-
-def answer(sock: zmq.Socket, session, timeout: float = 10) -> dict:
-    assert sock.poll(int(timeout * 1000)), "no answer"
-    return session.deserialize(session.feed_identities(sock.recv_multipart())[1])
-
-
-def apply_request(session, f, *args, ident: list[bytes] | None = None) -> tuple[str, list]:
-    msg = session.msg("apply_request", {})
-    return msg["header"]["msg_id"], session.serialize(msg, ident=ident) + pack_apply_message(f, args, {})
 
 
 def test_what_the_device_cannot_deliver_is_answered_by_the_controller(cluster, rc, raw_socket):
@@ -134,11 +125,11 @@ def test_a_lone_tasks_success_comes_straight_through_the_mux_device_and_the_rest
         # a direct request answered on mux: the device knows this identity now
         _, frames = apply_request(session, triple, 1, ident=[rc.engine_uuid(0).encode()])
         mux.send_multipart(frames)
-        assert answer(mux, session)["content"]["status"] == "ok"
+        assert next_reply(mux, session, timeout=10)["content"]["status"] == "ok"
 
         ok_id, frames = apply_request(session, triple, 5)
         task.send_multipart(frames)
-        reply = answer(mux, session)
+        reply = next_reply(mux, session, timeout=10)
         assert reply["parent_header"]["msg_id"] == ok_id
         assert deserialize_object(reply["buffers"]) == 15
         assert not task.poll(300), "the controller sent the reply again"
@@ -149,7 +140,7 @@ def test_a_lone_tasks_success_comes_straight_through_the_mux_device_and_the_rest
         # an error may be retried or rerun: it goes through the controller, as before
         bad_id, frames = apply_request(session, fails, "no")
         task.send_multipart(frames)
-        reply = answer(task, session)
+        reply = next_reply(task, session, timeout=10)
         assert reply["parent_header"]["msg_id"] == bad_id
         assert reply["content"]["ename"] == "ValueError"
         assert not mux.poll(300)

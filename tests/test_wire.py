@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import zmq
+from conftest import apply_request
 
 import ipyparallel_lite
 from ipyparallel_lite import batch, error
 from ipyparallel_lite.connection import load_connection_file, make_session, unpack_message, url
-from ipyparallel_lite.serialization import deserialize_object, pack_apply_message
+from ipyparallel_lite.serialization import deserialize_object
 
 
 def connect(ctx: zmq.Context, info: dict, channel: str, identity: bytes | None = None) -> zmq.Socket:
@@ -28,12 +29,6 @@ def connect(ctx: zmq.Context, info: dict, channel: str, identity: bytes | None =
         sock.identity = identity
     sock.connect(url(info, channel))
     return sock
-
-
-def apply_request(session, f, *args, ident: list[bytes] | None = None,
-                  metadata: dict | None = None) -> tuple[str, list]:
-    msg = session.msg("apply_request", {}, metadata=metadata)
-    return msg["header"]["msg_id"], session.serialize(msg, ident=ident) + pack_apply_message(f, args, {})
 
 
 def to_engine_0(session, f, *args) -> tuple[str, list]:
