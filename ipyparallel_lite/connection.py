@@ -63,6 +63,12 @@ TASK_IDENT = b"t"
 #: socket: the engine sends its success straight there, through the mux device, and
 #: the controller learns of it from the device's copy (see docs/wire.md)
 LONE_TASK_IDENT = b"T"
+#: the metadata key of a load-balanced task that its client sent straight to an engine,
+#: through the mux device (a claim): the engine that answered the client's last request,
+#: while the client had nothing else in flight. The engine treats it as a task (a steal
+#: request may take it back), the controller places it there from the device's copy
+#: (see docs/wire.md)
+CLAIM = "claim"
 
 #: what a client's zmq identity starts with (after batch.READER_PREFIX) when all its
 #: sockets share it: an engine may then send that client a load-balanced task's reply

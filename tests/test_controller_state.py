@@ -24,6 +24,7 @@ from ipyparallel_lite.controller.state import (
     Notify,
     ReplyToClient,
     SendToEngine,
+    Steal,
     TellToExit,
 )
 from ipyparallel_lite.controller.store import RecordNotFound
@@ -64,7 +65,7 @@ def direct(state: ControllerState, msg_id: str, engine: str, client: bytes = ALI
            msg_type: str = "apply_request") -> list:
     """A direct request as the mux device routed it."""
     frames, header, metadata = request(msg_id, msg_type)
-    return state.routed_request(client, engine, frames, header, metadata)
+    return state.routed_request(client, engine, frames, header, metadata, 0.0)
 
 
 def reply(state: ControllerState, engine: str, tag: bytes, parent_id: str, client: bytes = ALICE,
@@ -236,6 +237,60 @@ def test_a_lone_tasks_success_the_device_routed_completes_it_and_frees_its_engin
     assert tags(actions) == {"t2": LONE_TASK}
     assert state.waiting == {carol: 1} and state.completed == {b"e0": 1}
     assert state.hub.store.get_record("t1")["result_buffers"] == [b"result:t1"]
+
+
+def claim(state: ControllerState, msg_id: str, engine: str, client: bytes, now: float = 0.0) -> list:
+    """A load-balanced task its client sent straight to ``engine``, as the device routed it."""
+    frames, header, metadata = request(msg_id, claim=True)
+    return state.routed_request(client, engine, frames, header, metadata, now)
+
+
+def test_a_claimed_task_is_placed_on_its_engine_and_its_routed_success_frees_it():
+    carol = shared_identity()
+    state = core(2)
+    assert claim(state, "c1", "e0", carol) == []  # the device delivered it
+    assert state.scheduler.load(0) == 1 and state.pending["c1"].tag == TASK
+    assert state.hub.store.get_record("c1")["queue"] == "task"
+    assert state.hub.store.get_record("c1")["engine_uuid"] == "e0"
+    assert sends(task(state, "t1", client=ALICE)) == [("t1", 1)]  # e0 is busy
+    assert replies(reply(state, "e0", TASK, "c1", client=carol, routed=True)) == []
+    assert state.scheduler.load(0) == 0 and "c1" not in state.pending
+    assert state.hub.store.get_record("c1")["result_buffers"] == [b"result:c1"]
+    assert state.connection()["claims"] is True
+    lru = ControllerState(Hub(), TaskScheduler(scheme="lru"), unpack=json.loads)
+    assert lru.connection()["claims"] is False
+
+
+def test_a_claim_that_meets_another_task_on_its_engine_asks_both_back():
+    carol = shared_identity()
+    state = core(2)
+    assert sends(task(state, "t1", client=BOB)) == [("t1", 0)]
+    actions = claim(state, "c1", "e0", carol)  # carol's idea of e0 was stale
+    assert [(a.engine_ident, a.msg_ids) for a in actions if isinstance(a, Steal)] == [
+        (b"e0", ("t1", "c1"))]
+    # e0 began t1, not the claim: it runs on the free engine, signed anew
+    actions = state.stolen("e0", ["c1"], ["t1"], now=0.1)
+    assert sends(actions) == [("c1", 1)]
+    assert [a.attempt for a in actions if isinstance(a, SendToEngine)] == [1]
+
+
+def test_a_claim_of_an_engine_that_is_gone_is_placed_by_the_scheduler():
+    carol = shared_identity()
+    state = core(2)
+    actions = claim(state, "c1", "e9", carol)
+    assert sends(actions) == [("c1", 0)] and tags(actions) == {"c1": LONE_TASK}
+
+
+def test_a_claimed_tasks_unmet_dependency_runs_it_on_another_engine():
+    """Its engine sends a claim's error through the controller, as a lone task's."""
+    carol = shared_identity()
+    state = core(2)
+    assert claim(state, "c1", "e0", carol) == []
+    actions = reply(state, "e0", LONE_TASK, "c1", client=carol, status="error",
+                    dependencies_met=False)
+    assert replies(actions) == [] and sends(actions) == [("c1", 1)]
+    assert replies(reply(state, "e1", LONE_TASK, "c1", client=carol, status="error")) == ["c1"]
+    assert state.pending == {}
 
 
 def test_a_client_taking_replies_on_mux_may_exceed_its_window_by_the_tasks_on_engines():

@@ -319,3 +319,35 @@ def test_handed_back_constrained_tasks_keep_their_constraints():
     assert assigned(actions) == [(m, 1) for m in both]  # "only0" may not run on engine 1
     actions = s.task_done("long", 0, success=True, now=2.0, run_time=1.0)
     assert assigned(actions) == [("only0", 0)]
+
+
+# ---- claims: tasks a client sent straight to an engine it believed idle ----------------
+
+
+def test_a_claim_runs_where_it_went_and_counts_there():
+    s = warmed(2)
+    assert s.takes_claims
+    assert s.claim("c1", 1, now=1.0) == []  # no Assign: the engine has it already
+    assert s.load(1) == 1
+    assert assigned(s.submit("t1", now=1.0)) == [("t1", 0)]  # least load: not engine 1
+    assert s.task_done("c1", 1, success=True, now=1.1, run_time=RUN) == []
+    assert s.load(1) == 0 and not s.is_pending("c1")
+    with pytest.raises(ValueError, match="already submitted"):
+        s.claim("t1", 1, now=1.2)
+    with pytest.raises(ValueError, match="not live"):
+        s.claim("c2", 7, now=1.2)
+
+
+def test_a_claim_that_meets_other_tasks_asks_them_all_back_and_places_those_not_begun():
+    s = warmed(2)
+    assert assigned(s.submit("t1", now=1.0)) == [("t1", 0)]
+    assert steals(s.claim("c1", 0, now=1.0)) == [(("t1", "c1"), 0)]
+    # engine 0 had begun the claim: the other task goes to the idle engine
+    assert assigned(s.stolen(0, ["t1"], kept=["c1"], now=1.1)) == [("t1", 1)]
+    assert s.load(0) == 1 and s.load(1) == 1
+
+
+def test_claims_only_with_least_load_and_stealing():
+    assert not TaskScheduler("lru").takes_claims
+    assert not TaskScheduler(hwm=0).takes_claims
+    assert not TaskScheduler(prefetch=False).takes_claims

@@ -130,7 +130,9 @@ class Client:
                 self._engine_infos[eid] = content.get("info", {})
                 self._check_skew(eid, self._engine_infos[eid])
             elif msg_type == "unregistration_notification":
-                self._engines.pop(content["id"], None)
+                uuid = self._engines.pop(content["id"], None)
+                if uuid is not None:
+                    self.transport.forget_engine(uuid)
             elif msg_type == "shutdown_notification":
                 self._engines.clear()
                 self.transport.fail_pending("The controller shut down before these requests finished.")

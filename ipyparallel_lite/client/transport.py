@@ -213,6 +213,11 @@ class Transport:
         os.set_blocking(self._wake_write, False)
         #: most requests in flight at once (None: no limit), as the controller asks
         self.window: int | None = self.first_reply.get("window") or None
+        #: whether the controller takes claims (connection.CLAIM): a lone load-balanced
+        #: task sent straight to the engine that answered this client's last request
+        self.claims = bool(self.first_reply.get("claims"))
+        #: that engine's zmq identity, set when its reply left nothing in flight
+        self._idle_engine: bytes | None = None
         self._io_thread = threading.Thread(target=self._io_loop, name="ipp-lite-client-io", daemon=True)
         self._io_thread.start()
 
@@ -393,6 +398,21 @@ class Transport:
                 return
         with self._wake_lock:
             self._wake_locked()
+
+    def claim_engine(self) -> bytes | None:
+        """The engine a lone load-balanced task may be sent to straight, through the mux
+        device, as a claim (connection.CLAIM): the one whose reply left nothing in
+        flight, while nothing is (else None). It saves the task a hop through the
+        controller's Python; the controller places it there from the device's copy, and
+        settles it if that engine took other work meanwhile."""
+        if not self.claims or self.pending or self.control_pending:
+            return None
+        return self._idle_engine
+
+    def forget_engine(self, uuid: str) -> None:
+        """Engine ``uuid`` left: no claims for it."""
+        if self._idle_engine == uuid.encode():
+            self._idle_engine = None
 
     def send(self, channel: str, msg_type: str, content: dict | None = None, **kwargs: Any) -> str:
         """Build and queue one message whose reply nobody waits for; its msg_id."""
@@ -584,6 +604,7 @@ class Transport:
         event = _link_event(frames)
         if event == zmq.EVENT_DISCONNECTED:
             self._links_down.add(channel)
+            self._idle_engine = None  # engines may come back under other ids: no claims
             self._controller_lost_since = self._controller_lost_since or time.monotonic()
             self._controller_was_lost = True
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -742,6 +763,9 @@ class Transport:
         ar = self.pending.pop(msg_id, None)
         if ar is None:
             ar = self.control_pending.pop(msg_id, None)
+        elif not self.pending and self.claims:
+            engine = msg["metadata"].get("engine")  # its uuid (absent: the controller's answer)
+            self._idle_engine = engine.encode() if isinstance(engine, str) else None
         if ar is not None:
             ar._receive(msg_id, msg)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from ipyparallel_lite.client import remote, reprs
 from ipyparallel_lite.client.asyncresult import AsyncMapResult, AsyncResult
+from ipyparallel_lite.connection import CLAIM
 from ipyparallel_lite.serialization import MapTask, pack_apply_message, serialize_function
 
 
@@ -588,26 +589,52 @@ class LoadBalancedView(View):
     _plain_metadata: tuple[tuple, bytes] | None = None
 
     def _submit_task(self, frame: bytes, args: Sequence, kwargs: dict | None, metadata: bytes,
-                     fname: str, return_exceptions: bool = False, track: bool | None = None) -> AsyncResult:
+                     fname: str, return_exceptions: bool = False, track: bool | None = None,
+                     engine: bytes | None = None) -> AsyncResult:
         """Submit one load-balanced ``apply_request`` whose function is the pickled ``frame``.
 
         The one way this view sends a task: :meth:`_really_apply` pickles its function
         and calls it once, :meth:`imap` pickles once and calls it per item. Arguments
-        that cannot be pickled raise here, before anything is sent.
+        that cannot be pickled raise here, before anything is sent. ``engine``: a
+        claim's engine (:meth:`_claim`), which ``metadata`` names it for.
         """
         buffers = pack_apply_message(None, args, kwargs, function_frame=frame)
-        message = self.client.transport.build("apply_request", {}, buffers=buffers, metadata=metadata)
+        message = self.client.transport.build("apply_request", {}, buffers=buffers, metadata=metadata,
+                                              ident=[engine] if engine is not None else None)
         track = self.track if track is None else track
         ar = AsyncResult(self.client, [message[0]], fname, single=True,
                          return_exceptions=return_exceptions, track=track)
-        self._submit("task", [message], ar, track=track)
+        self._submit("task" if engine is None else "mux", [message], ar, track=track)
         return ar
+
+    def _claim(self) -> bytes | None:
+        """The engine a task of this view may go to straight (the transport's
+        :meth:`~.transport.Transport.claim_engine`), when nothing constrains where it
+        runs: no dependencies, targets, timeout or retries."""
+        if (self.after is not None or self.follow is not None or self.targets is not None
+                or self.timeout is not None or self.retries):
+            return None
+        return self.client.transport.claim_engine()
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
                       block: bool | None = None, track: bool | None = None, **options: Any) -> Any:
-        metadata = self._packed_metadata(**options)
-        ar = self._submit_task(serialize_function(f), args, kwargs, metadata, _fname(f), track=track)
+        engine = None if options else self._claim()
+        metadata = self._packed_metadata(**options) if engine is None else self._claim_metadata()
+        ar = self._submit_task(serialize_function(f), args, kwargs, metadata, _fname(f), track=track,
+                               engine=engine)
         return self._finish(ar, block)
+
+    def _claim_metadata(self) -> bytes:
+        """The packed metadata of a claimed task (connection.CLAIM): the plain flags,
+        packed once per label."""
+        cached = self._claim_packed
+        if cached is None or cached[0] != self.label:
+            metadata = self.client.transport.pack_metadata({**self._metadata(), CLAIM: True})
+            cached = self._claim_packed = (self.label, metadata)
+        return cached[1]
+
+    #: (label, packed metadata) of :meth:`_claim_metadata`
+    _claim_packed: tuple[str | None, bytes] | None = None
 
     def map(self, f: Callable, *sequences: Iterable, block: bool | None = None,
             chunksize: int | None = None, ordered: bool | None = None,

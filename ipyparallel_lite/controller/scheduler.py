@@ -455,6 +455,43 @@ class TaskScheduler:
         self._attach_dependencies(task, after_spec, follow_spec, out)
         return out
 
+    @property
+    def takes_claims(self) -> bool:
+        """Whether clients may send lone tasks straight to engines (:meth:`claim`): with
+        the least-load scheme, whose pick among idle engines no client relies on, and
+        with stealing, which settles a claim that meets another task."""
+        return self.prefetch and self.scheme == "leastload"
+
+    def claim(self, msg_id: str, engine_id: int, now: float) -> list:
+        """A task its client sent straight to ``engine_id`` (a claim: see
+        connection.CLAIM), which that engine has or will have: it runs there as if
+        assigned (no dependencies, targets, timeout or retries; no :class:`Assign`).
+
+        The client believed the engine idle. If it holds other tasks (placed there
+        meanwhile, for another client), nobody knows which the engine began first, so
+        every task there is asked back: those not begun are placed again, and none waits
+        behind a long one while another engine has room. Raises ``ValueError`` for an
+        msg_id already known or an engine that is not live.
+        """
+        if msg_id in self._tasks or msg_id in self._done or msg_id in self._pending_ext:
+            raise ValueError(f"msg_id {msg_id!r} was already submitted")
+        if engine_id not in self._running:
+            raise ValueError(f"engine {engine_id} is not live")
+        self._now = now
+        task = _Task(msg_id, None, None, 0)
+        self._tasks[msg_id] = task
+        self._tickets += 1
+        task.ticket = self._tickets
+        others = list(self._running[engine_id])
+        self._assign(task, engine_id, [])  # the device delivered it: no Assign
+        # its assignment time is when the device's copy was read, not when it was sent:
+        # no round-trip sample from it
+        task.alone = False
+        out: list = []
+        if others and self.prefetch:
+            self._ask_back(engine_id, [m for m in [*others, msg_id] if not self._tasks[m].stealing], out)
+        return out
+
     def _invalid_reason(self, msg_id: str, kind: str, spec: DepSpec) -> str | None:
         """Why a dependency spec is invalid (self-reference, unknown ids), or None."""
         if msg_id in spec.ids:

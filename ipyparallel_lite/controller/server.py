@@ -75,6 +75,7 @@ from ipyparallel_lite.controller.scheduler import TaskScheduler
 from ipyparallel_lite.controller.state import (
     BROADCAST,
     CLIENT_WINDOW,
+    LONE_TASK,
     MUX,
     ControllerState,
     Fail,
@@ -799,7 +800,8 @@ class Controller:
         if routed_in:
             target, client = idents
             self._carry_out(self.state.routed_request(client, target.decode(errors="replace"),
-                                                      rest, msg["header"], msg["metadata"]))
+                                                      rest, msg["header"], msg["metadata"],
+                                                      self.loop.time()))
             return
         client, engine = idents
         self._carry_out(self.state.routed_reply(engine.decode(errors="replace"), client,
@@ -1068,9 +1070,12 @@ class Controller:
                       "identities")
             return
         tag, client = idents
-        self._carry_out(self.state.reply(engine_ident.decode(), tag, client,
-                                         msg["parent_header"].get("msg_id"), rest, msg["header"],
-                                         msg["metadata"], msg["msg_type"], self.loop.time()))
+        parent_id = msg["parent_header"].get("msg_id")
+        if tag == LONE_TASK and parent_id not in self.state.pending:
+            self._catch_up()  # a claimed task's error may overtake the device's copy of it
+        self._carry_out(self.state.reply(engine_ident.decode(), tag, client, parent_id, rest,
+                                         msg["header"], msg["metadata"], msg["msg_type"],
+                                         self.loop.time()))
 
     def on_engine_control(self, frames: list) -> None:
         engine_ident = frames[0].bytes

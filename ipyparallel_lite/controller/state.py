@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ipyparallel_lite.connection import LONE_TASK_IDENT, TASK_IDENT, takes_replies_on_mux
+from ipyparallel_lite.connection import CLAIM, LONE_TASK_IDENT, TASK_IDENT, takes_replies_on_mux
 from ipyparallel_lite.controller import scheduler as sched
 from ipyparallel_lite.controller.dependency import parse_dependency
 from ipyparallel_lite.controller.hub import Engine, Hub, as_datetime
@@ -287,13 +287,16 @@ class ControllerState:
     # ---- requests from clients ---------------------------------------------------
 
     def routed_request(self, client: bytes, target_uuid: str, frames: list, header: dict,
-                       metadata: Any) -> list:
+                       metadata: Any, now: float) -> list:
         """A direct request the mux device routed to engine ``target_uuid`` (``frames``
         from DELIM on): recorded and tracked until its reply. It fails at once, answered
         by the controller, if no such engine is ready (the device dropped it, or gave it
-        to an engine not serving yet) or engines do not answer its type."""
+        to an engine not serving yet) or engines do not answer its type. A load-balanced
+        task its client sent that way is :meth:`claimed`."""
         msg_id = header["msg_id"]
         engine = self.hub.by_uuid(target_uuid)
+        if isinstance(metadata, dict) and metadata.get(CLAIM) and header.get("msg_type") in WORK_TYPES:
+            return self.claimed(client, engine, frames, header, metadata, now)
         pending = self._add(msg_id, Pending(client, header, MUX, []))
         self.hub.submitted(msg_id, header, metadata, header.get("session", ""), "mux",
                            target_uuid, frames[5], frames[6:], *self._json(frames))
@@ -306,6 +309,27 @@ class ControllerState:
         pending.engine_id = engine.id
         self.scheduler.note_pending(msg_id)
         return []
+
+    def claimed(self, client: bytes, engine: Engine | None, frames: list, header: dict,
+                metadata: dict, now: float) -> list:
+        """A load-balanced task its client sent straight to ``engine`` through the mux
+        device (a claim, connection.CLAIM): recorded, and placed there as if the
+        scheduler had chosen it (which may ask tasks back from that engine: see
+        :meth:`TaskScheduler.claim`). Its reply comes back through the device. If that
+        engine is gone, the device dropped the task: the scheduler places it."""
+        msg_id = header["msg_id"]
+        if engine is None or engine.state != "ready":
+            self.log.debug("claim %s for an engine that is gone: placed by the scheduler", msg_id)
+            return self.task(client, frames, header, metadata, now)
+        # sent once already: a send from here is a rerun, signed anew (engines drop a
+        # signature they have seen, and this engine may get it back after a steal)
+        self._add(msg_id, Pending(client, header, TASK, frames, engine_id=engine.id, sends=1))
+        self.hub.submitted(msg_id, header, metadata, header.get("session", ""), "task",
+                           engine.uuid, frames[5], frames[6:], *self._json(frames))
+        try:
+            return self._scheduled(self.scheduler.claim(msg_id, engine.id, now))
+        except ValueError as e:
+            return self._fail(msg_id, "ValueError", f"Task rejected: {e}")
 
     def fan_out(self, client: bytes, frames: list, header: dict, metadata: Any) -> list:
         """One request for the engines its ``metadata["targets"]`` names (``broadcast``).
@@ -596,6 +620,8 @@ class ControllerState:
             "engine_info": {str(k): v for k, v in self.hub.engine_infos().items()},
             "task_scheme": self.scheduler.scheme,
             "window": self.client_window,
+            # whether a client may send a lone task straight to an idle engine (CLAIM)
+            "claims": self.scheduler.takes_claims,
         }
 
     def queue_status(self, targets: Any, verbose: bool) -> dict:

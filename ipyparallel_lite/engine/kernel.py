@@ -41,6 +41,7 @@ from IPython.core.interactiveshell import ExecutionResult
 from traitlets import Dict, Float, Instance, Integer, Type
 
 from ipyparallel_lite.connection import (
+    CLAIM,
     LONE_TASK_IDENT,
     STEAL_WINDOW,
     TASK_IDENT,
@@ -55,6 +56,13 @@ from ipyparallel_lite.session import json_date
 
 #: the routing tags of load-balanced tasks (see connection.py)
 _TASK_IDENTS = (TASK_IDENT, LONE_TASK_IDENT)
+
+
+def _claimed(msg: dict) -> bool:
+    """Whether a request that came through the mux device is a task its client claimed
+    this engine for (connection.CLAIM)."""
+    metadata = msg.get("metadata")
+    return isinstance(metadata, dict) and bool(metadata.get(CLAIM))
 
 
 def utcnow() -> datetime:
@@ -466,7 +474,9 @@ class EngineKernel(IPythonKernel):
 
     def should_handle(self, stream: Any, msg: dict, idents: list) -> bool:
         msg_id = msg["header"]["msg_id"]
-        if idents and idents[0] in _TASK_IDENTS and not self._begin_task(msg_id):
+        # a load-balanced task: from the controller, or claimed by its client (CLAIM)
+        if (idents and (idents[0] in _TASK_IDENTS or _claimed(msg))
+                and not self._begin_task(msg_id)):
             return False  # handed back to the scheduler: it runs elsewhere, no reply from here
         aborted = msg_id in self._aborted
         if not aborted and self._abort_before is not None:
@@ -541,22 +551,27 @@ class EngineKernel(IPythonKernel):
             if out is not None:
                 out.flush()  # EngineOutStream: free unless something was written
         md = self.finish_metadata(parent, md, content)
-        if content["status"] == "ok":
-            stream, ident = self._success_route(stream, ident)
+        stream, ident = self._reply_route(stream, ident, parent, content["status"] == "ok")
         self.session.send(
             stream, "apply_reply", content, parent=parent, ident=ident, buffers=result_frames, metadata=md
         )
 
-    def _success_route(self, stream: Any, ident: list) -> tuple[Any, list]:
-        """Where a successful reply goes: where its request came from, except a lone
-        task's (:data:`LONE_TASK_IDENT`), which goes straight to its client through the
-        mux device, without a turn of the controller's Python (the controller learns of
-        it from the device's copy). A success is final (no retry, no rerun), so the
-        controller never has to hold it back; other replies go through the controller."""
-        mux = self.mux_stream
-        if (mux is not None and len(ident) == 2 and ident[0] == LONE_TASK_IDENT
-                and takes_replies_on_mux(ident[1])):
-            return mux, [ident[1]]
+    def _reply_route(self, stream: Any, ident: list, parent: dict, ok: bool) -> tuple[Any, list]:
+        """Where an apply reply goes: where its request came from, except for a task the
+        engine holds alone. A lone task's success (:data:`LONE_TASK_IDENT`) goes
+        straight to its client through the mux device, without a turn of the
+        controller's Python (the controller learns of it from the device's copy): a
+        success is final, so the controller never has to hold it back. A claimed
+        task's error (connection.CLAIM, which came through the device) goes the other
+        way, to the controller as a lone task's would: the scheduler may run it again
+        elsewhere (an unmet ``@depend``)."""
+        if ok:
+            mux = self.mux_stream
+            if (mux is not None and len(ident) == 2 and ident[0] == LONE_TASK_IDENT
+                    and takes_replies_on_mux(ident[1])):
+                return mux, [ident[1]]
+        elif len(ident) == 1 and stream is self.mux_stream and _claimed(parent):
+            return self.shell_stream, [LONE_TASK_IDENT, ident[0]]
         return stream, ident
 
     def _error_content(self, e: BaseException) -> dict:
