@@ -244,6 +244,7 @@ class Controller:
         # tasks whose dependencies name direct requests the device's copies have not shown yet
         self._waiting_for_dependencies: list[tuple[dict, Callable[[float], list], float]] = []
         self._deadline: asyncio.TimerHandle | None = None
+        self._deadline_due = False  # the core acted during this drain: arm at its end
         self._hb_counter = 0
         self._last_heartbeat: float | None = None
         #: the probe of dropped connections (see on_monitor): due, last one, its rechecks
@@ -507,7 +508,10 @@ class Controller:
         executors = self._executors
         for action in actions:
             executors[type(action)](action)
-        self._arm_deadline()
+        if self._in_drain:
+            self._deadline_due = True  # once, when the drain ends (_drained)
+        else:
+            self._arm_deadline()
 
     def _send_to_engine(self, action: SendToEngine) -> None:
         frames = action.frames
@@ -640,8 +644,9 @@ class Controller:
             self.loop.call_soon(callback)
 
     def _drained(self) -> None:
-        """A reader's drain ended: deferred work (this turn's reply batches) goes, then
-        every socket sent on meanwhile is looked at once."""
+        """A reader's drain ended: deferred work (this turn's reply batches) goes, the
+        core's next deadline is armed, then every socket sent on meanwhile is looked at
+        once."""
         while self._at_drain_end:
             callbacks, self._at_drain_end = self._at_drain_end, []
             for callback in callbacks:
@@ -650,6 +655,9 @@ class Controller:
                 except Exception:
                     self.log.exception("error after a drain; the controller goes on")
         self._in_drain = False
+        if self._deadline_due:
+            self._deadline_due = False
+            self._arm_deadline()
         if self._sent_on:
             sent_on, self._sent_on = self._sent_on, set()
             for reader in sent_on:
