@@ -25,6 +25,12 @@ socket, through the controller's device (docs/wire.md); replies are read alike o
 socket. The constructor returns once the ``mux`` handshake is done: the device drops
 what it cannot route.
 
+Claims: the transport remembers the engine whose reply left nothing in flight
+(:meth:`Transport.claim_engine`); while nothing is, a load-balanced view sends a lone
+task straight there through the device, and the controller places it from the device's
+copy (connection.CLAIM, docs/wire.md). The memory is dropped when that engine
+unregisters or a link to the controller goes down.
+
 Flow control: when the controller announces a ``window`` in its ``connection_reply``,
 at most that many requests are in flight (sent, not answered); the rest wait here, in
 the user's process, and go out as replies come back. A ``view.map`` of any size then

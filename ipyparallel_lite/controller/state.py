@@ -10,7 +10,8 @@ what must be signed is signed by the server when it carries an action out.
 
 Events: a request from a client (:meth:`fan_out`, :meth:`task`, :meth:`abort`), a
 direct request or its reply as the mux device routed it (:meth:`routed_request`,
-:meth:`routed_reply`: recorded, never sent), a reply from an engine (:meth:`reply`), an engine registering,
+:meth:`routed_reply`: recorded, never sent; a load-balanced task its client sent that
+way is :meth:`claimed`), a reply from an engine (:meth:`reply`), an engine registering,
 ready, answering a heartbeat or lost (:meth:`register`, :meth:`engine_ready`,
 :meth:`pong`, :meth:`engine_lost`), a send the server could not make
 (:meth:`engine_refused`), time passing (:meth:`tick`), and Hub queries
