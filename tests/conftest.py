@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import psutil
 import pytest
@@ -88,6 +90,25 @@ def no_stray_processes():
     for proc in strays:
         proc.kill()
     assert not strays, f"processes left running after the tests: {[p.cmdline() for p in strays]}"
+
+
+@pytest.fixture(autouse=True)
+def sigint_left_alone(request):
+    """Each test finds the process's Ctrl-C handler as the one before it did.
+
+    Once, in a full run, the two %px Ctrl-C tests of test_magics waited 30 s for a
+    ``_thread.interrupt_main`` that never came (alone, and in 10 other runs, they pass):
+    a handler something else left (SIG_IGN, SIG_DFL, or one that raises nothing, such
+    as a Jupyter server's) takes the simulated Ctrl-C. Here the handler is put back
+    after each test, and a warning names the test that changed it, so a run shows where
+    the change comes from (ours would break Ctrl-C for a user)."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        warnings.warn(f"{request.node.nodeid} left the SIGINT handler changed: {before!r} -> "
+                      f"{after!r}; put back", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
