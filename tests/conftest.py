@@ -17,6 +17,12 @@ import warnings
 import psutil
 import pytest
 
+# A shell starts a background job with SIGINT ignored, and Python then leaves it ignored
+# instead of raising KeyboardInterrupt: the tests' simulated Ctrl-C (_thread.interrupt_main,
+# as a terminal or Jupyter would send) would do nothing. The handler a foreground Python has:
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # before anything imports IPython: keep ~/.ipython untouched
 _IPYTHON_DIR = tempfile.mkdtemp(prefix="ipp-lite-tests-")
 os.environ["IPYTHONDIR"] = _IPYTHON_DIR
@@ -94,14 +100,11 @@ def no_stray_processes():
 
 @pytest.fixture(autouse=True)
 def sigint_left_alone(request):
-    """Each test finds the process's Ctrl-C handler as the one before it did.
-
-    Once, in a full run, the two %px Ctrl-C tests of test_magics waited 30 s for a
-    ``_thread.interrupt_main`` that never came (alone, and in 10 other runs, they pass):
-    a handler something else left (SIG_IGN, SIG_DFL, or one that raises nothing, such
-    as a Jupyter server's) takes the simulated Ctrl-C. Here the handler is put back
-    after each test, and a warning names the test that changed it, so a run shows where
-    the change comes from (ours would break Ctrl-C for a user)."""
+    """Each test finds the process's Ctrl-C handler as the one before it did: a handler
+    left ignored, default, or raising nothing takes the simulated Ctrl-C of later tests
+    (``_thread.interrupt_main`` does nothing while SIGINT is ignored). The handler is put
+    back after each test, and a warning names the test that changed it (code of ours
+    that did would break Ctrl-C for a user)."""
     before = signal.getsignal(signal.SIGINT)
     yield
     after = signal.getsignal(signal.SIGINT)
