@@ -225,15 +225,20 @@ def raw_socket():
     return channel_socket
 
 
-@pytest.fixture
-def sent_messages(rc, monkeypatch):
-    """``(channel, number of messages)`` for each batch the client ``rc`` queues from now on."""
+def record_sends(client: ipp.Client, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """``(channel, number of messages)`` for each batch ``client`` queues from now on."""
     sent: list[tuple[str, int]] = []
-    real_submit = rc.transport.submit
+    real_submit = client.transport.submit
 
     def counting_submit(channel, messages, result, **kwargs):
         sent.append((channel, len(messages)))
         return real_submit(channel, messages, result, **kwargs)
 
-    monkeypatch.setattr(rc.transport, "submit", counting_submit)
+    monkeypatch.setattr(client.transport, "submit", counting_submit)
     return sent
+
+
+@pytest.fixture
+def sent_messages(rc, monkeypatch):
+    """:func:`record_sends` of the session's client ``rc``."""
+    return record_sends(rc, monkeypatch)

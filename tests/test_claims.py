@@ -13,6 +13,7 @@ import os
 import time
 
 import pytest
+from conftest import record_sends
 
 import ipyparallel_lite as ipp
 
@@ -25,18 +26,9 @@ def nap(seconds: float) -> int:
     return os.getpid()
 
 
-def channels(rc: ipp.Client, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The channel of each batch of requests for engines ``rc`` queues from now on."""
-    sent: list[str] = []
-    submit = rc.transport.submit
-
-    def counting(channel, messages, result, **kwargs):
-        if channel in ("mux", "task"):
-            sent.append(channel)
-        return submit(channel, messages, result, **kwargs)
-
-    monkeypatch.setattr(rc.transport, "submit", counting)
-    return sent
+def to_engines(sent: list[tuple[str, int]]) -> list[str]:
+    """The channels of the batches of requests for engines, of :func:`record_sends`'s list."""
+    return [channel for channel, _ in sent if channel in ("mux", "task")]
 
 
 def wait_for_status(rc: ipp.Client, ok, timeout: float = 10) -> dict:
@@ -52,13 +44,13 @@ def test_a_lone_task_goes_straight_to_the_engine_that_answered_last(own_cluster,
     _, rc = own_cluster(2)
     rc.wait_for_engines(2, timeout=60)
     lview = rc.load_balanced_view()
-    sent = channels(rc, monkeypatch)
+    sent = record_sends(rc, monkeypatch)
     first = lview.apply_async(os.getpid)
     first.get(timeout=30)
     engine = first.metadata["engine_id"]
 
     ar = lview.apply_async(nap, 1)
-    assert sent == ["task", "mux"]  # the second, alone, went through the mux device
+    assert to_engines(sent) == ["task", "mux"]  # the second, alone, went through the mux device
     # the controller counts it as a task on that engine (a direct request is 'queue')
     status = wait_for_status(rc, lambda s: s[engine]["tasks"] == 1)
     assert status[engine]["tasks"] == 1 and status[engine]["queue"] == 0, status
@@ -77,7 +69,7 @@ def test_a_lone_task_goes_straight_to_the_engine_that_answered_last(own_cluster,
         lview.apply_sync(os.getpid)
     with lview.temp_flags(targets=[engine]):
         lview.apply_sync(os.getpid)
-    assert sent[2:] == ["mux", "task", "task", "task"]
+    assert to_engines(sent)[2:] == ["mux", "task", "task", "task"]
 
 
 def test_a_claim_of_an_engine_another_client_took_meanwhile_runs_elsewhere(own_cluster, monkeypatch):
@@ -97,10 +89,10 @@ def test_a_claim_of_an_engine_another_client_took_meanwhile_runs_elsewhere(own_c
         status = wait_for_status(rc, lambda s: s[claimed]["tasks"] == 1)
         assert status[claimed]["tasks"] == 1, status
 
-        sent = channels(rc, monkeypatch)
+        sent = record_sends(rc, monkeypatch)
         start = time.monotonic()
         ar = lview.apply_async(nap, 0)
-        assert sent == ["mux"]  # a claim of the busy engine
+        assert to_engines(sent) == ["mux"]  # a claim of the busy engine
         assert ar.get(timeout=20) != first.get()  # not on the busy engine
         assert time.monotonic() - start < 10
         assert ar.metadata["engine_id"] != claimed
@@ -119,10 +111,10 @@ def test_a_claimed_task_that_fails_is_answered_once(own_cluster, monkeypatch):
     rc.wait_for_engines(2, timeout=60)
     lview = rc.load_balanced_view()
     lview.apply_sync(os.getpid)
-    sent = channels(rc, monkeypatch)
+    sent = record_sends(rc, monkeypatch)
     with pytest.raises(ipp.RemoteError) as exc:
         lview.apply_sync(divmod, 1, 0)
-    assert sent == ["mux"]
+    assert to_engines(sent) == ["mux"]
     assert exc.value.ename == "ZeroDivisionError"
     assert rc.queue_status()["unassigned"] == 0
     assert lview.apply_sync(divmod, 7, 2) == (3, 1)
