@@ -70,6 +70,11 @@ LONE_TASK_IDENT = b"T"
 #: (see docs/wire.md)
 CLAIM = "claim"
 
+
+def is_claim(metadata: object) -> bool:
+    """Whether a request's metadata marks it as a claim (see :data:`CLAIM`)."""
+    return isinstance(metadata, dict) and bool(metadata.get(CLAIM))
+
 #: what a client's zmq identity starts with (after batch.READER_PREFIX) when all its
 #: sockets share it: an engine may then send that client a load-balanced task's reply
 #: through the mux device, which routes by identity (see :data:`LONE_TASK_IDENT`)

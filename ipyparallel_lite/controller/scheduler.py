@@ -416,7 +416,7 @@ class TaskScheduler:
         ``Assign``, or a ``Fail`` for invalid/impossible dependencies, or nothing (it
         waits).
         """
-        if msg_id in self._tasks or msg_id in self._done or msg_id in self._pending_ext:
+        if self.knows(msg_id):
             raise ValueError(f"msg_id {msg_id!r} was already submitted")
         timeout = _check_timeout(timeout)
         if retries:
@@ -473,7 +473,7 @@ class TaskScheduler:
         behind a long one while another engine has room. Raises ``ValueError`` for an
         msg_id already known or an engine that is not live.
         """
-        if msg_id in self._tasks or msg_id in self._done or msg_id in self._pending_ext:
+        if self.knows(msg_id):
             raise ValueError(f"msg_id {msg_id!r} was already submitted")
         if engine_id not in self._running:
             raise ValueError(f"engine {engine_id} is not live")

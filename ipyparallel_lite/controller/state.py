@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ipyparallel_lite.connection import CLAIM, LONE_TASK_IDENT, TASK_IDENT, takes_replies_on_mux
+from ipyparallel_lite.connection import LONE_TASK_IDENT, TASK_IDENT, is_claim, takes_replies_on_mux
 from ipyparallel_lite.controller import scheduler as sched
 from ipyparallel_lite.controller.dependency import parse_dependency
 from ipyparallel_lite.controller.hub import Engine, Hub, as_datetime
@@ -296,7 +296,7 @@ class ControllerState:
         task its client sent that way is :meth:`claimed`."""
         msg_id = header["msg_id"]
         engine = self.hub.by_uuid(target_uuid)
-        if isinstance(metadata, dict) and metadata.get(CLAIM) and header.get("msg_type") in WORK_TYPES:
+        if is_claim(metadata) and header.get("msg_type") in WORK_TYPES:
             return self.claimed(client, engine, frames, header, metadata, now)
         pending = self._add(msg_id, Pending(client, header, MUX, []))
         self.hub.submitted(msg_id, header, metadata, header.get("session", ""), "mux",

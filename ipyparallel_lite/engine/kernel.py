@@ -41,11 +41,11 @@ from IPython.core.interactiveshell import ExecutionResult
 from traitlets import Dict, Float, Instance, Integer, Type
 
 from ipyparallel_lite.connection import (
-    CLAIM,
     LONE_TASK_IDENT,
     STEAL_WINDOW,
     TASK_IDENT,
     check_message_size,
+    is_claim,
     takes_replies_on_mux,
     unpack_message,
 )
@@ -56,13 +56,6 @@ from ipyparallel_lite.session import json_date
 
 #: the routing tags of load-balanced tasks (see connection.py)
 _TASK_IDENTS = (TASK_IDENT, LONE_TASK_IDENT)
-
-
-def _claimed(msg: dict) -> bool:
-    """Whether a request that came through the mux device is a task its client claimed
-    this engine for (connection.CLAIM)."""
-    metadata = msg.get("metadata")
-    return isinstance(metadata, dict) and bool(metadata.get(CLAIM))
 
 
 def utcnow() -> datetime:
@@ -475,7 +468,7 @@ class EngineKernel(IPythonKernel):
     def should_handle(self, stream: Any, msg: dict, idents: list) -> bool:
         msg_id = msg["header"]["msg_id"]
         # a load-balanced task: from the controller, or claimed by its client (CLAIM)
-        if (idents and (idents[0] in _TASK_IDENTS or _claimed(msg))
+        if (idents and (idents[0] in _TASK_IDENTS or is_claim(msg.get("metadata")))
                 and not self._begin_task(msg_id)):
             return False  # handed back to the scheduler: it runs elsewhere, no reply from here
         aborted = msg_id in self._aborted
@@ -570,7 +563,7 @@ class EngineKernel(IPythonKernel):
             if (mux is not None and len(ident) == 2 and ident[0] == LONE_TASK_IDENT
                     and takes_replies_on_mux(ident[1])):
                 return mux, [ident[1]]
-        elif len(ident) == 1 and stream is self.mux_stream and _claimed(parent):
+        elif len(ident) == 1 and stream is self.mux_stream and is_claim(parent.get("metadata")):
             return self.shell_stream, [LONE_TASK_IDENT, ident[0]]
         return stream, ident
 
