@@ -19,7 +19,8 @@ Task life cycle::
     RUNNING -(failure with retries, unmet dependency, engine death with retries)-> QUEUED
     RUNNING -(timeout, abort)-> Interrupt; done when the engine replies (no retries)
 
-Adaptive prefetch and work stealing (with ``0 < hwm``, unless ``prefetch=False``): each
+Adaptive prefetch and work stealing (with ``0 < hwm``, unless ``prefetch=False``; the
+rule is :mod:`ipyparallel_lite.prefetch`): each
 engine reports how long each task ran (``run_time``); the scheduler keeps an EWMA of
 that and of the round trip around it (reply time minus assign time minus run time,
 from tasks that found the engine idle). While an engine's tasks take under a quarter of
@@ -69,19 +70,10 @@ from ipyparallel_lite.controller.dependency import (
     DepTracker,
     parse_dependency,
 )
+from ipyparallel_lite.prefetch import PREFETCH_MAX, Estimate
 
 __all__ = ["LONG_MIN", "PREFETCH_MAX", "SCHEMES", "Assign", "Fail", "Interrupt", "Steal", "TaskScheduler"]
 
-#: most tasks placed on an engine beyond ``hwm`` while its tasks are fast. With no-op
-#: tasks on a busy 2-core machine the estimate (round trip / run time) asks for more than
-#: this: a cap of 16 left engines waiting part of each round trip and cost a quarter of
-#: the load-balanced throughput; 256 measured no better than 64. The cap bounds what a
-#: bad estimate, or an engine dying, costs.
-PREFETCH_MAX = 64
-#: an engine's tasks count as fast while their EWMA run time is under this share of a round trip
-FAST_SHARE = 0.25
-#: weight of the newest sample in the run-time and round-trip EWMAs
-EWMA_WEIGHT = 0.25
 #: a running task is long after this many times the engine's EWMA run time ...
 LONG_FACTOR = 8
 #: ... and after at least this many seconds: short enough that nothing waits behind a long
@@ -181,14 +173,13 @@ class _Task:
         self.stealing = False  # a Steal for it awaits the engine's answer
 
 
-class _EngineStats:
+class _EngineStats(Estimate):
     """What the scheduler has measured of one engine (for prefetch and stealing)."""
 
-    __slots__ = ("last_done", "round_trip", "run_time", "slow", "watched")
+    __slots__ = ("last_done", "slow", "watched")
 
     def __init__(self) -> None:
-        self.run_time: float | None = None  # EWMA of the run times the engine reported
-        self.round_trip: float | None = None  # EWMA of (reply - assign - run time), idle engine
+        super().__init__()
         self.last_done = 0.0  # when its last reply arrived
         self.slow = False  # its running task has run long: no prefetch until it is done
         self.watched: str | None = None  # the head task a long-run check is armed for
@@ -869,24 +860,13 @@ class TaskScheduler:
         stats = self._stats[engine_id]
         stats.slow = False
         stats.last_done = now
-        if (isinstance(run_time, (int, float)) and not isinstance(run_time, bool)
-                and 0 <= run_time < math.inf):
-            run = stats.run_time
-            stats.run_time = run_time if run is None else run + EWMA_WEIGHT * (run_time - run)
-            if task.alone:
-                trip = now - task.assigned_at - run_time
-                if trip > 0:
-                    known = stats.round_trip
-                    stats.round_trip = trip if known is None else known + EWMA_WEIGHT * (trip - known)
+        stats.measure(run_time, now - task.assigned_at if task.alone else None)
         self._limit[engine_id] = self._limit_of(stats)
 
     def _limit_of(self, stats: _EngineStats) -> int:
-        """``hwm``, plus enough tasks to cover a round trip while the engine's tasks are fast."""
-        run, trip = stats.run_time, stats.round_trip
-        if stats.slow or run is None or not trip or run >= FAST_SHARE * trip:
-            return self.hwm
-        extra = PREFETCH_MAX if run <= 0 else min(PREFETCH_MAX, math.ceil(trip / run))
-        return self.hwm + extra
+        """``hwm``, plus enough tasks to cover a round trip while the engine's tasks are
+        fast (prefetch.Estimate), unless its running task has run long."""
+        return self.hwm if stats.slow else stats.limit(self.hwm)
 
     def _watch(self, engine_id: int) -> None:
         """Tasks wait behind the engine's head task: check on it once it could have run long."""
