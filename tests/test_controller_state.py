@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from ipyparallel_lite.connection import shared_identity
+from ipyparallel_lite.connection import QUEUED_CLAIM, shared_identity
 from ipyparallel_lite.controller.hub import Hub, RegistrationError
 from ipyparallel_lite.controller.scheduler import TaskScheduler
 from ipyparallel_lite.controller.sqlitestore import SQLiteStore
@@ -239,9 +239,11 @@ def test_a_lone_tasks_success_the_device_routed_completes_it_and_frees_its_engin
     assert state.hub.store.get_record("t1")["result_buffers"] == [b"result:t1"]
 
 
-def claim(state: ControllerState, msg_id: str, engine: str, client: bytes, now: float = 0.0) -> list:
-    """A load-balanced task its client sent straight to ``engine``, as the device routed it."""
-    frames, header, metadata = request(msg_id, claim=True)
+def claim(state: ControllerState, msg_id: str, engine: str, client: bytes, now: float = 0.0,
+          value: object = True) -> list:
+    """A load-balanced task its client sent straight to ``engine``, as the device routed
+    it (``value``: its metadata's claim, True for a lone one)."""
+    frames, header, metadata = request(msg_id, claim=value)
     return state.routed_request(client, engine, frames, header, metadata, now)
 
 
@@ -256,9 +258,9 @@ def test_a_claimed_task_is_placed_on_its_engine_and_its_routed_success_frees_it(
     assert replies(reply(state, "e0", TASK, "c1", client=carol, routed=True)) == []
     assert state.scheduler.load(0) == 0 and "c1" not in state.pending
     assert state.hub.store.get_record("c1")["result_buffers"] == [b"result:c1"]
-    assert state.connection()["claims"] is True
+    assert state.connection()["claims"] == state.scheduler.hwm == 1
     lru = ControllerState(Hub(), TaskScheduler(scheme="lru"), unpack=json.loads)
-    assert lru.connection()["claims"] is False
+    assert lru.connection()["claims"] == 0
 
 
 def test_a_claim_that_meets_another_task_on_its_engine_asks_both_back():
@@ -272,6 +274,15 @@ def test_a_claim_that_meets_another_task_on_its_engine_asks_both_back():
     actions = state.stolen("e0", ["c1"], ["t1"], now=0.1)
     assert sends(actions) == [("c1", 1)]
     assert [a.attempt for a in actions if isinstance(a, SendToEngine)] == [1]
+
+
+def test_a_queued_claim_stays_behind_the_tasks_on_its_engine():
+    carol = shared_identity()
+    state = core(2)
+    assert sends(task(state, "t1", client=BOB)) == [("t1", 0)]
+    # carol placed it behind her own requests there: nothing is asked back
+    assert claim(state, "c1", "e0", carol, value=QUEUED_CLAIM) == []
+    assert state.scheduler.load(0) == 2 and state.pending["c1"].engine_id == 0
 
 
 def test_a_claim_of_an_engine_that_is_gone_is_placed_by_the_scheduler():

@@ -347,6 +347,30 @@ def test_a_claim_that_meets_other_tasks_asks_them_all_back_and_places_those_not_
     assert s.load(0) == 1 and s.load(1) == 1
 
 
+def test_queued_claims_stack_on_an_engine_until_its_head_runs_long():
+    """A client places queued claims behind its own (lone=False): nothing is asked back
+    until the engine's head task has run long; then everything not begun is, and so is
+    each claim that lands there while that task runs."""
+    s = warmed(2)
+    assert s.claim("long", 0, now=1.0) == []
+    assert s.claim("q1", 0, now=1.0, lone=False) == []
+    assert s.claim("q2", 0, now=1.0, lone=False) == []
+    assert s.load(0) == 3
+    due = s.next_deadline()
+    assert due == pytest.approx(1.0 + LONG_MIN)
+    assert steals(s.tick(due)) == [(("q1", "q2"), 0)]
+    assert assigned(s.stolen(0, ["q1", "q2"], now=due)) == [("q1", 1), ("q2", 1)]
+    assert steals(s.claim("q3", 0, now=due, lone=False)) == [(("long", "q3"), 0)]
+    assert assigned(s.stolen(0, ["q3"], kept=["long"], now=due)) == [("q3", 1)]
+    assert s.load(0) == 1 and s.load(1) == 3
+
+
+def test_claims_have_the_schedulers_hwm():
+    assert TaskScheduler().claim_hwm == 1
+    assert TaskScheduler(hwm=2).claim_hwm == 2
+    assert TaskScheduler("lru").claim_hwm == 0
+
+
 def test_claims_only_with_least_load_and_stealing():
     assert not TaskScheduler("lru").takes_claims
     assert not TaskScheduler(hwm=0).takes_claims

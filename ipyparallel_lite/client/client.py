@@ -92,6 +92,7 @@ class Client:
             self._engines.update(engines)
             self._engine_infos.update(infos)
             self._engines_changed.notify_all()
+        self.transport.add_engines(engines.values())
         for eid, einfo in infos.items():
             self._check_skew(eid, einfo)
 
@@ -130,9 +131,7 @@ class Client:
                 self._engine_infos[eid] = content.get("info", {})
                 self._check_skew(eid, self._engine_infos[eid])
             elif msg_type == "unregistration_notification":
-                uuid = self._engines.pop(content["id"], None)
-                if uuid is not None:
-                    self.transport.forget_engine(uuid)
+                self._engines.pop(content["id"], None)
             elif msg_type == "shutdown_notification":
                 self._engines.clear()
                 self.transport.fail_pending("The controller shut down before these requests finished.")

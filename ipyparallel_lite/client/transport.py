@@ -25,11 +25,17 @@ socket, through the controller's device (docs/wire.md); replies are read alike o
 socket. The constructor returns once the ``mux`` handshake is done: the device drops
 what it cannot route.
 
-Claims: the transport remembers the engine whose reply left nothing in flight
-(:meth:`Transport.claim_engine`); while nothing is, a load-balanced view sends a lone
-task straight there through the device, and the controller places it from the device's
-copy (connection.CLAIM, docs/wire.md). The memory is dropped when that engine
-unregisters or a link to the controller goes down.
+Claims: a load-balanced task with no constraint on where it runs goes straight to an
+engine through the device, and the controller places it there from the device's copy
+(:meth:`Transport.claim_engine`, connection.CLAIM, docs/wire.md). While nothing is in
+flight, to the engine whose reply left nothing in flight (a lone claim); while something
+is, the I/O thread places it (a queued claim) on the engine with the fewest of this
+client's claims, as many there as the scheduler's prefetch rule allows by what this
+client's replies showed of that engine (:mod:`~ipyparallel_lite.prefetch`), and holds
+the rest until replies make room. The engines are those ready in the
+``connection_reply`` and the registration notifications; they are dropped on
+unregistration, and all of them when a link to the controller goes down (the Client
+gives them again when it is back).
 
 Flow control: when the controller announces a ``window`` in its ``connection_reply``,
 at most that many requests are in flight (sent, not answered); the rest wait here, in
@@ -47,6 +53,8 @@ from __future__ import annotations
 import _signal  # signal's C functions: signal.signal wraps handlers in enums, 10x the cost
 import collections
 import contextlib
+import heapq
+import itertools
 import os
 import select
 import signal
@@ -56,6 +64,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from functools import partial
+from operator import itemgetter
 from typing import Any
 
 import zmq
@@ -77,6 +86,7 @@ from ipyparallel_lite.connection import (
     unpack_message,
     url,
 )
+from ipyparallel_lite.prefetch import Estimate
 
 NOBLOCK = int(zmq.NOBLOCK)
 #: what the client watches on its links to the controller: back means a completed
@@ -84,14 +94,19 @@ NOBLOCK = int(zmq.NOBLOCK)
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
+#: the channel of claims: load-balanced tasks this transport sends straight to an engine
+#: (_send_claims), a lone one to the engine it names, queued ones where there is room
+CLAIMS = "claim"
+#: the placeholder engine identity of a queued claim's message, set when it is placed
+QUEUED = b""
+
+
 def _link_event(frames: list) -> int:
     """The event of a socket monitor's message."""
     return parse_monitor_message([fastzmq.frame_bytes(f) for f in frames])["event"]
 
-#: channels views send on, by name (``query`` is the controller's registration socket)
-SEND_CHANNELS = ("mux", "task", "control", "query", "broadcast")
 #: channels whose requests wait for replies, and so count against the window
-WINDOWED = frozenset(("mux", "task", "broadcast"))
+WINDOWED = frozenset(("mux", "task", "broadcast", CLAIMS))
 #: most messages the I/O thread packs into one batch
 BATCH_MAX = 64
 #: channels whose zmq messages the controller's mux device routes by their first frame,
@@ -196,6 +211,9 @@ class Transport:
         self._outbox: collections.deque = collections.deque()
         #: requests held back by the window, in order
         self._held: collections.deque = collections.deque()
+        #: claims to send (_send_claims), in order: queued ones wait here for an engine
+        #: with room; they take window slots like _held's entries
+        self._claims: collections.deque = collections.deque()
         self._held_slots = 0  # reply slots of the entries in _held (under _wake_lock)
         self._aborted: set[str] = set()  # msg_ids to take out of _held (under _wake_lock)
         self._wake_lock = threading.Lock()
@@ -219,11 +237,28 @@ class Transport:
         os.set_blocking(self._wake_write, False)
         #: most requests in flight at once (None: no limit), as the controller asks
         self.window: int | None = self.first_reply.get("window") or None
-        #: whether the controller takes claims (connection.CLAIM): a lone load-balanced
-        #: task sent straight to the engine that answered this client's last request
-        self.claims = bool(self.first_reply.get("claims"))
-        #: that engine's zmq identity, set when its reply left nothing in flight
+        #: the ``hwm`` of this client's claims (connection.CLAIM; 0: the controller takes
+        #: none): how many requests of ours an engine may hold, plus the prefetch our
+        #: estimate of its tasks allows (prefetch.Estimate)
+        self.claim_hwm = int(self.first_reply.get("claims") or 0)
+        self.claims = self.claim_hwm > 0
+        #: the engine whose reply left nothing in flight (its zmq identity): a lone
+        #: task's claim goes there
         self._idle_engine: bytes | None = None
+        #: engines claims may go to (identities), as the Client learns of them
+        self._engines: set[bytes] = set()
+        #: this client's claims in flight on each engine (sent, not answered), the engine
+        #: of each, when it was sent, whether it found the engine idle and whether it
+        #: was queued, and what their replies showed of each engine: where queued
+        #: claims go, and how many (under _io_lock)
+        self._in_flight_on: dict[bytes, int] = {}
+        self._engine_of: dict[str, tuple[bytes, float, bool, bool]] = {}
+        self._estimates: dict[bytes, Estimate] = {}
+        #: engines whose claims were answered by another engine (asked back by the
+        #: controller: a long task there): one claim at a time until one of theirs comes
+        #: back from them
+        self._detoured: set[bytes] = set()
+        self.add_engines(self.first_reply.get("engines", {}).values())
         self._io_thread = threading.Thread(target=self._io_loop, name="ipp-lite-client-io", daemon=True)
         self._io_thread.start()
 
@@ -351,14 +386,14 @@ class Transport:
             self.history.extend(ids)
             if history is not None:
                 history.extend(ids)
-            windowed = self.window is not None and channel in WINDOWED
+            windowed = (self.window is not None and channel in WINDOWED) or channel == CLAIMS
         tracked = result if track else None
         with self._wake_lock:  # one lock for queueing, counting and waking: sends stay in order
             seq = self._queued
             if windowed:
                 # each message takes the slots of the replies it will get
                 slots = max(1, len(ids) // len(messages)) if messages else 0
-                queue = self._held
+                queue = self._claims if channel == CLAIMS else self._held
                 self._held_slots += slots * len(messages)
             else:
                 slots, queue = 0, self._outbox
@@ -406,19 +441,37 @@ class Transport:
             self._wake_locked()
 
     def claim_engine(self) -> bytes | None:
-        """The engine a lone load-balanced task may be sent to straight, through the mux
-        device, as a claim (connection.CLAIM): the one whose reply left nothing in
-        flight, while nothing is (else None). It saves the task a hop through the
-        controller's Python; the controller places it there from the device's copy, and
-        settles it if that engine took other work meanwhile."""
-        if not self.claims or self.pending or self.control_pending:
+        """Where a load-balanced task with no constraint on where it runs may go straight,
+        through the mux device, as a claim (connection.CLAIM), which saves it a hop
+        through the controller's Python (the controller places it there from the
+        device's copy, and settles it if that engine took other work meanwhile):
+
+        - while nothing is in flight, the engine whose reply left nothing in flight, if
+          there is one: the task goes there as a lone claim (on the ``claim`` channel,
+          with that identity);
+        - while something is, :data:`QUEUED` if engines are known: the task waits on the
+          ``claim`` channel for one with room, and goes there as a queued claim
+          (_send_claims);
+        - else None: it goes through the controller's scheduler (``task``).
+        """
+        if not self.claims:
             return None
-        return self._idle_engine
+        if not self.pending and not self.control_pending:
+            return self._idle_engine
+        return QUEUED if self._engines else None
+
+    def add_engines(self, uuids: Any) -> None:
+        """Engines claims may go to (their uuids, which are their zmq identities)."""
+        self._engines.update(uuid.encode() for uuid in uuids)
 
     def forget_engine(self, uuid: str) -> None:
         """Engine ``uuid`` left: no claims for it."""
-        if self._idle_engine == uuid.encode():
+        ident = uuid.encode()
+        if self._idle_engine == ident:
             self._idle_engine = None
+        self._engines.discard(ident)
+        self._detoured.discard(ident)
+        self._estimates.pop(ident, None)
 
     def send(self, channel: str, msg_type: str, content: dict | None = None, **kwargs: Any) -> str:
         """Build and queue one message whose reply nobody waits for; its msg_id."""
@@ -443,7 +496,7 @@ class Transport:
 
     def sent_through(self, seq: int) -> bool:
         """Whether the messages queued up to sequence number ``seq`` were handed to zmq."""
-        for queue in (self._outbox, self._held):
+        for queue in (self._outbox, self._held, self._claims):
             try:
                 if queue[0][_SEQ] <= seq:
                     return False
@@ -452,10 +505,11 @@ class Transport:
         return True
 
     def abort_held(self, msg_ids: list[str]) -> None:
-        """Requests among ``msg_ids`` that the window still holds here are never sent:
-        they end with ``TaskAborted`` (the I/O thread takes them out on its next turn)."""
+        """Requests among ``msg_ids`` that still wait here (for the window, or claims for
+        an engine with room) are never sent: they end with ``TaskAborted`` (the I/O
+        thread takes them out on its next turn)."""
         with self._wake_lock:
-            if not self._held:
+            if not self._held and not self._claims:
                 return
             self._aborted.update(msg_ids)
             self._wake_locked()
@@ -481,8 +535,11 @@ class Transport:
         control, self.control_pending = self.control_pending, {}
         with self._wake_lock:  # requests held back by the window will not be sent either
             self._held.clear()
+            self._claims.clear()
             self._held_slots = 0
             self._aborted.clear()
+        self._in_flight_on.clear()
+        self._engine_of.clear()
         self._fail_requests({**pending, **control}, "EngineError", reason)
 
     def fail_pending_ids(self, msg_ids: list[str], reason: str) -> None:
@@ -505,18 +562,24 @@ class Transport:
         answer them."""
         with self._wake_lock:
             aborted, self._aborted = self._aborted, set()
-            kept: collections.deque = collections.deque()
-            dropped = []
-            for entry in self._held:
-                if aborted.isdisjoint(entry[_IDS]):
-                    kept.append(entry)
-                else:
-                    dropped.extend(entry[_IDS])
-                    self._held_slots -= entry[_SLOTS]
-            self._held = kept
+            dropped: list[str] = []
+            self._held = self._without(self._held, aborted, dropped)
+            self._claims = self._without(self._claims, aborted, dropped)
         self._fail_requests({m: ar for m in dropped if (ar := self.pending.pop(m, None))},
                             "TaskAborted", "Aborted before it was sent: it was waiting in this "
-                            "client for room in the controller's window")
+                            "client for room (in the controller's window, or on an engine)")
+
+    def _without(self, queue: collections.deque, aborted: set[str], dropped: list[str]) -> collections.deque:
+        """``queue`` without the entries of ``aborted`` requests, whose ids go to
+        ``dropped`` (holding ``_wake_lock``)."""
+        kept: collections.deque = collections.deque()
+        for entry in queue:
+            if aborted.isdisjoint(entry[_IDS]):
+                kept.append(entry)
+            else:
+                dropped.extend(entry[_IDS])
+                self._held_slots -= entry[_SLOTS]
+        return kept
 
     # ---- the I/O thread -----------------------------------------------------------
 
@@ -611,6 +674,9 @@ class Transport:
         if event == zmq.EVENT_DISCONNECTED:
             self._links_down.add(channel)
             self._idle_engine = None  # engines may come back under other ids: no claims
+            self._engines.clear()  # until the Client learns them again (on_reconnect)
+            self._in_flight_on.clear()  # replies may be lost: the Hub will tell
+            self._engine_of.clear()
             self._controller_lost_since = self._controller_lost_since or time.monotonic()
             self._controller_was_lost = True
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -661,6 +727,8 @@ class Transport:
                 sent = self._send_from(held, budget, next_out)
             if not sent:
                 return
+        if self._claims and not self._send_claims():
+            return
         self._stalled_on = None
 
     def _send_from(self, queue: collections.deque, budget: int | None, before: float) -> bool:
@@ -738,6 +806,117 @@ class Transport:
             raise
         return sends
 
+    def _send_claims(self) -> bool:
+        """Send the claims on the ``claim`` channel, in order, one batch per engine: a lone
+        one to the engine it names; a queued one to the engine with the fewest of this
+        client's claims in flight, while one has room (its prefetch limit over
+        ``claim_hwm``, as the scheduler would reckon it; 1 for an engine whose claims
+        another engine answered) and the window has room too. With no engine known
+        (none ready yet, or the link to the controller went down) they go through the
+        controller's scheduler instead. False if zmq refused."""
+        queue = self._claims
+        engines = tuple(self._engines)  # (the Client's thread may add engines meanwhile)
+        if not engines:
+            self._send_claims_as_tasks()
+            return True
+        in_flight, detoured, estimates, hwm = self._in_flight_on, self._detoured, self._estimates, self.claim_hwm
+        limits = {}
+        room = []
+        for engine in engines:
+            estimate = estimates.get(engine)
+            limit = limits[engine] = (1 if engine in detoured else hwm if estimate is None
+                                      else estimate.limit(hwm))
+            count = in_flight.get(engine, 0)
+            if count < limit:
+                room.append((count, engine))
+        heapq.heapify(room)
+        budget = _NEVER if self.window is None else self.window - (len(self.pending) - self._held_slots)
+        taken = slots = 0
+        now = time.monotonic()
+        for entry in queue:
+            if slots + entry[_SLOTS] > budget:
+                break
+            frames = entry[_FRAMES]
+            queued = frames[0] == QUEUED
+            if queued:
+                if not room:
+                    break
+                count, engine = room[0]
+                frames[0] = engine
+                count += 1
+                if count < limits[engine]:
+                    heapq.heapreplace(room, (count, engine))
+                else:
+                    heapq.heappop(room)
+            self._placed(entry, now, queued)
+            slots += entry[_SLOTS]
+            taken += 1
+        if not taken:
+            return True
+        sock = self._sockets["mux"]
+        try:
+            sends = self._send_routed(sock, queue, taken)
+        except zmq.Again:  # what was not sent is back at the front of the queue: unplaced
+            for entry in itertools.islice(queue, taken):
+                placed = self._engine_of.pop(entry[_IDS][0], None)
+                if placed is None:
+                    break
+                in_flight[placed[0]] -= 1
+                if placed[3]:
+                    entry[_FRAMES][0] = QUEUED
+            self._stalled_on = sock
+            return False
+        self._release_slots(slots)
+        self.sends += sends
+        self._sent_on.add(sock)
+        return True
+
+    def _send_claims_as_tasks(self) -> None:
+        """Move the queued claims to the window's queue, in sequence order, as tasks
+        for the controller's scheduler (without their placeholder engine identity)."""
+        with self._wake_lock:
+            claims, self._claims = self._claims, collections.deque()
+            tasks = [("task", entry[_FRAMES][1:], *entry[2:]) for entry in claims]
+            if self.window is None:  # no window: they go with what the outbox holds
+                self._held_slots -= sum(entry[_SLOTS] for entry in tasks)
+                self._outbox = collections.deque(heapq.merge(self._outbox, tasks, key=itemgetter(_SEQ)))
+            else:
+                self._held = collections.deque(heapq.merge(self._held, tasks, key=itemgetter(_SEQ)))
+
+    def _placed(self, entry: tuple, now: float, queued: bool) -> None:
+        """A claim goes, at ``now``, to the engine its first frame names (holding
+        ``_io_lock``). Its reply measures that engine if it was ``queued`` (a lone one
+        does not stack)."""
+        engine = entry[_FRAMES][0]
+        count = self._in_flight_on.get(engine, 0)
+        self._engine_of[entry[_IDS][0]] = (engine, now, not count, queued)
+        self._in_flight_on[engine] = count + 1
+
+    def _answered(self, placed: tuple[bytes, float, bool, bool], metadata: dict) -> None:
+        """A claim got its reply, with ``metadata``: from its engine, from another one
+        (the controller asked it back from there), or from the controller (no
+        ``engine``)."""
+        engine, sent, alone, measured = placed
+        left = self._in_flight_on.get(engine, 0) - 1
+        if left > 0:
+            self._in_flight_on[engine] = left
+        else:
+            self._in_flight_on.pop(engine, None)
+        answered_by = metadata.get("engine")
+        if not isinstance(answered_by, str):
+            return
+        if answered_by.encode() == engine:
+            self._detoured.discard(engine)
+            if not measured:
+                return
+            estimate = self._estimates.get(engine)
+            if estimate is None:
+                estimate = self._estimates[engine] = Estimate()
+            estimate.measure(metadata.get("run_time"), time.monotonic() - sent if alone else None)
+        elif engine in self._engines:
+            # asked back: a long task there, or another engine was idle
+            self._detoured.add(engine)
+
     def _release_slots(self, slots: int) -> None:
         """Sent requests held by the window no longer wait here (only they take slots)."""
         if slots:
@@ -767,11 +946,15 @@ class Transport:
         msg = self.deserialize(frames)
         msg_id = msg["parent_header"].get("msg_id")
         ar = self.pending.pop(msg_id, None)
+        if self.claims:
+            placed = self._engine_of.pop(msg_id, None)
+            if placed is not None:
+                self._answered(placed, msg["metadata"])
+            if ar is not None and not self.pending:
+                engine = msg["metadata"].get("engine")  # its uuid (absent: the controller's answer)
+                self._idle_engine = engine.encode() if isinstance(engine, str) else None
         if ar is None:
             ar = self.control_pending.pop(msg_id, None)
-        elif not self.pending and self.claims:
-            engine = msg["metadata"].get("engine")  # its uuid (absent: the controller's answer)
-            self._idle_engine = engine.encode() if isinstance(engine, str) else None
         if ar is not None:
             ar._receive(msg_id, msg)
 
@@ -783,7 +966,15 @@ class Transport:
             ar._output(msg_id, msg)
 
     def _on_notification(self, frames: list) -> None:
-        self.on_notification(self.deserialize(frames))
+        msg = self.deserialize(frames)
+        msg_type, content = msg["header"].get("msg_type"), msg["content"]
+        uuid = content.get("uuid") if isinstance(content, dict) else None
+        if isinstance(uuid, str):  # where claims may go (before the Client hears of it)
+            if msg_type == "registration_notification":
+                self.add_engines([uuid])
+            elif msg_type == "unregistration_notification":
+                self.forget_engine(uuid)
+        self.on_notification(msg)
 
     def _on_query_reply(self, frames: list) -> None:
         msg = self.deserialize(frames)

@@ -21,7 +21,8 @@ from typing import Any
 
 from ipyparallel_lite.client import remote, reprs
 from ipyparallel_lite.client.asyncresult import AsyncMapResult, AsyncResult
-from ipyparallel_lite.connection import CLAIM
+from ipyparallel_lite.client.transport import CLAIMS, QUEUED
+from ipyparallel_lite.connection import CLAIM, QUEUED_CLAIM
 from ipyparallel_lite.serialization import MapTask, pack_apply_message, serialize_function
 
 
@@ -604,37 +605,41 @@ class LoadBalancedView(View):
         track = self.track if track is None else track
         ar = AsyncResult(self.client, [message[0]], fname, single=True,
                          return_exceptions=return_exceptions, track=track)
-        self._submit("task" if engine is None else "mux", [message], ar, track=track)
+        self._submit("task" if engine is None else CLAIMS, [message], ar, track=track)
         return ar
 
-    def _claim(self) -> bytes | None:
-        """The engine a task of this view may go to straight (the transport's
+    def _claim(self, track: bool | None) -> bytes | None:
+        """Where a task of this view may go straight (the transport's
         :meth:`~.transport.Transport.claim_engine`), when nothing constrains where it
-        runs: no dependencies, targets, timeout or retries."""
+        runs (no dependencies, targets, timeout or retries) and its send is not tracked
+        (a tracked send goes alone)."""
         if (self.after is not None or self.follow is not None or self.targets is not None
-                or self.timeout is not None or self.retries):
+                or self.timeout is not None or self.retries
+                or (self.track if track is None else track)):
             return None
         return self.client.transport.claim_engine()
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
                       block: bool | None = None, track: bool | None = None, **options: Any) -> Any:
-        engine = None if options else self._claim()
-        metadata = self._packed_metadata(**options) if engine is None else self._claim_metadata()
+        engine = None if options else self._claim(track)
+        metadata = self._packed_metadata(**options) if engine is None else self._claim_metadata(engine == QUEUED)
         ar = self._submit_task(serialize_function(f), args, kwargs, metadata, _fname(f), track=track,
                                engine=engine)
         return self._finish(ar, block)
 
-    def _claim_metadata(self) -> bytes:
+    def _claim_metadata(self, queued: bool) -> bytes:
         """The packed metadata of a claimed task (connection.CLAIM): the plain flags,
-        packed once per label."""
+        and whether it is queued behind others, packed once per label."""
         cached = self._claim_packed
         if cached is None or cached[0] != self.label:
-            metadata = self.client.transport.pack_metadata({**self._metadata(), CLAIM: True})
-            cached = self._claim_packed = (self.label, metadata)
-        return cached[1]
+            pack = self.client.transport.pack_metadata
+            plain = self._metadata()
+            cached = self._claim_packed = (self.label, pack({**plain, CLAIM: True}),
+                                           pack({**plain, CLAIM: QUEUED_CLAIM}))
+        return cached[2] if queued else cached[1]
 
-    #: (label, packed metadata) of :meth:`_claim_metadata`
-    _claim_packed: tuple[str | None, bytes] | None = None
+    #: (label, packed metadata of a lone claim, of a queued one) of :meth:`_claim_metadata`
+    _claim_packed: tuple[str | None, bytes, bytes] | None = None
 
     def map(self, f: Callable, *sequences: Iterable, block: bool | None = None,
             chunksize: int | None = None, ordered: bool | None = None,

@@ -20,7 +20,7 @@ Task life cycle::
     RUNNING -(timeout, abort)-> Interrupt; done when the engine replies (no retries)
 
 Adaptive prefetch and work stealing (with ``0 < hwm``, unless ``prefetch=False``; the
-rule is :mod:`ipyparallel_lite.prefetch`): each
+rule is :mod:`ipyparallel_lite.prefetch`, which clients follow for their claims): each
 engine reports how long each task ran (``run_time``); the scheduler keeps an EWMA of
 that and of the round trip around it (reply time minus assign time minus run time,
 from tasks that found the engine idle). While an engine's tasks take under a quarter of
@@ -448,21 +448,32 @@ class TaskScheduler:
 
     @property
     def takes_claims(self) -> bool:
-        """Whether clients may send lone tasks straight to engines (:meth:`claim`): with
-        the least-load scheme, whose pick among idle engines no client relies on, and
-        with stealing, which settles a claim that meets another task."""
+        """Whether clients may send tasks straight to engines (:meth:`claim`): with the
+        least-load scheme, whose pick among engines with room no client relies on, and
+        with stealing, which settles a claim that meets another task or a long one."""
         return self.prefetch and self.scheme == "leastload"
 
-    def claim(self, msg_id: str, engine_id: int, now: float) -> list:
+    @property
+    def claim_hwm(self) -> int:
+        """The ``hwm`` of a client's claims (0: no claims): a client may have that many
+        claimed on one engine, plus the prefetch its own measure of that engine's tasks
+        allows (prefetch.Estimate), as this scheduler would place them."""
+        return self.hwm if self.takes_claims else 0
+
+    def claim(self, msg_id: str, engine_id: int, now: float, *, lone: bool = True) -> list:
         """A task its client sent straight to ``engine_id`` (a claim: see
         connection.CLAIM), which that engine has or will have: it runs there as if
         assigned (no dependencies, targets, timeout or retries; no :class:`Assign`).
 
-        The client believed the engine idle. If it holds other tasks (placed there
-        meanwhile, for another client), nobody knows which the engine began first, so
-        every task there is asked back: those not begun are placed again, and none waits
-        behind a long one while another engine has room. Raises ``ValueError`` for an
-        msg_id already known or an engine that is not live.
+        ``lone``: the client had nothing else in flight and believed the engine idle. If
+        it holds other tasks (placed there meanwhile, for another client), nobody knows
+        which the engine began first, so every task there is asked back: those not begun
+        are placed again, and none waits behind a long one while another engine has
+        room. A queued claim (not ``lone``: the client placed it behind its own requests,
+        within :attr:`claim_hwm` and prefetch) is asked back, with the others there, only when the
+        engine's head task has run long (:meth:`_hold_back`); otherwise an idle engine
+        steals from it as from any engine. Raises ``ValueError`` for an msg_id already
+        known or an engine that is not live.
         """
         if self.knows(msg_id):
             raise ValueError(f"msg_id {msg_id!r} was already submitted")
@@ -479,7 +490,7 @@ class TaskScheduler:
         # no round-trip sample from it
         task.alone = False
         out: list = []
-        if others and self.prefetch:
+        if others and self.prefetch and (lone or self._stats[engine_id].slow):
             self._ask_back(engine_id, [m for m in [*others, msg_id] if not self._tasks[m].stealing], out)
         return out
 

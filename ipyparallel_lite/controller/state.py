@@ -33,7 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ipyparallel_lite.connection import LONE_TASK_IDENT, TASK_IDENT, is_claim, takes_replies_on_mux
+from ipyparallel_lite.connection import (
+    LONE_TASK_IDENT,
+    TASK_IDENT,
+    is_claim,
+    is_lone_claim,
+    takes_replies_on_mux,
+)
 from ipyparallel_lite.controller import scheduler as sched
 from ipyparallel_lite.controller.dependency import parse_dependency
 from ipyparallel_lite.controller.hub import Engine, Hub, as_datetime
@@ -328,7 +334,8 @@ class ControllerState:
         self.hub.submitted(msg_id, header, metadata, header.get("session", ""), "task",
                            engine.uuid, frames[5], frames[6:], *self._json(frames))
         try:
-            return self._scheduled(self.scheduler.claim(msg_id, engine.id, now))
+            return self._scheduled(self.scheduler.claim(msg_id, engine.id, now,
+                                                        lone=is_lone_claim(metadata)))
         except ValueError as e:
             return self._fail(msg_id, "ValueError", f"Task rejected: {e}")
 
@@ -621,8 +628,8 @@ class ControllerState:
             "engine_info": {str(k): v for k, v in self.hub.engine_infos().items()},
             "task_scheme": self.scheduler.scheme,
             "window": self.client_window,
-            # whether a client may send a lone task straight to an idle engine (CLAIM)
-            "claims": self.scheduler.takes_claims,
+            # the hwm of the tasks a client sends straight to engines (CLAIM; 0: none)
+            "claims": self.scheduler.claim_hwm,
         }
 
     def queue_status(self, targets: Any, verbose: bool) -> dict:
