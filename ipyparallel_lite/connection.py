@@ -66,10 +66,10 @@ LONE_TASK_IDENT = b"T"
 #: the metadata key of a load-balanced task that its client sent straight to an engine,
 #: through the mux device (a claim). ``true``: a lone claim, for the engine that answered
 #: the client's last request while the client had nothing else in flight.
-#: :data:`QUEUED_CLAIM`: the client placed it behind its own claims on that engine, at
-#: most ``claims`` of them (the ``connection_reply``'s depth). The engine treats it as a
-#: task (a steal request may take it back), the controller places it there from the
-#: device's copy (see docs/wire.md)
+#: :data:`QUEUED_CLAIM`: the client placed it behind its own claims on that engine, as
+#: many as the ``connection_reply``'s ``claims`` (the scheduler's hwm) and the prefetch
+#: rule allow (prefetch.py). The engine treats it as a task (a steal request may take
+#: it back), the controller places it there from the device's copy (see docs/wire.md)
 CLAIM = "claim"
 #: the value of :data:`CLAIM` for a claim placed behind others
 QUEUED_CLAIM = "queued"
@@ -83,6 +83,7 @@ def is_claim(metadata: object) -> bool:
 def is_lone_claim(metadata: object) -> bool:
     """Whether a claim's client believed the engine idle (see :data:`CLAIM`)."""
     return isinstance(metadata, dict) and metadata.get(CLAIM) is True
+
 
 #: what a client's zmq identity starts with (after batch.READER_PREFIX) when all its
 #: sockets share it: an engine may then send that client a load-balanced task's reply

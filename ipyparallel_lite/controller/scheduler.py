@@ -21,9 +21,9 @@ Task life cycle::
 
 Adaptive prefetch and work stealing (with ``0 < hwm``, unless ``prefetch=False``; the
 rule is :mod:`ipyparallel_lite.prefetch`, which clients follow for their claims): each
-engine reports how long each task ran (``run_time``); the scheduler keeps an EWMA of
-that and of the round trip around it (reply time minus assign time minus run time,
-from tasks that found the engine idle). While an engine's tasks take under a quarter of
+engine reports how long each task ran (``run_time``); the scheduler keeps an EWMA of that
+and of the round trip around it (reply time minus assign time minus run time, from tasks
+that found the engine idle). While an engine's tasks take under a quarter of
 a round trip, it may hold up to ``ceil(round trip / run time)`` tasks beyond ``hwm``
 (at most :data:`PREFETCH_MAX`), so it never waits a round trip for its next task; an
 idle engine still goes first, whatever the scheme. Tasks beyond the head of an engine's
@@ -469,11 +469,11 @@ class TaskScheduler:
         it holds other tasks (placed there meanwhile, for another client), nobody knows
         which the engine began first, so every task there is asked back: those not begun
         are placed again, and none waits behind a long one while another engine has
-        room. A queued claim (not ``lone``: the client placed it behind its own requests,
-        within :attr:`claim_hwm` and prefetch) is asked back, with the others there, only when the
-        engine's head task has run long (:meth:`_hold_back`); otherwise an idle engine
-        steals from it as from any engine. Raises ``ValueError`` for an msg_id already
-        known or an engine that is not live.
+        room. A queued claim (not ``lone``: the client placed it behind its own claims,
+        within :attr:`claim_hwm` and prefetch) is asked back, with the others there,
+        only when the engine's head task has run long (:meth:`_hold_back`); otherwise an
+        idle engine steals from it as from any engine. Raises ``ValueError`` for an
+        msg_id already known or an engine that is not live.
         """
         if self.knows(msg_id):
             raise ValueError(f"msg_id {msg_id!r} was already submitted")
