@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 
 import psutil
@@ -223,6 +224,17 @@ def next_reply(sock: zmq.Socket, session, timeout: float = 30.0) -> dict:
 def raw_socket():
     """:func:`channel_socket`, for tests that take it as a fixture."""
     return channel_socket
+
+
+def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> float:
+    """Seconds until ``condition()`` holds, checked every 10 ms; fails naming ``what``
+    after ``timeout``."""
+    start = time.monotonic()
+    while not condition():
+        elapsed = time.monotonic() - start
+        assert elapsed < timeout, f"{what} not met within {timeout}s"
+        time.sleep(0.01)
+    return time.monotonic() - start
 
 
 def record_sends(client: ipp.Client, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:

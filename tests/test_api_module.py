@@ -15,20 +15,11 @@ import textwrap
 import time
 
 import pytest
+from conftest import wait_until
 
 import ipyparallel_lite as ipp
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_until(condition, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 # ---- names ------------------------------------------------------------------------------------

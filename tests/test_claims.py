@@ -17,7 +17,7 @@ import signal
 import time
 
 import pytest
-from conftest import record_sends
+from conftest import record_sends, wait_until
 
 import ipyparallel_lite as ipp
 from ipyparallel_lite.prefetch import PREFETCH_MAX
@@ -207,9 +207,7 @@ def test_an_engine_dying_under_claims_loses_only_what_it_held(own_cluster, tmp_p
     ars = [lview.apply_async(wait_for_file, gate) for _ in range(2 * most + 40)]
     time.sleep(1)
     os.kill(doomed, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while 1 in rc.ids and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: 1 not in rc.ids, 10, "engine 1's removal")
     open(gate, "w").close()
     assert rc.wait(ars, timeout=60)
     survivors = {ar.get() for ar in ars if ar.successful()}
@@ -234,16 +232,11 @@ def test_claims_waiting_when_every_engine_is_gone_go_to_the_scheduler(own_cluste
     ars = [lview.apply_async(wait_for_file, gate) for _ in range(PREFETCH_MAX + 40)]
     time.sleep(0.5)
     os.kill(doomed, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while rc.ids and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not rc.ids, 10, "the engine's removal")
     ids = [ar.msg_ids[0] for ar in ars]
-    deadline = time.monotonic() + 10
-    while (len(rc.db_query({"msg_id": {"$in": ids}}, keys=["msg_id"])) < len(ids)
-           and time.monotonic() < deadline):
-        time.sleep(0.05)
     # the controller has them all now, the ones the client held too
-    assert len(rc.db_query({"msg_id": {"$in": ids}}, keys=["msg_id"])) == len(ids)
+    wait_until(lambda: len(rc.db_query({"msg_id": {"$in": ids}}, keys=["msg_id"])) == len(ids),
+               10, "the controller's records of every task")
     assert rc.queue_status()["unassigned"] >= 40
     open(gate, "w").close()
     cluster.start_engines_sync(1)

@@ -12,17 +12,9 @@ import time
 
 import psutil
 import pytest
+from conftest import wait_until
 
 import ipyparallel_lite as ipp
-
-
-def wait_until(predicate, timeout: float, what: str) -> float:
-    """Seconds until ``predicate()`` holds; fails naming ``what`` after ``timeout``."""
-    t0 = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - t0 < timeout, f"{what} not within {timeout}s"
-        time.sleep(0.002)
-    return time.monotonic() - t0
 
 
 def test_a_killed_local_engine_is_removed_within_a_second(own_cluster):

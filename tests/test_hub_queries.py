@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 import psutil
 import pytest
+from conftest import wait_until
 
 import ipyparallel_lite as ipp
 from ipyparallel_lite import error
@@ -271,11 +272,8 @@ def test_records_past_the_memory_limit_spill_and_stay_retrievable(ipython_dir):
         # the client straight from the engine: a query reads them first, a look at the
         # controller's files does not)
         controller = psutil.Process(cluster.controller.pid)
-        deadline = time.monotonic() + 10
-        while (not any("ipp-lite-spill-" in f.path for f in controller.open_files())
-               and time.monotonic() < deadline):
-            time.sleep(0.05)
-        assert any("ipp-lite-spill-" in f.path for f in controller.open_files())
+        wait_until(lambda: any("ipp-lite-spill-" in f.path for f in controller.open_files()),
+                   10, "the spill file")
         old = rc.get_result(ars[0].msg_ids)
         old.wait_interactive(timeout=30)
         assert old.get(0) == [0]
