@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,12 +92,18 @@ def wait_gone(pids: set[int], timeout: float = 30) -> set[int]:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_stray_processes():
-    """After the whole session, no controller or engine may be left running."""
+    """After the whole session, no controller or engine may be left running, and the
+    private IPython dir (logs, connection files, SQLite records: hundreds of MB after a
+    run) is removed."""
     yield
     strays = [p for p in our_processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     for proc in strays:
         proc.kill()
-    assert not strays, f"processes left running after the tests: {[p.cmdline() for p in strays]}"
+    try:
+        assert not strays, f"processes left running after the tests: {[p.cmdline() for p in strays]}"
+    finally:
+        wait_gone({p.pid for p in strays}, timeout=10)
+        shutil.rmtree(_IPYTHON_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
