@@ -153,6 +153,32 @@ def test_a_burst_goes_as_queued_claims_to_every_engine(own_cluster, monkeypatch)
     assert status["unassigned"] == 0
 
 
+def test_map_chunks_and_imap_items_go_as_claims(own_cluster, monkeypatch):
+    _, rc = own_cluster(2)
+    rc.wait_for_engines(2, timeout=60)
+    lview = rc.load_balanced_view()
+    pids = set(rc[:].apply_sync(os.getpid))
+    sent = record_sends(rc, monkeypatch)
+    ar = lview.map_async(lambda x: (x * x, __import__("os").getpid()), range(90), chunksize=3)
+    squares, ran_on = zip(*ar.get(timeout=30))
+    assert list(squares) == [x * x for x in range(90)] and set(ran_on) == pids
+    assert sent == [("claim", 30)]  # one submit of 30 chunks, which the client placed
+    records = rc.db_query({"msg_id": {"$in": ar.msg_ids}}, keys=["queue", "completed"])
+    assert len(records) == 30 and all(r["queue"] == "task" and r["completed"] for r in records)
+
+    del sent[:]
+    assert list(lview.imap(lambda x: -x, range(50))) == [-x for x in range(50)]
+    assert set(to_engines(sent)) == {"claim"}
+    # a map of one chunk with nothing in flight: a lone claim, to the engine that answered last
+    del sent[:]
+    assert lview.map_sync(lambda x: x + 1, [1, 2], chunksize=2) == [2, 3]
+    assert to_engines(sent) == ["claim"]
+    # what constrains where tasks run sends them through the scheduler, as before
+    del sent[:]
+    assert lview.map_sync(abs, [-1, -2], retries=1) == [1, 2]
+    assert to_engines(sent) == ["task"]
+
+
 def test_a_client_holds_what_its_engines_have_no_room_for(own_cluster, tmp_path):
     """At most hwm + PREFETCH_MAX claims of one client on an engine: the rest wait in the
     client, not in the controller, and go as replies come."""

@@ -440,23 +440,23 @@ class Transport:
         with self._wake_lock:
             self._wake_locked()
 
-    def claim_engine(self) -> bytes | None:
-        """Where a load-balanced task with no constraint on where it runs may go straight,
-        through the mux device, as a claim (connection.CLAIM), which saves it a hop
-        through the controller's Python (the controller places it there from the
-        device's copy, and settles it if that engine took other work meanwhile):
+    def claim_engine(self, tasks: int = 1) -> bytes | None:
+        """Where ``tasks`` load-balanced tasks submitted together, with no constraint on
+        where they run, may go straight, through the mux device, as claims
+        (connection.CLAIM), which saves each a hop through the controller's Python (the
+        controller places it there from the device's copy, and settles it if that engine
+        took other work meanwhile):
 
-        - while nothing is in flight, the engine whose reply left nothing in flight, if
-          there is one: the task goes there as a lone claim (on the ``claim`` channel,
-          with that identity);
-        - while something is, :data:`QUEUED` if engines are known: the task waits on the
-          ``claim`` channel for one with room, and goes there as a queued claim
-          (_send_claims);
-        - else None: it goes through the controller's scheduler (``task``).
+        - one task while nothing is in flight: the engine whose reply left nothing in
+          flight, if there is one; the task goes there as a lone claim (on the ``claim``
+          channel, with that identity);
+        - else :data:`QUEUED` if engines are known: each task waits on the ``claim``
+          channel for one with room, and goes there as a queued claim (_send_claims);
+        - else None: they go through the controller's scheduler (``task``).
         """
         if not self.claims:
             return None
-        if not self.pending and not self.control_pending:
+        if tasks == 1 and not self.pending and not self.control_pending:
             return self._idle_engine
         return QUEUED if self._engines else None
 

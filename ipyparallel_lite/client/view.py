@@ -608,21 +608,25 @@ class LoadBalancedView(View):
         self._submit("task" if engine is None else CLAIMS, [message], ar, track=track)
         return ar
 
-    def _claim(self, track: bool | None) -> bytes | None:
-        """Where a task of this view may go straight (the transport's
-        :meth:`~.transport.Transport.claim_engine`), when nothing constrains where it
-        runs (no dependencies, targets, timeout or retries) and its send is not tracked
-        (a tracked send goes alone)."""
-        if (self.after is not None or self.follow is not None or self.targets is not None
+    def _route(self, track: bool | None, tasks: int = 1, **options: Any) -> tuple[bytes | None, bytes]:
+        """Where ``tasks`` tasks submitted together go, and their packed metadata: as
+        claims (the engine or :data:`QUEUED` of the transport's
+        :meth:`~.transport.Transport.claim_engine`) when nothing constrains where they
+        run (no dependencies, targets, timeout or retries, no per-call ``options``) and
+        their sends are not tracked (a tracked send goes alone); else through the
+        controller's scheduler (None)."""
+        if (options or self.after is not None or self.follow is not None or self.targets is not None
                 or self.timeout is not None or self.retries
                 or (self.track if track is None else track)):
-            return None
-        return self.client.transport.claim_engine()
+            return None, self._packed_metadata(**options)
+        engine = self.client.transport.claim_engine(tasks)
+        if engine is None:
+            return None, self._packed_metadata()
+        return engine, self._claim_metadata(engine == QUEUED)
 
     def _really_apply(self, f: Callable, args: Sequence = (), kwargs: dict | None = None,
                       block: bool | None = None, track: bool | None = None, **options: Any) -> Any:
-        engine = None if options else self._claim(track)
-        metadata = self._packed_metadata(**options) if engine is None else self._claim_metadata(engine == QUEUED)
+        engine, metadata = self._route(track, **options)
         ar = self._submit_task(serialize_function(f), args, kwargs, metadata, _fname(f), track=track,
                                engine=engine)
         return self._finish(ar, block)
@@ -653,9 +657,10 @@ class LoadBalancedView(View):
         chunksize = self.chunksize if chunksize is None else chunksize
         self._check_flag("chunksize", chunksize)
         ordered = self.ordered if ordered is None else ordered
-        metadata = self._packed_metadata(**options)
         sequences = _as_sequences(sequences)
         length = min(len(s) for s in sequences)
+        engine, metadata = self._route(track, -(-length // chunksize), **options)
+        ident = None if engine is None else [engine]
         frame = serialize_function(MapTask(f))
         client = self.client
         messages, sizes = [], []
@@ -663,11 +668,12 @@ class LoadBalancedView(View):
             hi = min(lo + chunksize, length)
             chunks = [_slice(seq, lo, hi) for seq in sequences]
             buffers = pack_apply_message(None, chunks, None, function_frame=frame)
-            messages.append(client.transport.build("apply_request", {}, buffers=buffers, metadata=metadata))
+            messages.append(client.transport.build("apply_request", {}, buffers=buffers,
+                                                   metadata=metadata, ident=ident))
             sizes.append(hi - lo)
         ar = AsyncMapResult(client, [m for m, _ in messages], _fname(f), ordered=ordered,
                             return_exceptions=return_exceptions, nitems=length, chunk_sizes=sizes)
-        self._submit("task", messages, ar, track=track)
+        self._submit("task" if engine is None else CLAIMS, messages, ar, track=track)
         return self._finish(ar, block)
 
     def imap(self, f: Callable, *iterables: Iterable, ordered: bool = True,
@@ -719,15 +725,14 @@ class LoadBalancedView(View):
         else:
             raise ValueError(f"max_outstanding must be 'auto' or an int >= 0 (0: no limit), "
                              f"not {max_outstanding!r}")
-        metadata = self._packed_metadata()
         frame = serialize_function(f)
         items = zip(*iterables)
-        gen = self._imap_results(frame, _fname(f), metadata, items, limit, ordered,
+        gen = self._imap_results(frame, _fname(f), items, limit, ordered,
                                  return_exceptions, track, deadline)
         next(gen)  # runs to the priming point: the first tasks are out before we return
         return gen
 
-    def _imap_results(self, frame: bytes, fname: str, metadata: bytes, items: Iterator[tuple],
+    def _imap_results(self, frame: bytes, fname: str, items: Iterator[tuple],
                       limit: int, ordered: bool, return_exceptions: bool,
                       track: Callable[[AsyncResult], None] | None,
                       deadline: float | None) -> Iterator:
@@ -744,7 +749,9 @@ class LoadBalancedView(View):
                 except StopIteration:
                     exhausted = True
                     return
-                ar = self._submit_task(frame, args, None, metadata, fname, return_exceptions=True)
+                engine, metadata = self._route(None)
+                ar = self._submit_task(frame, args, None, metadata, fname, return_exceptions=True,
+                                       engine=engine)
                 outstanding[ar] = None
                 if track is not None:
                     track(ar)
