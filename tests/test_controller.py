@@ -99,6 +99,28 @@ def test_security_files_and_interface(cluster, ipython_dir):
             assert conn.laddr.ip == "127.0.0.1"
 
 
+def thread_niceness(pid: int) -> dict[int, int]:
+    """The niceness of each thread of process ``pid`` (Linux: field 19 of its stat)."""
+    nice = {}
+    for thread in psutil.Process(pid).threads():
+        with open(f"/proc/{pid}/task/{thread.id}/stat") as f:
+            nice[thread.id] = int(f.read().rpartition(")")[2].split()[16])
+    return nice
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="per-thread niceness is Linux's")
+def test_the_controllers_python_yields_to_its_devices(cluster, own_cluster):
+    """The Hub's record-keeping waits for the engines and clients on a busy machine; the
+    devices in C that relay their messages do not (app.python_nice)."""
+    pid = client_info(cluster)["controller_pid"]
+    nice = thread_niceness(pid)
+    assert nice.pop(pid) == 10  # the main thread runs the controller's Python
+    assert len(nice) >= 3 and set(nice.values()) == {0}, nice  # the devices, zmq's I/O threads
+
+    kept, _ = own_cluster(1, controller_args=["--IPController.python_nice=0"])
+    assert set(thread_niceness(kept.controller.pid).values()) == {0}
+
+
 def test_version_skew_admitted_by_warn_is_reported_to_clients(own_cluster, raw_socket):
     """With version_check=warn the controller admits a skewed engine (the default refuses it:
     test_versions.py); clients connecting then name it plainly."""

@@ -23,9 +23,11 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import resource
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import zmq
@@ -66,6 +68,24 @@ class TaskScheduler(Configurable):
                     "place up to 16 more than hwm on it, and steal back tasks it has not begun "
                     "when another engine is idle or its running task runs long. False: at most "
                     "hwm per engine, as in ipyparallel.").tag(config=True)
+
+
+#: python_nice's default. A %px on 4 engines of a 2-core machine took 3.27 ms with the
+#: controller's Python at nice 10 against 3.98 ms at 0 (medians of 4 alternating rounds):
+#: the Hub reads the device's copy of each request and reply while the engines run them
+PYTHON_NICE = 10
+
+
+def lower_thread_priority(nice: int, log: logging.Logger) -> None:
+    """Add ``nice`` to the calling thread's niceness, on Linux, where niceness belongs to a
+    thread (elsewhere it would slow the whole process, the devices too)."""
+    if not nice or not sys.platform.startswith("linux"):
+        return
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
+    except OSError as e:
+        log.warning("could not lower the controller's Python thread's priority: %s", e)
 
 
 class IPController(ParallelApp, BaseIPythonApplication):
@@ -120,6 +140,14 @@ class IPController(ParallelApp, BaseIPythonApplication):
                     "the connection files; clients and engines pick it up from there.",
     ).tag(config=True)
     write_files = Bool(True, help="Write connection files (off when info travels otherwise).").tag(config=True)
+    python_nice = Integer(
+        PYTHON_NICE, min=0, max=19,
+        help="Niceness added to the controller's Python thread (the Hub's records, the "
+        "schedulers, queries), not to the devices in C that relay direct requests, claimed "
+        "tasks and output. On a machine whose cores the engines and clients keep busy, the "
+        "Hub's record-keeping then waits for them, not they for it. Linux only; 0 leaves it "
+        "as the rest of the process.",
+    ).tag(config=True)
     store_class = CaselessStrEnum(
         STORE_CLASSES, default_value="memory",
         help="Where the Hub keeps task records: memory (bounded, spills to SQLite), sqlite "
@@ -271,6 +299,8 @@ class IPController(ParallelApp, BaseIPythonApplication):
 
     async def _serve(self, controller: Controller, files: dict[str, Path]) -> None:
         controller.start()
+        # after start(): the devices' threads, started there, keep the process's niceness
+        lower_thread_priority(self.python_nice, self.log)
         # this process runs no user code: its collector may be tuned to its own heap, and
         # what start-up built (modules, sockets, the Hub) is never collected again
         gc.freeze()
