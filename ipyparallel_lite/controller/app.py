@@ -56,6 +56,7 @@ from ipyparallel_lite.controller.scheduler import TaskScheduler as SchedulerCore
 from ipyparallel_lite.controller.server import Controller, PortTaken
 from ipyparallel_lite.controller.state import CLIENT_WINDOW
 from ipyparallel_lite.controller.store import STORE_CLASSES, make_store
+from ipyparallel_lite.prefetch import PREFETCH_MAX
 
 
 class TaskScheduler(Configurable):
@@ -65,7 +66,7 @@ class TaskScheduler(Configurable):
                                   help="Task scheduling scheme.").tag(config=True)
     hwm = Integer(1, help="Outstanding tasks allowed per engine (0: no limit).").tag(config=True)
     prefetch = Bool(True, help="While an engine's tasks finish in well under a round trip, "
-                    "place up to 16 more than hwm on it, and steal back tasks it has not begun "
+                    f"place up to {PREFETCH_MAX} more than hwm on it, and steal back tasks it has not begun "
                     "when another engine is idle or its running task runs long. False: at most "
                     "hwm per engine, as in ipyparallel.").tag(config=True)
 
