@@ -99,14 +99,17 @@ _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 CLAIMS = "claim"
 #: the placeholder engine identity of a queued claim's message, set when it is placed
 QUEUED = b""
+#: what the client knows of an engine none of its claims came back from yet (``hwm``)
+_UNMEASURED = Estimate()
 
 
 def _link_event(frames: list) -> int:
     """The event of a socket monitor's message."""
     return parse_monitor_message([fastzmq.frame_bytes(f) for f in frames])["event"]
 
-#: channels whose requests wait for replies, and so count against the window
-WINDOWED = frozenset(("mux", "task", "broadcast", CLAIMS))
+#: channels whose requests wait for replies, and so count against the window (claims
+#: too: they wait in ``_claims`` for an engine with room, window or not)
+WINDOWED = frozenset(("mux", "task", "broadcast"))
 #: most messages the I/O thread packs into one batch
 BATCH_MAX = 64
 #: channels whose zmq messages the controller's mux device routes by their first frame,
@@ -386,7 +389,7 @@ class Transport:
             self.history.extend(ids)
             if history is not None:
                 history.extend(ids)
-            windowed = (self.window is not None and channel in WINDOWED) or channel == CLAIMS
+            windowed = channel == CLAIMS or (self.window is not None and channel in WINDOWED)
         tracked = result if track else None
         with self._wake_lock:  # one lock for queueing, counting and waking: sends stay in order
             seq = self._queued
@@ -823,9 +826,8 @@ class Transport:
         limits = {}
         room = []
         for engine in engines:
-            estimate = estimates.get(engine)
-            limit = limits[engine] = (1 if engine in detoured else hwm if estimate is None
-                                      else estimate.limit(hwm))
+            limit = limits[engine] = (1 if engine in detoured
+                                      else estimates.get(engine, _UNMEASURED).limit(hwm))
             count = in_flight.get(engine, 0)
             if count < limit:
                 room.append((count, engine))
