@@ -234,6 +234,9 @@ def test_unknown_msg_ids_get_readable_errors(rc):
 def test_purge_and_resubmit_of_pending_tasks_are_refused(rc, lview):
     running = lview.apply_async(nap, 2.0)
     msg_id = running.msg_ids[0]
+    # a claim reaches the Hub as the device's copy, on another connection than this
+    # query: a query sent at once may overtake it (docs/hub.md)
+    wait_until(lambda: rc.db_query({"msg_id": msg_id}, keys=["msg_id"]), what="the Hub's record")
     with pytest.raises(error.RemoteError, match="cannot purge pending task"):
         rc.purge_results([msg_id])
     with pytest.raises(error.RemoteError, match="cannot resubmit pending task"):
