@@ -6,6 +6,7 @@ do not depend on one another's records.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime, timedelta
 
@@ -16,6 +17,7 @@ from conftest import wait_until
 import ipyparallel_lite as ipp
 from ipyparallel_lite import error
 from ipyparallel_lite.client.hubresult import AsyncHubResult
+from ipyparallel_lite.serialization import pack_apply_message
 
 
 def square(x):
@@ -234,9 +236,7 @@ def test_unknown_msg_ids_get_readable_errors(rc):
 def test_purge_and_resubmit_of_pending_tasks_are_refused(rc, lview):
     running = lview.apply_async(nap, 2.0)
     msg_id = running.msg_ids[0]
-    # a claim reaches the Hub as the device's copy, on another connection than this
-    # query: a query sent at once may overtake it (docs/hub.md)
-    wait_until(lambda: rc.db_query({"msg_id": msg_id}, keys=["msg_id"]), what="the Hub's record")
+    # at once: the query names the claim as in flight, and waits for the Hub's record of it
     with pytest.raises(error.RemoteError, match="cannot purge pending task"):
         rc.purge_results([msg_id])
     with pytest.raises(error.RemoteError, match="cannot resubmit pending task"):
@@ -244,6 +244,42 @@ def test_purge_and_resubmit_of_pending_tasks_are_refused(rc, lview):
     assert running.get(30) == 2.0
     assert rc.get_result(msg_id, block=True) == 2.0  # nothing was purged
     rc.purge_results([msg_id])
+
+
+def test_a_query_waits_for_the_requests_it_overtook(rc):
+    """A request and a query travel on different connections, so a query sent right
+    after a request may reach the Hub first; it names the request as in flight, and
+    the Hub answers once it has the request's record, or after IN_FLIGHT_WAIT."""
+    transport = rc.transport
+    msg_id, frames = transport.build("apply_request", {}, ident=[rc.engine_uuid(rc.ids[0]).encode()],
+                                     buffers=pack_apply_message(square, (5,)),
+                                     metadata=transport.pack_metadata({}))
+    ar = ipp.AsyncResult(rc, [msg_id], "square", rc.ids[0], single=True)
+    # the query goes first; the request it names follows 0.3 s later
+    threading.Timer(0.3, transport.submit, ("mux", [(msg_id, frames)], ar)).start()
+    started = time.monotonic()
+    reply = transport.query("result_request", {"msg_ids": [msg_id], "status_only": True,
+                                               "in_flight": [msg_id]})
+    assert time.monotonic() - started >= 0.25
+    content = reply["content"]
+    assert msg_id in content["pending"] + content["completed"]
+    assert ar.get(30) == 25
+    # a request that never comes: the query is answered (no record) after the wait
+    started = time.monotonic()
+    with pytest.raises(error.RemoteError, match="no record of task.*never-sent"):
+        transport.query("result_request", {"msg_ids": ["never-sent"], "in_flight": ["never-sent"]})
+    assert 0.9 <= time.monotonic() - started < 5
+    assert rc[:].apply_sync(square, 4) == [16] * len(rc.ids)  # still serving
+
+
+def test_queries_right_after_requests_find_them(rc, lview):
+    """What a user sees of that race: never 'no record' for a request just sent, lone
+    claim or direct."""
+    for view in (lview, rc[0]) * 20:
+        ar = view.apply_async(nap, 0.01)
+        status = rc.result_status(ar.msg_ids)
+        assert ar.msg_ids[0] in status["pending"] + status["completed"]
+        ar.get(30)
 
 
 def test_none_store_answers_plainly(ipython_dir):

@@ -483,7 +483,18 @@ class Transport:
         return message[0]
 
     def query(self, msg_type: str, content: dict, timeout: float = 10) -> dict:
-        """A request to the Hub, answered synchronously; raises on an error reply."""
+        """A request to the Hub, answered synchronously; raises on an error reply.
+
+        A query naming requests of this client that are not answered yet names them as
+        ``in_flight`` too: they travel to the controller on other connections than the
+        query, which may overtake them, and the controller waits for them (a bounded
+        time: one the window holds back here may go later still)."""
+        named = content.get("msg_ids")
+        if isinstance(named, list):
+            pending = self.pending
+            in_flight = [m for m in named if m in pending]
+            if in_flight:
+                content = {**content, "in_flight": in_flight}
         msg_id = self.send("query", msg_type, content)
         deadline = time.monotonic() + timeout
         with self._query_cond:

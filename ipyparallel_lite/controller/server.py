@@ -146,6 +146,13 @@ class Controller:
     gives what the connection files hold.
     """
 
+    #: seconds a query waits for the requests its client sent before it and names as
+    #: ``in_flight`` (they travel on other connections, and may arrive after it); past
+    #: that it is answered with what the Hub knows (a request lost on its way)
+    IN_FLIGHT_WAIT = 1.0
+    #: seconds between looks at whether those requests arrived
+    IN_FLIGHT_RECHECK = 0.002
+
     def __init__(
         self,
         session: Session,
@@ -241,6 +248,9 @@ class Controller:
         self._at_drain_end: list[Callable[[], None]] = []
         #: the pending timer of each job that re-arms itself (store flush, heartbeat)
         self._timers: dict[Callable[[], None], asyncio.TimerHandle] = {}
+        #: queries waiting for requests their client sent before them: (deadline, idents,
+        #: msg, content, handler), oldest first
+        self._queries_waiting: list[tuple[float, list, dict, dict, Callable]] = []
         # tasks whose dependencies name direct requests the device's copies have not shown yet
         self._waiting_for_dependencies: list[tuple[dict, Callable[[float], list], float]] = []
         self._deadline: asyncio.TimerHandle | None = None
@@ -953,12 +963,42 @@ class Controller:
             ), parent=header)
             return
         content = msg["content"] if isinstance(msg["content"], dict) else {}
+        in_flight = content.get("in_flight")
+        if isinstance(in_flight, list) and self.state.unrecorded(in_flight):
+            # the query overtook requests its client sent before it (they travel on other
+            # connections): it waits for them, a bounded time
+            self._queries_waiting.append((self.loop.time() + self.IN_FLIGHT_WAIT, idents, msg,
+                                          content, handler))
+            if len(self._queries_waiting) == 1:
+                self._later(self.IN_FLIGHT_RECHECK, self._answer_waiting_queries)
+            return
+        self._answer(idents, msg, content, handler)
+
+    def _answer(self, idents: list[bytes], msg: dict, content: dict,
+                handler: Callable[[list, dict, dict], None]) -> None:
+        """Run a registration handler; its failure is the reply."""
         try:
             handler(idents, msg, content)
         except Exception as e:
+            msg_type = msg["header"]["msg_type"]
             self.log.exception("%s failed", msg_type)
             self._reply(self.registration, idents, reply_type(msg_type),
-                        _error_content(type(e).__name__, str(e)), parent=header)
+                        _error_content(type(e).__name__, str(e)), parent=msg["header"])
+
+    def _answer_waiting_queries(self) -> None:
+        """Answer the queries whose in-flight requests are recorded now, or that waited
+        :attr:`IN_FLIGHT_WAIT` (they get what the Hub knows); look again soon for the rest."""
+        self._catch_up()
+        waiting, self._queries_waiting = self._queries_waiting, []
+        now = self.loop.time()
+        for entry in waiting:
+            deadline, idents, msg, content, handler = entry
+            if now < deadline and self.state.unrecorded(content["in_flight"]):
+                self._queries_waiting.append(entry)
+            else:
+                self._answer(idents, msg, content, handler)
+        if self._queries_waiting:
+            self._later(self.IN_FLIGHT_RECHECK, self._answer_waiting_queries)
 
     def handle_registration_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         try:

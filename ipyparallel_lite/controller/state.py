@@ -652,12 +652,17 @@ class ControllerState:
         reply["unassigned"] = unassigned if verbose else len(unassigned)
         return reply
 
+    def unrecorded(self, msg_ids: list) -> list[str]:
+        """Those of ``msg_ids`` (str) the controller has no record of, in flight or done."""
+        return [m for m in msg_ids if isinstance(m, str) and m not in self.pending
+                and m not in self.hub.store]
+
     def known_records(self, msg_ids: Any, request: str) -> list[str]:
         """``msg_ids`` checked to be a list of str naming records; the unknown ones are
         named in one error."""
         if not isinstance(msg_ids, list) or not all(isinstance(m, str) for m in msg_ids):
             raise TypeError(f"{request} needs 'msg_ids', a list of str, got {msg_ids!r}")
-        unknown = [m for m in msg_ids if m not in self.pending and m not in self.hub.store]
+        unknown = self.unrecorded(msg_ids)
         if unknown:
             shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
             if isinstance(self.hub.store, NoStore):
