@@ -272,6 +272,51 @@ def test_a_query_waits_for_the_requests_it_overtook(rc):
     assert rc[:].apply_sync(square, 4) == [16] * len(rc.ids)  # still serving
 
 
+def test_a_query_naming_many_requests_that_never_come_costs_little(ipython_dir):
+    """Waiting for in-flight ids that never arrive: about 15 looks at the ones still
+    missing, not one every few milliseconds, and other queries answered meanwhile; past
+    IN_FLIGHT_MAX of them, no wait at all."""
+    cluster = ipp.Cluster(n=1)
+    rc = cluster.start_and_connect_sync()
+    try:
+        controller = psutil.Process(cluster.controller.pid)
+        bogus = [f"never-sent-{i}" for i in range(1000)]
+        errors = []
+
+        def ask() -> None:
+            try:
+                rc.transport.query("result_request", {"msg_ids": bogus[:1], "in_flight": bogus})
+            except error.RemoteError as e:
+                errors.append(e)
+
+        waiter = threading.Thread(target=ask)
+        before = sum(controller.cpu_times()[:2])
+        started = time.monotonic()
+        waiter.start()
+        slowest = 0.0
+        for _ in range(10):
+            time.sleep(0.05)
+            asked = time.monotonic()
+            rc.queue_status()  # answered by the controller's Python, as queries are
+            slowest = max(slowest, time.monotonic() - asked)
+        waiter.join(10)
+        assert 0.9 <= time.monotonic() - started < 5  # it waited, a bounded time
+        assert slowest < 0.5
+        # looking up all 1,000 ids every 2 ms for the second took 0.17-0.20 s of the
+        # controller's CPU; 15 looks take 0.03 s
+        assert sum(controller.cpu_times()[:2]) - before < 0.1
+        assert errors and "no record of task" in str(errors[0])
+        # more than IN_FLIGHT_MAX unrecorded: answered at once
+        started = time.monotonic()
+        with pytest.raises(error.RemoteError, match="no record of task"):
+            rc.transport.query("result_request", {"msg_ids": ["x"], "in_flight": [
+                f"never-sent-{i}" for i in range(1001)]})
+        assert time.monotonic() - started < 0.5
+    finally:
+        rc.close()
+        cluster.stop_cluster_sync()
+
+
 def test_queries_right_after_requests_find_them(rc, lview):
     """What a user sees of that race: never 'no record' for a request just sent, lone
     claim or direct."""

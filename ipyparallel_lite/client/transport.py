@@ -487,8 +487,9 @@ class Transport:
 
         A query naming requests of this client that are not answered yet names them as
         ``in_flight`` too: they travel to the controller on other connections than the
-        query, which may overtake them, and the controller waits for them (a bounded
-        time: one the window holds back here may go later still)."""
+        query, which may overtake them, and the controller waits for them, a bounded
+        time (one the window holds back here, or a claim waiting for room, may go later
+        still: the query then waits out that bound)."""
         named = content.get("msg_ids")
         if isinstance(named, list):
             pending = self.pending

@@ -150,8 +150,14 @@ class Controller:
     #: ``in_flight`` (they travel on other connections, and may arrive after it); past
     #: that it is answered with what the Hub knows (a request lost on its way)
     IN_FLIGHT_WAIT = 1.0
-    #: seconds between looks at whether those requests arrived
+    #: seconds until the first look at whether those requests arrived; each next look
+    #: waits twice as long, up to a tenth of a second: about 15 looks in a second
     IN_FLIGHT_RECHECK = 0.002
+    #: most unrecorded requests a query waits for: each look checks each of them (in
+    #: the store, on disk past its memory limit); one naming more, such as a status
+    #: query on a large map most of which the client's window still holds back, is
+    #: answered at once with what the Hub knows
+    IN_FLIGHT_MAX = 1000
 
     def __init__(
         self,
@@ -248,9 +254,11 @@ class Controller:
         self._at_drain_end: list[Callable[[], None]] = []
         #: the pending timer of each job that re-arms itself (store flush, heartbeat)
         self._timers: dict[Callable[[], None], asyncio.TimerHandle] = {}
-        #: queries waiting for requests their client sent before them: (deadline, idents,
-        #: msg, content, handler), oldest first
-        self._queries_waiting: list[tuple[float, list, dict, dict, Callable]] = []
+        #: queries waiting for requests their client sent before them: (deadline, the
+        #: msg_ids not recorded yet, idents, msg, content, handler), oldest first; and the
+        #: seconds until the next look at them
+        self._queries_waiting: list[tuple[float, list, list, dict, dict, Callable]] = []
+        self._recheck_in = self.IN_FLIGHT_RECHECK
         # tasks whose dependencies name direct requests the device's copies have not shown yet
         self._waiting_for_dependencies: list[tuple[dict, Callable[[float], list], float]] = []
         self._deadline: asyncio.TimerHandle | None = None
@@ -964,13 +972,15 @@ class Controller:
             return
         content = msg["content"] if isinstance(msg["content"], dict) else {}
         in_flight = content.get("in_flight")
-        if isinstance(in_flight, list) and self.state.unrecorded(in_flight):
+        unrecorded = self.state.unrecorded(in_flight) if isinstance(in_flight, list) else None
+        if unrecorded and len(unrecorded) <= self.IN_FLIGHT_MAX:
             # the query overtook requests its client sent before it (they travel on other
             # connections): it waits for them, a bounded time
-            self._queries_waiting.append((self.loop.time() + self.IN_FLIGHT_WAIT, idents, msg,
-                                          content, handler))
+            self._queries_waiting.append((self.loop.time() + self.IN_FLIGHT_WAIT, unrecorded,
+                                          idents, msg, content, handler))
             if len(self._queries_waiting) == 1:
-                self._later(self.IN_FLIGHT_RECHECK, self._answer_waiting_queries)
+                self._recheck_in = self.IN_FLIGHT_RECHECK
+                self._later(self._recheck_in, self._answer_waiting_queries)
             return
         self._answer(idents, msg, content, handler)
 
@@ -991,14 +1001,15 @@ class Controller:
         self._catch_up()
         waiting, self._queries_waiting = self._queries_waiting, []
         now = self.loop.time()
-        for entry in waiting:
-            deadline, idents, msg, content, handler = entry
-            if now < deadline and self.state.unrecorded(content["in_flight"]):
-                self._queries_waiting.append(entry)
+        for deadline, unrecorded, idents, msg, content, handler in waiting:
+            unrecorded = self.state.unrecorded(unrecorded) if now < deadline else None
+            if unrecorded:
+                self._queries_waiting.append((deadline, unrecorded, idents, msg, content, handler))
             else:
                 self._answer(idents, msg, content, handler)
         if self._queries_waiting:
-            self._later(self.IN_FLIGHT_RECHECK, self._answer_waiting_queries)
+            self._recheck_in = min(2 * self._recheck_in, 0.1)
+            self._later(self._recheck_in, self._answer_waiting_queries)
 
     def handle_registration_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         try:
