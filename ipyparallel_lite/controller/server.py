@@ -153,10 +153,9 @@ class Controller:
     #: seconds until the first look at whether those requests arrived; each next look
     #: waits twice as long, up to a tenth of a second: about 15 looks in a second
     IN_FLIGHT_RECHECK = 0.002
-    #: most unrecorded requests a query waits for: each look checks each of them (in
-    #: the store, on disk past its memory limit); one naming more, such as a status
-    #: query on a large map most of which the client's window still holds back, is
-    #: answered at once with what the Hub knows
+    #: most unrecorded requests a query waits for, since each look checks each of them;
+    #: one naming more, such as a status query on a large map most of which the
+    #: client's window still holds back, is answered at once with what the Hub knows
     IN_FLIGHT_MAX = 1000
 
     def __init__(
