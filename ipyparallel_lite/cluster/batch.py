@@ -337,8 +337,10 @@ class SlurmEngineSetLauncher(BatchEngineSetLauncher):
 
     submit_command = List(Unicode(), default_value=["sbatch", "--parsable"]).tag(config=True)
     delete_command = List(Unicode(), default_value=["scancel"]).tag(config=True)
-    poll_command = List(Unicode(), default_value=["squeue", "--noheader", "--format=%T", "--job"]
-                        ).tag(config=True)
+    # every state, not squeue's default of pending and running only: a job that failed at
+    # once (engines that cannot start) would otherwise leave no state to report
+    poll_command = List(Unicode(), default_value=["squeue", "--noheader", "--format=%T",
+                                                  "--states=all", "--job"]).tag(config=True)
 
     def directive_lines(self) -> list[str]:
         lines = [f"--partition={self.queue}"] * bool(self.queue)
