@@ -147,9 +147,10 @@ class Controller:
     """
 
     #: seconds a query waits for the requests its client sent before it and names as
-    #: ``in_flight`` (they travel on other connections, and may arrive after it); past
-    #: that it is answered with what the Hub knows (a request lost on its way)
-    IN_FLIGHT_WAIT = 1.0
+    #: ``in_flight`` (they travel on other connections, and may arrive after it): the
+    #: grace a task gets for the requests it depends on; past that it is answered with
+    #: what the Hub knows (a request lost on its way)
+    IN_FLIGHT_WAIT = DEVICE_GRACE
     #: seconds until the first look at whether those requests arrived; each next look
     #: waits twice as long, up to a tenth of a second: about 15 looks in a second
     IN_FLIGHT_RECHECK = 0.002
