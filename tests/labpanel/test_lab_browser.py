@@ -169,12 +169,15 @@ def _widen_sidebar(page, pixels: int) -> None:
 
 
 def _palette(page, label: str) -> None:
-    """Run a command through the palette. Its shortcut is retried: a page still loading
-    under load may drop a key press, or take two late ones, the second closing the
-    palette the first opened, between our look at it and typing into it."""
+    """Run a command through the palette. Every step is retried, from opening the
+    palette on: a page still loading under load may drop a key press, or take two late
+    ones, the second closing the palette the first opened, between our look at it and
+    typing into it, or between typing and clicking the item (seen in CI: the item was
+    found, then detached, and the click waited for it until the test's timeout)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     palette = page.locator(".lm-CommandPalette-input")
+    item = page.locator(".lm-CommandPalette-item", has_text=label).first
     deadline = time.monotonic() + WAIT_MS / 1000
     while True:
         try:
@@ -182,11 +185,11 @@ def _palette(page, label: str) -> None:
                 page.keyboard.press("Control+Shift+c")
                 palette.wait_for(state="visible", timeout=2000)
             palette.fill(label, timeout=2000)
-            break
+            item.click(timeout=5000)  # a click that times out was not made
+            return
         except PlaywrightTimeout:
             if time.monotonic() > deadline:
                 raise
-    page.locator(".lm-CommandPalette-item", has_text=label).first.click()
 
 
 def test_panel_creates_starts_watches_scales_stops_and_can_be_disabled(lab, lab_env, tmp_path):
