@@ -380,6 +380,45 @@ def test_abort_running_task_keeps_engine(rc):
     assert view.apply_sync(square, 3) == 9
 
 
+def _pause_before_the_next_task(seconds: float) -> None:
+    """On an engine: the next ``apply_request`` pauses ``seconds`` after the engine
+    checked it against the aborts it read, before it starts, as a busy machine may."""
+    import time
+
+    from IPython import get_ipython
+
+    kernel = get_ipython().kernel
+    this_request = kernel.get_parent()["header"]["msg_id"]
+    original = kernel.init_metadata
+
+    def slow(parent: dict) -> dict:
+        if parent["header"].get("msg_type") == "apply_request" and parent["header"]["msg_id"] != this_request:
+            del kernel.init_metadata  # once
+            time.sleep(seconds)
+        return original(parent)
+
+    kernel.init_metadata = slow
+
+
+@pytest.mark.parametrize("how", ["direct", "load-balanced"])
+def test_an_abort_landing_as_its_task_starts_stops_it(rc, how):
+    """The abort travels on the control channel, the task on the mux (or as a claim), so
+    the abort may reach the engine after its check of the task and before the task runs,
+    when there is nothing running to interrupt yet. The task must not run on (30 s)."""
+    rc[:].apply_sync(_pause_before_the_next_task, 0.3)
+    try:
+        view = rc[0] if how == "direct" else rc.load_balanced_view()
+        t0 = time.monotonic()
+        ar = view.apply_async(time.sleep, 30)
+        time.sleep(0.1)  # the engine has the task and pauses
+        ar.abort()
+        with pytest.raises(ipp.TaskAborted):
+            ar.get(timeout=10)
+        assert time.monotonic() - t0 < 5
+    finally:  # the engine the task did not reach still waits for one
+        rc[:].apply_sync(square, 2)
+
+
 def _signal_after_the_code(kind: str) -> None:
     """On an engine: the next ``kind`` request gets a SIGINT once its code has run, just
     before its reply is built, as when an abort or interrupt reaches the engine at the

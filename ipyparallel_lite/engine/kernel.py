@@ -471,17 +471,24 @@ class EngineKernel(IPythonKernel):
         if (idents and (idents[0] in _TASK_IDENTS or is_claim(msg.get("metadata")))
                 and not self._begin_task(msg_id)):
             return False  # handed back to the scheduler: it runs elsewhere, no reply from here
+        if self._abort_due(msg["header"]):
+            self._reply_aborted(stream, msg, idents)
+            return False
+        return True
+
+    def _abort_due(self, header: dict) -> bool:
+        """Whether an abort named this request (by id, or all sent before it); it is
+        then forgotten, as the request is answered as aborted."""
+        msg_id = header["msg_id"]
         aborted = msg_id in self._aborted
         if not aborted and self._abort_before is not None:
-            date = msg["header"].get("date")
+            date = header.get("date")
             if isinstance(date, str):  # the lean apply path leaves dates as ISO strings
                 date = datetime.fromisoformat(date.replace("Z", "+00:00"))
             aborted = isinstance(date, datetime) and date <= self._abort_before
         if aborted:
             self._aborted.discard(msg_id)
-            self._reply_aborted(stream, msg, idents)
-            return False
-        return True
+        return aborted
 
     def _begin_task(self, msg_id: str) -> bool:
         """Begin a load-balanced task unless a steal request took it (False)."""
@@ -514,6 +521,13 @@ class EngineKernel(IPythonKernel):
             self._interruptible = True
             with self._state_lock:
                 self._running = msg_id
+                # an abort read since should_handle found nothing running to interrupt:
+                # it marked this request, and _running now lets later ones interrupt it
+                aborted = self._abort_due(parent["header"])
+                if aborted:
+                    self._interrupt_reason[msg_id] = "TaskAborted"
+            if aborted:
+                raise KeyboardInterrupt
             namespace = self.shell.user_ns
             f, args, kwargs = unpack_apply_message(parent["buffers"], namespace, self._functions)
             result = f(*args, **kwargs)
