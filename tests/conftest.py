@@ -143,6 +143,25 @@ def shell():
     InteractiveShell.clear_instance()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test on the session cluster reports what the controller holds and its
+    log's end: a task left running there by an earlier test shows up as a later test's
+    timeout, and the CI's output is all there is to go on."""
+    outcome = yield
+    report = outcome.get_result()
+    client, shared = item.funcargs.get("rc"), item.funcargs.get("cluster")
+    if report.when != "call" or not report.failed or client is None:
+        return
+    try:
+        status = client.queue_status(verbose=True)
+    except Exception as e:  # the controller itself may be what failed
+        status = f"queue_status failed: {type(e).__name__}: {e}"
+    report.sections.append(("session cluster: queue_status", repr(status)))
+    if shared is not None:
+        report.sections.append(("session cluster: controller log", shared.controller.output(60)))
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """A 2-engine cluster shared by the session (tests must not kill its engines)."""
