@@ -130,3 +130,41 @@ def test_the_c_signal_functions_share_the_signal_modules_handlers():
         assert _signal.getsignal(int(signal.SIGINT)) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_claims_queued_while_the_io_thread_places_others(cluster):
+    """Submitting threads append claims while the I/O thread places the ones queued
+    before: with a thread switch at almost every bytecode, every claim still goes out
+    and the I/O thread lives on (it once iterated the queue and died, mid-burst)."""
+    import sys
+
+    client = cluster.connect_client_sync()
+    interval = sys.getswitchinterval()
+    try:
+        client.wait_for_engines(2, timeout=60)
+        lview = client.load_balanced_view()
+        lview.apply_sync(abs, -1)
+        errors: list[BaseException] = []
+
+        def bursts(k: int) -> None:
+            try:
+                for _ in range(6):
+                    ars = [lview.apply_async(abs, -i) for i in range(400)]
+                    assert [ar.get(timeout=60) for ar in ars] == list(range(400))
+            except BaseException as e:  # reported by the main thread
+                errors.append(e)
+
+        sys.setswitchinterval(1e-6)
+        threads = [threading.Thread(target=bursts, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        sys.setswitchinterval(interval)
+        assert not errors, errors
+        assert client.transport._io_thread.is_alive()
+        assert lview.apply_sync(abs, -2) == 2
+    finally:
+        sys.setswitchinterval(interval)
+        client.close()
+

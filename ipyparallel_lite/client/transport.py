@@ -54,7 +54,6 @@ import _signal  # signal's C functions: signal.signal wraps handlers in enums, 1
 import collections
 import contextlib
 import heapq
-import itertools
 import os
 import select
 import signal
@@ -847,7 +846,11 @@ class Transport:
         budget = _NEVER if self.window is None else self.window - (len(self.pending) - self._held_slots)
         taken = slots = 0
         now = time.monotonic()
-        for entry in queue:
+        # by index, never an iterator: a submitting thread may append claims meanwhile
+        # (a deque's iterator then raises); only the holder of _io_lock takes them off
+        waiting = len(queue)
+        while taken < waiting:
+            entry = queue[taken]
             if slots + entry[_SLOTS] > budget:
                 break
             frames = entry[_FRAMES]
@@ -871,7 +874,8 @@ class Transport:
         try:
             sends = self._send_routed(sock, queue, taken)
         except zmq.Again:  # what was not sent is back at the front of the queue: unplaced
-            for entry in itertools.islice(queue, taken):
+            for i in range(taken):
+                entry = queue[i]
                 placed = self._engine_of.pop(entry[_IDS][0], None)
                 if placed is None:
                     break
