@@ -162,9 +162,31 @@ def test_claims_queued_while_the_io_thread_places_others(cluster):
             t.join(120)
         sys.setswitchinterval(interval)
         assert not errors, errors
-        assert client.transport._io_thread.is_alive()
+        assert client.transport.broken is None
         assert lview.apply_sync(abs, -2) == 2
     finally:
         sys.setswitchinterval(interval)
         client.close()
 
+
+def test_an_internal_error_of_the_io_thread_fails_what_waits(cluster, capfd):
+    """A bug that stops the client's I/O thread must not leave callers waiting forever:
+    what waits fails at once, saying what happened, and new work is refused."""
+    client = cluster.connect_client_sync()
+    try:
+        client.wait_for_engines(2, timeout=60)
+        waiting = client[0].apply_async(time.sleep, 2)
+
+        def broken() -> None:
+            raise ZeroDivisionError("injected")
+
+        client.transport._expire_output_waits = broken  # runs on every turn of the thread
+        client.transport.submit("control", [], None)  # wakes the thread: its next turn fails
+        with pytest.raises(Exception, match="I/O thread stopped on an internal error") as info:
+            waiting.get(timeout=10)
+        assert "ZeroDivisionError: injected" in str(info.value)
+        with pytest.raises(RuntimeError, match="connect a new Client"):
+            client[0].apply_async(abs, -1)
+        assert "ZeroDivisionError: injected" in capfd.readouterr().err
+    finally:
+        client.close()

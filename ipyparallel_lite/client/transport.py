@@ -59,6 +59,7 @@ import select
 import signal
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from collections.abc import Callable
@@ -200,6 +201,8 @@ class Transport:
         #: load-balanced task's reply on its mux socket (connection.shared_identity)
         self.identity = shared_identity()
         self.closed = False
+        #: why the I/O thread stopped, if an internal error stopped it (_stopped_by)
+        self.broken: str | None = None
         #: msg_id -> AsyncResult of every request waiting for its reply
         self.pending: dict[str, Any] = {}
         #: the same for control requests (clear, abort, signal), kept out of ``pending``
@@ -342,8 +345,8 @@ class Transport:
               buffers: list | None = None, metadata: dict | bytes | None = None) -> tuple[str, list]:
         """A signed message ready to send: ``(msg_id, frames)``; ``metadata`` may be
         packed already (:meth:`pack_metadata`)."""
-        if self.closed:
-            raise RuntimeError("this Client is closed; create a new one to keep working")
+        if self.closed or self.broken is not None:
+            raise RuntimeError(self.broken or "this Client is closed; create a new one to keep working")
         msg_id, frames = self._messages.build(msg_type, content, ident=ident, metadata=metadata)
         if buffers:
             frames.extend(buffers)
@@ -368,6 +371,8 @@ class Transport:
         ``history`` and ``wait()``. A Ctrl-C meanwhile is raised once the messages are
         queued (and sent, if this thread sends them): see :class:`_SigintHeld`.
         """
+        if self.broken is not None:  # (built before it broke)
+            raise RuntimeError(self.broken)
         with _SigintHeld():
             self._submit(channel, messages, result, reply_ids, history, track, control)
 
@@ -543,8 +548,8 @@ class Transport:
             self.outputs.pop(msg_id, None)
         self.history[:] = [m for m in self.history if m in outstanding]
 
-    def fail_pending(self, reason: str) -> None:
-        """Answer every waiting request with an EngineError, so nobody waits forever."""
+    def fail_pending(self, reason: str, ename: str = "EngineError") -> None:
+        """Answer every waiting request with an ``ename`` error, so nobody waits forever."""
         pending, self.pending = self.pending, {}
         control, self.control_pending = self.control_pending, {}
         with self._wake_lock:  # requests held back by the window will not be sent either
@@ -554,7 +559,7 @@ class Transport:
             self._aborted.clear()
         self._in_flight_on.clear()
         self._engine_of.clear()
-        self._fail_requests({**pending, **control}, "EngineError", reason)
+        self._fail_requests({**pending, **control}, ename, reason)
 
     def fail_pending_ids(self, msg_ids: list[str], reason: str) -> None:
         """Answer the waiting requests ``msg_ids`` with an EngineError."""
@@ -636,6 +641,17 @@ class Transport:
                 self._flush()
         except zmq.ZMQError:  # the context was destroyed under us: the client is closed
             pass
+        except Exception as e:  # a bug of ours: what waits must not wait forever for it
+            self._stopped_by(e)
+
+    def _stopped_by(self, e: Exception) -> None:
+        """The I/O thread stops on an unexpected error: no reply can reach this client
+        now, so every request waiting for one fails, saying so, and no new one is taken."""
+        self.broken = (f"this Client's I/O thread stopped on an internal error ({type(e).__name__}: "
+                       f"{e}); connect a new Client, and please report this bug with the "
+                       "traceback printed on stderr")
+        traceback.print_exception(e)
+        self.fail_pending(self.broken, ename="RuntimeError")
 
     def _turn(self, look: list, woken: bool) -> list:
         """One turn of the I/O thread (holding ``_io_lock``): read what waits on the
