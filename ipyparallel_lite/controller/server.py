@@ -69,6 +69,7 @@ from ipyparallel_lite.connection import (
     set_options,
     unpack_message,
 )
+from ipyparallel_lite.controller.awaited import Awaited
 from ipyparallel_lite.controller.hub import OUTPUT_TYPES, Hub, RegistrationError, utcnow
 from ipyparallel_lite.controller.outbox import Outbox, Sent
 from ipyparallel_lite.controller.scheduler import TaskScheduler
@@ -114,8 +115,8 @@ INJECTOR = b"controller"
 #: the prefixes of the mux device's copies: a request routed in, a reply routed out
 ROUTED_IN, ROUTED_OUT = b"in", b"out"
 #: seconds a task naming msg_ids the controller does not know waits for the mux
-#: device's copies to name them, and how often it looks (see _when_dependencies_known)
-DEVICE_GRACE, DEVICE_RETRY = 1.0, 0.005
+#: device's copies to name them (see _when_dependencies_known)
+DEVICE_GRACE = 1.0
 #: messages handled per socket before other sockets get their turn: small enough that a
 #: client flooding one socket delays others' requests by milliseconds (256 let a flood of
 #: 40,000 requests delay them by up to 1.3 s on a loaded machine; 64: at most 71 ms)
@@ -151,12 +152,10 @@ class Controller:
     #: grace a task gets for the requests it depends on; past that it is answered with
     #: what the Hub knows (a request lost on its way)
     IN_FLIGHT_WAIT = DEVICE_GRACE
-    #: seconds until the first look at whether those requests arrived; each next look
-    #: waits twice as long, up to a tenth of a second: about 15 looks in a second
-    IN_FLIGHT_RECHECK = 0.002
-    #: most unrecorded requests a query waits for, since each look checks each of them;
-    #: one naming more, such as a status query on a large map most of which the
-    #: client's window still holds back, is answered at once with what the Hub knows
+    #: most unrecorded requests a query waits for (each is an entry of the waiting
+    #: work's table until it arrives); one naming more, such as a status query on a
+    #: large map most of which the client's window still holds back, is answered at
+    #: once with what the Hub knows
     IN_FLIGHT_MAX = 1000
 
     def __init__(
@@ -254,13 +253,9 @@ class Controller:
         self._at_drain_end: list[Callable[[], None]] = []
         #: the pending timer of each job that re-arms itself (store flush, heartbeat)
         self._timers: dict[Callable[[], None], asyncio.TimerHandle] = {}
-        #: queries waiting for requests their client sent before them: (deadline, the
-        #: msg_ids not recorded yet, idents, msg, content, handler), oldest first; and the
-        #: seconds until the next look at them
-        self._queries_waiting: list[tuple[float, list, list, dict, dict, Callable]] = []
-        self._recheck_in = self.IN_FLIGHT_RECHECK
-        # tasks whose dependencies name direct requests the device's copies have not shown yet
-        self._waiting_for_dependencies: list[tuple[dict, Callable[[float], list], float]] = []
+        #: work that names requests not recorded yet (they may come on another
+        #: connection): tasks depending on them, queries about them (see _hold)
+        self._awaited = Awaited()
         self._deadline: asyncio.TimerHandle | None = None
         self._deadline_due = False  # the core acted during this drain: arm at its end
         self._hb_counter = 0
@@ -665,6 +660,8 @@ class Controller:
         """A reader's drain ended: deferred work (this turn's reply batches) goes, the
         core's next deadline is armed, then every socket sent on meanwhile is looked at
         once."""
+        if self.state.arrivals:
+            self._release_arrived()
         while self._at_drain_end:
             callbacks, self._at_drain_end = self._at_drain_end, []
             for callback in callbacks:
@@ -899,30 +896,61 @@ class Controller:
         request sent just before the task, on the client's other connection, may reach
         the mux device, and its copy this loop, after the task did."""
         self._catch_up()
-        now = self.loop.time()
-        if self.state.knows_dependencies(metadata):
-            self._carry_out(submit(now))
-            return
-        self._waiting_for_dependencies.append((metadata, submit, now + DEVICE_GRACE))
-        if len(self._waiting_for_dependencies) == 1:
-            self._later(DEVICE_RETRY, self._submit_waiting_tasks)
+        unknown = self.state.unknown_dependencies(metadata)
+        if unknown:
+            self._hold(unknown, DEVICE_GRACE, lambda: self._carry_out(submit(self.loop.time())))
+        else:
+            self._carry_out(submit(self.loop.time()))
 
-    def _submit_waiting_tasks(self) -> None:
-        """Submit the waiting tasks whose dependencies are now known or whose grace
-        ran out, in the order they came; come back while any still wait."""
+    # ---- work waiting for requests that may arrive after it ------------------------------
+
+    def _hold(self, missing: list[str], grace: float, go: Callable[[], None]) -> None:
+        """Do ``go`` once each of ``missing`` is recorded, or after ``grace`` seconds."""
+        if self.state.arrivals is None:
+            self.state.arrivals = []
+        deadline = self.loop.time() + grace
+        self._awaited.hold(missing, deadline, go)
+        timer = self._timers.get(self._release_due)
+        if timer is None or timer.when() > deadline:
+            self._arm_release()
+
+    def _arm_release(self) -> None:
+        """One timer, for the earliest deadline of the held work (if any is held)."""
+        timer = self._timers.pop(self._release_due, None)
+        if timer is not None:
+            timer.cancel()
+        deadline = self._awaited.next_deadline()
+        if deadline is not None:
+            self._timers[self._release_due] = self.loop.call_at(deadline, self._release_due)
+
+    def _release_arrived(self) -> None:
+        """Do the held work whose last missing request was recorded since the last look."""
+        arrivals, self.state.arrivals = self.state.arrivals, []
+        awaited = self._awaited
+        for msg_id in arrivals:
+            for go in awaited.arrived(msg_id):
+                self._go(go)
+        if not awaited.waiting():
+            self.state.arrivals = None  # nothing waits: no need to collect them
+
+    def _release_due(self) -> None:
+        """Past a deadline: take in the device's copies that wait, then do the held work
+        they complete, and the work whose grace ran out (with what is known)."""
+        self._timers.pop(self._release_due, None)  # (this timer has fired)
         self._catch_up()
-        now = self.loop.time()
-        waiting, self._waiting_for_dependencies = self._waiting_for_dependencies, []
-        for metadata, submit, deadline in waiting:
-            if now >= deadline or self.state.knows_dependencies(metadata):
-                try:  # (a timer's job: no handler guards it, and one task must not stop the rest)
-                    self._carry_out(submit(now))
-                except Exception:
-                    self.log.exception("error submitting a task that waited for its dependencies")
-            else:
-                self._waiting_for_dependencies.append((metadata, submit, deadline))
-        if self._waiting_for_dependencies:
-            self._later(DEVICE_RETRY, self._submit_waiting_tasks)
+        if self.state.arrivals:
+            self._release_arrived()
+        for go in self._awaited.due(self.loop.time()):
+            self._go(go)
+        if not self._awaited.waiting():
+            self.state.arrivals = None
+        self._arm_release()
+
+    def _go(self, go: Callable[[], None]) -> None:
+        try:  # (no handler guards this: one failure must not stop the rest)
+            go()
+        except Exception:
+            self.log.exception("error doing work that waited for requests to arrive")
 
     def on_control(self, frames: list) -> None:
         parsed = self._parse(frames, content=True)
@@ -976,11 +1004,7 @@ class Controller:
         if unrecorded and len(unrecorded) <= self.IN_FLIGHT_MAX:
             # the query overtook requests its client sent before it (they travel on other
             # connections): it waits for them, a bounded time
-            self._queries_waiting.append((self.loop.time() + self.IN_FLIGHT_WAIT, unrecorded,
-                                          idents, msg, content, handler))
-            if len(self._queries_waiting) == 1:
-                self._recheck_in = self.IN_FLIGHT_RECHECK
-                self._later(self._recheck_in, self._answer_waiting_queries)
+            self._hold(unrecorded, self.IN_FLIGHT_WAIT, partial(self._answer, idents, msg, content, handler))
             return
         self._answer(idents, msg, content, handler)
 
@@ -994,22 +1018,6 @@ class Controller:
             self.log.exception("%s failed", msg_type)
             self._reply(self.registration, idents, reply_type(msg_type),
                         _error_content(type(e).__name__, str(e)), parent=msg["header"])
-
-    def _answer_waiting_queries(self) -> None:
-        """Answer the queries whose in-flight requests are recorded now, or that waited
-        :attr:`IN_FLIGHT_WAIT` (they get what the Hub knows); look again soon for the rest."""
-        self._catch_up()
-        waiting, self._queries_waiting = self._queries_waiting, []
-        now = self.loop.time()
-        for deadline, unrecorded, idents, msg, content, handler in waiting:
-            unrecorded = self.state.unrecorded(unrecorded) if now < deadline else None
-            if unrecorded:
-                self._queries_waiting.append((deadline, unrecorded, idents, msg, content, handler))
-            else:
-                self._answer(idents, msg, content, handler)
-        if self._queries_waiting:
-            self._recheck_in = min(2 * self._recheck_in, 0.1)
-            self._later(self._recheck_in, self._answer_waiting_queries)
 
     def handle_registration_request(self, idents: list[bytes], msg: dict, content: dict) -> None:
         try:

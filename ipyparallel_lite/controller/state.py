@@ -217,6 +217,9 @@ class ControllerState:
         self.completed: dict[bytes, int] = {}
         self._finished: collections.deque[str] = collections.deque()
         self._told_to_restart: set[str] = set()
+        #: msg_ids added to ``pending`` since the server last took them, collected only
+        #: while the server holds work until some requests arrive (controller.awaited)
+        self.arrivals: list[str] | None = None
 
     def _json(self, frames: list) -> tuple:
         """The header and metadata frames of a message (``frames`` from DELIM on), the
@@ -246,6 +249,8 @@ class ControllerState:
 
     def _add(self, msg_id: str, pending: Pending) -> Pending:
         self.pending[msg_id] = pending
+        if self.arrivals is not None:
+            self.arrivals.append(msg_id)
         if pending.tag != MUX:
             client = pending.client
             self.waiting[client] = self.waiting.get(client, 0) + 1
@@ -786,13 +791,13 @@ class ControllerState:
                 ids += spec.ids
         return ids
 
-    def knows_dependencies(self, md: Any) -> bool:
-        """Whether a task with metadata ``md`` names only msg_ids the controller knows
-        (submitted, or recorded by the Hub)."""
+    def unknown_dependencies(self, md: Any) -> list[str]:
+        """The msg_ids a task with metadata ``md`` depends on that the controller does
+        not know (neither submitted nor recorded by the Hub)."""
         if not isinstance(md, dict):
-            return True
+            return []
         scheduler, store = self.scheduler, self.hub.store
-        return all(scheduler.knows(dep) or dep in store for dep in self._dependency_ids(md))
+        return [dep for dep in self._dependency_ids(md) if not (scheduler.knows(dep) or dep in store)]
 
     def recall_dependencies(self, md: dict) -> list:
         """Tell the scheduler how the finished tasks that ``md``'s ``after``/``follow``
