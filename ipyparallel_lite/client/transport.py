@@ -263,6 +263,9 @@ class Transport:
         #: controller: a long task there): one claim at a time until one of theirs comes
         #: back from them
         self._detoured: set[bytes] = set()
+        # before the I/O thread starts: an unregistration it reads then takes them out
+        # (the Client adds the same engines later, and re-adding is harmless only here)
+        self.add_engines(self.first_reply.get("engines", {}).values())
         self._io_thread = threading.Thread(target=self._io_loop, name="ipp-lite-client-io", daemon=True)
         self._io_thread.start()
 
