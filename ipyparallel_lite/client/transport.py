@@ -851,16 +851,9 @@ class Transport:
         if not engines:
             self._send_claims_as_tasks()
             return True
-        in_flight, detoured, estimates, hwm = self._in_flight_on, self._detoured, self._estimates, self.claim_hwm
-        limits = {}
-        room = []
-        for engine in engines:
-            limit = limits[engine] = (1 if engine in detoured
-                                      else estimates.get(engine, _UNMEASURED).limit(hwm))
-            count = in_flight.get(engine, 0)
-            if count < limit:
-                room.append((count, engine))
-        heapq.heapify(room)
+        in_flight = self._in_flight_on
+        limits: dict[bytes, int] = {}
+        room: list | None = None  # reckoned at the first queued claim (below)
         budget = _NEVER if self.window is None else self.window - (len(self.pending) - self._held_slots)
         taken = slots = 0
         now = time.monotonic()
@@ -874,6 +867,8 @@ class Transport:
             frames = entry[_FRAMES]
             queued = frames[0] == QUEUED
             if queued:
+                if room is None:  # after the lone claim this pass may start with: it counts
+                    room = self._claim_room(engines, limits)
                 if not room:
                     break
                 count, engine = room[0]
@@ -906,6 +901,20 @@ class Transport:
         self.sends += sends
         self._sent_on.add(sock)
         return True
+
+    def _claim_room(self, engines: tuple, limits: dict[bytes, int]) -> list[tuple[int, bytes]]:
+        """A heap of ``(claims in flight, engine)`` of the engines with room for more,
+        each engine's limit put in ``limits`` (holding ``_io_lock``)."""
+        in_flight, detoured, estimates, hwm = self._in_flight_on, self._detoured, self._estimates, self.claim_hwm
+        room = []
+        for engine in engines:
+            limit = limits[engine] = (1 if engine in detoured
+                                      else estimates.get(engine, _UNMEASURED).limit(hwm))
+            count = in_flight.get(engine, 0)
+            if count < limit:
+                room.append((count, engine))
+        heapq.heapify(room)
+        return room
 
     def _send_claims_as_tasks(self) -> None:
         """Move the queued claims to the window's queue, in sequence order, as tasks
