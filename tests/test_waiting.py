@@ -11,11 +11,16 @@ between receiving a reply and dispatching it.)
 
 from __future__ import annotations
 
+import concurrent.futures
+import gc
+import inspect
 import os
 import random
+import re
 import signal
 import threading
 import time
+from concurrent.futures import _base as futures_base
 
 import pytest
 
@@ -101,6 +106,53 @@ def test_output_arrives_while_a_thread_waits(rc, capsys):
     ex = rc[0].execute("print('done here')")
     ex.get(timeout=30)
     assert ex.stdout == "done here\n"
+
+
+def test_future_internals_are_what_asyncresult_replaces():
+    # AsyncResult sets up Future's fields itself, with a condition made only when a
+    # thread waits (asyncresult._FutureCondition): if Future's fields, or what its code
+    # (and wait/as_completed) does with its condition, change, this fails
+    assert set(vars(concurrent.futures.Future())) == {
+        "_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
+    uses = set(re.findall(r"_condition\.(\w+)", inspect.getsource(futures_base)))
+    assert uses <= {"acquire", "release", "wait", "notify_all"}, uses
+
+
+def test_an_asyncresult_is_a_future_to_every_waiter(rc):
+    slow = rc[0].apply_async(slow_echo, "slow", 0.5)
+    quick = rc[1].apply_async(abs, -1)
+    # concurrent.futures' own waits take the conditions of many futures at once
+    done, not_done = concurrent.futures.wait([slow, quick], timeout=30,
+                                             return_when=concurrent.futures.FIRST_COMPLETED)
+    assert done == {quick} and not_done == {slow}
+    assert [f.result() for f in concurrent.futures.as_completed([slow, quick], timeout=30)] in (
+        ["slow", 1], [1, "slow"])
+    # result() from several threads, each woken by the one notification of its future
+    pending = [rc[i % 2].apply_async(slow_echo, i, 0.3) for i in range(4)]
+    got = {}
+    threads = [threading.Thread(target=lambda f=f: got.setdefault(f, f.result(timeout=30)))
+               for f in pending for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got[f] for f in pending] == [0, 1, 2, 3]
+    with pytest.raises(concurrent.futures.TimeoutError):
+        rc[0].apply_async(slow_echo, "late", 0.5).result(timeout=0.05)
+
+
+def test_a_pending_asyncresult_keeps_few_objects_for_the_garbage_collector(rc):
+    # the collector's passes over what a burst keeps alive cost a client more CPU than
+    # any step of apply_async (a set, a list or a Future's Condition is tracked)
+    view = rc[0]
+    busy = rc[0].apply_async(slow_echo, None, 2)
+    gc.collect()
+    before = len(gc.get_objects())
+    ars = [view.apply_async(abs, -i) for i in range(200)]
+    per_call = (len(gc.get_objects()) - before) / len(ars)
+    assert per_call < 16, per_call  # 25 before the Future's condition was made lazily
+    busy.get(timeout=30)
+    assert [ar.get(timeout=30) for ar in ars] == list(range(200))
 
 
 def test_a_done_callback_may_submit_more_work(rc):
