@@ -930,8 +930,7 @@ class Controller:
         for msg_id in arrivals:
             for go in awaited.arrived(msg_id):
                 self._go(go)
-        if not awaited.waiting():
-            self.state.arrivals = None  # nothing waits: no need to collect them
+        self._collect_arrivals_while_held()
 
     def _release_due(self) -> None:
         """Past a deadline: take in the device's copies that wait, then do the held work
@@ -942,9 +941,14 @@ class Controller:
             self._release_arrived()
         for go in self._awaited.due(self.loop.time()):
             self._go(go)
+        self._collect_arrivals_while_held()
+        self._arm_release()
+
+    def _collect_arrivals_while_held(self) -> None:
+        """The core notes the requests it records only while work is held: no need
+        to collect them once nothing waits."""
         if not self._awaited.waiting():
             self.state.arrivals = None
-        self._arm_release()
 
     def _go(self, go: Callable[[], None]) -> None:
         try:  # (no handler guards this: one failure must not stop the rest)
