@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -101,6 +102,17 @@ def test_dates_are_utc_with_microseconds():
     assert date.endswith("Z") and len(date) == len("2026-12-01T09:07:39.885483Z")
     assert abs((datetime.now(timezone.utc) - parsed).total_seconds()) < 5
     assert lean.json_date(parsed) == json.loads(json_packer({"d": parsed}))["d"]
+
+
+def test_a_time_is_written_as_a_date_with_microseconds():
+    # engines write a task's started and completed from time.time(), as headers' dates
+    assert lean.date_text(1764666459.5) == "2025-12-02T09:07:39.500000Z"
+    assert lean.date_text(1764666459.0) == "2025-12-02T09:07:39.000000Z"
+    now = time.time()
+    parsed = datetime.fromisoformat(lean.date_text(now).replace("Z", "+00:00"))
+    assert abs(parsed.timestamp() - now) < 2e-6
+    assert lean.date_text(now + 3600).startswith(
+        lean.json_date(datetime.fromtimestamp(int(now) + 3600, timezone.utc))[:19])
 
 
 def test_msg_ids_stay_unique_across_threads():

@@ -25,9 +25,10 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -52,14 +53,10 @@ from ipyparallel_lite.connection import (
 from ipyparallel_lite.error import UnmetDependency, wrap_exception
 from ipyparallel_lite.fastzmq import frame_bytes
 from ipyparallel_lite.serialization import FunctionCache, serialize_object, unpack_apply_message
-from ipyparallel_lite.session import json_date
+from ipyparallel_lite.session import date_text
 
 #: the routing tags of load-balanced tasks (see connection.py)
 _TASK_IDENTS = (TASK_IDENT, LONE_TASK_IDENT)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _signal_main_thread(signum: int) -> None:
@@ -273,7 +270,7 @@ class EngineKernel(IPythonKernel):
 
     def init_metadata(self, parent: dict) -> dict:
         return {
-            "started": utcnow(),
+            "started": time.time(),  # written as text when the reply is made
             "dependencies_met": True,
             "engine": self.ident,
             "engine_id": self.engine_id,
@@ -289,11 +286,11 @@ class EngineKernel(IPythonKernel):
         if parent["header"].get("msg_type") == "execute_request":
             metadata["iopub_count"] = self.session.take_count(parent["header"].get("msg_id"))
         metadata["status"] = reply_content["status"]
-        started, completed = metadata["started"], utcnow()
+        started, completed = metadata["started"], time.time()
         # written as text here: the JSON encoder's hook for dates costs more, called per date
-        metadata["started"], metadata["completed"] = json_date(started), json_date(completed)
+        metadata["started"], metadata["completed"] = date_text(started), date_text(completed)
         # seconds spent on the request, for the scheduler's prefetch estimate
-        metadata["run_time"] = (completed - started).total_seconds()
+        metadata["run_time"] = completed - started
         if reply_content["status"] == "error":
             metadata["engine_info"] = self.engine_info
             if reply_content.get("ename") == "UnmetDependency":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
@@ -30,7 +31,7 @@ from jupyter_client import protocol_version
 from jupyter_client.session import DELIM, DONE, extract_header
 from traitlets import observe
 
-from ipyparallel_lite.session import LeanSession, json_date, pack
+from ipyparallel_lite.session import LeanSession, date_text, pack
 
 
 class _Settings(NamedTuple):
@@ -80,7 +81,8 @@ class EngineSession(LeanSession):
             return super().send(stream, msg_or_type, content, parent, ident, buffers, track,
                                 header, metadata)
         msg_id = self.new_msg_id(settings.session, pid)
-        date = datetime.now(timezone.utc)
+        now = time.time()
+        date = datetime.fromtimestamp(now, timezone.utc)
         header = {"msg_id": msg_id, "msg_type": msg_or_type,
                   "username": settings.username, "session": settings.session, "date": date,
                   "version": protocol_version}
@@ -89,7 +91,7 @@ class EngineSession(LeanSession):
         md = {**md, **metadata} if md and metadata else dict(metadata or md)
         if content is None:
             content = {}
-        parts = [self.header(msg_or_type, msg_id, json_date(date)),
+        parts = [self.header(msg_or_type, msg_id, date_text(now)),
                  pack(parent_header), pack(md), pack(content)]
         self._counted(parent_header)
         to_send = list(ident) if isinstance(ident, list) else ([] if ident is None else [ident])
