@@ -102,7 +102,8 @@ def _median(cell: Cell | None) -> float | None:
 def ratio(metric: Metric, reference: Cell | None, ours: Cell | None) -> float | None:
     """Improvement factor, > 1 meaning ipyparallel_lite is better; None if undefined."""
     ref, new = _median(reference), _median(ours)
-    if ref is None or new is None or metric.max_value is not None or ref <= 0 or new <= 0:
+    if ref is None or new is None or ref <= 0 or new <= 0 or (
+            metric.max_value is not None and not metric.ratio_too):
         return None
     return new / ref if metric.higher_is_better else ref / new
 

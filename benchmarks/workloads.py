@@ -38,6 +38,8 @@ class Sizes:
     lb_tasks: int = 5_000
     map_items: int = 5_000
     direct_rounds: int = 1_000
+    cpu_calls: int = 2_000
+    cpu_busy_s: float = 12.0
     array_mb: float = 100.0
     scatter_items: int = 10**7
     bcast_engines: int = 16
@@ -55,6 +57,8 @@ QUICK = Sizes(
     lb_tasks=200,
     map_items=200,
     direct_rounds=100,
+    cpu_calls=100,
+    cpu_busy_s=3.0,
     array_mb=1.0,
     scatter_items=10**5,
     bcast_calls=5,
@@ -72,7 +76,9 @@ class Metric:
     the report is oriented so that > 1 means ipyparallel_lite is better:
     ``lite / reference`` when ``higher_is_better``, else ``reference / lite``.
     ``min_ratio`` is the target for that ratio; ``max_value`` is an absolute
-    target for ipyparallel_lite's own value (used for "flat" memory growth).
+    target for ipyparallel_lite's own value, below which it must stay (memory growth
+    that must stay flat, the client's CPU per call). The ratio is reported for such a
+    metric too when ``ratio_too``.
     ``floor`` names the metric of the :func:`floor` workload this one is also read
     against: ``"rtt"`` for a latency, ``"rate"`` for a throughput.
     """
@@ -84,13 +90,14 @@ class Metric:
     min_ratio: float | None = None
     max_value: float | None = None
     floor: str | None = None
+    ratio_too: bool = False
 
     def target_text(self) -> str:
         """Human-readable target, or an em dash when there is none."""
         if self.min_ratio is not None:
             return f"≥ {self.min_ratio:g}×"
         if self.max_value is not None:
-            return f"flat (< {self.max_value:g} {self.unit})"
+            return f"{'' if self.ratio_too else 'flat '}(< {self.max_value:g} {self.unit})"
         return "—"
 
 
@@ -294,6 +301,26 @@ def direct_throughput(
     return {"rate": rounds * h.n / seconds}
 
 
+def client_cpu(module: ModuleType, handle: ClusterHandle | None, sizes: Sizes) -> dict[str, float]:
+    """CPU time of the calling thread per ``apply_async(noop)``, load-balanced and
+    ``rc[0]``, in µs, while every engine runs a sleep: no reply comes in meanwhile, so
+    this is what the call itself costs the user's thread (what the client's other
+    threads spend on replies shows in the throughput rows)."""
+    client = _require(handle).client
+    n = sizes.cpu_calls
+    busy = client[:].apply_async(time.sleep, sizes.cpu_busy_s)
+    out, ars = {}, []
+    for key, view in (("lb", client.load_balanced_view()), ("direct", client[0])):
+        start = time.thread_time()
+        ars += [view.apply_async(noop) for _ in range(n)]
+        out[key] = (time.thread_time() - start) / n * 1e6
+    if not busy.done():  # the calls all went in while the engines slept
+        _wait_all(client, [busy, *ars])
+        return out
+    raise RuntimeError(f"the engines' {sizes.cpu_busy_s} s sleep ended before the "
+                       f"{2 * n} calls were made: no measure")
+
+
 def push_pull(module: ModuleType, handle: ClusterHandle | None, sizes: Sizes) -> dict[str, float]:
     """Push then pull an ``array_mb`` MB float64 array to/from ``rc[0]`` (after a tiny warm-up)."""
     import numpy as np
@@ -389,6 +416,7 @@ def import_time(module: ModuleType, handle: ClusterHandle | None, sizes: Sizes) 
 _LATENCY = 10.0
 _THROUGHPUT = 20.0
 _BANDWIDTH = 3.0
+_CLIENT_CPU = 50.0  # µs of the calling thread per apply_async
 
 FLOOR = "floor"
 """Name of the workload every latency and throughput row is also read against."""
@@ -503,6 +531,16 @@ WORKLOADS: tuple[Workload, ...] = (
                 _THROUGHPUT,
                 floor="rate_unbounded",
             ),
+        ),
+    ),
+    Workload(
+        "client_cpu",
+        client_cpu,
+        (
+            Metric("lb", "client CPU per load-balanced apply_async(noop), engines busy", "µs",
+                   False, max_value=_CLIENT_CPU, ratio_too=True),
+            Metric("direct", "client CPU per rc[0].apply_async(noop), engines busy", "µs",
+                   False, max_value=_CLIENT_CPU, ratio_too=True),
         ),
     ),
     Workload(
