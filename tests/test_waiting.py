@@ -112,8 +112,10 @@ def test_future_internals_are_what_asyncresult_replaces():
     # AsyncResult sets up Future's fields itself, with a condition made only when a
     # thread waits (asyncresult._FutureCondition): if Future's fields, or what its code
     # (and wait/as_completed) does with its condition, change, this fails
-    assert set(vars(concurrent.futures.Future())) == {
+    fresh = vars(concurrent.futures.Future())
+    assert set(fresh) == {
         "_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
+    assert fresh["_state"] == futures_base.PENDING and fresh["_waiters"] == []
     uses = set(re.findall(r"_condition\.(\w+)", inspect.getsource(futures_base)))
     assert uses <= {"acquire", "release", "wait", "notify_all"}, uses
 
