@@ -106,15 +106,19 @@ def now_date() -> str:
 
 
 def date_text(now: float) -> str:
-    """A ``time.time()`` as :func:`now_date` writes it; the text of its second is kept,
+    """A ``time.time()`` as :func:`now_date` writes it, to the microsecond
+    ``datetime.fromtimestamp`` gives (engines send both); the text of its second is kept,
     so that most calls only format the microseconds (``json_date`` costs twice as much)."""
     global _second
     second = int(now)
+    micro = round((now - second) * 1e6)  # rounded as datetime.fromtimestamp rounds
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
     cached = _second  # one tuple, read and replaced whole by any thread
     if cached[0] != second:
         cached = (second, datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S."))
         _second = cached
-    return f"{cached[1]}{int((now - second) * 1e6):06d}Z"
+    return f"{cached[1]}{micro:06d}Z"
 
 
 _INNER_PAD = bytes(x ^ 0x36 for x in range(256))

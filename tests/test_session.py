@@ -111,6 +111,10 @@ def test_a_time_is_written_as_a_date_with_microseconds():
     now = time.time()
     parsed = datetime.fromisoformat(lean.date_text(now).replace("Z", "+00:00"))
     assert abs(parsed.timestamp() - now) < 2e-6
+    for t in (now, 1764666459.9999996, 1764666459.2126355):
+        # the microsecond datetime.fromtimestamp gives: engines send both forms of a date
+        assert datetime.fromisoformat(lean.date_text(t).replace("Z", "+00:00")) == \
+            datetime.fromtimestamp(t, timezone.utc)
     assert lean.date_text(now + 3600).startswith(
         lean.json_date(datetime.fromtimestamp(int(now) + 3600, timezone.utc))[:19])
 
