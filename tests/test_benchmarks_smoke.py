@@ -180,3 +180,40 @@ def test_registration_benchmark_runs():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     row = _table_rows(proc.stdout)["50"]
     assert row[1] == "yes", row
+
+
+@pytest.mark.timeout(30)
+def test_a_repetition_starts_with_the_earlier_garbage_collected():
+    """Garbage that earlier workloads left in reference cycles is collected before the
+    next repetition runs, not in the middle of its measurement."""
+    import gc
+    import types
+    import weakref
+
+    _workloads()
+    from benchmarks.runner import SharedCluster, run_workload
+    from benchmarks.workloads import QUICK, Metric, Workload
+
+    class Node:
+        pass
+
+    seen = []
+
+    def leave_a_cycle_and_look_for_the_last(module, handle, sizes):
+        if seen:
+            seen.append(seen[-1]() is None)
+        node = Node()
+        node.me = node  # only the collector frees it
+        seen.append(weakref.ref(node))
+        return {"x": 1.0}
+
+    workload = Workload("cycles", leave_a_cycle_and_look_for_the_last, (Metric("x", "n", "x", True),),
+                        engines=None)
+    threshold = gc.get_threshold()
+    gc.set_threshold(0)  # no automatic pass: only the runner's can free the cycle
+    try:
+        module = types.ModuleType("no_cluster")  # names the log lines only
+        run_workload(module, workload, QUICK, 3, SharedCluster(module))
+    finally:
+        gc.set_threshold(*threshold)
+    assert [s for s in seen if isinstance(s, bool)] == [True, True]
