@@ -190,3 +190,33 @@ def test_an_internal_error_of_the_io_thread_fails_what_waits(cluster, capfd):
         assert "ZeroDivisionError: injected" in capfd.readouterr().err
     finally:
         client.close()
+
+
+def test_a_message_it_cannot_read_is_dropped_with_a_warning_naming_its_channel(cluster, rc):
+    """Anyone on this host may publish on the engines' side of the iopub relay, which
+    passes everything on: the client warns once per unreadable message, saying on which
+    channel it came and what was wrong, and goes on."""
+    import warnings
+
+    import zmq
+
+    from ipyparallel_lite.connection import load_connection_file, url
+
+    info = load_connection_file(cluster.connection_file("engine"))
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    pub.connect(url(info, "iopub"))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            deadline = time.monotonic() + 20
+            while not caught and time.monotonic() < deadline:  # until the relay passes it on
+                pub.send_multipart([b"engine.0.stream", b"not a message"])
+                time.sleep(0.05)
+            assert rc[0].apply_sync(abs, -3) == 3
+        texts = [str(w.message) for w in caught]
+        assert texts, "no warning within 20 s"
+        assert "dropped a message of 2 frames on its iopub channel (ValueError: DELIM" in texts[0]
+    finally:
+        ctx.destroy(linger=0)

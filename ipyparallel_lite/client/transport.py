@@ -164,6 +164,14 @@ class _SigintHeld:
                 previous(*self.held)
 
 
+def _warn_dropped(channel: str, frames: list, e: Exception) -> None:
+    """One warning for a message this client could not read, saying where it came and
+    what was wrong with it; the message is dropped and the client goes on."""
+    warnings.warn(f"ipyparallel_lite client dropped a message of {len(frames)} frames on its "
+                  f"{channel} channel ({type(e).__name__}: {e}); it goes on without it.",
+                  stacklevel=2)
+
+
 class Transport:
     """The sockets of one Client, their I/O thread, and the requests waiting for replies.
 
@@ -616,6 +624,9 @@ class Transport:
         for name in ("mux", "task", "control", "broadcast"):
             if name in self._sockets:
                 self._handlers[self._sockets[name]] = self._on_replies
+        self._channel_of = {self._notification: "notification", self._iopub: "iopub",
+                            **{sock: name for name, sock in self._sockets.items()},
+                            **{link: f"{name} link" for name, link in self._links.items()}}
         waiter = select.poll()
         waiter.register(self._wake_read, select.POLLIN)
         by_fd = {}
@@ -665,7 +676,7 @@ class Transport:
             with self._wake_lock:  # after the read: a wake-up from now on leaves a byte
                 self._wake_pending = False
         handlers = self._handlers
-        again = [sock for sock in look if self._drain(sock, handlers[sock])]
+        again = [sock for sock in look if self._drain(sock, handlers[sock], self._channel_of[sock])]
         self._flush()
         self._expire_output_waits()
         self._check_controller()
@@ -677,7 +688,7 @@ class Transport:
         return again
 
     @staticmethod
-    def _drain(sock: zmq.Socket, handler: Callable[[list], None]) -> bool:
+    def _drain(sock: zmq.Socket, handler: Callable[[list], None], channel: str) -> bool:
         """Hand up to 512 waiting messages of ``sock`` to ``handler``; True if more wait."""
         for _ in range(512):
             if not fastzmq.readable(sock):
@@ -686,7 +697,7 @@ class Transport:
             try:
                 handler(frames)
             except Exception as e:  # one bad message must not stop the client
-                warnings.warn(f"ipyparallel_lite client dropped a message: {e}", stacklevel=1)
+                _warn_dropped(channel, frames, e)
         return True
 
     def _readable_sent_on(self) -> bool:
@@ -983,7 +994,7 @@ class Transport:
                 try:
                     self._on_reply(message)
                 except Exception as e:  # the batch's other replies still count
-                    warnings.warn(f"ipyparallel_lite client dropped a message: {e}", stacklevel=1)
+                    _warn_dropped("a batch of replies", message, e)
         else:
             self._on_reply(frames)
 
