@@ -164,12 +164,11 @@ class _SigintHeld:
                 previous(*self.held)
 
 
-def _warn_dropped(channel: str, frames: list, e: Exception) -> None:
-    """One warning for a message this client could not read, saying where it came and
-    what was wrong with it; the message is dropped and the client goes on."""
-    warnings.warn(f"ipyparallel_lite client dropped a message of {len(frames)} frames on its "
-                  f"{channel} channel ({type(e).__name__}: {e}); it goes on without it.",
-                  stacklevel=2)
+def _warn_dropped(where: str, frames: list, e: Exception) -> None:
+    """One warning for a message this client could not read, saying ``where`` it came
+    ("on its iopub channel") and what was wrong with it; the client goes on without it."""
+    warnings.warn(f"ipyparallel_lite client dropped a message of {len(frames)} frames {where} "
+                  f"({type(e).__name__}: {e}); it goes on without it.", stacklevel=2)
 
 
 class Transport:
@@ -652,10 +651,11 @@ class Transport:
                     again = self._turn(look, woken)
             with self._io_lock:
                 self._flush()
-        except zmq.ZMQError:  # the context was destroyed under us: the client is closed
-            pass
-        except Exception as e:  # a bug of ours: what waits must not wait forever for it
-            self._stopped_by(e)
+        except Exception as e:
+            # a zmq error while closing: the context was destroyed under us. Any other
+            # error, a zmq one included, is a fault, and what waits must not wait for ever
+            if not (self.closed and isinstance(e, zmq.ZMQError)):
+                self._stopped_by(e)
 
     def _stopped_by(self, e: Exception) -> None:
         """The I/O thread stops on an unexpected error: no reply can reach this client
@@ -697,7 +697,7 @@ class Transport:
             try:
                 handler(frames)
             except Exception as e:  # one bad message must not stop the client
-                _warn_dropped(channel, frames, e)
+                _warn_dropped(f"on its {channel} channel", frames, e)
         return True
 
     def _readable_sent_on(self) -> bool:
@@ -994,7 +994,7 @@ class Transport:
                 try:
                     self._on_reply(message)
                 except Exception as e:  # the batch's other replies still count
-                    _warn_dropped("a batch of replies", message, e)
+                    _warn_dropped("in a batch of replies", message, e)
         else:
             self._on_reply(frames)
 
