@@ -135,10 +135,21 @@ def _require(handle: ClusterHandle | None) -> ClusterHandle:
     return handle
 
 
+#: seconds a workload waits for its tasks before it reports what is still missing
+WAIT_S = 300.0
+
+
 def _wait_all(client: Any, ars: list[Any]) -> None:
-    """``client.wait`` for every AsyncResult, then re-raise any task error."""
-    if not client.wait(ars):
-        raise TimeoutError("client.wait() returned False")
+    """``client.wait`` for every AsyncResult, then re-raise any task error.
+
+    Past ``WAIT_S`` it logs what still waits (the requests and the controller's queues)
+    and raises, rather than leaving the workload to its deadline with no trace.
+    """
+    if not client.wait(ars, timeout=WAIT_S):
+        missing = [msg_id for ar in ars if not ar.done() for msg_id in ar.msg_ids]
+        log.error("%d requests still unanswered after %ss, first: %s; queue_status: %s",
+                  len(missing), WAIT_S, missing[:5], client.queue_status(verbose=False))
+        raise TimeoutError(f"{len(missing)} requests unanswered after {WAIT_S}s")
     for ar in ars:
         ar.get()
 
