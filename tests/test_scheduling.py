@@ -259,6 +259,18 @@ def test_send_signal_interrupts_a_running_task(rc):
     assert rc[0].apply_sync(double, 2) == 4
 
 
+def test_send_signal_interrupts_a_cell_that_awaits(rc):
+    # a cell with top-level await runs on the engine's event loop, asleep in its poll
+    ar = rc[0].execute("import asyncio\nawait asyncio.sleep(60)", block=False)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    rc.send_signal(signal.SIGINT, targets=[0])
+    with pytest.raises(ipp.RemoteError, match="CancelledError"):
+        ar.get(timeout=10)
+    assert time.monotonic() - t0 < 2
+    assert rc[0].apply_sync(double, 2) == 4
+
+
 # ---- imap -----------------------------------------------------------------------------------
 
 
