@@ -102,9 +102,9 @@ def takes_replies_on_mux(identity: bytes) -> bool:
 
 
 #: how many load-balanced tasks an engine remembers having begun, to answer a steal
-#: request exactly. A task the controller may still ask back is outstanding there, so
-#: fewer than ``hwm`` plus prefetch tasks began after it: the scheduler steals only
-#: while that stays under this window.
+#: request. One begun earlier is named as not begun: a controller that reads replies
+#: late can still ask for it, so it takes the answer only once the replies of the tasks
+#: begun before this window are in (controller.scheduler, "Adaptive prefetch").
 STEAL_WINDOW = 1024
 
 

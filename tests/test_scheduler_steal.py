@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from ipyparallel_lite.connection import STEAL_WINDOW
 from ipyparallel_lite.controller.scheduler import (
+    ANSWER_WAIT_MAX,
     LONG_MIN,
     PREFETCH_MAX,
     SCHEMES,
@@ -229,6 +231,60 @@ def test_a_task_is_never_both_run_and_stolen():
     asked_not = ids[2]  # kept above: no steal pending for it any more
     assert s.stolen(0, [asked_not, "nonsense"], now=2.5) == []
     assert s.queue_status()[0]["tasks"][0] == asked_not
+
+
+def test_a_steal_answer_waits_for_the_replies_of_tasks_the_engine_forgot():
+    # engine 0 ran "long", p0 and p1 (tasks 2 to 4 it began; "warm0" was 1), but their
+    # replies are still on their way here when it answers; it remembers only its last
+    # task (p1), so it names p0 among those it hands back, with p2..p6 (never begun)
+    s, behind = long_task_with_prefetch_behind()
+    (ids, _), = steals(s.tick(s.next_deadline()))
+    assert list(ids) == behind
+    p0, p1, rest = behind[0], behind[1], behind[2:]
+    assert s.stolen(0, [p0, *rest], kept=[p1], now=2.0, begun=4, window=1) == []
+    assert s.queue_status()[0]["tasks"] == ["long", *behind]  # nothing moves yet
+    s.task_done("warm0", 0, success=True, now=2.1, run_time=RUN)  # a late duplicate: ignored
+    assert s.replied(0, 1, now=2.1) == []
+    # p0's reply overtakes the long task's (they come by two ways): still waiting for it
+    s.task_done(p0, 0, success=True, now=2.2, run_time=RUN)
+    assert s.replied(0, 3, now=2.2) == []
+    assert s.task_done("long", 0, success=True, now=2.3, run_time=1.0) == []
+    actions = s.replied(0, 2, now=2.3)
+    # every reply of a task begun before the engine's window is in: p0 ran (done here),
+    # p2..p6 did not, and go to engine 1 as soon as it has room
+    assert not s.is_pending(p0) and assigned(actions) == []
+    assert s.queue_status()[0]["tasks"] == [p1]
+    assert assigned(s.task_done("a", 1, success=True, now=2.4, run_time=RUN)) == [(m, 1) for m in rest]
+
+
+def test_a_steal_answer_does_not_wait_for_replies_for_ever():
+    s, behind = long_task_with_prefetch_behind()
+    s.tick(s.next_deadline())
+    assert s.stolen(0, behind, now=2.0, begun=1_000, window=10) == []
+    assert s.next_deadline() == 2.0 + ANSWER_WAIT_MAX
+    assert s.tick(2.0 + ANSWER_WAIT_MAX - 0.5) == []
+    s.tick(2.0 + ANSWER_WAIT_MAX)  # a reply lost: taken as it is
+    assert s.queue_status()[0]["tasks"] == ["long"]
+    assert s.queue_status()["unassigned"] == len(behind)
+    assert s.next_deadline() is None
+
+
+def test_a_steal_answer_is_taken_at_once_when_the_replies_are_in():
+    s, behind = long_task_with_prefetch_behind()
+    s.tick(s.next_deadline())
+    s.replied(0, 1, now=1.9)
+    s.stolen(0, behind, now=2.0, begun=2, window=1)  # "warm0" replied; "long" is remembered
+    assert s.queue_status()[0]["tasks"] == ["long"]
+
+
+def test_a_reply_that_never_comes_holds_answers_only_until_the_window_has_passed_it():
+    s, behind = long_task_with_prefetch_behind()
+    s.tick(s.next_deadline())
+    for seq in range(2, 2 + STEAL_WINDOW):  # every reply but the first
+        s.replied(0, seq, now=1.5)
+    assert s.stolen(0, behind, now=2.0, begun=2 + STEAL_WINDOW, window=2) == []  # waits
+    s.replied(0, 2 + STEAL_WINDOW, now=2.1)  # one more: reply 1 is given up
+    assert s.queue_status()[0]["tasks"] == ["long"]
 
 
 def test_constrained_tasks_are_stolen_only_by_engines_they_may_run_on():

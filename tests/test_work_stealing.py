@@ -106,3 +106,31 @@ def test_tasks_prefetched_behind_a_long_task_are_taken_back(own_cluster):
     assert {ar.metadata["engine_id"] for ar in short} == {engine}
     assert runs_per_task(rc) == {i: 1 for i in range(10)}
 
+
+
+def remember_only(n: int) -> None:
+    """Make this engine remember only its last ``n`` begun tasks (1,024 by default)."""
+    import ipyparallel_lite.engine.kernel as kernel
+
+    kernel.STEAL_WINDOW = n
+
+
+def test_every_task_runs_once_when_the_controller_reads_replies_late(own_cluster):
+    """Steals come while the controller's reading lags the engines' work, and an engine
+    names among the tasks it hands back ones it began before the last it remembers (here
+    2): they had run, their replies on the way. The answer waits for those replies, so
+    no task runs twice, and none is dropped by its engine as handed back."""
+    _, rc = own_cluster(2)
+    rc.wait_for_engines(2, timeout=60)
+    rc[:].apply_sync(remember_only, 2)
+    warm_up(rc)
+    lview = rc.load_balanced_view()
+    done = 0
+    for _ in range(4):
+        busy = rc[:].apply_async(nap, 0.5)  # claims queue up, and are asked back
+        ars = [lview.apply_async(record, done + i) for i in range(400)]
+        ars += [lview.apply_async(record, done + 400 + i) for i in range(400)]
+        assert rc.wait([busy, *ars], timeout=60), rc.queue_status()
+        assert [ar.get() for ar in ars] == list(range(done, done + 800))
+        done += 800
+    assert runs_per_task(rc) == {i: 1 for i in range(done)}

@@ -39,7 +39,13 @@ line may not have started; they are stolen back:
 The engine answers a steal with the tasks it had not begun and drops them (a task is
 either run or handed back, never both); :meth:`TaskScheduler.stolen` re-places them
 ahead of everything queued. A task stolen back from an engine that already began it is
-simply left to finish there.
+simply left to finish there. The engine knows only the last ``window`` tasks it began:
+one begun earlier it cannot tell from one not yet read, and names it among those handed
+back. Such a task has replied, but its reply may still be on its way here (behind a
+busy controller). So each answer says how many tasks the engine had begun, each reply
+the number (``seq``) of its task, and an answer waits (:meth:`TaskScheduler.replied`)
+until the replies of every task begun before that window are in: then the tasks it
+names that did run are done here, and only those truly not begun are placed again.
 
 Data structures are chosen so that each event costs O(1) amortized in the common case
 (no dependencies, no targets): unconstrained runnable tasks sit in one FIFO deque,
@@ -79,6 +85,10 @@ LONG_FACTOR = 8
 #: ... and after at least this many seconds: short enough that nothing waits behind a long
 #: task noticeably, long enough that a fast task stalled by a busy machine rarely counts
 LONG_MIN = 0.05
+#: seconds a steal answer waits for replies (:meth:`TaskScheduler.replied`) before it is
+#: taken as it is: a reply that never comes (lost with its message) must not keep the
+#: tasks the engine handed back unplaced for ever
+ANSWER_WAIT_MAX = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +199,42 @@ class _EngineStats(Estimate):
         return max(LONG_FACTOR * (self.run_time or 0.0), 2 * (self.round_trip or 0.0), LONG_MIN)
 
 
+class _Replies:
+    """Which replies of one engine's load-balanced tasks arrived, by the number the
+    engine gives each task it begins (``seq``, from 1): all up to :attr:`through`, and
+    some after it (replies come by two ways, the controller's socket and the mux
+    device's copies, so not in order)."""
+
+    __slots__ = ("after", "through")
+
+    def __init__(self) -> None:
+        self.through = 0
+        self.after: set[int] = set()
+
+    def add(self, seq: int) -> None:
+        if seq == self.through + 1:
+            through, after = seq, self.after
+            while after and through + 1 in after:
+                through += 1
+                after.remove(through)
+            self.through = through
+        elif seq > self.through:
+            after = self.after
+            after.add(seq)
+            if len(after) > STEAL_WINDOW:
+                # a gap that many replies did not fill (a reply lost, or numbers restarted
+                # by an engine that joined a restarted controller): give it up
+                first = min(after)
+                after.remove(first)
+                self.through = first - 1
+                self.add(first)
+
+    def cover(self, begun: int, window: int) -> bool:
+        """Whether every task the engine began before its last ``window`` of ``begun``
+        has its reply in."""
+        return self.through >= begun - window
+
+
 class TaskScheduler:
     """Load-balancing task scheduler with dependencies, as a pure state machine.
 
@@ -245,6 +291,9 @@ class TaskScheduler:
         self._deep: set[int] = set()  # engines holding more than one task (some not begun)
         self._idle: set[int] = set()  # engines holding nothing
         self._watches: list[tuple[float, int, int, str]] = []  # (due, seq, engine, head msg_id)
+        self._replies: dict[int, _Replies] = {}  # engine -> replies in, by task number
+        # engine -> steal answers waiting for replies: (due, msg_ids, kept, begun, window)
+        self._answers: dict[int, list[tuple[float, tuple, tuple, int, int]]] = {}
         self._chooser = _CHOOSERS[scheme](self)
 
     # ------------------------------------------------------------------ engines
@@ -294,6 +343,8 @@ class TaskScheduler:
         self._chooser.remove(engine_id)
         self._engine_queues.pop(engine_id, None)
         self._compact_at.pop(engine_id, None)
+        self._replies.pop(engine_id, None)
+        self._answers.pop(engine_id, None)
         out: list = []
         lost_tasks = [self._tasks[m] for m in lost]
         for task in list(self._tasks.values()):
@@ -607,18 +658,59 @@ class TaskScheduler:
         return out
 
     def stolen(self, engine_id: int, msg_ids: Iterable[str], *, kept: Iterable[str] = (),
-               now: float) -> list:
+               now: float, begun: int | None = None, window: int | None = None) -> list:
         """Engine ``engine_id`` answered a :class:`Steal`: it handed back ``msg_ids``
         (not begun, dropped from its queue) and keeps ``kept`` (begun: they finish there).
 
         Handed-back tasks are placed again ahead of everything queued (or fail, if they
         were aborted or timed out meanwhile). Ids that are not outstanding on that engine
         with a steal pending are ignored.
+
+        ``begun``: how many tasks the engine had begun when it answered; it remembers
+        the last ``window`` of them. Until the replies of all the others are in
+        (:meth:`replied`), a task among ``msg_ids`` may have run there long ago: the
+        answer waits for them, at most :data:`ANSWER_WAIT_MAX` seconds (see :meth:`tick`).
         """
         self._now = now
-        out: list = []
         if engine_id not in self._running:
-            return out  # removed meanwhile: its tasks were already retried or failed
+            return []  # removed meanwhile: its tasks were already retried or failed
+        msg_ids, kept = tuple(msg_ids), tuple(kept)
+        if begun is not None and window is not None and not self._replies_of(engine_id).cover(begun, window):
+            self._answers.setdefault(engine_id, []).append(
+                (now + ANSWER_WAIT_MAX, msg_ids, kept, begun, window))
+            return []
+        out: list = []
+        self._take_back(engine_id, msg_ids, kept, out)
+        return out
+
+    def replied(self, engine_id: int, seq: object, now: float) -> list:
+        """The reply of the ``seq``-th load-balanced task engine ``engine_id`` began
+        arrived (any reply: this task's, a rerun's, one for a task no longer here), after
+        :meth:`task_done`. Steal answers that waited for it are taken."""
+        if engine_id not in self._running or isinstance(seq, bool) or not isinstance(seq, int):
+            return []
+        replies = self._replies_of(engine_id)
+        replies.add(seq)
+        answers = self._answers.get(engine_id)
+        if not answers:
+            return []
+        self._now = now
+        out: list = []
+        while answers and replies.cover(answers[0][3], answers[0][4]):
+            _, msg_ids, kept, _, _ = answers.pop(0)
+            self._take_back(engine_id, msg_ids, kept, out)
+        if not answers:
+            del self._answers[engine_id]
+        return out
+
+    def _replies_of(self, engine_id: int) -> _Replies:
+        replies = self._replies.get(engine_id)
+        if replies is None:
+            replies = self._replies[engine_id] = _Replies()
+        return replies
+
+    def _take_back(self, engine_id: int, msg_ids: tuple, kept: tuple, out: list) -> None:
+        """Carry out a steal answer (:meth:`stolen`)."""
         for msg_id in kept:
             task = self._tasks.get(msg_id)
             if task is not None and task.engine == engine_id:
@@ -631,7 +723,7 @@ class TaskScheduler:
             self._leave(task, engine_id)
             back.append(task)
         if not back:
-            return out
+            return
         self._chooser.changed(engine_id)
         front: list[tuple[int, _Task]] = []
         for task in back:
@@ -646,7 +738,6 @@ class TaskScheduler:
             self._queue.extendleft(reversed(front))
             self._drain(out)
         self._fill(engine_id, out)
-        return out
 
     def record_result(self, msg_id: str, engine_id: int, success: bool, now: float | None = None) -> list:
         """A task *not* run through this scheduler (direct/MUX) finished on ``engine_id``.
@@ -668,9 +759,16 @@ class TaskScheduler:
 
     def tick(self, now: float) -> list:
         """Expire timeouts due at ``now``: waiting tasks fail, running ones are
-        interrupted; engines whose running task has run long hand back their prefetch."""
+        interrupted; engines whose running task has run long hand back their prefetch;
+        steal answers that waited :data:`ANSWER_WAIT_MAX` for replies are taken as they are."""
         self._now = now
         out: list = []
+        for engine_id, answers in list(self._answers.items()):
+            while answers and answers[0][0] <= now:
+                _, msg_ids, kept, _, _ = answers.pop(0)
+                self._take_back(engine_id, msg_ids, kept, out)
+            if not answers:
+                del self._answers[engine_id]
         watches = self._watches
         while watches and watches[0][0] <= now:
             watch = heapq.heappop(watches)
@@ -704,11 +802,9 @@ class TaskScheduler:
         watches = self._watches
         while watches and not self._watch_live(watches[0]):
             heapq.heappop(watches)
-        if heap and watches:
-            return min(heap[0][0], watches[0][0])
-        if heap:
-            return heap[0][0]
-        return watches[0][0] if watches else None
+        due = [queue[0][0] for queue in (heap, watches) if queue]
+        due += [answers[0][0] for answers in self._answers.values()]
+        return min(due) if due else None
 
     def abort(self, msg_ids: Iterable[str] | str, now: float) -> list:
         """Abort tasks: not-yet-running ones fail with ``TaskAborted``, running ones

@@ -1171,10 +1171,14 @@ class Controller:
             stolen, kept = content["stolen"], content["kept"]
             if not all(isinstance(m, str) for m in (*stolen, *kept)):
                 raise TypeError("msg_ids must be strings")
+            begun, window = content.get("begun"), content.get("window")
+            if not all(n is None or type(n) is int for n in (begun, window)):
+                raise TypeError("begun and window must be ints")
         except Exception as e:
             self.warn(engine_ident, "bad steal reply", "dropped a malformed steal_reply: %s", e)
             return
-        self._carry_out(self.state.stolen(engine_ident.decode(), stolen, kept, self.loop.time()))
+        self._carry_out(self.state.stolen(engine_ident.decode(), stolen, kept, self.loop.time(),
+                                          begun, window))
 
     def on_pong(self, frames: list) -> None:
         self._carry_out(self.state.pong(frames[0].bytes.decode(errors="replace"), self.loop.time()))

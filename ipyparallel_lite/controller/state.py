@@ -468,9 +468,12 @@ class ControllerState:
         return [SendToEngine(eid, msg_id, [engine.ident, tag, client, *pending.frames],
                              attempt=attempt)]
 
-    def stolen(self, engine_uuid: str, stolen: list[str], kept: list[str], now: float) -> list:
+    def stolen(self, engine_uuid: str, stolen: list[str], kept: list[str], now: float,
+               begun: int | None = None, window: int | None = None) -> list:
         """An engine's answer to :class:`Steal`: it handed back ``stolen`` (not begun),
-        and keeps ``kept`` (begun): the handed-back tasks are placed again."""
+        and keeps ``kept`` (begun): the handed-back tasks are placed again, once the
+        replies of the tasks it began before its last ``window`` of ``begun`` are in
+        (see :meth:`TaskScheduler.stolen`)."""
         engine = self.hub.by_uuid(engine_uuid)
         if engine is None:
             return []  # removed meanwhile: its tasks were retried or failed then
@@ -479,7 +482,8 @@ class ControllerState:
             pending = self.pending.get(msg_id)
             if pending is not None and pending.engine_id == engine.id:
                 pending.engine_id = None  # unassigned until placed again
-        return self._scheduled(self.scheduler.stolen(engine.id, stolen, kept=kept, now=now))
+        return self._scheduled(self.scheduler.stolen(engine.id, stolen, kept=kept, now=now,
+                                                     begun=begun, window=window))
 
     def engine_refused(self, engine_id: int, msg_id: str, queue_bytes: int) -> list:
         """A request could not be sent: ``queue_bytes`` of requests already wait for its
@@ -493,12 +497,23 @@ class ControllerState:
 
     def reply(self, engine_uuid: str, tag: bytes, client: bytes, parent_id: str, frames: list,
               header: dict, metadata: dict, msg_type: str, now: float) -> list:
-        """An engine's reply to ``parent_id``; ``frames`` from DELIM on, as they arrived."""
-        if tag == LONE_TASK:
-            tag = TASK
+        """An engine's reply to ``parent_id``; ``frames`` from DELIM on, as they arrived.
+        A load-balanced task's carries its number on that engine (``seq``), which steal
+        answers wait for (:meth:`TaskScheduler.replied`): counted after the reply, so
+        that the task is done here before an answer naming it is taken."""
         engine = self.hub.by_uuid(engine_uuid)
         if engine is None:
             return self._late_reply(engine_uuid, parent_id, frames, header, metadata)
+        out = self._reply(engine, tag, client, parent_id, frames, header, metadata, msg_type, now)
+        seq = metadata.get("seq")
+        if seq is not None:
+            out += self._scheduled(self.scheduler.replied(engine.id, seq, now))
+        return out
+
+    def _reply(self, engine: Engine, tag: bytes, client: bytes, parent_id: str, frames: list,
+               header: dict, metadata: dict, msg_type: str, now: float) -> list:
+        if tag == LONE_TASK:
+            tag = TASK
         pending = self.pending.get(parent_id)
         out: list = []
         if tag == TASK and pending is not None:

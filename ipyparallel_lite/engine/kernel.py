@@ -260,6 +260,10 @@ class EngineKernel(IPythonKernel):
         self._begun: deque[str] = deque()
         self._begun_count: dict[str, int] = {}
         self._stolen: dict[str, int] = {}
+        #: load-balanced tasks begun so far, and (msg_id, number) of the latest: its reply
+        #: says its number (``seq``), a steal answer how many began (see steal_request)
+        self._begun_total = 0
+        self._task_seq: tuple[str, int] | None = None
         self._executing_now = False  # a cell runs on the fast path (see _execute_now)
         #: a request's own code runs (a task's function, a cell): SIGINT may interrupt it
         self._interruptible = False
@@ -293,6 +297,9 @@ class EngineKernel(IPythonKernel):
         if parent["header"].get("msg_type") == "execute_request":
             metadata["iopub_count"] = self.session.take_count(parent["header"].get("msg_id"))
         metadata["status"] = reply_content["status"]
+        task = self._task_seq
+        if task is not None and task[0] == parent["header"].get("msg_id"):
+            metadata["seq"] = task[1]
         started, completed = metadata["started"], time.time()
         # written as text here: the JSON encoder's hook for dates costs more, called per date
         metadata["started"], metadata["completed"] = date_text(started), date_text(completed)
@@ -528,6 +535,8 @@ class EngineKernel(IPythonKernel):
                 _count_down(counts, begun.popleft())
             begun.append(msg_id)
             counts[msg_id] = counts.get(msg_id, 0) + 1
+            self._begun_total += 1
+            self._task_seq = (msg_id, self._begun_total)
         return True
 
     def _reply_aborted(self, stream: Any, msg: dict, idents: list) -> None:
@@ -662,7 +671,12 @@ class EngineKernel(IPythonKernel):
         self.session.send(stream, "abort_reply", {"status": "ok"}, parent=parent, ident=ident)
 
     def steal_request(self, stream: Any, ident: list, parent: dict) -> None:
-        """Hand back the named load-balanced tasks not begun yet; they will not run here."""
+        """Hand back the named load-balanced tasks not begun yet; they will not run here.
+
+        Only the last :data:`STEAL_WINDOW` tasks begun are remembered: one begun before
+        them is handed back too, and the answer says how many tasks began (``begun``,
+        ``window``), so that the controller takes it only once the replies of all those
+        earlier ones are in (each reply says its task's number, ``seq``)."""
         msg_ids = parent["content"].get("msg_ids")
         if not isinstance(msg_ids, list) or not all(isinstance(m, str) for m in msg_ids):
             reply = {"status": "error", "ename": "ValueError", "traceback": [],
@@ -676,7 +690,9 @@ class EngineKernel(IPythonKernel):
                     else:
                         self._stolen[msg_id] = self._stolen.get(msg_id, 0) + 1
                         stolen.append(msg_id)
-            reply = {"status": "ok", "stolen": stolen, "kept": kept}
+                begun = self._begun_total
+            reply = {"status": "ok", "stolen": stolen, "kept": kept, "begun": begun,
+                     "window": STEAL_WINDOW}
         self.session.send(stream, "steal_reply", reply, parent=parent, ident=ident)
 
     def signal_request(self, stream: Any, ident: list, parent: dict) -> None:
