@@ -248,24 +248,17 @@ def test_view_abort_stops_running_and_queued(rc, lview):
     assert_engines_serve(rc)
 
 
-def test_send_signal_interrupts_a_running_task(rc):
-    ar = rc[0].apply_async(time.sleep, 60)
-    time.sleep(0.5)
-    t0 = time.monotonic()
-    rc.send_signal(signal.SIGINT, targets=[0])
-    with pytest.raises(ipp.RemoteError, match="KeyboardInterrupt"):
-        ar.get(timeout=10)
-    assert time.monotonic() - t0 < 2
-    assert rc[0].apply_sync(double, 2) == 4
-
-
-def test_send_signal_interrupts_a_cell_that_awaits(rc):
+@pytest.mark.parametrize("start, ename", [
+    (lambda view: view.apply_async(time.sleep, 60), "KeyboardInterrupt"),
     # a cell with top-level await runs on the engine's event loop, asleep in its poll
-    ar = rc[0].execute("import asyncio\nawait asyncio.sleep(60)", block=False)
+    (lambda view: view.execute("import asyncio\nawait asyncio.sleep(60)", block=False), "CancelledError"),
+], ids=["task", "cell that awaits"])
+def test_send_signal_interrupts_a_running_request(rc, start, ename):
+    ar = start(rc[0])
     time.sleep(0.5)
     t0 = time.monotonic()
     rc.send_signal(signal.SIGINT, targets=[0])
-    with pytest.raises(ipp.RemoteError, match="CancelledError"):
+    with pytest.raises(ipp.RemoteError, match=ename):
         ar.get(timeout=10)
     assert time.monotonic() - t0 < 2
     assert rc[0].apply_sync(double, 2) == 4

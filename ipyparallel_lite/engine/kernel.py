@@ -485,7 +485,7 @@ class EngineKernel(IPythonKernel):
         loop's own thread, queues it without waking the loop: a cell in ``await
         asyncio.sleep(60)`` slept on until its timer. ``call_soon_threadsafe`` also
         writes to the loop's self-pipe, so the loop wakes at once. (An override of
-        ipykernel's private method: test_send_signal_interrupts_a_cell_that_awaits fails
+        ipykernel's private method: test_send_signal_interrupts_a_running_request fails
         if ipykernel stops calling it.)
         """
         loop = asyncio.get_running_loop()
